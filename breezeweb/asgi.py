@@ -1,0 +1,21 @@
+"""ASGI entry point: Daphne serves HTTP and websockets from one process."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
+# Django must be set up before anything imports models (consumers, middleware).
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from breezeweb.routing import websocket_urlpatterns  # noqa: E402
+from breezeweb.ws_auth import WebsocketAuthStack  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": WebsocketAuthStack(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -1,0 +1,68 @@
+"""Liveness and readiness: /healthz says the process answers; /readyz checks
+the database, the vector store and that at least one enabled runner is healthy."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from django.db import connection
+from django.http import JsonResponse
+from django.views.decorators.http import require_GET
+
+from asgiref.sync import sync_to_async
+
+log = logging.getLogger(__name__)
+
+
+@require_GET
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def _check_database() -> dict:
+    started = time.perf_counter()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception as exc:
+        log.warning("readyz: database check failed: %s", type(exc).__name__)
+        return {"ok": False, "detail": f"database unreachable ({type(exc).__name__})"}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _check_vector_store() -> dict:
+    from rag.store import check_health
+
+    try:
+        return check_health()
+    except Exception as exc:
+        log.warning("readyz: vector store check failed: %s", type(exc).__name__)
+        return {"ok": False, "detail": f"vector store unreachable ({type(exc).__name__})"}
+
+
+async def _check_runners() -> dict:
+    from runners.registry import readiness
+
+    try:
+        return await readiness()
+    except Exception as exc:
+        log.warning("readyz: runner check failed: %s", type(exc).__name__)
+        return {"ok": False, "detail": f"runner check failed ({type(exc).__name__})"}
+
+
+@require_GET
+async def readyz(request):
+    # Async, so runner health checks run on the server's event loop, where the
+    # runners' shared HTTP clients live.
+    checks = {
+        "database": await sync_to_async(_check_database)(),
+        "vector_store": await sync_to_async(_check_vector_store)(),
+        "runners": await _check_runners(),
+    }
+    ready = all(part["ok"] for part in checks.values())
+    return JsonResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )

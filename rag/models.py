@@ -1,0 +1,103 @@
+"""Document collections and documents. Chunks and vectors live in Chroma, one
+Chroma collection per BreezeWeb collection, so access control never needs a
+per-query metadata filter."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class CollectionQuerySet(models.QuerySet["Collection"]):
+    def readable_by(self, user) -> CollectionQuerySet:
+        if user.is_superuser:
+            return self.all()
+        return self.filter(Q(owner=user) | Q(shared=True))
+
+
+class Collection(models.Model):
+    name = models.CharField(max_length=200)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="collections",
+        help_text="Empty for a shared collection managed by admins.",
+    )
+    shared = models.BooleanField(default=False, help_text="Readable by every user.")
+    is_personal = models.BooleanField(default=False, editable=False)
+    top_k = models.PositiveSmallIntegerField(default=5)
+    score_floor = models.FloatField(
+        default=0.25, help_text="Chunks less similar than this (cosine, 0-1) are left out."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = CollectionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner"],
+                condition=Q(is_personal=True),
+                name="one_personal_collection_per_user",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def chroma_name(self) -> str:
+        return f"bw_collection_{self.pk}"
+
+    @classmethod
+    def personal_for(cls, user) -> Collection:
+        coll, _ = cls.objects.get_or_create(
+            owner=user, is_personal=True, defaults={"name": f"{user.get_username()}'s documents"}
+        )
+        return coll
+
+
+def _upload_to(instance: Document, filename: str) -> str:
+    # Never trust the client's name for the path: sha256-addressed storage.
+    return f"documents/{instance.collection_id}/{instance.sha256}"
+
+
+class Document(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        PROCESSING = "processing"
+        READY = "ready"
+        FAILED = "failed"
+
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="documents")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="documents"
+    )
+    title = models.CharField(max_length=255, help_text="The uploaded file's name (sanitised).")
+    file = models.FileField(upload_to=_upload_to, max_length=300)
+    sha256 = models.CharField(max_length=64)
+    size = models.PositiveBigIntegerField(default=0)
+    mime = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    progress = models.FloatField(default=0.0, help_text="0-1 while processing.")
+    error = models.TextField(blank=True)
+    chunk_count = models.PositiveIntegerField(default=0)
+    page_count = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["collection", "sha256"], name="unique_file_per_collection"
+            )
+        ]
+        indexes = [models.Index(fields=["status"]), models.Index(fields=["owner", "-created_at"])]
+
+    def __str__(self) -> str:
+        return self.title

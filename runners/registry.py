@@ -1,0 +1,91 @@
+"""Runner kinds and the per-process cache of runner instances.
+
+Kinds are an explicit table of dotted paths, imported on first use. Instances
+are built from enabled `RunnerConfig` rows and cached per process; a config's
+`version` (bumped on every save) tells each process when to rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+RUNNER_KINDS: dict[str, str] = {
+    "executorch": "runners.executorch.runner.ExecuTorchRunner",
+    "llamastack": "runners.llamastack.runner.LlamaStackRunner",
+}
+
+
+def runner_class(kind: str) -> type:
+    try:
+        path = RUNNER_KINDS[kind]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"Unknown runner kind {kind!r}; known kinds: {', '.join(sorted(RUNNER_KINDS))}"
+        ) from None
+    try:
+        return import_string(path)
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            f"Runner kind {kind!r} ({path}) could not be loaded: {exc}"
+        ) from exc
+
+
+# name -> (version, runner)
+_instances: dict[str, tuple[int, Runner]] = {}
+_closing: set[asyncio.Task] = set()
+
+
+def build_runner(config) -> Runner:
+    """A runner for this config, reusing the cached one while its version holds."""
+    cached = _instances.get(config.name)
+    if cached and cached[0] == config.version and cached[1].__class__ is runner_class(config.kind):
+        return cached[1]
+    runner = runner_class(config.kind).from_config(config)
+    _instances[config.name] = (config.version, runner)
+    if cached:
+        _close_later(cached[1])
+    return runner
+
+
+def _close_later(runner: Runner) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    task = loop.create_task(runner.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+def forget_all() -> None:
+    """Drop every cached runner (tests)."""
+    _instances.clear()
+
+
+async def readiness() -> dict:
+    """For /readyz: at least one enabled runner answers its health check."""
+    from channels.db import database_sync_to_async
+
+    from runners.models import RunnerConfig
+
+    configs = await database_sync_to_async(
+        lambda: list(RunnerConfig.objects.filter(enabled=True).order_by("-priority"))
+    )()
+    if not configs:
+        return {"ok": False, "detail": "no enabled runner"}
+    parts = {}
+    for config in configs:
+        try:
+            health = await asyncio.wait_for(build_runner(config).health(), timeout=5)
+            parts[config.name] = {"ok": health.ok, "detail": health.detail}
+        except Exception as exc:
+            parts[config.name] = {"ok": False, "detail": type(exc).__name__}
+    return {"ok": any(p["ok"] for p in parts.values()), "runners": parts}
