@@ -132,6 +132,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     RUNTIME = "runtime"
     NOT_FOUND = "not_found"
+    NO_RUNNER = "no_runner"
 
 
 _RETRYABLE_BY_DEFAULT = {
@@ -143,6 +144,7 @@ _RETRYABLE_BY_DEFAULT = {
     ErrorCode.RATE_LIMITED: True,
     ErrorCode.RUNTIME: True,
     ErrorCode.NOT_FOUND: False,
+    ErrorCode.NO_RUNNER: False,
 }
 
 
