@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+pytest_plugins = ["tests.support.fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 _TMP_DATA = tempfile.mkdtemp(prefix="breezeweb-test-")
 os.environ["DATA_DIR"] = _TMP_DATA

@@ -1,0 +1,1 @@
+"""Real test servers and their pytest fixtures (see scripted_server.py)."""
