@@ -186,6 +186,7 @@ else:
 CHROMA_URL = env.str("CHROMA_URL", default="")
 CHROMA_PATH = DATA_DIR / "chroma"
 EMBEDDING_MODEL_PATH = env.str("EMBEDDING_MODEL_PATH", default="")
+RAG_CONTEXT_TOKENS = _int("RAG_CONTEXT_TOKENS", 600, minimum=64)
 UPLOAD_MAX_BYTES = _int("UPLOAD_MAX_BYTES", 50 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024  # JSON bodies (images as data URLs)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024  # larger uploads stream to a temp file
@@ -198,6 +199,8 @@ MODEL_CACHE_DIR = Path(
     env.str("BREEZEWEB_MODEL_CACHE", default=str(Path.home() / ".cache" / "breezeweb"))
 )
 LLAMASTACK_DEFAULT_ENDPOINT = env.str("LLAMASTACK_ENDPOINT", default="http://localhost:8321")
+RUNNER_CIRCUIT_FAILURES = _int("RUNNER_CIRCUIT_FAILURES", 3, minimum=1)
+RUNNER_CIRCUIT_COOLDOWN_SECONDS = _int("RUNNER_CIRCUIT_COOLDOWN_SECONDS", 30, minimum=1)
 IMAGE_MAX_BYTES = _int("IMAGE_MAX_BYTES", 8 * 1024 * 1024, minimum=1024)
 
 # --- Chat limits ----------------------------------------------------------------

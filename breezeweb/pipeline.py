@@ -1,0 +1,200 @@
+"""One chat turn, from the user's words to streamed, filtered tokens.
+
+guardian (input) -> RAG retrieval (when on) -> router (capability, priority,
+fallback) -> prompt fitted to the chosen runner's context budget -> runner
+events -> guardian (output, streaming-safe). Shared by the websocket consumer
+and the OpenAI-compatible HTTP API; persistence is the caller's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from django.conf import settings
+
+from asgiref.sync import sync_to_async
+
+from runners.base import (
+    ChatMessage,
+    ChatRequest,
+    Done,
+    ErrorCode,
+    Notice,
+    Runner,
+    RunnerError,
+    TokenDelta,
+)
+from runners.guardian import GuardianBlocked, OutputFilter, check_input, load_rules
+from runners.router import Routed, route
+
+__all__ = ["GuardianBlocked", "Routed", "Sources", "TurnInput", "fit_to_budget", "run_turn"]
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are BreezeWeb's assistant. Answer clearly and concisely. "
+    "Use Markdown for lists and code."
+)
+RAG_INSTRUCTIONS = (
+    "Answer using the context below when it is relevant, and cite sources by "
+    "their number like [1]. If the context does not contain the answer, say so.\n\n"
+    "Context:\n"
+)
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    user: Any
+    messages: tuple[ChatMessage, ...]
+    rag: bool = False
+    collection_ids: tuple[int, ...] = ()
+    pinned_runner: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    tools: tuple[dict, ...] = ()
+    source: str = "chat"
+    message_id: int | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The documents an answer drew on (title, page, snippet, score, ...)."""
+
+    sources: tuple[dict, ...]
+
+
+def _tokens(runner: Runner, message: ChatMessage) -> int:
+    # Images cost the remote runner's own tokens; count a flat share so that a
+    # conversation full of images is still trimmed.
+    return runner.count_tokens(message.content) + 8 + 256 * len(message.images)
+
+
+def fit_to_budget(
+    request: ChatRequest, runner: Runner, context: str = ""
+) -> tuple[ChatRequest, list[Notice]]:
+    """The request with a system prompt (and RAG context) that fits the runner's
+    context budget: the oldest turns are left out first, whole, and the user is
+    told. Refuses, clearly, a last message that cannot fit on its own."""
+    budget = runner.context_tokens - (request.max_tokens or 0)
+    system_text = SYSTEM_PROMPT
+    if context:
+        system_text = f"{SYSTEM_PROMPT}\n\n{RAG_INSTRUCTIONS}{context}"
+    leading = [m for m in request.messages if m.role == "system"]
+    if leading:
+        system_text = "\n\n".join([*(m.content for m in leading), system_text])
+    system = ChatMessage(role="system", content=system_text)
+    turns = [m for m in request.messages if m.role != "system"]
+    if not turns:
+        raise RunnerError(ErrorCode.INVALID_INPUT, "There is no message to answer.")
+    used = _tokens(runner, system)
+    last = turns[-1]
+    if used + _tokens(runner, last) > budget:
+        if context:
+            # Drop the retrieved context before refusing the user's own message.
+            return fit_to_budget(request, runner, "")
+        raise RunnerError(
+            ErrorCode.INVALID_INPUT,
+            f"Your message is too long for the runner {runner.name!r}: about "
+            f"{runner.count_tokens(last.content)} tokens, and it can take about "
+            f"{max(budget - used, 0)}. Shorten it or choose a runner with a larger context.",
+        )
+    kept = [last]
+    used += _tokens(runner, last)
+    for message in reversed(turns[:-1]):
+        cost = _tokens(runner, message)
+        if used + cost > budget:
+            break
+        kept.append(message)
+        used += cost
+    kept.reverse()
+    # A tool result without its call would confuse the model: keep pairs whole.
+    while kept and kept[0].role == "tool":
+        kept.pop(0)
+    notices = []
+    dropped = len(turns) - len(kept)
+    if dropped:
+        notices.append(
+            Notice(
+                "trimmed",
+                f"The {dropped} oldest message(s) were left out to fit "
+                f"{runner.name}'s context of {runner.context_tokens} tokens.",
+                {"dropped": dropped},
+            )
+        )
+    return replace(request, messages=(system, *kept)), notices
+
+
+def _retrieve(turn: TurnInput, query: str):
+    from rag.retrieval import retrieve
+
+    return retrieve(
+        turn.user,
+        query,
+        list(turn.collection_ids) or None,
+        budget_tokens=settings.RAG_CONTEXT_TOKENS,
+    )
+
+
+async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
+    """Run one turn. Yields `Sources` (RAG on), `Routed`, `Notice`, `TokenDelta`,
+    `ToolCall`, then `Done`. Raises `RunnerError` or `GuardianBlocked`; after
+    tokens were yielded, the caller keeps what it got as the partial answer."""
+    if not turn.messages or turn.messages[-1].role != "user":
+        raise RunnerError(ErrorCode.INVALID_INPUT, "The last message must be the user's.")
+    rules = await load_rules()
+    last_text = turn.messages[-1].content
+    check_input(last_text, rules)
+
+    context = ""
+    if turn.rag:
+        retrieved = await sync_to_async(_retrieve, thread_sensitive=False)(turn, last_text)
+        context = retrieved.text
+        yield Sources(tuple(s.as_dict() for s in retrieved.sources))
+
+    request = ChatRequest(
+        messages=turn.messages,
+        temperature=turn.temperature,
+        top_p=turn.top_p,
+        max_tokens=turn.max_tokens,
+        stop=turn.stop,
+        tools=turn.tools,
+        request_id=turn.request_id,
+    )
+    output = OutputFilter(rules)
+    events = route(
+        request,
+        pinned=turn.pinned_runner,
+        need_rag=turn.rag,
+        prepare=lambda req, runner: fit_to_budget(req, runner, context),
+        source=turn.source,
+        message_id=turn.message_id,
+    )
+    try:
+        async for event in events:
+            if isinstance(event, TokenDelta):
+                text = output.feed(event.text)
+                if text:
+                    yield TokenDelta(text)
+                continue
+            if isinstance(event, Done):
+                rest = output.finish()
+                if rest:
+                    yield TokenDelta(rest)
+            yield event
+    except RunnerError:
+        # Show what was held back for the output rules before reporting the error.
+        try:
+            rest = output.finish()
+        except GuardianBlocked:
+            rest = ""
+        if rest:
+            yield TokenDelta(rest)
+        raise
+    finally:
+        await events.aclose()
