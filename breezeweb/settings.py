@@ -9,6 +9,7 @@ changes. A bad value fails loudly at start with a message naming the variable.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from django.utils.csp import CSP
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Offline by design: every model comes from an installed package or DATA_DIR.
+# With these set, an accidental model-hub lookup fails at once with a clear
+# error instead of hanging on a network that is not there.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 env = environ.Env()
 _dotenv = Path(environ.Env().str("BREEZEWEB_ENV_FILE", default=str(BASE_DIR / ".env")))
