@@ -216,6 +216,7 @@ IMAGE_MAX_BYTES = _int("IMAGE_MAX_BYTES", 8 * 1024 * 1024, minimum=1024)
 CHAT_MAX_CONCURRENT_PER_USER = _int("CHAT_MAX_CONCURRENT_PER_USER", 3, minimum=1)
 CHAT_MESSAGES_PER_MINUTE = _int("CHAT_MESSAGES_PER_MINUTE", 30, minimum=1)
 API_REQUESTS_PER_MINUTE = _int("API_REQUESTS_PER_MINUTE", 60, minimum=1)
+API_MAX_CONCURRENT_STREAMS = _int("API_MAX_CONCURRENT_STREAMS", 4, minimum=1)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # --- Auth -------------------------------------------------------------------------
