@@ -1,3 +1,9 @@
 """Websocket routes."""
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from breezeweb.consumers import ChatConsumer
+
+websocket_urlpatterns: list = [
+    path("ws/chat/", ChatConsumer.as_asgi()),
+]
