@@ -1,0 +1,30 @@
+// Fills the runner list's "Health" column: one request per row to the admin's
+// JSON health endpoint, so a slow runner never holds up the page.
+"use strict";
+
+function showHealth(cell, data) {
+  const ms = data.latency_ms === null ? "" : ` (${Math.round(data.latency_ms)} ms)`;
+  cell.textContent = (data.ok ? "healthy" : "unhealthy: " + data.detail) + ms;
+  cell.title = data.detail;
+  cell.classList.add(data.ok ? "runner-health-ok" : "runner-health-bad");
+}
+
+async function checkRow(cell) {
+  try {
+    const response = await fetch(cell.dataset.healthUrl, {
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+    });
+    if (!response.ok) {
+      throw new Error(`HTTP ${response.status}`);
+    }
+    showHealth(cell, await response.json());
+  } catch (error) {
+    cell.textContent = `health unknown (${error.message})`;
+    cell.classList.add("runner-health-bad");
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll(".runner-health[data-health-url]").forEach(checkRow);
+});
