@@ -32,7 +32,8 @@ id)`, streamed as OpenAI tool-call deltas, arguments in small pieces),
 `break_after` (close the connection after N content tokens: a stream that
 breaks mid-answer), `malformed_after` (send a chunk that is not JSON after
 N tokens), `raw_events` (SSE `data:` payloads sent verbatim instead of the
-generated ones).
+generated ones), `drop_connection` (close the connection without any
+response, like a reset keep-alive connection).
 
 `server.models` (default `["scripted-model"]`) is what /v1/models lists;
 with `server.strict_models` (default True) a chat request for any other
@@ -40,6 +41,7 @@ model gets a 404 like Llama Stack's.
 
 Recording: `server.requests` lists every `RecordedRequest` (method, path,
 lower-cased `headers` incl. authorization, parsed `json`, `tokens_sent`,
+`peer` (the client's address and port: same port, same pooled connection),
 `disconnected` when the client went away before the end, and `finished`,
 a threading.Event set when the handler is done). `server.chat_requests()`
 filters the chat calls; `server.wait_for_requests(n)` blocks until n arrived.
@@ -97,6 +99,7 @@ class Reply:
     break_after: int | None = None
     malformed_after: int | None = None
     raw_events: tuple[str, ...] | None = None
+    drop_connection: bool = False
 
     def token_list(self) -> list[str]:
         if self.tokens is not None:
@@ -112,6 +115,7 @@ class RecordedRequest:
     json: Any
     body: bytes
     received_at: float
+    peer: tuple = ()
     tokens_sent: int = 0
     disconnected: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
@@ -266,6 +270,9 @@ class ScriptedServer:
             json=parsed,
             body=body,
             received_at=time.monotonic(),
+            peer=tuple(request.transport.get_extra_info("peername") or ())
+            if request.transport
+            else (),
         )
         with self._lock:
             self.requests.append(recorded)
@@ -333,6 +340,10 @@ class ScriptedServer:
         reply = self._next_reply(CHAT_ROUTE) or self.default_reply
         if reply.headers_delay:
             await asyncio.sleep(reply.headers_delay)
+        if reply.drop_connection:
+            _abort(request)
+            recorded.disconnected = True
+            return web.Response()
         if reply.status != 200:
             return await self._scripted_error(reply)
         payload = recorded.json if isinstance(recorded.json, dict) else {}
