@@ -1,8 +1,8 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 
-from breezeweb import health, views
+from breezeweb import apikeys, health, openai_api, openapi, views
 
 admin.site.site_header = "BreezeWeb administration"
 admin.site.site_title = "BreezeWeb admin"
@@ -19,6 +19,18 @@ urlpatterns = [
     ),
     path("api/runners", views.runners, name="api-runners"),
     path("api/", include("rag.urls")),
+    path("v1/models", openai_api.models, name="openai-models"),
+    path("v1/models/<str:model_id>", openai_api.model_detail, name="openai-model"),
+    path("v1/chat/completions", openai_api.chat_completions, name="openai-chat-completions"),
+    re_path(r"^v1/(?P<rest>.*)$", openai_api.not_found),
+    path("api/schema", openapi.schema_view, name="api-schema"),
+    path("api/docs", openapi.docs_view, name="api-docs"),
+    path("settings/api-keys/", apikeys.api_keys, name="api-keys"),
+    path(
+        "settings/api-keys/<int:key_id>/revoke/",
+        apikeys.revoke_api_key,
+        name="api-key-revoke",
+    ),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", health.healthz, name="healthz"),
