@@ -5,3 +5,37 @@ class RagConfig(AppConfig):
     name = "rag"
     verbose_name = "Documents (RAG)"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Signals only: no database queries here (resuming ingestion happens
+        # on the worker's first use, see rag.worker).
+        from django.db.models.signals import post_delete
+
+        from rag.models import Collection, Document
+
+        post_delete.connect(_drop_chroma_collection, sender=Collection, dispatch_uid="rag-drop")
+        post_delete.connect(_remove_file, sender=Document, dispatch_uid="rag-remove-file")
+
+
+def _drop_chroma_collection(sender, instance, **kwargs) -> None:
+    """A deleted collection takes its Chroma collection (every chunk) with it."""
+    import logging
+
+    from rag import store
+
+    try:
+        store.drop_collection(instance.chroma_name)
+    except Exception as exc:
+        logging.getLogger(__name__).warning(
+            "could not drop Chroma collection %s (%s)", instance.chroma_name, exc
+        )
+
+
+def _remove_file(sender, instance, **kwargs) -> None:
+    """Deleting a document row (directly or by cascade) removes its stored file
+    once the deletion is committed."""
+    from django.db import transaction
+
+    name, storage = instance.file.name, instance.file.storage
+    if name:
+        transaction.on_commit(lambda: storage.exists(name) and storage.delete(name))

