@@ -197,6 +197,25 @@ async def test_it_reuses_one_pooled_connection_across_calls(scripted_server, run
     assert first.peer == second.peer  # same client port: the keep-alive connection was reused
 
 
+async def test_concurrent_streams_on_one_runner_each_get_their_own_answer(scripted_server, runner):
+    scripted_server.default_reply = Reply(text="shared answer for everyone", token_delay=0.02)
+    results = await asyncio.gather(*(collect(runner) for _ in range(4)))
+    for events, error in results:
+        assert error is None
+        assert text_of(events) == "shared answer for everyone"
+        assert isinstance(events[-1], Done)
+    assert len(scripted_server.chat_requests()) == 4
+
+
+def test_a_runner_keeps_working_when_called_from_another_event_loop(scripted_server):
+    # e.g. an admin action through async_to_sync after the websocket loop used it
+    runner = make_runner(scripted_server.url)
+    for _ in range(2):
+        events, error = asyncio.run(collect(runner))
+        assert error is None and text_of(events) == "Hello from the scripted server."
+    asyncio.run(runner.close())
+
+
 # ---- vision and tools ---------------------------------------------------------------
 
 
@@ -355,6 +374,18 @@ async def test_a_server_slower_than_the_timeout_is_a_retryable_timeout(scripted_
     assert error.code is ErrorCode.TIMEOUT and error.retryable
     assert "did not answer within 0.5 s" in error.message
     assert len(scripted_server.chat_requests()) == 1  # a timeout is not retried inside the runner
+
+
+async def test_a_server_that_goes_silent_mid_answer_times_out_after_the_partial_answer(
+    scripted_server,
+):
+    runner = make_runner(scripted_server.url, timeout_seconds=0.4)
+    scripted_server.script(Reply(tokens=("first ", "second"), token_delay=2.0))
+    events, error = await collect(runner)
+    await runner.close()
+    assert text_of(events) == "first "
+    assert error.code is ErrorCode.TIMEOUT
+    assert "stopped sending after 1 tokens" in error.message
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -357,9 +357,8 @@ class LlamaStackRunner:
             response = await self._open(params)
         except (lsc.APIError, httpx.HTTPError) as exc:
             raise await self._error_with_models(exc) from None
-        body = response.http_response
+        events = _sse_data(response.http_response.aiter_lines())
         try:
-            events = _sse_data(body.aiter_lines())
             async for data in events:
                 if data == "[DONE]":
                     await _drain(events)
@@ -402,6 +401,7 @@ class LlamaStackRunner:
         finally:
             # Closing a response whose body is unread drops the connection: the
             # server stops generating when the caller cancels or stops iterating.
+            await events.aclose()
             await response.close()
 
         for index in sorted(pending):
