@@ -3,6 +3,8 @@ following chunks that fit the embedding model's window (its own tokenizer)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from rag.chunking import chunk_pages
@@ -114,7 +116,7 @@ def test_chunks_fit_the_model_window_in_its_own_tokens_and_overlap(embedder):
         assert real <= embedder.max_tokens - 2, real  # nothing truncated by the model
         assert chunk.tokens <= 200
         assert chunk.heading_path == "Manual > Tides"
-    overlapping = sum(1 for a, b in zip(chunks, chunks[1:], strict=False) if b.start < a.end)
+    overlapping = sum(1 for a, b in itertools.pairwise(chunks) if b.start < a.end)
     assert overlapping >= len(chunks) // 2  # consecutive chunks share text
 
 
