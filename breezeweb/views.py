@@ -8,6 +8,7 @@ import json
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
@@ -37,9 +38,14 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
         "runners": chat.enabled_runners(),
         "image_max_bytes": settings.IMAGE_MAX_BYTES,
         "upload_max_bytes": settings.UPLOAD_MAX_BYTES,
+        "csrf_token": get_token(request),
     }
+    listed = chat.list_conversations(request.user)
+    for item in listed:
+        item["active"] = item["id"] == conversation_id
     context = {
-        "conversations": chat.list_conversations(request.user),
+        "conversations": listed,
+        "blank_item": {"id": 0, "title": ""},
         "conversation": conversation,
         "boot": boot,
     }

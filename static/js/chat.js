@@ -1,0 +1,791 @@
+// BreezeWeb chat: one ES module, no inline scripts (strict CSP).
+// Talks to /ws/chat/ (docs/websocket.md) and the small JSON endpoints under /api/.
+// Answers are Markdown rendered by marked, sanitized by DOMPurify, highlighted by
+// highlight.js; user messages are shown as plain text, never as HTML.
+
+import { marked } from "../vendor/marked-18.2.1/marked.esm.js";
+import DOMPurify from "../vendor/dompurify-3.4.18/purify.es.mjs";
+import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
+
+const boot = JSON.parse(document.getElementById("boot").textContent);
+const $ = (id) => document.getElementById(id);
+const els = {
+  list: $("conversation-list"), search: $("search"), newChat: $("new-chat"),
+  title: $("chat-title"), messages: $("messages"), empty: $("empty-chat"),
+  runner: $("runner-select"), caps: $("runner-caps"), rag: $("rag-toggle"),
+  conn: $("conn-status"), banner: $("banner"), bannerText: $("banner-text"),
+  bannerRetry: $("banner-retry"), bannerClose: $("banner-close"),
+  composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
+  attach: $("attach-image"), imageInput: $("image-input"), attachments: $("attachments"),
+  toggleDocs: $("toggle-docs"), documents: $("documents"), dropzone: $("dropzone"),
+  pickDocs: $("pick-docs"), docInput: $("doc-input"), uploads: $("upload-list"),
+  menu: $("menu-toggle"), sidebar: $("sidebar"),
+};
+
+marked.setOptions({ gfm: true, breaks: true });
+
+const state = {
+  conversationId: boot.conversation ? boot.conversation.id : null,
+  runners: boot.runners || [],
+  images: [],               // data URLs attached to the next message
+  pending: new Map(),       // request_id -> live answer
+  socket: null,
+  attempts: 0,              // reconnect attempts since the last open
+  reloadOnOpen: false,
+};
+
+// ---- small helpers --------------------------------------------------------------
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function requestId() {
+  return (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`).slice(0, 36);
+}
+
+function renderMarkdown(target, text) {
+  target.innerHTML = DOMPurify.sanitize(marked.parse(text || ""));
+  target.querySelectorAll("pre code").forEach((code) => hljs.highlightElement(code));
+  target.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
+}
+
+async function api(path, options = {}) {
+  const headers = { "X-CSRFToken": boot.csrf_token, ...(options.headers || {}) };
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(options.json);
+  }
+  const response = await fetch(path, { credentials: "same-origin", ...options, headers });
+  if (response.status === 204) return null;
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error((body.error && body.error.message) || `HTTP ${response.status}`);
+    error.code = body.error && body.error.code;
+    throw error;
+  }
+  return body;
+}
+
+function showBanner(message, retry) {
+  els.bannerText.textContent = message;
+  els.banner.hidden = false;
+  els.bannerRetry.hidden = !retry;
+  els.bannerRetry.onclick = retry ? () => { hideBanner(); retry(); } : null;
+}
+
+function hideBanner() { els.banner.hidden = true; }
+
+function setConn(stateName, label) {
+  els.conn.dataset.state = stateName;
+  els.conn.textContent = label;
+}
+
+function fmt(n, digits = 0) {
+  return typeof n === "number" && isFinite(n) ? n.toFixed(digits) : "–";
+}
+
+// ---- runners and capabilities -------------------------------------------------------
+
+function selectedRunner() {
+  const name = els.runner.value;
+  return name === "auto" ? null : state.runners.find((r) => r.name === name) || null;
+}
+
+function canSeeImages() {
+  const runner = selectedRunner();
+  if (runner) return runner.capabilities.includes("vlm");
+  return state.runners.some((r) => r.capabilities.includes("vlm"));
+}
+
+function updateCaps() {
+  const runner = selectedRunner();
+  els.caps.textContent = "";
+  const caps = runner ? runner.capabilities
+    : [...new Set(state.runners.flatMap((r) => r.capabilities))];
+  for (const cap of caps) els.caps.append(el("span", `cap cap-${cap}`, cap));
+  if (runner && runner.model_id) els.caps.title = `model: ${runner.model_id}`;
+  const vision = canSeeImages();
+  els.attach.disabled = !vision;
+  els.attach.title = vision ? "Attach an image" : "The chosen runner cannot see images";
+  if (!vision && state.images.length) { state.images = []; renderAttachments(); }
+}
+
+// ---- messages ------------------------------------------------------------------------
+
+function messageNode(m) {
+  const node = el("article", `msg msg-${m.role}`);
+  node.dataset.id = m.id || "";
+  node.dataset.role = m.role;
+  const body = el("div", "msg-body");
+  node.append(body);
+  if (m.role === "user") {
+    body.classList.add("plain");
+    body.textContent = m.content;           // text, never HTML
+    for (const url of m.images || []) {
+      const img = el("img", "msg-image");
+      img.src = url; img.alt = "attached image";
+      node.append(img);
+    }
+  } else {
+    renderMarkdown(body, m.content);
+  }
+  node.append(el("div", "msg-sources"), el("div", "msg-meta"), el("div", "msg-actions"));
+  decorate(node, m);
+  return node;
+}
+
+function decorate(node, m) {
+  node.dataset.status = m.status || "complete";
+  const sources = node.querySelector(".msg-sources");
+  sources.textContent = "";
+  if (m.sources && m.sources.length) sources.append(sourcesNode(m.sources));
+  const meta = node.querySelector(".msg-meta");
+  meta.textContent = "";
+  if (m.role === "assistant" && m.status !== "streaming") {
+    const parts = [];
+    if (m.runner) parts.push(m.runner);
+    if (m.model) parts.push(m.model);
+    if (m.fallback) parts.push("fallback");
+    const t = m.timings || {};
+    if (t.tokens_per_second) parts.push(`${fmt(t.tokens_per_second, 1)} tok/s`);
+    if (t.time_to_first_token_ms != null) parts.push(`TTFT ${fmt(t.time_to_first_token_ms)} ms`);
+    if (m.usage && m.usage.completion_tokens != null) parts.push(`${m.usage.completion_tokens} tokens`);
+    if (m.status === "stopped") parts.push("stopped");
+    const details = el("span", "details", parts.join(" · "));
+    details.title = "runner · model · throughput · time to first token";
+    meta.append(details);
+    if (m.status === "failed") {
+      meta.append(el("span", "msg-error", m.error || "The answer failed."));
+    }
+  }
+  const actions = node.querySelector(".msg-actions");
+  actions.textContent = "";
+  if (m.status === "streaming") return;
+  const copy = el("button", "link-btn", "Copy");
+  copy.type = "button";
+  copy.addEventListener("click", () => copyText(m.content, copy));
+  actions.append(copy);
+  if (m.role === "assistant") {
+    const again = el("button", "link-btn regen", "Regenerate");
+    again.type = "button";
+    again.addEventListener("click", () => regenerate());
+    actions.append(again);
+  } else if (m.role === "user" && m.id) {
+    const edit = el("button", "link-btn", "Edit");
+    edit.type = "button";
+    edit.addEventListener("click", () => startEdit(node, m));
+    actions.append(edit);
+  }
+  node._message = m;
+}
+
+function sourcesNode(sources) {
+  const box = el("details", "sources");
+  box.append(el("summary", null, `Sources (${sources.length})`));
+  const list = el("ol");
+  for (const s of sources) {
+    const item = el("li");
+    item.append(el("strong", null, s.title || `Document ${s.document_id}`));
+    if (s.page != null) item.append(el("span", "muted", ` · p. ${s.page}`));
+    if (typeof s.score === "number") item.append(el("span", "muted", ` · ${s.score.toFixed(2)}`));
+    item.append(el("blockquote", null, s.snippet || ""));
+    list.append(item);
+  }
+  box.append(list);
+  return box;
+}
+
+async function copyText(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const area = el("textarea"); area.value = text; document.body.append(area);
+    area.select(); document.execCommand("copy"); area.remove();
+  }
+  const label = button.textContent;
+  button.textContent = "Copied";
+  setTimeout(() => { button.textContent = label; }, 1200);
+}
+
+function refreshRegenerate() {
+  // Only the last answer can be regenerated.
+  const nodes = els.messages.querySelectorAll(".msg-assistant");
+  nodes.forEach((n, i) => {
+    const button = n.querySelector(".regen");
+    if (button) button.hidden = i !== nodes.length - 1 || busyHere();
+  });
+}
+
+function busyHere() {
+  return [...state.pending.values()].some((p) => p.conversationId === state.conversationId || p.conversationId === null);
+}
+
+function renderConversation(conversation) {
+  els.messages.querySelectorAll(".msg").forEach((n) => n.remove());
+  const messages = conversation ? conversation.messages : [];
+  for (const m of messages) els.messages.append(messageNode(m));
+  els.empty.hidden = messages.length > 0;
+  els.title.textContent = conversation ? conversation.title : "New chat";
+  document.title = `${conversation ? conversation.title + " · " : ""}BreezeWeb`;
+  if (conversation) {
+    els.runner.value = conversation.pinned_runner || "auto";
+    els.rag.checked = !!conversation.rag;
+    updateCaps();
+  }
+  // Re-attach answers still streaming on this socket.
+  for (const p of state.pending.values()) {
+    if (p.conversationId !== state.conversationId) continue;
+    const node = els.messages.querySelector(`.msg[data-id="${p.assistantId}"]`);
+    if (node) { p.node = node; p.body = node.querySelector(".msg-body"); node.dataset.status = "streaming"; scheduleRender(p); }
+  }
+  refreshRegenerate();
+  updateComposer();
+  scrollDown(true);
+}
+
+function scrollDown(force) {
+  const box = els.messages;
+  const near = box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+  if (force || near) box.scrollTop = box.scrollHeight;
+}
+
+function scheduleRender(p) {
+  if (p.renderQueued || !p.body) return;
+  p.renderQueued = true;
+  requestAnimationFrame(() => {
+    p.renderQueued = false;
+    if (!p.body) return;
+    renderMarkdown(p.body, p.text);
+    p.body.classList.add("streaming-cursor");
+    scrollDown(false);
+  });
+}
+
+// ---- conversation list -----------------------------------------------------------------
+
+function listItem(c) {
+  // Cloned from the server-rendered <template>, so both lists look the same.
+  const li = $("tpl-conversation").content.firstElementChild.cloneNode(true);
+  li.dataset.id = c.id;
+  li.classList.toggle("active", c.id === state.conversationId);
+  const a = li.querySelector(".conversation-link");
+  a.textContent = c.title;
+  a.href = `/c/${c.id}/`;
+  li.querySelector('[data-action="rename"]').setAttribute("aria-label", `Rename ${c.title}`);
+  li.querySelector('[data-action="delete"]').setAttribute("aria-label", `Delete ${c.title}`);
+  return li;
+}
+
+async function refreshList() {
+  const q = els.search.value.trim();
+  try {
+    const body = await api(`/api/conversations${q ? `?q=${encodeURIComponent(q)}` : ""}`);
+    els.list.textContent = "";
+    for (const c of body.conversations) els.list.append(listItem(c));
+    if (!body.conversations.length) els.list.append(el("li", "muted empty-list", q ? "No matching conversations." : "No conversations yet."));
+  } catch (error) {
+    showBanner(`Could not load conversations: ${error.message}`, refreshList);
+  }
+}
+
+function markActive() {
+  els.list.querySelectorAll(".conversation-item").forEach((li) => {
+    li.classList.toggle("active", Number(li.dataset.id) === state.conversationId);
+  });
+}
+
+async function openConversation(id, push = true) {
+  try {
+    const conversation = await api(`/api/conversations/${id}`);
+    state.conversationId = conversation.id;
+    if (push) history.pushState({ id }, "", `/c/${id}/`);
+    renderConversation(conversation);
+    markActive();
+    closeSidebar();
+    return conversation;
+  } catch (error) {
+    if (error.code === "not_found") { newChat(); refreshList(); return null; }
+    showBanner(`Could not open the conversation: ${error.message}`, () => openConversation(id, push));
+    return null;
+  }
+}
+
+function newChat(push = true) {
+  state.conversationId = null;
+  if (push) history.pushState({ id: null }, "", "/");
+  renderConversation(null);
+  els.runner.value = "auto";
+  updateCaps();
+  markActive();
+  closeSidebar();
+  els.prompt.focus();
+}
+
+function startRename(li) {
+  const link = li.querySelector(".conversation-link");
+  const input = el("input", "rename-input");
+  input.value = link.textContent;
+  input.setAttribute("aria-label", "New title");
+  link.replaceWith(input);
+  input.focus(); input.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== link.textContent) {
+      try {
+        const body = await api(`/api/conversations/${li.dataset.id}`, { method: "PATCH", json: { title } });
+        link.textContent = body.title;
+        if (Number(li.dataset.id) === state.conversationId) els.title.textContent = body.title;
+      } catch (error) { showBanner(`Could not rename: ${error.message}`); }
+    }
+    input.replaceWith(link);
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); finish(true); }
+    if (e.key === "Escape") { e.preventDefault(); finish(false); }
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+async function deleteConversation(li) {
+  const title = li.querySelector(".conversation-link")?.textContent || "this conversation";
+  if (!confirm(`Delete “${title}” and all its messages?`)) return;
+  try {
+    await api(`/api/conversations/${li.dataset.id}`, { method: "DELETE" });
+    li.remove();
+    if (Number(li.dataset.id) === state.conversationId) newChat();
+  } catch (error) { showBanner(`Could not delete: ${error.message}`); }
+}
+
+els.list.addEventListener("click", (e) => {
+  const li = e.target.closest(".conversation-item");
+  if (!li) return;
+  const action = e.target.closest("[data-action]")?.dataset.action;
+  if (action === "rename") { e.preventDefault(); startRename(li); return; }
+  if (action === "delete") { e.preventDefault(); deleteConversation(li); return; }
+  const link = e.target.closest(".conversation-link");
+  if (link && !e.ctrlKey && !e.metaKey && !e.shiftKey) {
+    e.preventDefault();
+    openConversation(Number(li.dataset.id));
+  }
+});
+
+let searchTimer = null;
+els.search.addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(refreshList, 200);
+});
+els.newChat.addEventListener("click", () => newChat());
+window.addEventListener("popstate", () => {
+  const match = location.pathname.match(/^\/c\/(\d+)\/$/);
+  if (match) openConversation(Number(match[1]), false); else newChat(false);
+});
+
+// ---- the websocket ----------------------------------------------------------------------
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
+  state.socket = socket;
+  setConn("connecting", state.attempts ? "Reconnecting…" : "Connecting…");
+  socket.addEventListener("open", () => {
+    state.attempts = 0;
+    setConn("open", "Connected");
+    if (els.banner.dataset.kind === "connection") hideBanner();
+    // Resume: answers cut off by the lost socket were saved server-side as
+    // stopped; show what was saved rather than what this page last saw.
+    const streamingShown = els.messages.querySelector('.msg[data-status="streaming"]');
+    if (state.reloadOnOpen || streamingShown) {
+      state.reloadOnOpen = false;
+      if (state.conversationId) setTimeout(() => openConversation(state.conversationId, false), streamingShown ? 600 : 0);
+    }
+    updateComposer();
+  });
+  socket.addEventListener("message", (event) => {
+    let frame;
+    try { frame = JSON.parse(event.data); } catch { return; }
+    handleFrame(frame);
+  });
+  socket.addEventListener("close", (event) => {
+    if (state.socket !== socket) return;
+    state.socket = null;
+    if (event.code === 4401) { location.href = `/login/?next=${encodeURIComponent(location.pathname)}`; return; }
+    if (state.pending.size) {
+      for (const p of state.pending.values()) finishPending(p, { status: "stopped" });
+      state.pending.clear();
+      state.reloadOnOpen = true;
+    }
+    updateComposer();
+    const delay = Math.min(15000, 500 * 2 ** state.attempts) * (0.75 + Math.random() / 2);
+    state.attempts += 1;
+    setConn("closed", `Offline · retrying in ${Math.round(delay / 1000)} s`);
+    if (state.attempts > 2) {
+      els.banner.dataset.kind = "connection";
+      showBanner("The connection to the server was lost; reconnecting…", () => { clearTimeout(state.retryTimer); connect(); });
+    }
+    state.retryTimer = setTimeout(connect, delay);
+  });
+}
+
+function send(frame) {
+  if (!state.socket || state.socket.readyState !== WebSocket.OPEN) {
+    showBanner("Not connected to the server yet; try again in a moment.", () => send(frame));
+    return false;
+  }
+  state.socket.send(JSON.stringify(frame));
+  return true;
+}
+
+function handleFrame(f) {
+  if (f.type === "document_status") { documentStatus(f.document || f); return; }
+  if (f.type === "pong") return;
+  const p = state.pending.get(f.request_id);
+  switch (f.type) {
+    case "accepted": accepted(p, f); break;
+    case "routed": if (p) { p.routed = f; if (p.node) p.node.querySelector(".msg-meta").textContent = `${f.runner} · ${f.model}${f.fallback ? " · fallback" : ""}`; } break;
+    case "sources": if (p) { p.sources = f.sources; } break;
+    case "notice": if (p && p.node) showNotice(p, f); break;
+    case "token": if (p) { p.text += f.text; scheduleRender(p); } break;
+    case "tool_call": if (p) { p.text += `\n\n\`tool call: ${f.name}(${f.arguments})\`\n`; scheduleRender(p); } break;
+    case "error": frameError(p, f); break;
+    case "done": if (p) finishPending(p, f); break;
+    default: break;
+  }
+}
+
+function accepted(p, f) {
+  if (!p) return;
+  const isNew = state.conversationId === null && p.conversationId === null;
+  p.conversationId = f.conversation_id;
+  p.assistantId = f.assistant_message_id;
+  if (isNew) {
+    state.conversationId = f.conversation_id;
+    history.replaceState({ id: f.conversation_id }, "", `/c/${f.conversation_id}/`);
+    els.title.textContent = f.title;
+    document.title = `${f.title} · BreezeWeb`;
+    refreshList();
+  }
+  if (state.conversationId !== f.conversation_id) return;
+  if (p.userNode) {
+    p.userNode.dataset.id = f.user_message_id;
+    decorate(p.userNode, { ...p.userNode._message, id: f.user_message_id, status: "complete" });
+  }
+  const node = messageNode({ id: f.assistant_message_id, role: "assistant", content: "", status: "streaming" });
+  els.messages.append(node);
+  els.empty.hidden = true;
+  p.node = node;
+  p.body = node.querySelector(".msg-body");
+  p.body.classList.add("streaming-cursor", "waiting");
+  scrollDown(true);
+  refreshRegenerate();
+}
+
+function showNotice(p, f) {
+  const note = el("div", "notice", f.message);
+  note.dataset.code = f.code;
+  const existing = p.node.querySelector(`.notice[data-code="${f.code}"]`);
+  if (existing) existing.replaceWith(note); else p.node.insertBefore(note, p.body);
+}
+
+function frameError(p, f) {
+  let retry = null;
+  if (f.retryable && p) {
+    // After the turn was saved, retrying means answering it again; before, sending it again.
+    retry = p.assistantId ? () => regenerate() : () => resend(p.frame);
+  }
+  const messages = {
+    rate_limited: f.message,
+    guardian_blocked: `Blocked by a content rule: ${f.message}`,
+  };
+  showBanner(messages[f.code] || f.message || "Something went wrong.", retry);
+  els.banner.dataset.kind = "error";
+  if (p && !p.assistantId) {
+    // Refused before anything was saved: give the text back to the composer.
+    if (p.userNode) p.userNode.remove();
+    if (p.frame && p.frame.type === "message" && !els.prompt.value) els.prompt.value = p.frame.text;
+    state.pending.delete(f.request_id);
+    updateComposer();
+    refreshRegenerate();
+  } else if (p) {
+    p.error = f;
+  }
+}
+
+function finishPending(p, f) {
+  state.pending.delete(p.requestId);
+  if (p.node) {
+    p.body.classList.remove("streaming-cursor", "waiting");
+    const m = {
+      id: p.assistantId, role: "assistant", content: p.text, status: f.status || "complete",
+      runner: f.runner || p.routed?.runner, model: f.model || p.routed?.model,
+      fallback: f.fallback ?? p.routed?.fallback, usage: f.usage, timings: f.timings,
+      sources: p.sources, error: p.error?.message,
+    };
+    renderMarkdown(p.body, p.text);
+    decorate(p.node, m);
+  }
+  updateComposer();
+  refreshRegenerate();
+}
+
+function resend(frame) {
+  const copy = { ...frame, request_id: requestId() };
+  if (copy.type === "message") {
+    // A message that was never saved is sent again as it was.
+    startRequest(copy, true);
+  } else {
+    startRequest(copy, false);
+  }
+}
+
+function startRequest(frame, showUser) {
+  const p = { requestId: frame.request_id, frame, text: "", conversationId: frame.conversation_id ?? null, node: null, body: null };
+  if (showUser) {
+    const node = messageNode({ role: "user", content: frame.text, images: frame.images || [], status: "streaming" });
+    els.messages.append(node);
+    els.empty.hidden = true;
+    p.userNode = node;
+    node._message = { role: "user", content: frame.text, images: frame.images || [] };
+  }
+  if (!send(frame)) { if (p.userNode) p.userNode.remove(); return; }
+  state.pending.set(frame.request_id, p);
+  hideBanner();
+  updateComposer();
+  refreshRegenerate();
+  scrollDown(true);
+}
+
+function sendMessage() {
+  const text = els.prompt.value;
+  if (!text.trim() && !state.images.length) return;
+  if (busyHere()) return;
+  const frame = {
+    type: "message",
+    request_id: requestId(),
+    conversation_id: state.conversationId,
+    text,
+    runner: els.runner.value,
+    rag: els.rag.checked,
+  };
+  if (state.images.length) frame.images = state.images.slice();
+  startRequest(frame, true);
+  if (state.pending.has(frame.request_id)) {
+    els.prompt.value = "";
+    state.images = [];
+    renderAttachments();
+    autosize();
+  }
+}
+
+function regenerate() {
+  if (!state.conversationId || busyHere()) return;
+  // Drop the last answer from view; the server replaces it.
+  const answers = els.messages.querySelectorAll(".msg-assistant");
+  const last = answers[answers.length - 1];
+  const frame = { type: "regenerate", request_id: requestId(), conversation_id: state.conversationId, runner: els.runner.value, rag: els.rag.checked };
+  if (send(frame)) {
+    if (last) last.remove();
+    state.pending.set(frame.request_id, { requestId: frame.request_id, frame, text: "", conversationId: state.conversationId });
+    hideBanner();
+    updateComposer();
+  }
+}
+
+function startEdit(node, m) {
+  if (busyHere()) return;
+  const body = node.querySelector(".msg-body");
+  const area = el("textarea", "edit-area");
+  area.value = m.content;
+  const save = el("button", "btn small", "Save & send");
+  const cancel = el("button", "link-btn", "Cancel");
+  save.type = cancel.type = "button";
+  const box = el("div", "edit-box");
+  box.append(area, save, cancel);
+  body.replaceWith(box);
+  area.focus();
+  cancel.addEventListener("click", () => box.replaceWith(body));
+  save.addEventListener("click", () => {
+    const text = area.value;
+    if (!text.trim()) return;
+    const frame = { type: "edit", request_id: requestId(), conversation_id: state.conversationId, message_id: Number(m.id), text, runner: els.runner.value, rag: els.rag.checked };
+    if (!send(frame)) return;
+    // Everything after the edited message goes, on the server and here.
+    let next = node.nextElementSibling;
+    while (next) { const after = next.nextElementSibling; if (next.classList.contains("msg")) next.remove(); next = after; }
+    body.textContent = text;
+    box.replaceWith(body);
+    node._message = { ...m, content: text };
+    state.pending.set(frame.request_id, { requestId: frame.request_id, frame, text: "", conversationId: state.conversationId, userNode: node });
+    updateComposer();
+  });
+}
+
+function stopAll() {
+  for (const p of state.pending.values()) {
+    if (p.conversationId === state.conversationId || p.conversationId === null) send({ type: "stop", request_id: p.requestId });
+  }
+}
+
+function updateComposer() {
+  const busy = busyHere();
+  els.send.hidden = busy;
+  els.stop.hidden = !busy;
+  els.send.disabled = !state.socket || state.socket.readyState !== WebSocket.OPEN;
+}
+
+els.composer.addEventListener("submit", (e) => { e.preventDefault(); sendMessage(); });
+els.stop.addEventListener("click", stopAll);
+els.prompt.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendMessage(); }
+  if (e.key === "Escape" && busyHere()) stopAll();
+});
+function autosize() {
+  els.prompt.style.height = "auto";
+  els.prompt.style.height = `${Math.min(els.prompt.scrollHeight, 240)}px`;
+}
+els.prompt.addEventListener("input", autosize);
+els.runner.addEventListener("change", updateCaps);
+els.bannerClose.addEventListener("click", hideBanner);
+els.menu.addEventListener("click", () => {
+  const open = !els.sidebar.classList.contains("open");
+  els.sidebar.classList.toggle("open", open);
+  els.menu.setAttribute("aria-expanded", String(open));
+});
+function closeSidebar() { els.sidebar.classList.remove("open"); els.menu.setAttribute("aria-expanded", "false"); }
+
+// ---- images ---------------------------------------------------------------------------------
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function addImages(files) {
+  if (!canSeeImages()) { showBanner("The chosen runner cannot see images; pick a runner with vlm."); return; }
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) { showBanner(`${file.name} is not an image.`); continue; }
+    if (file.size > boot.image_max_bytes) {
+      showBanner(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; images can be at most ${(boot.image_max_bytes / 1048576).toFixed(1)} MB.`);
+      continue;
+    }
+    if (state.images.length >= 4) { showBanner("At most 4 images per message."); break; }
+    state.images.push(await readAsDataURL(file));
+  }
+  renderAttachments();
+}
+
+function renderAttachments() {
+  els.attachments.textContent = "";
+  els.attachments.hidden = !state.images.length;
+  state.images.forEach((url, index) => {
+    const wrap = el("div", "thumb");
+    const img = el("img"); img.src = url; img.alt = `attachment ${index + 1}`;
+    const remove = el("button", "icon-btn", "✕"); remove.type = "button";
+    remove.setAttribute("aria-label", "Remove image");
+    remove.addEventListener("click", () => { state.images.splice(index, 1); renderAttachments(); });
+    wrap.append(img, remove);
+    els.attachments.append(wrap);
+  });
+}
+
+els.attach.addEventListener("click", () => els.imageInput.click());
+els.imageInput.addEventListener("change", () => { addImages([...els.imageInput.files]); els.imageInput.value = ""; });
+els.prompt.addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+  if (files.length) { e.preventDefault(); addImages(files); }
+});
+
+// ---- documents ------------------------------------------------------------------------------
+
+const uploads = new Map(); // document id -> list item
+
+els.toggleDocs.addEventListener("click", () => {
+  els.documents.hidden = !els.documents.hidden;
+  els.toggleDocs.setAttribute("aria-expanded", String(!els.documents.hidden));
+});
+els.pickDocs.addEventListener("click", () => els.docInput.click());
+els.docInput.addEventListener("change", () => { [...els.docInput.files].forEach(upload); els.docInput.value = ""; });
+for (const type of ["dragenter", "dragover"]) {
+  els.dropzone.addEventListener(type, (e) => { e.preventDefault(); els.dropzone.classList.add("over"); });
+}
+for (const type of ["dragleave", "drop"]) {
+  els.dropzone.addEventListener(type, () => els.dropzone.classList.remove("over"));
+}
+els.dropzone.addEventListener("drop", (e) => { e.preventDefault(); [...e.dataTransfer.files].forEach(upload); });
+// Dropping a file anywhere else must not navigate away from the chat.
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => {
+  e.preventDefault();
+  if (e.dataTransfer?.files?.length) { els.documents.hidden = false; [...e.dataTransfer.files].forEach(upload); }
+});
+
+function uploadItem(name) {
+  const li = el("li", "upload");
+  const label = el("span", "upload-name", name);
+  const bar = el("progress"); bar.max = 1; bar.value = 0;
+  const status = el("span", "upload-status muted", "uploading");
+  li.append(label, bar, status);
+  els.uploads.prepend(li);
+  return { li, bar, status };
+}
+
+function upload(file) {
+  const item = uploadItem(file.name);
+  if (file.size > boot.upload_max_bytes) {
+    item.status.textContent = `too large (max ${(boot.upload_max_bytes / 1048576).toFixed(0)} MB)`;
+    item.li.classList.add("failed");
+    return;
+  }
+  const form = new FormData();
+  form.append("file", file);
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/api/documents");
+  xhr.setRequestHeader("X-CSRFToken", boot.csrf_token);
+  xhr.upload.addEventListener("progress", (e) => {
+    if (e.lengthComputable) { item.bar.value = e.loaded / e.total; item.status.textContent = `uploading ${Math.round(100 * e.loaded / e.total)}%`; }
+  });
+  xhr.addEventListener("load", () => {
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+    if (xhr.status >= 200 && xhr.status < 300 && body.documents && body.documents.length) {
+      const doc = body.documents[0];
+      uploads.set(doc.id, item);
+      item.bar.value = 0;
+      documentStatus(doc);
+    } else {
+      item.li.classList.add("failed");
+      item.status.textContent = (body.error && body.error.message) || `upload failed (HTTP ${xhr.status})`;
+    }
+  });
+  xhr.addEventListener("error", () => { item.li.classList.add("failed"); item.status.textContent = "upload failed: network error"; });
+  xhr.send(form);
+}
+
+function documentStatus(doc) {
+  if (!doc || doc.id == null) return;
+  let item = uploads.get(doc.id);
+  if (!item) { item = uploadItem(doc.title || `Document ${doc.id}`); uploads.set(doc.id, item); }
+  const progress = typeof doc.progress === "number" ? doc.progress : 0;
+  item.bar.value = doc.status === "ready" ? 1 : progress;
+  item.li.dataset.status = doc.status;
+  item.li.classList.toggle("failed", doc.status === "failed");
+  const labels = { queued: "queued", processing: `indexing ${Math.round(progress * 100)}%`, ready: `ready · ${doc.chunk_count ?? 0} chunks`, failed: `failed: ${doc.error || "unknown error"}` };
+  item.status.textContent = labels[doc.status] || doc.status;
+}
+
+// ---- start ----------------------------------------------------------------------------------
+
+updateCaps();
+if (boot.conversation) renderConversation(boot.conversation);
+connect();
+els.prompt.focus();

@@ -1,0 +1,302 @@
+"""The chat in a real browser: headless Debian Chromium (Playwright) against a
+real Daphne process answering from the real local model (SmolLM2 through
+ExecuTorch). Saves screenshots of the main states to docs/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+PASSWORD = "alice-password-123"
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _site_env(data_dir: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env.update(
+        DATA_DIR=str(data_dir),
+        BREEZEWEB_ENV_FILE="/nonexistent",
+        MODELS_DIR=os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
+        SECRET_KEY="browser-test-secret-key-0123456789-abcdefghijklmnop",
+        DJANGO_SETTINGS_MODULE="breezeweb.settings",
+    )
+    return env
+
+
+def _manage(env, *args: str) -> None:
+    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A Daphne process on a free port with its own SQLite database, the
+    bootstrap runner configs (the local ExecuTorch model) and one user."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
+    models = Path(os.environ.get("MODELS_DIR", ROOT / "data" / "models"))
+    if not (models / "model.pte").exists():
+        pytest.fail(f"no prepared model in {models}: run `manage.py prepare_model`", pytrace=False)
+    data = tmp_path_factory.mktemp("browser-site")
+    env = _site_env(data)
+    _manage(env, "migrate", "--noinput", "-v0")
+    _manage(env, "bootstrap")
+    _manage(
+        env,
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User;"
+        f"User.objects.create_user('alice', password='{PASSWORD}')",
+    )
+    port = _free_port()
+    log = open(data / "daphne.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "daphne"),
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--websocket-max-message-size",
+            str(16 * 1024 * 1024),
+            "--websocket-max-frame-size",
+            str(16 * 1024 * 1024),
+            "breezeweb.asgi:application",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/login/", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail(f"daphne did not start:\n{(data / 'daphne.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+def _login(page, site: str) -> None:
+    page.goto(f"{site}/login/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name))
+
+
+def _send(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.keyboard.press("Enter")
+
+
+def _last_answer(page):
+    return page.locator(".msg-assistant").last
+
+
+def test_a_user_chats_stops_reloads_and_sees_html_as_text(site, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme="light")
+    page = context.new_page()
+    alerts: list[str] = []
+    page.on("dialog", lambda dialog: (alerts.append(dialog.message), dialog.dismiss()))
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    _login(page, site)
+
+    # 1. Tokens arrive before the answer is complete (the real local model).
+    _send(page, "Write a Python function that returns the sum of a list of numbers.")
+    page.wait_for_selector(".msg-assistant[data-status=streaming]", timeout=30_000)
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.dataset.status === 'streaming'"
+        " && m.querySelector('.msg-body').textContent.trim().length > 0; }",
+        timeout=60_000,
+    )
+    streaming_text = _last_answer(page).locator(".msg-body").inner_text()
+    assert _last_answer(page).get_attribute("data-status") == "streaming"
+    _shot(page, "chat-streaming.png")
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    final_text = _last_answer(page).locator(".msg-body").inner_text()
+    assert len(final_text) >= len(streaming_text) > 0
+    details = _last_answer(page).locator(".msg-meta").inner_text()
+    assert "local" in details and "tok/s" in details and "TTFT" in details
+    _shot(page, "chat-answer-details.png")
+    first_url = page.url
+    assert "/c/" in first_url
+
+    # 2. Stop a generation mid-answer: the partial answer stays, marked stopped.
+    _send(page, "Tell me a very long story about a lighthouse keeper and a storm.")
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.dataset.status === 'streaming'"
+        " && m.querySelector('.msg-body').textContent.trim().length > 40; }",
+        timeout=60_000,
+    )
+    page.click("#stop")
+    page.wait_for_selector(".msg-assistant[data-status=stopped]", timeout=15_000)
+    assert "stopped" in _last_answer(page).locator(".msg-meta").inner_text()
+    assert page.locator("#send").is_visible()
+    conversation_id = int(first_url.rstrip("/").rsplit("/", 1)[1])
+    saved = page.request.get(f"{site}/api/conversations/{conversation_id}").json()
+    last = saved["messages"][-1]
+    assert last["role"] == "assistant" and last["status"] == "stopped"
+    assert len(last["content"]) > 40
+
+    # 3. A message with HTML is shown as text, and nothing runs.
+    _send(page, XSS)
+    page.wait_for_selector(".msg-assistant:last-child[data-status=complete]", timeout=120_000)
+    user_bodies = page.locator(".msg-user .msg-body")
+    assert user_bodies.last.inner_text() == XSS
+    assert page.locator(".messages img[src='x']").count() == 0
+    assert alerts == []
+
+    # 4. Reload: the conversation is in the list and its messages are back.
+    page.reload()
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+    item = page.locator(f".conversation-item[data-id='{conversation_id}']")
+    assert item.count() == 1
+    assert "python function" in item.inner_text().lower()
+    assert page.locator(".msg-user .msg-body").last.inner_text() == XSS
+    assert page.locator(".msg-assistant[data-status=stopped]").count() == 1
+    assert page.locator(".messages img[src='x']").count() == 0
+    assert alerts == []
+    assert errors == []
+    context.close()
+
+
+def test_the_conversation_list_renames_searches_and_deletes(site, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    _login(page, site)
+    for text in ("Plan a picnic", "Explain photosynthesis briefly"):
+        page.click("#new-chat")
+        _send(page, text)
+        page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    items = page.locator(".conversation-item")
+    assert items.count() >= 3
+    _shot(page, "conversation-list.png")
+
+    # Rename the newest conversation inline.
+    newest = items.first
+    newest.locator("[data-action=rename]").click()
+    page.fill(".rename-input", "Biology homework")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".conversation-link:text('Biology homework')")
+    assert page.locator("#chat-title").inner_text() == "Biology homework"
+
+    # Search by title.
+    page.fill("#search", "picnic")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.conversation-item').length === 1", timeout=5_000
+    )
+    assert "picnic" in page.locator(".conversation-item").first.inner_text().lower()
+    page.fill("#search", "")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.conversation-item').length >= 3", timeout=5_000
+    )
+
+    # Delete one; it is gone after a reload too.
+    target = page.locator(".conversation-item", has_text="Biology homework")
+    target.locator("[data-action=delete]").click()
+    page.wait_for_function(
+        "() => ![...document.querySelectorAll('.conversation-link')]"
+        ".some(a => a.textContent === 'Biology homework')",
+        timeout=5_000,
+    )
+    page.reload()
+    page.wait_for_selector("#conn-status[data-state=open]")
+    assert page.locator(".conversation-item", has_text="Biology homework").count() == 0
+    context.close()
+
+
+def test_phone_width_and_dark_mode_are_usable(site, browser):
+    phone = browser.new_context(
+        viewport={"width": 390, "height": 800}, color_scheme="light", is_mobile=True
+    )
+    page = phone.new_page()
+    _login(page, site)
+    # On a phone the list is off-canvas: open the newest conversation by its URL.
+    page.goto(site + page.locator(".conversation-link").first.get_attribute("href"))
+    page.wait_for_selector(".msg-assistant")
+    # The composer is on screen and the page does not scroll sideways.
+    assert page.locator("#prompt").is_visible()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390
+    _shot(page, "mobile.png")
+    page.click("#menu-toggle")
+    page.wait_for_timeout(300)
+    assert page.locator("#sidebar").is_visible()
+    _shot(page, "mobile-conversations.png")
+    phone.close()
+
+    dark = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme="dark")
+    page = dark.new_page()
+    _login(page, site)
+    page.locator(".conversation-link").first.click()
+    page.wait_for_selector(".msg-assistant")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(13, 17, 23)"
+    _shot(page, "dark-mode.png")
+    dark.close()
