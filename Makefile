@@ -74,7 +74,7 @@ chromium:
 test: setup chromium
 	$(VPY) -m ruff check .
 	$(VPY) manage.py makemigrations --check --dry-run
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	BREEZEWEB_REQUIRE_MODEL=1 $(VPY) -m pytest $(PYTEST_ARGS)
 	@echo "== scale-out pass: the database and channel-layer tests on PostgreSQL + Redis"
 	BREEZEWEB_SCALEOUT_PASS=1 DATABASE_URL="$(TEST_DATABASE_URL)" REDIS_URL="$(TEST_REDIS_URL)" \
 	  $(VPY) -m pytest -m scaleout $(PYTEST_ARGS)
