@@ -197,6 +197,13 @@ CHROMA_PATH = DATA_DIR / "chroma"
 EMBEDDING_MODEL_PATH = env.str("EMBEDDING_MODEL_PATH", default="")
 RAG_CONTEXT_TOKENS = _int("RAG_CONTEXT_TOKENS", 600, minimum=64)
 UPLOAD_MAX_BYTES = _int("UPLOAD_MAX_BYTES", 50 * 1024 * 1024, minimum=1024)
+# Where ingestion runs: "thread" (in-process, the default without Redis) or
+# "channels" (`manage.py runworker ingest`, the default when REDIS_URL is set).
+RAG_INGEST_WORKER = env.str("RAG_INGEST_WORKER", default="")
+if RAG_INGEST_WORKER not in ("", "thread", "channels"):
+    raise ImproperlyConfigured(
+        f"RAG_INGEST_WORKER must be 'thread' or 'channels', got {RAG_INGEST_WORKER!r}"
+    )
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024  # JSON bodies (images as data URLs)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024  # larger uploads stream to a temp file
 MEDIA_ROOT = DATA_DIR / "uploads"
