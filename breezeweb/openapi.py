@@ -170,14 +170,24 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "Message": {
+    "SystemMessage": {
         "type": "object",
-        "required": ["role"],
-        "description": "One turn. `content` is a string or content parts (text, images); "
-        "it may be null only on an assistant turn with `tool_calls`. `developer` is "
-        "taken as `system`. The last message must have role `user`.",
+        "required": ["role", "content"],
+        "description": "Instructions; `developer` is taken as `system`.",
         "properties": {
-            "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+            "role": {"enum": ["system", "developer"]},
+            "content": {
+                "anyOf": [{"type": "string"}, {"type": "array", "items": _ref("TextPart")}]
+            },
+            "name": {"type": "string"},
+        },
+    },
+    "UserMessage": {
+        "type": "object",
+        "required": ["role", "content"],
+        "description": "The last message of a request must be a user message.",
+        "properties": {
+            "role": {"const": "user"},
             "content": {
                 "anyOf": [
                     {"type": "string"},
@@ -185,13 +195,47 @@ SCHEMAS: dict[str, Any] = {
                         "type": "array",
                         "items": {"anyOf": [_ref("TextPart"), _ref("ImagePart")]},
                     },
-                    {"type": "null"},
                 ]
             },
             "name": {"type": "string"},
-            "tool_calls": {"type": "array", "items": _ref("ToolCall")},
-            "tool_call_id": {"type": "string", "description": "Required on `tool` turns."},
         },
+    },
+    "AssistantMessage": {
+        "type": "object",
+        "required": ["role"],
+        "description": "An earlier answer. `content` may be null only with `tool_calls`.",
+        "properties": {
+            "role": {"const": "assistant"},
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": _ref("TextPart")},
+                    {"type": "null"},
+                ]
+            },
+            "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+        },
+    },
+    "ToolMessage": {
+        "type": "object",
+        "required": ["role", "content", "tool_call_id"],
+        "description": "A tool's result, answering the assistant's tool call `tool_call_id`.",
+        "properties": {
+            "role": {"const": "tool"},
+            "content": {
+                "anyOf": [{"type": "string"}, {"type": "array", "items": _ref("TextPart")}]
+            },
+            "tool_call_id": {"type": "string", "minLength": 1},
+        },
+    },
+    "Message": {
+        "description": "One turn of the conversation, by role.",
+        "oneOf": [
+            _ref("SystemMessage"),
+            _ref("UserMessage"),
+            _ref("AssistantMessage"),
+            _ref("ToolMessage"),
+        ],
     },
     "Tool": {
         "type": "object",

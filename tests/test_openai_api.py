@@ -1103,3 +1103,41 @@ def test_the_real_local_model_answers_through_the_openai_client(live):
             usage = chunk.usage
     assert len(pieces) >= 2 and "".join(pieces).strip()
     assert usage is not None and usage.completion_tokens >= 1
+
+
+# ---- the rate limiter itself ----------------------------------------------------------------
+
+
+def test_the_rate_limiter_allows_the_limit_then_refuses_without_counting_refusals():
+    import uuid
+
+    from breezeweb import ratelimit
+
+    key = f"test:{uuid.uuid4().hex}"
+    decisions = [ratelimit.hit(key, 3, 60) for _ in range(5)]
+    assert [d.allowed for d in decisions] == [True, True, True, False, False]
+    assert decisions[0].remaining == 2 and decisions[2].remaining == 0
+    assert all(1 <= d.retry_after <= 60 for d in decisions[3:])
+    # Refusals are not counted: with a limit of 4 the same history has room for one more.
+    assert ratelimit.hit(key, 4, 60).allowed
+
+
+async def test_concurrency_slots_are_bounded_and_given_back():
+    import uuid
+
+    from breezeweb import ratelimit
+
+    key = f"test:{uuid.uuid4().hex}"
+    first = await ratelimit.acquire_slot(key, 2)
+    second = await ratelimit.acquire_slot(key, 2)
+    assert first and second
+    assert await ratelimit.acquire_slot(key, 2) is None
+    await first.release()
+    await first.release()  # idempotent: gives back one slot only
+    async with ratelimit.concurrency_slot(key, 2):
+        with pytest.raises(ratelimit.LimitExceeded) as info:
+            async with ratelimit.concurrency_slot(key, 2):
+                pass
+        assert info.value.retry_after >= 1
+    await second.release()
+    assert await ratelimit.acquire_slot(key, 1) is not None
