@@ -1,0 +1,354 @@
+"""The local ExecuTorch runner, on the real prepared SmolLM2 program.
+
+The `slow` tests need `python manage.py prepare_model` (make test runs it);
+without the model they skip with a reason, unless BREEZEWEB_REQUIRE_MODEL=1,
+where a missing model fails them instead. Generations are short and greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+import pytest
+
+from runners.base import (
+    ChatMessage,
+    ChatRequest,
+    Done,
+    ErrorCode,
+    Notice,
+    Runner,
+    RunnerError,
+    TokenDelta,
+)
+from runners.executorch import prepare
+from runners.executorch.runner import (
+    ExecuTorchRunner,
+    PieceDecoder,
+    StopScanner,
+    forget_engines,
+)
+from runners.models import RunnerConfig
+
+MODELS_DIR = Path(settings.MODELS_DIR)
+MODEL_READY = (MODELS_DIR / prepare.PTE_NAME).is_file() and (
+    MODELS_DIR / prepare.TOKENIZER_NAME
+).is_file()
+
+
+def _require_model() -> None:
+    if MODEL_READY:
+        return
+    if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
+        pytest.fail(f"BREEZEWEB_REQUIRE_MODEL=1 but no prepared model in {MODELS_DIR}")
+    pytest.skip(f"no prepared model in {MODELS_DIR}: run `python manage.py prepare_model`")
+
+
+@pytest.fixture
+def model_ready() -> None:
+    _require_model()
+
+
+def make_runner(**extra) -> ExecuTorchRunner:
+    context = extra.pop("context_tokens", 2048)
+    config = RunnerConfig(
+        name="local",
+        kind="executorch",
+        model_id="smollm2",
+        temperature=0.0,
+        max_tokens=48,
+        context_tokens=context,
+        extra_params=extra,
+    )
+    return ExecuTorchRunner.from_config(config)
+
+
+def ask(question: str, **kwargs) -> ChatRequest:
+    return ChatRequest(messages=(ChatMessage("user", question),), **kwargs)
+
+
+async def collect(runner: ExecuTorchRunner, request: ChatRequest) -> tuple[str, list, Done]:
+    text, notices, done = "", [], None
+    async for event in runner.stream(request):
+        if isinstance(event, TokenDelta):
+            assert done is None
+            text += event.text
+        elif isinstance(event, Notice):
+            notices.append(event)
+        elif isinstance(event, Done):
+            done = event
+    assert done is not None, "the stream ended without Done"
+    return text, notices, done
+
+
+# ---- no model needed -------------------------------------------------------------
+
+
+def test_it_implements_the_runner_protocol():
+    runner = make_runner()
+    assert isinstance(runner, Runner)
+    assert runner.capabilities == {"llm"}
+    assert runner.context_tokens <= 2048
+
+
+def test_it_tells_the_user_to_prepare_the_model_when_the_file_is_missing(tmp_path):
+    runner = make_runner(
+        pte_path=str(tmp_path / "absent.pte"), tokenizer_path=str(tmp_path / "absent.json")
+    )
+
+    async def scenario():
+        health = await runner.health()
+        assert not health.ok
+        assert "prepare_model" in health.detail
+        with pytest.raises(RunnerError) as caught:
+            async for _ in runner.stream(ask("Hi")):
+                pass
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.code == ErrorCode.NOT_LOADED
+    assert error.retryable
+    assert "The local model is not prepared: run `python manage.py prepare_model`" in str(error)
+
+
+def test_it_rejects_bad_extra_params_with_a_clear_message():
+    with pytest.raises(ImproperlyConfigured, match="parallelism must be an integer from 1 to 8"):
+        make_runner(parallelism=0)
+    with pytest.raises(ImproperlyConfigured, match="pte_path must be a file path string"):
+        make_runner(pte_path=42)
+
+
+def test_the_stop_scanner_catches_a_stop_string_split_across_pieces():
+    scanner = StopScanner(["END"])
+    shown = ""
+    for piece in ["Hello wor", "ld E", "N", "D and more"]:
+        text, stopped = scanner.feed(piece)
+        shown += text
+        if stopped:
+            break
+    assert stopped
+    assert shown == "Hello world "
+
+
+def test_the_stop_scanner_strips_the_end_marker_and_keeps_false_starts():
+    scanner = StopScanner([])
+    first, stopped = scanner.feed("a <|im")
+    assert (first, stopped) == ("a ", False)
+    second, stopped = scanner.feed("_end|>")
+    assert (second, stopped) == ("", True)
+    scanner = StopScanner([])
+    assert scanner.feed("x <") == ("x ", False)
+    assert scanner.feed("b>") == ("<b>", False)
+
+
+def test_the_piece_decoder_never_splits_a_character_given_real_tokenizer_pieces(model_ready):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(MODELS_DIR / prepare.TOKENIZER_NAME))
+    text = "Café crème ☕ 🎉 日本語!"
+    # The byte-level pieces the native runner hands over, one token at a time;
+    # several end in the middle of a UTF-8 character.
+    pieces = tokenizer.encode(text, add_special_tokens=False).tokens
+    assert any(tokenizer.decode([tokenizer.token_to_id(p)]).endswith("\ufffd") for p in pieces)
+    decoder = PieceDecoder()
+    out = [decoder.feed(piece) for piece in pieces]
+    assert "".join(out) + decoder.flush() == text
+    assert all("\ufffd" not in piece for piece in out)
+
+
+def test_the_piece_decoder_drops_a_character_cut_by_max_tokens():
+    decoder = PieceDecoder()
+    assert decoder.feed("Hi") == "Hi"
+    assert decoder.feed("ĠðŁ") == " "  # the first bytes of an emoji
+    assert decoder.flush() == ""
+
+
+# ---- the real model ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_it_answers_the_capital_of_france_with_paris_and_reports_usage(model_ready):
+    runner = make_runner()
+    text, notices, done = asyncio.run(collect(runner, ask("What is the capital of France?")))
+    assert "Paris" in text
+    assert "<|im_end|>" not in text
+    assert notices == []
+    assert done.finish_reason == "stop"
+    assert done.usage.prompt_tokens > 10
+    assert 0 < done.usage.completion_tokens < 48
+    assert done.timings.time_to_first_token_ms > 0
+    assert done.timings.total_ms >= done.timings.time_to_first_token_ms
+    assert done.timings.tokens_per_second > 0
+    assert done.timings.prefill_tokens_per_second > 0
+    # The runner's own tokenizer count matches what the native runner prefilled.
+    assert runner.count_tokens("What is the capital of France?") > 5
+
+
+@pytest.mark.slow
+def test_max_tokens_ends_with_finish_reason_length(model_ready):
+    runner = make_runner()
+    request = ask("Write a long story about a dragon.", max_tokens=5)
+    text, _, done = asyncio.run(collect(runner, request))
+    assert done.finish_reason == "length"
+    assert done.usage.completion_tokens == 5
+    assert text.strip()
+
+
+@pytest.mark.slow
+def test_a_stop_string_split_across_tokens_ends_the_answer_before_it(model_ready):
+    runner = make_runner()
+    question = "List the first five letters of the alphabet, separated by commas."
+
+    async def scenario():
+        full, _, _ = await collect(runner, ask(question))
+        # "B, C" spans several tokens (" B", ",", " C").
+        cut, _, done = await collect(runner, ask(question, stop=("B, C",)))
+        return full, cut, done
+
+    full, cut, done = asyncio.run(scenario())
+    assert "B, C" in full, full
+    assert done.finish_reason == "stop"
+    assert cut == full[: full.index("B, C")]
+    assert done.usage.completion_tokens < 48
+
+
+@pytest.mark.slow
+def test_cancelling_stops_generation_quickly_and_the_next_request_is_served(model_ready):
+    runner = make_runner()
+
+    async def scenario():
+        tokens = 0
+        events = []
+
+        async def consume():
+            nonlocal tokens
+            async for event in runner.stream(
+                ask("Write a long story about a dragon.", max_tokens=400)
+            ):
+                events.append(event)
+                if isinstance(event, TokenDelta):
+                    tokens += 1
+
+        task = asyncio.create_task(consume())
+        while tokens < 3:
+            await asyncio.sleep(0.005)
+        cancelled_at = time.perf_counter()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancel_seconds = time.perf_counter() - cancelled_at
+        # The runner is free again and answers correctly from a clean KV cache.
+        started = time.perf_counter()
+        text, _, done = await collect(runner, ask("What is the capital of France?"))
+        return events, cancel_seconds, text, done, time.perf_counter() - started
+
+    events, cancel_seconds, text, done, _ = asyncio.run(scenario())
+    assert not any(isinstance(e, Done) for e in events)  # cancelled streams end without Done
+    assert cancel_seconds < 0.5
+    assert "Paris" in text
+    assert done.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_two_concurrent_requests_queue_fairly_and_get_their_own_answers(model_ready):
+    # A fresh one-slot engine (configs sharing files share the largest pool).
+    forget_engines()
+    runner = make_runner()  # parallelism 1: the second request waits its turn
+
+    async def scenario():
+        await runner.load()
+        return await asyncio.gather(
+            collect(runner, ask("What is the capital of France?")),
+            collect(runner, ask("What is the capital of Japan?")),
+        )
+
+    (france, france_notices, _), (japan, japan_notices, done) = asyncio.run(scenario())
+    assert "Paris" in france and "Tokyo" not in france
+    assert "Tokyo" in japan and "Paris" not in japan
+    assert france_notices == []
+    assert [n.code for n in japan_notices] == ["queued"]
+    assert japan_notices[0].data == {"position": 1}
+    assert done.usage.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_two_slots_answer_concurrently_without_mixing_kv_caches(model_ready):
+    runner = make_runner(parallelism=2)
+
+    async def scenario():
+        return await asyncio.gather(
+            collect(runner, ask("What is the capital of France?")),
+            collect(runner, ask("What is the capital of Japan?")),
+        )
+
+    try:
+        (france, france_notices, _), (japan, japan_notices, _) = asyncio.run(scenario())
+    finally:
+        forget_engines()  # later tests expect a one-slot pool
+    assert "Paris" in france
+    assert "Tokyo" in japan
+    assert france_notices == japan_notices == []
+
+
+@pytest.mark.slow
+def test_old_turns_are_trimmed_whole_with_a_notice(model_ready):
+    runner = make_runner(context_tokens=300)
+    filler = "This is an old remark about the weather in the mountains. " * 12
+    history = []
+    for i in range(4):
+        history += [ChatMessage("user", f"{i}: {filler}"), ChatMessage("assistant", "Noted.")]
+    request = ChatRequest(
+        messages=(
+            ChatMessage("system", "You are a helpful assistant."),
+            *history,
+            ChatMessage("user", "What is the capital of France?"),
+        ),
+        max_tokens=24,
+    )
+    text, notices, done = asyncio.run(collect(runner, request))
+    assert [n.code for n in notices] == ["trimmed"]
+    assert notices[0].data["dropped_messages"] >= 1
+    assert notices[0].data["prompt_tokens"] <= 300 - 24
+    assert done.usage.prompt_tokens == notices[0].data["prompt_tokens"]
+    assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_a_last_message_longer_than_the_context_is_refused_clearly(model_ready):
+    runner = make_runner(context_tokens=300)
+    request = ask("Please read this. " + "word " * 400)
+
+    async def scenario():
+        async for _ in runner.stream(request):
+            pass
+
+    with pytest.raises(RunnerError) as caught:
+        asyncio.run(scenario())
+    assert caught.value.code == ErrorCode.INVALID_INPUT
+    assert "too long for the local model" in caught.value.message
+
+
+@pytest.mark.slow
+def test_multibyte_characters_arrive_whole(model_ready):
+    runner = make_runner()
+    request = ask("Repeat exactly, nothing else: café crème ☕ 🎉 日本", max_tokens=24)
+
+    async def scenario():
+        pieces = []
+        async for event in runner.stream(request):
+            if isinstance(event, TokenDelta):
+                pieces.append(event.text)
+        return pieces
+
+    pieces = asyncio.run(scenario())
+    text = "".join(pieces)
+    assert "\ufffd" not in text
+    assert any(ord(ch) > 127 for ch in text), text
+    for piece in pieces:
+        piece.encode("utf-8")  # no lone surrogates either
