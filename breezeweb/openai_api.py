@@ -839,7 +839,8 @@ async def chat_completions(request: HttpRequest):
         await _limit_rate(request)
         parsed = parse_completion_request(_read_body(request))
         await sync_to_async(_check_references)(request.user, parsed)
-        parsed = await sync_to_async(_validated_images, thread_sensitive=False)(parsed)
+        if parsed.images:  # decoding images is CPU work: off the event loop
+            parsed = await sync_to_async(_validated_images, thread_sensitive=False)(parsed)
         if parsed.stream:
             lease = await ratelimit.acquire_slot(
                 f"api-streams:{request.client_id}", settings.API_MAX_CONCURRENT_STREAMS

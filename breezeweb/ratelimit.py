@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from django.core.cache import cache
 
+from asgiref.sync import sync_to_async
+
 __all__ = [
     "LimitExceeded",
     "RateDecision",
@@ -105,23 +107,9 @@ def hit(key: str, limit: int, window_s: int = 60) -> RateDecision:
 
 
 async def ahit(key: str, limit: int, window_s: int = 60) -> RateDecision:
-    """`hit` for async callers (the cache's own async methods, no thread hop)."""
-    now = time.time()
-    current_key, previous_key, elapsed = _window(key, window_s, now)
-    await cache.aadd(current_key, 0, timeout=window_s * 2 + 1)
-    try:
-        current = await cache.aincr(current_key)
-    except ValueError:
-        await cache.aset(current_key, 1, timeout=window_s * 2 + 1)
-        current = 1
-    previous = int(await cache.aget(previous_key) or 0)
-    refused = _decide(current, previous, elapsed, limit, window_s)
-    if refused is not None:
-        with suppress(ValueError):
-            await cache.adecr(current_key)
-        return refused
-    remaining = max(0, math.floor(limit - (previous * (1.0 - elapsed) + current)))
-    return RateDecision(True, 0, limit, remaining)
+    """`hit` for async callers. One thread hop for the whole decision: Django's
+    cache backends implement their async methods as a thread hop per call."""
+    return await sync_to_async(hit)(key, limit, window_s)
 
 
 @dataclass
@@ -135,35 +123,41 @@ class SlotLease:
         if self.released:
             return
         self.released = True
-        await _give_back(self.key)
+        await sync_to_async(_give_back)(self.key)
 
 
 def _slot_key(key: str) -> str:
     return f"slots:{key}"
 
 
-async def _give_back(cache_key: str) -> None:
+def _give_back(cache_key: str) -> None:
     try:
-        left = await cache.adecr(cache_key)
+        left = cache.decr(cache_key)
     except ValueError:  # the counter expired meanwhile: nothing to give back
         return
     if left < 0:
-        await cache.aset(cache_key, 0, timeout=SLOT_TTL_SECONDS)
+        cache.set(cache_key, 0, timeout=SLOT_TTL_SECONDS)
+
+
+def _take(cache_key: str, limit: int, ttl_s: int) -> bool:
+    cache.add(cache_key, 0, timeout=ttl_s)
+    try:
+        taken = cache.incr(cache_key)
+    except ValueError:
+        cache.set(cache_key, 1, timeout=ttl_s)
+        taken = 1
+    if taken > limit:
+        _give_back(cache_key)
+        return False
+    return True
 
 
 async def acquire_slot(key: str, limit: int, *, ttl_s: int = SLOT_TTL_SECONDS) -> SlotLease | None:
     """Take one of `limit` concurrent slots for `key`, or None when all are taken."""
     cache_key = _slot_key(key)
-    await cache.aadd(cache_key, 0, timeout=ttl_s)
-    try:
-        taken = await cache.aincr(cache_key)
-    except ValueError:
-        await cache.aset(cache_key, 1, timeout=ttl_s)
-        taken = 1
-    if taken > limit:
-        await _give_back(cache_key)
-        return None
-    return SlotLease(cache_key)
+    if await sync_to_async(_take)(cache_key, limit, ttl_s):
+        return SlotLease(cache_key)
+    return None
 
 
 @asynccontextmanager

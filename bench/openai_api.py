@@ -1,0 +1,215 @@
+"""Benchmark: non-streaming chat completions through BreezeWeb's OpenAI-compatible
+API vs the same fast upstream called directly, in one run.
+
+    .venv/bin/python bench/openai_api.py [--requests 400] [--concurrency 8]
+
+A scripted OpenAI-compatible server (tests/support/scripted_server.py, answering
+at once) runs in its own process; BreezeWeb runs as a real Daphne process with a
+fresh SQLite database, one API key and one Llama Stack runner pointed at that
+upstream. The same httpx client, with the same concurrency and request count,
+first calls the upstream's /v1/chat/completions directly, then BreezeWeb's
+(API key auth, rate limit, guardian, router, the Llama Stack runner's streaming
+call upstream, a RunRecord saved). Reports requests/s, p50 and p99 latency for
+both, and the ratios. The difference is BreezeWeb's cost per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = {
+    "model": "scripted-model",
+    "messages": [{"role": "user", "content": "Say hello in five words."}],
+    "max_tokens": 32,
+}
+
+UPSTREAM = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tests.support.scripted_server import Reply, ScriptedServer
+server = ScriptedServer().start()
+server.default_reply = Reply(text="Hello there from the fast upstream.", usage=(12, 7))
+print(server.port, flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin
+server.stop()
+"""
+
+SETUP = """
+import json
+from django.contrib.auth import get_user_model
+from breezeweb.models import ApiKey
+from runners.models import RunnerConfig
+user = get_user_model().objects.create_user("bench", password="bench-password-123")
+RunnerConfig.objects.create(name="upstream", kind="llamastack", endpoint={endpoint!r},
+    model_id="scripted-model", priority=10, timeout_seconds=30)
+print("KEY" + ApiKey.issue(user, "bench")[1])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+async def load(url: str, headers: dict, body: dict, total: int, concurrency: int) -> dict:
+    """`total` POSTs with `concurrency` in flight; latencies of the successful ones."""
+    latencies: list[float] = []
+    failures: dict[int, int] = {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                started = time.perf_counter()
+                response = await client.post(url, json=body, headers=headers)
+                elapsed = time.perf_counter() - started
+                if response.status_code == 200 and response.json()["choices"][0]["message"]:
+                    latencies.append(elapsed)
+                else:
+                    failures[response.status_code] = failures.get(response.status_code, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "ok": len(latencies),
+        "failures": failures,
+        "rps": len(latencies) / wall,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="breezeweb-bench-api-"))
+    upstream = subprocess.Popen(
+        [sys.executable, "-c", UPSTREAM.format(root=str(ROOT))],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    daphne = None
+    try:
+        upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline())}"
+        wait_for(f"{upstream_url}/v1/health")
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+            "DATA_DIR": str(tmp),
+            "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
+            "BREEZEWEB_ENV_FILE": "/nonexistent",
+            "API_REQUESTS_PER_MINUTE": "1000000",
+            "LOG_LEVEL": "WARNING",
+            "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
+        }
+        manage = [sys.executable, "manage.py"]
+        subprocess.run(
+            [*manage, "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
+        )
+        out = subprocess.run(
+            [*manage, "shell", "-c", SETUP.format(endpoint=upstream_url)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        key = out.split("KEY", 1)[1].strip()
+        daphne = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "breezeweb.asgi:application",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        api_url = f"http://127.0.0.1:{port}"
+        wait_for(f"{api_url}/healthz")
+
+        direct = (f"{upstream_url}/v1/chat/completions", {}, BODY)
+        through = (
+            f"{api_url}/v1/chat/completions",
+            {"Authorization": f"Bearer {key}"},
+            {**BODY, "model": "upstream"},  # the runner config's name is the API's model id
+        )
+        results = {}
+        for name, (url, headers, body) in (
+            ("upstream direct", direct),
+            ("through BreezeWeb", through),
+        ):
+            asyncio.run(load(url, headers, body, 30, args.concurrency))  # warm-up
+            results[name] = asyncio.run(load(url, headers, body, args.requests, args.concurrency))
+
+        print(
+            f"non-streaming chat completions, {args.requests} requests, "
+            f"concurrency {args.concurrency}, {os.cpu_count()} CPUs"
+        )
+        print(f"{'':20} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>8}")
+        for name, r in results.items():
+            failed = sum(r["failures"].values())
+            print(f"{name:20} {r['rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {failed:8}")
+        d, t = results["upstream direct"], results["through BreezeWeb"]
+        print(
+            f"ratio (BreezeWeb / direct): throughput {t['rps'] / d['rps']:.3f}, "
+            f"p50 latency {t['p50_ms'] / d['p50_ms']:.1f}x, "
+            f"p99 latency {t['p99_ms'] / d['p99_ms']:.1f}x"
+        )
+        print(json.dumps(results))
+    finally:
+        if daphne is not None:
+            daphne.terminate()
+            daphne.wait(10)
+        upstream.stdin.close()
+        upstream.wait(10)
+
+
+if __name__ == "__main__":
+    main()
