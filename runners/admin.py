@@ -58,7 +58,7 @@ class RunnerConfigAdmin(admin.ModelAdmin):
     form = RunnerConfigForm
     list_display = (
         "name",
-        "kind",
+        "kind_shown",
         "enabled",
         "priority",
         "capabilities_shown",
@@ -69,7 +69,7 @@ class RunnerConfigAdmin(admin.ModelAdmin):
     )
     list_display_links = ("name",)
     list_editable = ("enabled", "priority")
-    list_filter = ("kind", "enabled", "enable_vision", "enable_agents")
+    list_filter = ("kind", "enabled")
     search_fields = ("name", "model_id", "endpoint")
     actions = ["check_health", "send_test_prompt"]
     readonly_fields = ("stored_key", "version", "created_at", "updated_at")
@@ -100,6 +100,10 @@ class RunnerConfigAdmin(admin.ModelAdmin):
         css = {"all": ("admin/runners/runners.css",)}
 
     # ---- list columns ---------------------------------------------------------------
+
+    @admin.display(description="Kind", ordering="kind")
+    def kind_shown(self, obj: RunnerConfig) -> str:
+        return obj.kind  # the short name: the list is wide enough already
 
     @admin.display(description="Capabilities")
     def capabilities_shown(self, obj: RunnerConfig) -> str:

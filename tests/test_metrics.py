@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from django.test import override_settings
+from django.test import Client, override_settings
 
 import pytest
+from channels.db import database_sync_to_async
 from prometheus_client.parser import text_string_to_metric_families
 
 from runners import registry, views
@@ -31,6 +32,13 @@ def fresh_runners():
     yield
     circuits.reset()
     registry.forget_all()
+
+
+@database_sync_to_async
+def scrape():
+    """GET /metrics from a worker thread whose DB connection is closed after
+    (the async test client would leave one open, blocking PostgreSQL teardown)."""
+    return Client().get("/metrics")
 
 
 def samples(body: bytes) -> dict[tuple[str, tuple], float]:
@@ -73,17 +81,13 @@ async def answer(pinned: str | None = None) -> str:
 
 @pytest.mark.scaleout
 @pytest.mark.django_db(transaction=True)
-async def test_metrics_count_requests_errors_latency_and_tokens_by_runner(
-    async_client, scripted_server
-):
-    from asgiref.sync import sync_to_async
-
-    await sync_to_async(make_config)(scripted_server.url, "metrics-a", priority=5)
-    before = (await async_client.get("/metrics")).content
+async def test_metrics_count_requests_errors_latency_and_tokens_by_runner(scripted_server):
+    await database_sync_to_async(make_config)(scripted_server.url, "metrics-a", priority=5)
+    before = (await scrape()).content
     scripted_server.script(Reply(text="one two three"), Reply(status=401))
     assert await answer() == "one two three"
     assert (await answer()).startswith("error:")
-    response = await async_client.get("/metrics")
+    response = await scrape()
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain; version=")
     after = response.content
@@ -109,15 +113,13 @@ async def test_metrics_count_requests_errors_latency_and_tokens_by_runner(
 
 @pytest.mark.scaleout
 @pytest.mark.django_db(transaction=True)
-async def test_an_open_circuit_shows_in_the_gauges(async_client, scripted_server, monkeypatch):
-    from asgiref.sync import sync_to_async
-
+async def test_an_open_circuit_shows_in_the_gauges(scripted_server, monkeypatch):
     monkeypatch.setattr(circuits, "threshold", 2)
-    await sync_to_async(make_config)(scripted_server.url, "metrics-b")
+    await database_sync_to_async(make_config)(scripted_server.url, "metrics-b")
     scripted_server.script(Reply(status=500, body="no"), Reply(status=500, body="no"))
     await answer()
     await answer()
-    body = (await async_client.get("/metrics")).content
+    body = (await scrape()).content
     assert value(body, "breezeweb_runner_circuit_state", runner="metrics-b") == 2
     assert value(body, "breezeweb_runner_consecutive_failures", runner="metrics-b") == 2
 

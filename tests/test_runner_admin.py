@@ -308,6 +308,9 @@ def test_the_test_prompt_action_asks_for_a_prompt_first(admin_client, scripted_s
     assert scripted_server.chat_requests() == []
 
 
+# The prompt's run record is saved through database_sync_to_async, which
+# closes old connections: on PostgreSQL that needs a real transaction.
+@pytest.mark.django_db(transaction=True)
 def test_the_test_prompt_shows_the_streamed_answer_timings_and_usage(admin_client, scripted_server):
     config = make_config(scripted_server.url)
     scripted_server.script(Reply(text="Hello admin, all good.", token_delay=0.01, usage=(9, 5)))
@@ -335,6 +338,9 @@ def test_the_test_prompt_shows_the_streamed_answer_timings_and_usage(admin_clien
     assert (record.source, record.status, record.runner_name) == ("admin", "ok", "remote")
 
 
+# The prompt's run record is saved through database_sync_to_async, which
+# closes old connections: on PostgreSQL that needs a real transaction.
+@pytest.mark.django_db(transaction=True)
 def test_the_test_prompt_shows_a_runner_error_and_the_partial_answer(admin_client, scripted_server):
     config = make_config(scripted_server.url)
     scripted_server.script(Reply(text="one two three four five", break_after=2))
@@ -356,6 +362,9 @@ def test_the_test_prompt_shows_a_runner_error_and_the_partial_answer(admin_clien
     assert RunRecord.objects.get().status == "failed"
 
 
+# The prompt's run record is saved through database_sync_to_async, which
+# closes old connections: on PostgreSQL that needs a real transaction.
+@pytest.mark.django_db(transaction=True)
 def test_the_test_prompt_to_a_disabled_runner_says_so(admin_client, scripted_server):
     config = make_config(scripted_server.url, enabled=False)
     response = admin_client.post(
@@ -391,10 +400,14 @@ def test_an_empty_test_prompt_is_a_form_error(admin_client, scripted_server):
 # ---- logs ----------------------------------------------------------------------------
 
 
+# The prompt's run record is saved through database_sync_to_async, which
+# closes old connections: on PostgreSQL that needs a real transaction.
+@pytest.mark.django_db(transaction=True)
 def test_the_key_is_never_logged_by_admin_saves_health_checks_or_failures(
     admin_client, scripted_server, caplog
 ):
-    caplog.set_level(logging.DEBUG)
+    for name in ("", "runners", "httpx", "httpcore", "llama_stack_client", "django"):
+        caplog.set_level(logging.DEBUG, logger=name)
     config = make_config(scripted_server.url)
     admin_client.post(change_url(config), form_data(config, api_key=API_KEY + "x"))
     config.refresh_from_db()

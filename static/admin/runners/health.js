@@ -4,9 +4,15 @@
 
 function showHealth(cell, data) {
   const ms = data.latency_ms === null ? "" : ` (${Math.round(data.latency_ms)} ms)`;
-  cell.textContent = (data.ok ? "healthy" : "unhealthy: " + data.detail) + ms;
+  cell.textContent = (data.ok ? "healthy" : "unhealthy") + ms;
   cell.title = data.detail;
   cell.classList.add(data.ok ? "runner-health-ok" : "runner-health-bad");
+  if (!data.ok) {
+    const detail = document.createElement("small");
+    detail.className = "runner-health-detail";
+    detail.textContent = data.detail;
+    cell.append(document.createElement("br"), detail);
+  }
 }
 
 async function checkRow(cell) {
