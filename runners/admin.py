@@ -175,7 +175,8 @@ class RunnerConfigAdmin(admin.ModelAdmin):
             )
             self.message_user(request, text, messages.SUCCESS if report.ok else messages.ERROR)
 
-    @admin.action(description="Send a test prompt to the selected runners")
+    # Runs real inference (and may cost money on a remote server): editors only.
+    @admin.action(description="Send a test prompt to the selected runners", permissions=["change"])
     def send_test_prompt(
         self, request: HttpRequest, queryset: QuerySet[RunnerConfig]
     ) -> HttpResponse | None:

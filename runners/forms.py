@@ -79,7 +79,8 @@ class RunnerConfigForm(forms.ModelForm):
             "max_tokens": "Largest answer, 1 to 32768 tokens; a request may ask for fewer.",
             "context_tokens": "The model's context budget (prompt + answer), 256 to 1048576 "
             "tokens; older turns are left out to fit it.",
-            "timeout_seconds": "How long to wait for the runner, 1 to 3600 seconds.",
+            "timeout_seconds": "How long the Llama Stack runner waits for its server, 1 to "
+            "3600 seconds (the local runner does not use it).",
             "enable_vision": "Capability vlm: requests with an image go only to runners "
             "with this on.",
             "enable_rag": "Preferred for requests that use documents (RAG); when no enabled "

@@ -397,6 +397,30 @@ def test_an_empty_test_prompt_is_a_form_error(admin_client, scripted_server):
     assert scripted_server.chat_requests() == []
 
 
+def test_staff_who_may_only_view_runners_cannot_send_test_prompts(
+    client, django_user_model, scripted_server
+):
+    config = make_config(scripted_server.url)
+    viewer = django_user_model.objects.create_user(
+        "viewer", password="viewer-password-123", is_staff=True
+    )
+    viewer.user_permissions.add(Permission.objects.get(codename="view_runnerconfig"))
+    client.force_login(viewer)
+    page = client.get(reverse(CHANGELIST)).content.decode()
+    assert 'value="check_health"' in page and 'value="send_test_prompt"' not in page
+    client.post(
+        reverse(CHANGELIST),
+        {
+            "action": "send_test_prompt",
+            "_selected_action": [config.pk],
+            "run_prompt": "1",
+            "prompt": "Hi",
+            "max_tokens": "8",
+        },
+    )
+    assert scripted_server.chat_requests() == []
+
+
 # ---- logs ----------------------------------------------------------------------------
 
 
