@@ -14,6 +14,8 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.http import require_GET
 
 OPENAPI_VERSION = "3.1.0"
@@ -876,6 +878,13 @@ class Row:
     depth: int
 
 
+def _inline_code(text: str) -> SafeString:
+    """Escaped text with `backticked` spans as <code>, for the docs page."""
+    parts = escape(text).split("`")
+    html = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return mark_safe(html)  # noqa: S308 (built from escaped text only)
+
+
 def _type_label(schema: dict[str, Any]) -> tuple[str, str]:
     """A short type for people, and the component it refers to (if any)."""
     if "$ref" in schema:
@@ -926,7 +935,7 @@ def schema_rows(schema: dict[str, Any], depth: int = 0) -> list[Row]:
         limits = _limits(prop)
         if limits:
             description = f"{description} ({limits})" if description else limits
-        rows.append(Row(name, label, ref, name in required, description, depth))
+        rows.append(Row(name, label, ref, name in required, _inline_code(description), depth))
         if prop.get("type") in ("object", ["object", "null"]) and "properties" in prop:
             rows.extend(schema_rows(prop, depth + 1))
         items = prop.get("items", {})
@@ -959,7 +968,7 @@ def _operations() -> list[dict[str, Any]]:
                 responses.append(
                     {
                         "status": status,
-                        "description": response["description"],
+                        "description": _inline_code(response["description"]),
                         "types": refs,
                         "headers": list(response.get("headers", {})),
                     }
@@ -971,7 +980,7 @@ def _operations() -> list[dict[str, Any]]:
                     "path": path,
                     "tag": op["tags"][0],
                     "summary": op["summary"],
-                    "description": op.get("description", ""),
+                    "description": _inline_code(op.get("description", "")),
                     "auth": bool(op.get("security", _SECURITY)),
                     "parameters": [*item.get("parameters", []), *op.get("parameters", [])],
                     "body_type": body_type,
@@ -992,13 +1001,13 @@ def _docs_context() -> dict[str, Any]:
         components.append(
             {
                 "name": name,
-                "description": component.get("description", ""),
+                "description": _inline_code(component.get("description", "")),
                 "type": label,
                 "rows": schema_rows(component),
             }
         )
     return {
-        "info": schema["info"],
+        "info": {**schema["info"], "description": _inline_code(schema["info"]["description"])},
         "openapi": schema["openapi"],
         "operations": _operations(),
         "components": components,
