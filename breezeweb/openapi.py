@@ -452,6 +452,56 @@ SCHEMAS: dict[str, Any] = {
             "breezeweb": _ref("BreezeWebResponse"),
         },
     },
+    # ---- conversations and runners ----
+    "ConversationSummary": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "title": {"type": "string"},
+            "updated_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "StoredMessage": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "role": {"enum": ["system", "user", "assistant", "tool"]},
+            "content": {"type": "string"},
+            "images": {"type": "array", "items": {"type": "string"}},
+            "status": {"enum": ["complete", "streaming", "stopped", "failed"]},
+            "runner": {"type": "string"},
+            "model": {"type": "string"},
+            "fallback": {"type": "boolean"},
+            "finish_reason": {"type": "string"},
+            "usage": {"type": "object"},
+            "timings": {"type": "object"},
+            "sources": {"type": "array", "items": _ref("Source")},
+            "error_code": {"type": "string"},
+            "error": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Conversation": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "title": {"type": "string"},
+            "pinned_runner": {"type": ["string", "null"]},
+            "rag": {"type": "boolean"},
+            "collections": {"type": "array", "items": {"type": "integer"}},
+            "messages": {"type": "array", "items": _ref("StoredMessage")},
+        },
+    },
+    "Runner": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"type": "string"},
+            "capabilities": {"type": "array", "items": {"enum": ["llm", "vlm", "agent"]}},
+            "model_id": {"type": "string"},
+            "priority": {"type": "integer"},
+        },
+    },
     # ---- documents ----
     "Document": {
         "type": "object",
@@ -591,6 +641,114 @@ PATHS: dict[str, Any] = {
                 "504": _openai_error("The runner timed out (runner_timeout)."),
                 "401": _AUTH_ERRORS["401"],
                 "403": _AUTH_ERRORS["403"],
+            },
+        }
+    },
+    "/api/conversations": {
+        "get": {
+            "tags": ["Conversations"],
+            "operationId": "listConversations",
+            "summary": "Your conversations, newest first",
+            "security": _SECURITY,
+            "parameters": [
+                {
+                    "name": "q",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "Only titles containing these words.",
+                }
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "conversations": {
+                                "type": "array",
+                                "items": _ref("ConversationSummary"),
+                            }
+                        },
+                    },
+                    "The conversations.",
+                ),
+                **_API_AUTH_ERRORS,
+            },
+        }
+    },
+    "/api/conversations/{conversation_id}": {
+        "parameters": [
+            {
+                "name": "conversation_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer"},
+            }
+        ],
+        "get": {
+            "tags": ["Conversations"],
+            "operationId": "getConversation",
+            "summary": "One conversation with its messages",
+            "description": "Also the conversations recorded through "
+            "`/v1/chat/completions` with `breezeweb.save`.",
+            "security": _SECURITY,
+            "responses": {
+                "200": _json(_ref("Conversation"), "The conversation."),
+                "404": _error("Not there, or not yours (not_found)."),
+                **_API_AUTH_ERRORS,
+            },
+        },
+        "patch": {
+            "tags": ["Conversations"],
+            "operationId": "renameConversation",
+            "summary": "Rename a conversation",
+            "security": _SECURITY,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["title"],
+                            "properties": {"title": {"type": "string", "maxLength": 200}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(_ref("ConversationSummary"), "Renamed."),
+                "400": _error("Bad JSON or title (bad_json, bad_title)."),
+                "404": _error("Not there, or not yours (not_found)."),
+                **_API_AUTH_ERRORS,
+            },
+        },
+        "delete": {
+            "tags": ["Conversations"],
+            "operationId": "deleteConversation",
+            "summary": "Delete a conversation and its messages",
+            "security": _SECURITY,
+            "responses": {
+                "204": {"description": "Deleted."},
+                "404": _error("Not there, or not yours (not_found)."),
+                **_API_AUTH_ERRORS,
+            },
+        },
+    },
+    "/api/runners": {
+        "get": {
+            "tags": ["Conversations"],
+            "operationId": "listRunners",
+            "summary": "The enabled runners (for a runner picker)",
+            "security": _SECURITY,
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"runners": {"type": "array", "items": _ref("Runner")}},
+                    },
+                    "Highest priority first; no secrets.",
+                ),
+                **_API_AUTH_ERRORS,
             },
         }
     },
@@ -833,6 +991,7 @@ def build_schema() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "tags": [
             {"name": "OpenAI-compatible", "description": "Use any OpenAI client."},
+            {"name": "Conversations", "description": "The chat's saved conversations."},
             {"name": "Documents", "description": "Upload and search documents for RAG."},
             {"name": "Operations", "description": "Health checks for load balancers."},
         ],

@@ -824,6 +824,9 @@ def test_the_schema_is_openapi_31_and_describes_every_api_route(client):
         "/api/documents/{document_id}/reingest",
         "/api/collections",
         "/api/search",
+        "/api/conversations",
+        "/api/conversations/{conversation_id}",
+        "/api/runners",
     } <= paths
     # Every $ref points at a component that exists.
     text = json.dumps(schema)
