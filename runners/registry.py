@@ -38,18 +38,21 @@ def runner_class(kind: str) -> type:
         ) from exc
 
 
-# name -> (version, runner)
-_instances: dict[str, tuple[int, Runner]] = {}
+# name -> ((version, updated_at), runner). updated_at as well: two admins
+# saving the same config at once both write version N+1 from N, but not the
+# same updated_at, so a process that built from the first save still rebuilds.
+_instances: dict[str, tuple[tuple, Runner]] = {}
 _closing: set[asyncio.Task] = set()
 
 
 def build_runner(config) -> Runner:
     """A runner for this config, reusing the cached one while its version holds."""
+    stamp = (config.version, getattr(config, "updated_at", None))
     cached = _instances.get(config.name)
-    if cached and cached[0] == config.version and cached[1].__class__ is runner_class(config.kind):
+    if cached and cached[0] == stamp and cached[1].__class__ is runner_class(config.kind):
         return cached[1]
     runner = runner_class(config.kind).from_config(config)
-    _instances[config.name] = (config.version, runner)
+    _instances[config.name] = (stamp, runner)
     if cached:
         _close_later(cached[1])
     return runner

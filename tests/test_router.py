@@ -456,12 +456,35 @@ async def test_two_processes_agree_on_a_config_after_an_edit(servers, monkeypatc
     version = await database_sync_to_async(_admin_edit)(config.pk, endpoint=servers[1].url)
     assert (await ask_in(process_one)).text == "B"
     assert (await ask_in(process_two)).text == "B"
-    assert process_one["main"][0] == process_two["main"][0] == version
+    assert process_one["main"][0] == process_two["main"][0]
+    assert process_one["main"][0][0] == version
     assert process_one["main"][1] is not one_before
     # Unchanged config: the cached runner is reused, not rebuilt.
     runner = process_one["main"][1]
     await ask_in(process_one)
     assert process_one["main"][1] is runner
+
+
+async def test_two_saves_racing_from_the_same_version_still_rebuild_the_runner(servers):
+    """Two admins save the same config at once: both write version N+1. A
+    process that built its runner from the first save still sees the second."""
+    config = await make_config(servers[0], "main", 10)
+    servers[0].default_reply = Reply(text="A")
+    servers[1].default_reply = Reply(text="B")
+    assert (await ask()).text == "A"
+
+    @database_sync_to_async
+    def racing_saves() -> None:
+        first = RunnerConfig.objects.get(pk=config.pk)
+        second = RunnerConfig.objects.get(pk=config.pk)
+        first.save()  # version N+1, endpoint unchanged
+        registry.build_runner(RunnerConfig.objects.get(pk=config.pk))  # a process rebuilds
+        second.endpoint = servers[1].url
+        second.save()  # also version N+1, from the stale copy
+        assert RunnerConfig.objects.get(pk=config.pk).version == first.version
+
+    await racing_saves()
+    assert (await ask()).text == "B"
 
 
 # ---- guardian through the pipeline ---------------------------------------------------------
