@@ -973,7 +973,14 @@ class Completion:
                 self.buffered.append(event)
                 if isinstance(event, TokenDelta | ToolCall | Done):
                     return None
-        except (GuardianBlocked, RunnerError) as exc:
+        except GuardianBlocked as exc:
+            await self.events.aclose()
+            if exc.where != "output":
+                return self._error(exc)
+            # The answer's first words broke an output rule: an empty, filtered answer.
+            self.state.blocked = exc.message
+            return None
+        except RunnerError as exc:
             await self.events.aclose()
             return self._error(exc)
         except BaseException:

@@ -1144,3 +1144,20 @@ async def test_concurrency_slots_are_bounded_and_given_back():
         assert info.value.retry_after >= 1
     await second.release()
     assert await ratelimit.acquire_slot(key, 1) is not None
+
+
+@db
+async def test_a_stream_whose_first_words_break_an_output_rule_ends_with_content_filter(
+    api_key, scripted_runner, scripted_server
+):
+    await sync_to_async(GuardianRule.objects.create)(
+        name="no internals", kind="block_term", value="classified", applies_to="output"
+    )
+    scripted_server.script(Reply(text="classified stuff follows"))
+    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True))
+    assert response.status_code == 200
+    events = parse_sse(response.text)
+    assert events[-1] == "[DONE]"
+    finish = events[-2]
+    assert finish["choices"][0]["finish_reason"] == "content_filter"
+    assert "classified" not in response.text.replace('"blocked"', "")
