@@ -131,14 +131,12 @@ def chunk_pages(
                 return
             heading_path = " > ".join(title for _, title in headings)
             budget = max(48, max_tokens - (count_many([heading_path])[0] if heading_path else 0))
-            units: list[_Unit] = []
-            counts = count_many([text[u.start : u.end] for u in section])
-            for unit, n in zip(section, counts, strict=True):
-                if n <= budget:
-                    units.append(_Unit(unit.start, unit.end, n))
-                else:
-                    units.extend(_split_unit(text, unit.start, unit.end, budget, count_many))
-            _pack(units, budget, overlap_tokens, text, page.number, heading_path, chunks)
+            # Paragraphs as lists of sentences: cuts fall between paragraphs
+            # when possible, and overlap is counted in whole sentences.
+            paragraphs = [
+                _split_unit(text, unit.start, unit.end, budget, count_many) for unit in section
+            ]
+            _pack(paragraphs, budget, overlap_tokens, text, page.number, heading_path, chunks)
 
         for block in _blocks(text):
             if block[0] == "heading":
@@ -155,7 +153,7 @@ def chunk_pages(
 
 
 def _pack(
-    units: list[_Unit],
+    paragraphs: list[list[_Unit]],
     budget: int,
     overlap_tokens: int,
     text: str,
@@ -170,23 +168,33 @@ def _pack(
         start, end = current[0].start, current[-1].end
         out.append(Chunk(text[start:end], page, start, end, heading_path, tokens))
 
-    for unit in units:
-        if current and tokens + unit.tokens > budget:
+    def tail() -> tuple[list[_Unit], int]:
+        """The last sentences of the chunk just emitted, up to overlap_tokens."""
+        carried: list[_Unit] = []
+        carried_tokens = 0
+        for previous in reversed(current):
+            if carried_tokens + previous.tokens > overlap_tokens:
+                break
+            carried.insert(0, previous)
+            carried_tokens += previous.tokens
+        if len(carried) == len(current):  # never repeat a whole chunk
+            return [], 0
+        return carried, carried_tokens
+
+    for paragraph in paragraphs:
+        size = sum(u.tokens for u in paragraph)
+        if current and tokens + size > budget:
             emit()
-            # Carry the tail of the chunk just emitted into the next one.
-            carried: list[_Unit] = []
-            carried_tokens = 0
-            for previous in reversed(current):
-                if carried_tokens + previous.tokens > overlap_tokens:
-                    break
-                if carried_tokens + previous.tokens + unit.tokens > budget:
-                    break
-                carried.insert(0, previous)
-                carried_tokens += previous.tokens
-            if len(carried) == len(current):  # never repeat a whole chunk
-                carried, carried_tokens = [], 0
-            current, tokens = carried, carried_tokens
-        current.append(unit)
-        tokens += unit.tokens
+            current, tokens = tail()
+            if tokens + size > budget and size <= budget:
+                current, tokens = [], 0  # a whole paragraph beats the overlap
+        for unit in paragraph:
+            if current and tokens + unit.tokens > budget:
+                emit()
+                current, tokens = tail()
+                if tokens + unit.tokens > budget:
+                    current, tokens = [], 0
+            current.append(unit)
+            tokens += unit.tokens
     if current:
         emit()

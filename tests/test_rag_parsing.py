@@ -147,3 +147,18 @@ def test_a_giant_word_is_cut_instead_of_overflowing(embedder):
 )
 def test_filenames_are_sanitised(raw, expected):
     assert sanitize_filename(raw) == expected
+
+
+def test_chunks_of_mid_sized_paragraphs_overlap_by_whole_sentences(embedder):
+    paragraphs = [
+        " ".join(f"Paragraph {p} sentence {s} is about tide number {p * 10 + s}." for s in range(9))
+        for p in range(12)
+    ]
+    text = "\n\n".join(paragraphs)
+    chunks = chunk_pages([Page(3, text)], embedder.count_tokens_many)
+    assert len(chunks) >= 4
+    for a, b in itertools.pairwise(chunks):
+        shared = text[b.start : a.end]
+        assert b.start < a.end and 0 < embedder.count_tokens(shared) <= 40
+        assert shared.rstrip().endswith(".")  # the overlap is whole sentences
+    assert all(c.page == 3 and c.tokens <= 200 for c in chunks)
