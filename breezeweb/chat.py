@@ -95,9 +95,13 @@ def _history(conversation: Conversation, before_message_id: int) -> tuple[ChatMe
     """The turns to send the model, oldest first. Failed or empty assistant
     answers are left out (they would teach the model nothing); stopped partial
     answers stay, as the user saw them."""
-    turns = []
     rows = conversation.messages.filter(pk__lt=before_message_id).order_by("created_at", "id")
-    for m in rows.only("role", "content", "images", "status"):
+    return _as_history(rows.only("role", "content", "images", "status"))
+
+
+def _as_history(messages) -> tuple[ChatMessage, ...]:
+    turns = []
+    for m in messages:
         if m.role == Message.Role.ASSISTANT and (
             m.status in (Message.Status.FAILED, Message.Status.STREAMING) or not m.content
         ):
@@ -128,7 +132,7 @@ def _readable_collections(user, ids: tuple[int, ...]) -> list[int]:
     return sorted(found)
 
 
-def _start(conversation: Conversation, user_message: Message) -> TurnStart:
+def _start(conversation: Conversation, user_message: Message, *, new: bool = False) -> TurnStart:
     assistant = Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
@@ -137,15 +141,17 @@ def _start(conversation: Conversation, user_message: Message) -> TurnStart:
     # Bump updated_at so the conversation moves to the top of the list.
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     pinned = conversation.pinned_runner.name if conversation.pinned_runner_id else None
+    collection_ids = () if new else tuple(conversation.collections.values_list("pk", flat=True))
     return TurnStart(
         conversation_id=conversation.pk,
         title=conversation.title,
         user_message_id=user_message.pk,
         assistant_message_id=assistant.pk,
-        history=_history(conversation, assistant.pk),
+        # A new conversation's history is its first message: no need to read it back.
+        history=_as_history([user_message]) if new else _history(conversation, assistant.pk),
         pinned_runner=pinned,
         rag=conversation.rag_enabled,
-        collection_ids=tuple(conversation.collections.values_list("pk", flat=True)),
+        collection_ids=collection_ids,
     )
 
 
@@ -166,7 +172,8 @@ def begin_message(
     with transaction.atomic():
         config = _resolve_runner(runner)
         collections = _readable_collections(user, collection_ids) if collection_ids else None
-        if conversation_id is None:
+        new = conversation_id is None
+        if new:
             conversation = Conversation.objects.create(owner=user, title=title_from(text))
         else:
             conversation = _owned_conversation(user, conversation_id)
@@ -181,10 +188,11 @@ def begin_message(
             conversation.save(update_fields=[*changed, "updated_at"])
         if collections is not None:
             conversation.collections.set(collections)
+            new = False  # read the collections back
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, images=list(images)
         )
-        return _start(conversation, user_message)
+        return _start(conversation, user_message, new=new)
 
 
 def begin_regenerate(user, *, conversation_id: int) -> TurnStart:
@@ -216,9 +224,16 @@ def begin_edit(user, *, conversation_id: int, message_id: int, text: str) -> Tur
         return _start(conversation, message)
 
 
-def flush_content(message_id: int, content: str) -> None:
-    """Save the answer so far (called at most every ~0.5 s while streaming)."""
-    Message.objects.filter(pk=message_id).update(content=content, updated_at=timezone.now())
+def flush_contents(contents: dict[int, str]) -> None:
+    """Save answers so far (message id -> text), in one transaction; called
+    about every 0.5 s while answers stream. Only messages still streaming are
+    touched, so a late save never overwrites a finished answer."""
+    now = timezone.now()
+    with transaction.atomic():
+        for message_id, content in contents.items():
+            Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
+                content=content, updated_at=now
+            )
 
 
 def finish_message(message_id: int, outcome: TurnOutcome) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -459,13 +460,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     ) -> None:
         rid = frame.request_id
         message_id = start.assistant_message_id
+        saver = streaming_saver()
         parts: list[str] = []
         routed: Routed | None = None
         done: Done | None = None
         sources: list[dict] = []
         first_token_at: float | None = None
-        flush: asyncio.Task | None = None
-        last_flush = time.monotonic()
         status = "complete"
         error: tuple[str, str, bool] | None = None
         pinned = start.pinned_runner
@@ -496,10 +496,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         first_token_at = now
                     parts.append(event.text)
                     outbox.put({"type": "token", "request_id": rid, "text": event.text})
-                    idle = flush is None or flush.done()
-                    if idle and now - last_flush >= FLUSH_INTERVAL_SECONDS:
-                        last_flush = now
-                        flush = asyncio.create_task(_flush(message_id, "".join(parts)))
+                    # The list itself: the saver joins it when it writes.
+                    saver.mark(message_id, parts)
                 elif isinstance(event, Routed):
                     routed = event
                     outbox.put(
@@ -559,9 +557,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         outcome = _outcome(
             "".join(parts), status, routed, done, sources, error, t0, first_token_at, end
         )
-        if flush is not None:
-            with contextlib.suppress(Exception):
-                await flush
+        # A periodic save of this answer must not land after the final one.
+        await saver.forget(message_id)
         try:
             await aclose_old_connections()
             await database_sync_to_async(chat.finish_message)(message_id, outcome)
@@ -630,8 +627,60 @@ def _error_frame(request_id: str | None, code: str, message: str, retryable: boo
     }
 
 
-async def _flush(message_id: int, content: str) -> None:
-    await database_sync_to_async(chat.flush_content)(message_id, content)
+class StreamingSaver:
+    """Saves the answers being streamed in this process, all of them in one
+    database call every FLUSH_INTERVAL_SECONDS, so a crash loses at most that
+    much of each answer. One batched write instead of one per answer keeps the
+    database thread (and the GIL) free for streaming when many answers run."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._pending: dict[int, list[str]] = {}
+        self._task: asyncio.Task | None = None
+        self._inflight: asyncio.Future | None = None
+
+    def mark(self, message_id: int, parts: list[str]) -> None:
+        """The answer `message_id` grew; `parts` is its live list of pieces."""
+        self._pending[message_id] = parts
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def forget(self, message_id: int) -> None:
+        """Stop saving this answer, and wait out a save of it already under way."""
+        self._pending.pop(message_id, None)
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(inflight)
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.interval)
+            batch = {mid: "".join(parts) for mid, parts in self._pending.items()}
+            self._pending.clear()
+            if not batch:
+                continue
+            self._inflight = asyncio.ensure_future(
+                database_sync_to_async(chat.flush_contents)(batch)
+            )
+            try:
+                await asyncio.shield(self._inflight)
+            except Exception:
+                log.exception("could not save %d streaming answers", len(batch))
+
+
+_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamingSaver] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def streaming_saver() -> StreamingSaver:
+    """The saver of the running event loop (one per server process)."""
+    loop = asyncio.get_running_loop()
+    saver = _savers.get(loop)
+    if saver is None:
+        saver = _savers[loop] = StreamingSaver(FLUSH_INTERVAL_SECONDS)
+    return saver
 
 
 def _outcome(

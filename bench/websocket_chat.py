@@ -1,0 +1,478 @@
+"""Chat websocket benchmark: `.venv/bin/python bench/websocket_chat.py`
+
+(a) Overhead: tokens/s and time to first token of the real local runner
+    (SmolLM2-135M through ExecuTorch) called directly in this process, against
+    the same runner answering the same prompt through /ws/chat/ of a real
+    Daphne process (frame parsing, saving the turn, the pipeline, the router,
+    streaming persistence, token frames). Runs alternate, greedy decoding, so
+    both paths produce the same tokens. Goals: >= 0.98 of direct throughput,
+    <= 10 ms added to the first token.
+(b) Concurrency: N websocket chats at once through the same Daphne process,
+    answered by a fast scripted upstream (a real HTTP server in its own process,
+    through the Llama Stack runner). Every stream's tokens name the stream, so
+    the client checks that no token is lost, duplicated or misrouted. Reports
+    the p99 gap between token frames of a stream (goal < 100 ms).
+
+Options: --concurrency 200 --tokens 100 --token-delay 0.02 --runs 10
+--max-tokens 256 --skip-direct --skip-concurrency --persistent-db. Prints a
+Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Explain in a few paragraphs how a lighthouse works and why it matters to ships."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# ---- the site: its own DATA_DIR, SQLite, a Daphne process ----------------------------
+
+
+class Site:
+    def __init__(self, concurrency: int, persistent_db: bool = False) -> None:
+        self.data = Path(tempfile.mkdtemp(prefix="breezeweb-bench-ws-"))
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL"}
+        }
+        self.env.update(
+            DATA_DIR=str(self.data),
+            BREEZEWEB_ENV_FILE="/nonexistent",
+            MODELS_DIR=os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
+            SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnop",
+            DJANGO_SETTINGS_MODULE="breezeweb.settings",
+            CHAT_MAX_CONCURRENT_PER_USER=str(concurrency + 10),
+            CHAT_MESSAGES_PER_MINUTE=str(concurrency * 10 + 100),
+            LOG_LEVEL="WARNING",
+        )
+        if persistent_db:
+            # Keep the SQLite connection between database calls (see docs/benchmarks.md).
+            self.env["DATABASE_URL"] = f"sqlite:///{self.data / 'db.sqlite3'}?conn_max_age=600"
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.key = ""
+
+    def manage(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return out.stdout
+
+    def prepare(self) -> None:
+        self.manage("migrate", "--noinput", "-v0")
+        self.manage("bootstrap")
+        out = self.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth.models import User; from breezeweb.models import ApiKey;"
+            "u = User.objects.create_user('bench', password='bench-password-123');"
+            "print('KEY=' + ApiKey.issue(u, 'bench')[1])",
+        )
+        self.key = next(line[4:] for line in out.splitlines() if line.startswith("KEY="))
+
+    def start(self) -> None:
+        port = free_port()
+        self.log = open(self.data / "daphne.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "breezeweb.asgi:application",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("daphne did not start:\n" + (self.data / "daphne.log").read_text())
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.close()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+async def ws_connect(site: Site):
+    from websockets.asyncio.client import connect
+
+    return await connect(
+        f"ws://{site.url}/ws/chat/",
+        additional_headers={"Authorization": f"Bearer {site.key}"},
+        max_size=None,
+        open_timeout=60,
+        ping_interval=None,
+    )
+
+
+# ---- (a) direct vs websocket on the local runner ---------------------------------------
+
+
+async def direct_run(runner, max_tokens: int) -> dict:
+    from breezeweb.pipeline import SYSTEM_PROMPT
+    from runners.base import ChatMessage, ChatRequest, Done, TokenDelta
+
+    request = ChatRequest(
+        messages=(ChatMessage("system", SYSTEM_PROMPT), ChatMessage("user", PROMPT)),
+        temperature=0.0,
+        max_tokens=max_tokens,
+    )
+    t0 = time.perf_counter()
+    first = None
+    text = []
+    done = None
+    async for event in runner.stream(request):
+        if isinstance(event, TokenDelta):
+            if first is None:
+                first = time.perf_counter()
+            text.append(event.text)
+        elif isinstance(event, Done):
+            done = event
+    end = time.perf_counter()
+    tokens = done.usage.completion_tokens
+    return {
+        "ttft_ms": (first - t0) * 1000,
+        "tps": tokens / (end - first),
+        "tokens": tokens,
+        "text": "".join(text),
+    }
+
+
+async def ws_run(ws, request_id: str, max_tokens: int) -> dict:
+    frame = {
+        "type": "message",
+        "request_id": request_id,
+        "conversation_id": None,
+        "text": PROMPT,
+        "runner": "local",
+        "params": {"temperature": 0.0, "max_tokens": max_tokens},
+    }
+    t0 = time.perf_counter()
+    await ws.send(json.dumps(frame))
+    first = None
+    text = []
+    while True:
+        f = json.loads(await ws.recv())
+        if f.get("request_id") != request_id:
+            continue
+        if f["type"] == "token":
+            if first is None:
+                first = time.perf_counter()
+            text.append(f["text"])
+        elif f["type"] == "error":
+            raise RuntimeError(f"websocket error: {f}")
+        elif f["type"] == "done":
+            end = time.perf_counter()
+            tokens = f["usage"]["completion_tokens"]
+            return {
+                "ttft_ms": (first - t0) * 1000,
+                "tps": tokens / (end - first),
+                "tokens": tokens,
+                "text": "".join(text),
+            }
+
+
+async def bench_overhead(site: Site, runs: int, max_tokens: int) -> dict:
+    import django
+
+    os.environ.update({k: v for k, v in site.env.items() if k != "LOG_LEVEL"})
+    django.setup()
+    from asgiref.sync import sync_to_async
+
+    from runners.models import RunnerConfig
+    from runners.registry import build_runner
+
+    config = await sync_to_async(RunnerConfig.objects.get)(name="local")
+    runner = build_runner(config)
+    await runner.load()
+    ws = await ws_connect(site)
+    # Warm both processes (model load, first-call costs), then alternate.
+    await direct_run(runner, 16)
+    await ws_run(ws, "warm", 16)
+    direct, via_ws = [], []
+    for i in range(runs):
+        direct.append(await direct_run(runner, max_tokens))
+        via_ws.append(await ws_run(ws, f"run-{i}", max_tokens))
+        d, w = direct[-1], via_ws[-1]
+        print(
+            f"  run {i + 1}: direct {d['tps']:.1f} tok/s, TTFT {d['ttft_ms']:.1f} ms"
+            f" | websocket {w['tps']:.1f} tok/s, TTFT {w['ttft_ms']:.1f} ms"
+            f" ({d['tokens']}/{w['tokens']} tokens)",
+            flush=True,
+        )
+    await ws.close()
+    await runner.close()
+    pairs = list(zip(direct, via_ws, strict=True))
+    same = sum(d["text"] == w["text"] for d, w in pairs)
+    # Each pair ran back to back: their ratio is robust to the machine's load drifting.
+    pair_ratio = statistics.median(w["tps"] / d["tps"] for d, w in pairs)
+    pair_added = statistics.median(w["ttft_ms"] - d["ttft_ms"] for d, w in pairs)
+    d_tps = statistics.median(r["tps"] for r in direct)
+    w_tps = statistics.median(r["tps"] for r in via_ws)
+    d_ttft = statistics.median(r["ttft_ms"] for r in direct)
+    w_ttft = statistics.median(r["ttft_ms"] for r in via_ws)
+    return {
+        "runs": runs,
+        "tokens": statistics.median(r["tokens"] for r in via_ws),
+        "direct_tps": d_tps,
+        "ws_tps": w_tps,
+        "ratio": pair_ratio,
+        "direct_ttft": d_ttft,
+        "ws_ttft": w_ttft,
+        "added_ttft": pair_added,
+        "same_text": same,
+    }
+
+
+# ---- (b) N concurrent chats against a fast scripted upstream ---------------------------
+
+
+def serve_upstream(tokens: int, delay: float) -> None:
+    """Run in its own process: a ScriptedServer whose answer to "stream-<i>"
+    is `tokens` tokens "<i:k> ", `delay` seconds apart."""
+    from tests.support.scripted_server import Reply, ScriptedServer
+
+    class EchoServer(ScriptedServer):
+        async def _chat_reply(self, request, recorded):
+            messages = recorded.json.get("messages", [])
+            content = messages[-1]["content"] if messages else ""
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content)
+            tag = content.rsplit("-", 1)[-1]
+            # No await between queueing and the base class taking it: atomic.
+            self.script(
+                Reply(tokens=tuple(f"<{tag}:{k}> " for k in range(tokens)), token_delay=delay)
+            )
+            return await super()._chat_reply(request, recorded)
+
+    server = EchoServer().start()
+    print(server.url, flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop()
+
+
+async def one_stream(site: Site, index: int, tokens: int, start: asyncio.Event) -> dict:
+    ws = await ws_connect(site)
+    await start.wait()
+    rid = f"c{index}"
+    t0 = time.perf_counter()
+    await ws.send(json.dumps({"type": "message", "request_id": rid, "text": f"stream-{index}"}))
+    arrivals: list[float] = []
+    parts: list[str] = []
+    status = "?"
+    while True:
+        f = json.loads(await ws.recv())
+        if f.get("request_id") != rid and f["type"] != "document_status":
+            status = "misrouted"
+            continue
+        if f["type"] == "token":
+            arrivals.append(time.perf_counter())
+            parts.append(f["text"])
+        elif f["type"] == "error":
+            status = f"error {f['code']}"
+        elif f["type"] == "done":
+            status = status if status not in ("?",) else f["status"]
+            break
+    await ws.close()
+    expected = "".join(f"<{index}:{k}> " for k in range(tokens))
+    text = "".join(parts)
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
+    return {
+        "ok": text == expected and status == "complete",
+        "status": status,
+        "ttft_ms": (arrivals[0] - t0) * 1000 if arrivals else float("nan"),
+        "gaps": gaps,
+        "frames": len(arrivals),
+        "lost": 0 if text == expected else 1,
+        "total_ms": ((arrivals[-1] if arrivals else t0) - t0) * 1000,
+    }
+
+
+async def bench_concurrency(site: Site, n: int, tokens: int, delay: float) -> dict:
+    upstream = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-upstream",
+            "--tokens",
+            str(tokens),
+            "--token-delay",
+            str(delay),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = upstream.stdout.readline().strip()
+        site.manage(
+            "shell",
+            "-c",
+            "from runners.models import RunnerConfig;"
+            "RunnerConfig.objects.filter(name='local').update(enabled=False);"
+            "RunnerConfig.objects.create(name='upstream', kind='llamastack', "
+            f"endpoint='{url}', model_id='scripted-model', priority=200, timeout_seconds=120)",
+        )
+        # One chat first: the first request pays one-time costs (SDK import, client).
+        warm = asyncio.Event()
+        warm.set()
+        await one_stream(site, n, tokens, warm)
+        start = asyncio.Event()
+        tasks = [asyncio.create_task(one_stream(site, i, tokens, start)) for i in range(n)]
+        await asyncio.sleep(3)  # let every socket connect
+        began = time.perf_counter()
+        start.set()
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - began
+    finally:
+        upstream.stdin.close()
+        upstream.wait(timeout=15)
+    gaps = [g for r in results for g in r["gaps"]]
+    return {
+        "n": n,
+        "tokens": tokens,
+        "delay_ms": delay * 1000,
+        "complete": sum(r["ok"] for r in results),
+        "bad": [r["status"] for r in results if not r["ok"]][:5],
+        "p50_gap": percentile(gaps, 50),
+        "p99_gap": percentile(gaps, 99),
+        "max_gap": max(gaps) if gaps else float("nan"),
+        "p50_ttft": percentile([r["ttft_ms"] for r in results], 50),
+        "p99_ttft": percentile([r["ttft_ms"] for r in results], 99),
+        "frames_per_stream": statistics.mean(r["frames"] for r in results),
+        "tokens_per_s": n * tokens / wall,
+        "wall_s": wall,
+    }
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--token-delay", type=float, default=0.02)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--skip-direct", action="store_true")
+    parser.add_argument(
+        "--persistent-db",
+        action="store_true",
+        help="serve with DATABASE_URL=sqlite:///...?conn_max_age=600",
+    )
+    parser.add_argument("--skip-concurrency", action="store_true")
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream(args.tokens, args.token_delay)
+        return
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load} at start", flush=True)
+    site = Site(args.concurrency, args.persistent_db)
+    try:
+        site.prepare()
+        site.start()
+        if not args.skip_direct:
+            print("(a) local runner: direct vs through the websocket", flush=True)
+            # The runtime's C++ logs every generation on fd 2: keep the report readable.
+            saved_stderr = os.dup(2)
+            with open(site.data / "direct-stderr.log", "wb") as sink:
+                os.dup2(sink.fileno(), 2)
+                try:
+                    a = asyncio.run(bench_overhead(site, args.runs, args.max_tokens))
+                finally:
+                    os.dup2(saved_stderr, 2)
+            print(
+                f"\n| path | tokens/s (median) | TTFT ms (median) |\n|---|---|---|\n"
+                f"| direct `runner.stream()` | {a['direct_tps']:.1f} | {a['direct_ttft']:.1f} |\n"
+                f"| websocket `/ws/chat/` | {a['ws_tps']:.1f} | {a['ws_ttft']:.1f} |\n"
+                f"\nthroughput ratio {a['ratio']:.3f} (goal >= 0.98), added TTFT "
+                f"{a['added_ttft']:.1f} ms (goal <= 10) (medians of back-to-back pairs), "
+                f"{a['runs']} runs of ~{a['tokens']:.0f} "
+                f"tokens, identical text in {a['same_text']}/{a['runs']} runs\n",
+                flush=True,
+            )
+        if not args.skip_concurrency:
+            print(
+                f"(b) {args.concurrency} concurrent chats, {args.tokens} tokens each, "
+                f"{args.token_delay * 1000:.0f} ms apart upstream",
+                flush=True,
+            )
+            b = asyncio.run(
+                bench_concurrency(site, args.concurrency, args.tokens, args.token_delay)
+            )
+            header = (
+                "| streams | complete and exact | p50 gap | p99 gap | max gap | p50 TTFT "
+                "| p99 TTFT | frames/stream | tokens/s delivered |"
+            )
+            print(
+                f"\n{header}\n|---|---|---|---|---|---|---|---|---|\n"
+                f"| {b['n']} | {b['complete']}/{b['n']} | {b['p50_gap']:.1f} ms | "
+                f"{b['p99_gap']:.1f} ms | {b['max_gap']:.1f} ms | {b['p50_ttft']:.0f} ms | "
+                f"{b['p99_ttft']:.0f} ms | {b['frames_per_stream']:.1f} | "
+                f"{b['tokens_per_s']:.0f} |\n"
+                f"\np99 gap goal < 100 ms; {'no' if b['complete'] == b['n'] else 'SOME'} lost or "
+                f"misrouted tokens {b['bad'] or ''}\n",
+                flush=True,
+            )
+    finally:
+        site.stop()
+
+
+if __name__ == "__main__":
+    main()
