@@ -28,6 +28,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
 
 from asgiref.sync import sync_to_async
 
@@ -789,6 +790,7 @@ async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
     )
 
 
+@csrf_exempt  # it changes nothing; a JSON 404 beats an HTML CSRF page for a wrong URL
 async def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
     """Any other path under /v1/: an OpenAI-shaped 404."""
     return openai_error(

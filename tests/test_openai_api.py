@@ -174,6 +174,9 @@ async def test_a_missing_or_wrong_key_gets_an_openai_shaped_401(api_key, user):
 @db
 async def test_unknown_v1_paths_and_wrong_methods_get_openai_shaped_errors(api_key):
     assert_openai_error(await call("GET", "/v1/embeddings", key=api_key), 404, "unknown_url")
+    assert_openai_error(
+        await call("POST", "/v1/completions", body={"prompt": "x"}), 404, "unknown_url"
+    )
     response = await call("GET", "/v1/chat/completions", key=api_key)
     assert_openai_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == "POST"
