@@ -1164,3 +1164,31 @@ async def test_a_stream_whose_first_words_break_an_output_rule_ends_with_content
     finish = events[-2]
     assert finish["choices"][0]["finish_reason"] == "content_filter"
     assert "classified" not in response.text.replace('"blocked"', "")
+
+
+def test_every_api_route_is_in_the_schema():
+    """A new endpoint under /api/ or /v1/ must be described in breezeweb/openapi.py."""
+    import re
+
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    from breezeweb.openapi import build_schema
+
+    def routes(patterns, prefix=""):
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                yield from routes(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern) and not str(p.pattern).startswith("^"):
+                yield "/" + prefix + str(p.pattern)
+
+    def shape(path):
+        return re.sub(r"\{[^}]+\}", "{}", re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", path))
+
+    described = {shape(p) for p in build_schema()["paths"]}
+    served = {
+        shape(r)
+        for r in routes(get_resolver().url_patterns)
+        if r.startswith(("/api/", "/v1/", "/healthz", "/readyz"))
+        and r not in ("/api/schema", "/api/docs")
+    }
+    assert served - described == set()
