@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +25,9 @@ from runners.base import ChatMessage
 from runners.models import RunnerConfig
 
 TITLE_MAX_CHARS = 60
+# An answer still `streaming` without a save for this long was cut off by a
+# crash or restart (generous: a request may wait in the local runner's queue).
+STALE_STREAMING_SECONDS = 120
 
 
 class ChatError(Exception):
@@ -313,10 +317,26 @@ def message_dict(m: Message) -> dict[str, Any]:
     }
 
 
+def settle_interrupted(conversation_id: int) -> int:
+    """Mark answers left `streaming` by a server that died (no save for
+    STALE_STREAMING_SECONDS; a live answer saves every ~0.5 s while tokens
+    flow) as stopped, keeping their text. Returns how many were settled."""
+    cutoff = timezone.now() - timedelta(seconds=STALE_STREAMING_SECONDS)
+    return Message.objects.filter(
+        conversation_id=conversation_id, status=Message.Status.STREAMING, updated_at__lt=cutoff
+    ).update(
+        status=Message.Status.STOPPED,
+        finish_reason="interrupted",
+        error_code="interrupted",
+        error="The server stopped before this answer was finished; the saved text is kept.",
+    )
+
+
 def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
     """A conversation with all its messages, for the page and for resuming
     after a reconnect. Raises ChatError(not_found)."""
     conversation = _owned_conversation(user, conversation_id)
+    settle_interrupted(conversation.pk)
     return {
         "id": conversation.pk,
         "title": conversation.title,

@@ -78,47 +78,70 @@ def site(tmp_path_factory):
         "from django.contrib.auth.models import User;"
         f"User.objects.create_user('alice', password='{PASSWORD}')",
     )
-    port = _free_port()
-    log = open(data / "daphne.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "daphne"),
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--websocket-max-message-size",
-            str(16 * 1024 * 1024),
-            "--websocket-max-frame-size",
-            str(16 * 1024 * 1024),
-            "breezeweb.asgi:application",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/login/", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"daphne did not start:\n{(data / 'daphne.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    live = LiveSite(data, env)
+    live.start()
+    yield live
+    live.stop()
     shutil.rmtree(data, ignore_errors=True)
+
+
+class LiveSite:
+    """A Daphne process serving the site on a fixed port, restartable."""
+
+    def __init__(self, data: Path, env: dict[str, str]) -> None:
+        self.data, self.env = data, env
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.data / "daphne.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--websocket-max-message-size",
+                str(16 * 1024 * 1024),
+                "--websocket-max-frame-size",
+                str(16 * 1024 * 1024),
+                "breezeweb.asgi:application",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/login/", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.close()
+                tail = (self.data / "daphne.log").read_text()[-3000:]
+                pytest.fail(f"daphne did not start:\n{tail}")
+            time.sleep(0.3)
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL the server (no chance to save anything), then start it again."""
+        self.proc.kill()
+        self.proc.wait(timeout=15)
+        self.log.close()
+        self.start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +156,8 @@ def browser():
         chromium.close()
 
 
-def _login(page, site: str) -> None:
-    page.goto(f"{site}/login/")
+def _login(page, site: LiveSite) -> None:
+    page.goto(f"{site.url}/login/")
     page.fill("#id_username", "alice")
     page.fill("#id_password", PASSWORD)
     page.click("button[type=submit]")
@@ -170,7 +193,7 @@ def test_a_user_chats_stops_reloads_and_sees_html_as_text(site, browser):
     page.wait_for_function(
         "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
         " return m && m.dataset.status === 'streaming'"
-        " && m.querySelector('.msg-body').textContent.trim().length > 0; }",
+        " && m.querySelector('.msg-body').textContent.trim().length > 80; }",
         timeout=60_000,
     )
     streaming_text = _last_answer(page).locator(".msg-body").inner_text()
@@ -198,7 +221,7 @@ def test_a_user_chats_stops_reloads_and_sees_html_as_text(site, browser):
     assert "stopped" in _last_answer(page).locator(".msg-meta").inner_text()
     assert page.locator("#send").is_visible()
     conversation_id = int(first_url.rstrip("/").rsplit("/", 1)[1])
-    saved = page.request.get(f"{site}/api/conversations/{conversation_id}").json()
+    saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
     last = saved["messages"][-1]
     assert last["role"] == "assistant" and last["status"] == "stopped"
     assert len(last["content"]) > 40
@@ -278,7 +301,7 @@ def test_phone_width_and_dark_mode_are_usable(site, browser):
     page = phone.new_page()
     _login(page, site)
     # On a phone the list is off-canvas: open the newest conversation by its URL.
-    page.goto(site + page.locator(".conversation-link").first.get_attribute("href"))
+    page.goto(site.url + page.locator(".conversation-link").first.get_attribute("href"))
     page.wait_for_selector(".msg-assistant")
     # The composer is on screen and the page does not scroll sideways.
     assert page.locator("#prompt").is_visible()
@@ -300,3 +323,40 @@ def test_phone_width_and_dark_mode_are_usable(site, browser):
     assert background == "rgb(13, 17, 23)"
     _shot(page, "dark-mode.png")
     dark.close()
+
+
+def test_after_a_server_crash_the_page_reconnects_and_shows_what_was_saved(site, browser):
+    # Last in this file: it kills and restarts the server.
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    _login(page, site)
+    _send(page, "Tell me a long story about a dragon who learns to bake bread.")
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.dataset.status === 'streaming'"
+        " && m.querySelector('.msg-body').textContent.trim().length > 60; }",
+        timeout=120_000,
+    )
+    time.sleep(1.2)  # at least two periodic saves of the answer so far
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    site.crash_and_restart()
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=60_000)
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.querySelector('.msg-meta').textContent.includes('saved so far')"
+        " && m.querySelector('.msg-body').textContent.trim().length > 0; }",
+        timeout=30_000,
+    )
+    saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
+    answer = saved["messages"][-1]
+    # Cut off without a final save: the periodic saves kept the text so far.
+    assert answer["status"] == "streaming"
+    assert len(answer["content"]) > 40
+    shown = _last_answer(page).locator(".msg-body").inner_text()
+    assert shown.split()[:3] == answer["content"].split()[:3]
+    # The composer works again once connected.
+    assert page.locator("#send").is_visible() and page.locator("#send").is_enabled()
+    assert errors == []
+    context.close()

@@ -195,3 +195,40 @@ def test_runners_lists_enabled_runners_with_capabilities_and_no_secrets(alice):
     }
     assert b"sk-very-secret" not in response.content
     assert b"sk-very-secret" not in alice.get("/").content
+
+
+def test_an_answer_cut_off_by_a_crash_is_shown_as_stopped_with_its_saved_text(alice, user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    c = Conversation.objects.create(owner=user, title="Crash")
+    Message.objects.create(conversation=c, role="user", content="Q")
+    stale = Message.objects.create(
+        conversation=c, role="assistant", content="Saved half", status="streaming"
+    )
+    Message.objects.filter(pk=stale.pk).update(updated_at=timezone.now() - timedelta(minutes=5))
+    live = Message.objects.create(
+        conversation=c, role="assistant", content="Live", status="streaming"
+    )
+    body = alice.get(f"/api/conversations/{c.pk}").json()
+    by_id = {m["id"]: m for m in body["messages"]}
+    assert by_id[stale.pk]["status"] == "stopped"
+    assert by_id[stale.pk]["content"] == "Saved half"
+    assert by_id[stale.pk]["error_code"] == "interrupted"
+    assert by_id[live.pk]["status"] == "streaming"  # still being written
+
+
+def test_a_late_periodic_save_never_overwrites_a_finished_answer(user):
+    from breezeweb import chat
+
+    c = Conversation.objects.create(owner=user, title="Race")
+    done = Message.objects.create(
+        conversation=c, role="assistant", content="The full answer.", status="complete"
+    )
+    streaming = Message.objects.create(conversation=c, role="assistant", status="streaming")
+    chat.flush_contents({done.pk: "The full", streaming.pk: "So far"})
+    done.refresh_from_db()
+    streaming.refresh_from_db()
+    assert done.content == "The full answer."
+    assert streaming.content == "So far"

@@ -158,7 +158,7 @@ function decorate(node, m) {
     const details = el("span", "details", parts.join(" · "));
     details.title = "runner · model · throughput · time to first token";
     meta.append(details);
-    if (m.status === "failed") {
+    if (m.status === "failed" || (m.status === "stopped" && m.error)) {
       meta.append(el("span", "msg-error", m.error || "The answer failed."));
     }
   }
@@ -241,6 +241,19 @@ function renderConversation(conversation) {
     if (p.conversationId !== state.conversationId) continue;
     const node = els.messages.querySelector(`.msg[data-id="${p.assistantId}"]`);
     if (node) { p.node = node; p.body = node.querySelector(".msg-body"); node.dataset.status = "streaming"; scheduleRender(p); }
+  }
+  // Answers streaming elsewhere (another tab) or cut off by a server restart:
+  // show the saved text and keep it fresh until the server settles them.
+  clearTimeout(state.pollTimer);
+  const live = new Set([...state.pending.values()].map((p) => p.node));
+  const orphans = [...els.messages.querySelectorAll('.msg[data-status="streaming"]')].filter((n) => !live.has(n));
+  for (const node of orphans) {
+    node.querySelector(".msg-meta").textContent = "Still being written, or interrupted: showing the text saved so far.";
+  }
+  if (orphans.length && conversation) {
+    state.pollTimer = setTimeout(() => {
+      if (state.conversationId === conversation.id) openConversation(conversation.id, false);
+    }, 2000);
   }
   refreshRegenerate();
   updateComposer();
