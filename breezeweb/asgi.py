@@ -8,14 +8,17 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
 # Django must be set up before anything imports models (consumers, middleware).
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from breezeweb.routing import websocket_urlpatterns  # noqa: E402
 from breezeweb.ws_auth import WebsocketAuthStack  # noqa: E402
+from rag.consumers import IngestWorker  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": WebsocketAuthStack(URLRouter(websocket_urlpatterns)),
+        # `manage.py runworker ingest`: document ingestion when REDIS_URL is set.
+        "channel": ChannelNameRouter({"ingest": IngestWorker.as_asgi()}),
     }
 )
