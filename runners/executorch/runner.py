@@ -63,7 +63,7 @@ NOT_PREPARED = "The local model is not prepared: run `python manage.py prepare_m
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 MAX_PARALLELISM = 8
 # How often a queued request re-checks (and re-announces) its position.
-_QUEUE_POLL_SECONDS = 0.5
+_QUEUE_POLL_SECONDS = 0.05
 
 # Used when a custom tokenizer comes without any chat template: ChatML, the
 # format SmolLM2 (and the prepared model's own template) uses.
@@ -329,6 +329,11 @@ def _engine_for(files: ModelFiles, slots: int) -> _Engine:
                     f"({files.tokenizer.name}): {exc}",
                     retryable=False,
                 ) from exc
+            # A re-prepared model replaces the old one (same paths, new files);
+            # generations still running keep their own reference.
+            paths = tuple(part[0] for part in key)
+            for stale in [k for k in _engines if tuple(part[0] for part in k) == paths]:
+                del _engines[stale]
             _engines[key] = engine
     try:
         engine.ensure_slots(slots)

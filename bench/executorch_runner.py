@@ -1,0 +1,418 @@
+"""Benchmark: the local ExecuTorch runner vs the bare TextLLMRunner vs PyTorch eager.
+
+    .venv/bin/python bench/executorch_runner.py [--variants 8da4w,fp32] [--runs 3]
+
+In one run, on the same prompts, each in its own subprocess (so peak RSS is
+its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
+`TextLLMRunner.generate` on the same program, (c) HF transformers eager on the
+GGUF's de-quantized fp32 weights. Reports prefill and decode tokens/s, time to
+first token, peak RSS, the ratios (runner vs eager, runner overhead vs bare),
+the greedy answers of a small fixed question set, and each variant's export
+time (from its manifest). Variants other than the prepared default are built
+into the model cache on first use (fp32: about 4 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "What is 2 plus 3?",
+    "Which planet is the largest in the solar system?",
+)
+SPEED_PROMPT = (
+    "Write a short story about a robot who learns to paint. Describe the colors, the "
+    "studio, the first painting and what the robot feels when people see it."
+)
+ANSWER_TOKENS = 48
+SPEED_TOKENS = 128
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary(samples: list[dict]) -> dict:
+    keys = ("prompt_tokens", "generated", "ttft_ms", "prefill_tps", "decode_tps")
+    return {k: round(statistics.median(s[k] for s in samples), 2) for k in keys}
+
+
+def _render(template_path: Path, question: str) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(template_path.read_text())
+    return template.render(
+        messages=[{"role": "user", "content": question}], add_generation_prompt=True
+    )
+
+
+# ---- workers (each runs in its own process) ------------------------------------------
+
+
+def runner_session(model_dir: Path):
+    """(runner, async one(question, max_tokens) -> (text, sample)) through our runner."""
+    import django
+
+    django.setup()
+    from runners.base import ChatMessage, ChatRequest, Done, TokenDelta
+    from runners.executorch.runner import ExecuTorchRunner
+    from runners.models import RunnerConfig
+
+    config = RunnerConfig(
+        name="bench",
+        kind="executorch",
+        temperature=0.0,
+        max_tokens=ANSWER_TOKENS,
+        extra_params={
+            "pte_path": str(model_dir / "model.pte"),
+            "tokenizer_path": str(model_dir / "tokenizer.json"),
+        },
+    )
+    runner = ExecuTorchRunner.from_config(config)
+
+    async def one(question: str, max_tokens: int) -> tuple[str, dict]:
+        request = ChatRequest(messages=(ChatMessage("user", question),), max_tokens=max_tokens)
+        started = time.perf_counter()
+        first = last = None
+        text = ""
+        done = None
+        async for event in runner.stream(request):
+            now = time.perf_counter()
+            if isinstance(event, TokenDelta):
+                first = first or now
+                last = now
+                text += event.text
+            elif isinstance(event, Done):
+                done = event
+        assert done is not None and first is not None and last is not None
+        n = done.usage.completion_tokens
+        return text, {
+            "prompt_tokens": done.usage.prompt_tokens,
+            "generated": n,
+            "ttft_ms": (first - started) * 1000,
+            "prefill_tps": done.timings.prefill_tokens_per_second or 0.0,
+            # Decode measured where the caller sees tokens: first to last delta.
+            "decode_tps": (n - 1) / (last - first) if n > 1 and last > first else 0.0,
+        }
+
+    return runner, one
+
+
+def bare_session(model_dir: Path):
+    """(load seconds, one(question, max_tokens) -> (text, sample)) on TextLLMRunner."""
+    import executorch.extension.llm.custom_ops.custom_ops
+    import executorch.kernels.quantized  # noqa: F401 (registers kernels)
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    started = time.perf_counter()
+    native = TextLLMRunner(str(model_dir / "model.pte"), str(model_dir / "tokenizer.json"))
+    load_s = time.perf_counter() - started
+    template = model_dir / "chat_template.jinja"
+
+    def one(question: str, max_tokens: int) -> tuple[str, dict]:
+        pieces: list[str] = []
+        times: list[float] = []
+        stats: dict = {}
+
+        def on_token(piece: str) -> None:
+            times.append(time.perf_counter())
+            pieces.append(piece)
+
+        def on_stats(s) -> None:
+            stats.update(
+                prompt=s.num_prompt_tokens,
+                start=s.inference_start_ms,
+                prompt_end=s.prompt_eval_end_ms,
+            )
+
+        # The same configuration the runner uses (warming: no stdout echo).
+        config = GenerationConfig(
+            echo=False, max_new_tokens=max_tokens, temperature=0.0, warming=True
+        )
+        started = time.perf_counter()
+        native.generate(_render(template, question), config, on_token, on_stats)
+        native.reset()
+        prompt_ms = stats["prompt_end"] - stats["start"]
+        return "".join(pieces).replace("<|im_end|>", ""), {
+            "prompt_tokens": stats["prompt"],
+            "generated": len(times),
+            "ttft_ms": (times[0] - started) * 1000,
+            "prefill_tps": stats["prompt"] / prompt_ms * 1000 if prompt_ms > 0 else 0.0,
+            "decode_tps": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
+        }
+
+    return load_s, one
+
+
+def worker_runner(model_dir: Path, runs: int) -> dict:
+    runner, one = runner_session(model_dir)
+
+    async def main() -> dict:
+        started = time.perf_counter()
+        await runner.load()
+        load_s = time.perf_counter() - started
+        await one("Hi", 4)  # warm-up
+        answers = [(await one(q, ANSWER_TOKENS))[0].strip() for q in QUESTIONS]
+        samples = [(await one(SPEED_PROMPT, SPEED_TOKENS))[1] for _ in range(runs)]
+        return {"load_s": round(load_s, 2), "answers": answers, "speed": _summary(samples)}
+
+    result = asyncio.run(main())
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return result
+
+
+def worker_bare(model_dir: Path, runs: int) -> dict:
+    load_s, one = bare_session(model_dir)
+    one("Hi", 4)
+    answers = [one(q, ANSWER_TOKENS)[0].strip() for q in QUESTIONS]
+    samples = [one(SPEED_PROMPT, SPEED_TOKENS)[1] for _ in range(runs)]
+    return {
+        "load_s": round(load_s, 2),
+        "answers": answers,
+        "speed": _summary(samples),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
+def worker_overhead(model_dir: Path, runs: int) -> dict:
+    """Runner vs bare in one process, alternating on the same prompt, so a
+    busy machine slows both alike; medians of the per-round ratios."""
+    runner, runner_one = runner_session(model_dir)
+    _, bare_one = bare_session(model_dir)
+
+    async def main() -> list[tuple[dict, dict]]:
+        await runner.load()
+        await runner_one("Hi", 4)
+        bare_one("Hi", 4)
+        rounds = []
+        for i in range(runs):
+            if i % 2:
+                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
+                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]
+            else:
+                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]
+                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
+            rounds.append((r, b))
+        return rounds
+
+    rounds = asyncio.run(main())
+    return {
+        "rounds": len(rounds),
+        "decode_ratio": round(
+            statistics.median(r["decode_tps"] / b["decode_tps"] for r, b in rounds), 3
+        ),
+        "ttft_delta_ms": round(
+            statistics.median(r["ttft_ms"] - b["ttft_ms"] for r, b in rounds), 1
+        ),
+        "runner_decode_tps": round(statistics.median(r["decode_tps"] for r, _ in rounds), 1),
+        "bare_decode_tps": round(statistics.median(b["decode_tps"] for _, b in rounds), 1),
+    }
+
+
+def worker_eager(runs: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    from runners.executorch.prepare import locate_gguf
+
+    gguf = locate_gguf()
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    model.eval()
+    load_s = time.perf_counter() - started
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def one(question: str, max_tokens: int) -> tuple[str, dict]:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        clock = Clock()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        new = out[0, ids.shape[1] :]
+        token_times = clock.times[1:]  # the first put is the prompt
+        n = len(new)
+        ttft = token_times[0] - started
+        return tokenizer.decode(new, skip_special_tokens=True), {
+            "prompt_tokens": ids.shape[1],
+            "generated": n,
+            "ttft_ms": ttft * 1000,
+            "prefill_tps": ids.shape[1] / ttft,
+            "decode_tps": (n - 1) / (token_times[-1] - token_times[0]) if n > 1 else 0.0,
+        }
+
+    one("Hi", 4)
+    answers = [one(q, ANSWER_TOKENS)[0].strip() for q in QUESTIONS]
+    samples = [one(SPEED_PROMPT, SPEED_TOKENS)[1] for _ in range(runs)]
+    return {
+        "load_s": round(load_s, 2),
+        "answers": answers,
+        "speed": _summary(samples),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---- driver ------------------------------------------------------------------------
+
+
+def _variant_dir(variant: str) -> Path:
+    """The prepared directory for `variant`: MODELS_DIR for the default, the
+    model cache for others (built there on first use)."""
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    from runners.executorch import prepare
+
+    models_dir = Path(settings.MODELS_DIR)
+    if variant != prepare.DEFAULT_VARIANT:
+        models_dir = Path(settings.MODEL_CACHE_DIR) / "variants" / variant
+    result = prepare.prepare_model(models_dir, Path(settings.MODEL_CACHE_DIR), variant)
+    return result.directory
+
+
+def _spawn(kind: str, runs: int, model_dir: Path | None = None) -> dict:
+    argv = [sys.executable, __file__, "--worker", kind, "--runs", str(runs)]
+    if model_dir is not None:
+        argv += ["--model-dir", str(model_dir)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"{kind} worker failed (exit {out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(label: str, r: dict) -> str:
+    s = r["speed"]
+    return (
+        f"| {label} | {s['prefill_tps']:.0f} | {s['decode_tps']:.1f} | {s['ttft_ms']:.0f} | "
+        f"{r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="8da4w,fp32")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--worker", choices=["runner", "bare", "eager", "overhead"])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+
+    if args.worker == "runner":
+        print(json.dumps(worker_runner(args.model_dir, args.runs)))
+        return
+    if args.worker == "bare":
+        print(json.dumps(worker_bare(args.model_dir, args.runs)))
+        return
+    if args.worker == "overhead":
+        print(json.dumps(worker_overhead(args.model_dir, args.runs)))
+        return
+    if args.worker == "eager":
+        print(json.dumps(worker_eager(args.runs)))
+        return
+
+    from runners.executorch import prepare
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    results: dict = {"variants": {}}
+    print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
+    print(f"speed prompt: {SPEED_TOKENS} new tokens, median of {args.runs} runs, greedy")
+    eager = _spawn("eager", args.runs)
+    results["eager"] = eager
+    for variant in variants:
+        model_dir = _variant_dir(variant)
+        manifest = prepare.read_manifest(model_dir) or {}
+        runner = _spawn("runner", args.runs, model_dir)
+        bare = _spawn("bare", args.runs, model_dir)
+        overhead = _spawn("overhead", args.runs * 2, model_dir)
+        results["variants"][variant] = {
+            "overhead": overhead,
+            "export_seconds": manifest.get("export_seconds"),
+            "pte_mb": round((model_dir / prepare.PTE_NAME).stat().st_size / 1e6, 1),
+            "runner": runner,
+            "bare": bare,
+        }
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
+
+    print()
+    print("| path | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | load s |")
+    print("|---|---|---|---|---|---|")
+    print(_row("HF transformers eager (fp32 from GGUF)", eager))
+    for variant, r in results["variants"].items():
+        print(_row(f"{variant}: ExecuTorchRunner.stream", r["runner"]))
+        print(_row(f"{variant}: bare TextLLMRunner.generate", r["bare"]))
+    print()
+    e = eager["speed"]
+    for variant, r in results["variants"].items():
+        rs, bs = r["runner"]["speed"], r["bare"]["speed"]
+        print(
+            f"{variant}: decode {rs['decode_tps'] / e['decode_tps']:.1f}x eager "
+            f"(bare {bs['decode_tps'] / e['decode_tps']:.1f}x), prefill "
+            f"{rs['prefill_tps'] / e['prefill_tps']:.1f}x eager; "
+            f"export {r['export_seconds']} s, .pte {r['pte_mb']} MB"
+        )
+        o = r["overhead"]
+        print(
+            f"{variant}: runner vs bare, interleaved in one process ({o['rounds']} rounds): "
+            f"decode ratio {o['decode_ratio']:.3f} ({o['runner_decode_tps']} vs "
+            f"{o['bare_decode_tps']} tok/s), TTFT {o['ttft_delta_ms']:+.1f} ms"
+        )
+    print()
+    print("Greedy answers:")
+    for i, question in enumerate(QUESTIONS):
+        print(f"- {question}")
+        print(f"    eager: {eager['answers'][i]!r}")
+        for variant, r in results["variants"].items():
+            print(f"    {variant} runner: {r['runner']['answers'][i]!r}")
+            if r["bare"]["answers"][i] != r["runner"]["answers"][i]:
+                print(f"    {variant} bare:   {r['bare']['answers'][i]!r}")
+    print(f"\nload average after: {results['load_average_after']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
