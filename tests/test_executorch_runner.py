@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from io import StringIO
 from pathlib import Path
 
 from django.conf import settings
@@ -392,3 +393,62 @@ def test_multibyte_characters_arrive_whole(model_ready):
     assert any(ord(ch) > 127 for ch in text), text
     for piece in pieces:
         piece.encode("utf-8")  # no lone surrogates either
+
+
+# ---- prepare_model --------------------------------------------------------------------
+
+
+def test_prepare_model_reports_a_missing_weights_package(monkeypatch, tmp_path):
+    real_find_spec = prepare.importlib.util.find_spec
+    monkeypatch.setattr(
+        prepare.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == prepare.GGUF_PACKAGE else real_find_spec(name, *a),
+    )
+    with pytest.raises(prepare.PrepareError, match=r"requirements-model\.txt"):
+        prepare.prepare_model(tmp_path / "models", tmp_path / "cache", progress=lambda _: None)
+
+
+def test_prepare_model_refuses_to_start_without_disk_space_and_keeps_the_old_model(
+    monkeypatch, tmp_path
+):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / prepare.PTE_NAME).write_bytes(b"previous program")
+    usage = prepare.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda _: usage._replace(free=10_000_000))
+    with pytest.raises(prepare.PrepareError, match="Not enough disk space"):
+        prepare.prepare_model(models, tmp_path / "cache", progress=lambda _: None)
+    assert (models / prepare.PTE_NAME).read_bytes() == b"previous program"
+
+
+def test_the_command_turns_a_prepare_error_into_a_clear_command_error(monkeypatch, tmp_path):
+    from django.core.management import CommandError, call_command
+
+    monkeypatch.setattr(prepare, "executorch_version", _raise_missing_executorch)
+    with pytest.raises(CommandError, match="executorch is not installed"):
+        call_command("prepare_model", output_dir=str(tmp_path / "models"))
+
+
+def _raise_missing_executorch() -> str:
+    raise prepare.PrepareError("executorch is not installed; install the app's requirements")
+
+
+def test_a_fresh_checkout_links_the_cached_build_and_a_second_run_is_quick(model_ready, tmp_path):
+    from django.core.management import call_command
+
+    manifest = prepare.read_manifest(MODELS_DIR)
+    if manifest is None or manifest.get("variant") != prepare.DEFAULT_VARIANT:
+        pytest.skip("the prepared model is not the default variant")
+    out = tmp_path / "models"
+    first = prepare.prepare_model(out, Path(settings.MODEL_CACHE_DIR), progress=lambda _: None)
+    assert first.action == "linked-from-cache"
+    assert (out / prepare.PTE_NAME).stat().st_size == manifest["sizes"][prepare.PTE_NAME]
+    started = time.perf_counter()
+    second = prepare.prepare_model(out, Path(settings.MODEL_CACHE_DIR), progress=lambda _: None)
+    assert second.action == "up-to-date"
+    assert time.perf_counter() - started < 10
+    # The command says so too.
+    buffer = StringIO()
+    call_command("prepare_model", output_dir=str(out), stdout=buffer)
+    assert "already up to date" in buffer.getvalue()
