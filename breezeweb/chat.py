@@ -19,6 +19,8 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
+from asgiref.sync import sync_to_async
+
 from breezeweb.models import Conversation, Message
 from rag.models import Collection
 from runners.base import ChatMessage
@@ -371,16 +373,26 @@ def _slots_key(user_id: int) -> str:
     return f"chat:slots:{user_id}"
 
 
+def _count(key: str, step: int, ttl: int) -> int:
+    """Add `step` to a cache counter (created at 0), in one trip to the cache."""
+    cache.add(key, 0, timeout=ttl)
+    try:
+        return cache.incr(key, step) if step >= 0 else cache.decr(key, -step)
+    except ValueError:  # it expired between add and incr
+        value = max(step, 0)
+        cache.set(key, value, timeout=ttl)
+        return value
+
+
+async def _acount(key: str, step: int, ttl: int) -> int:
+    # Not thread_sensitive: cache trips (Redis) must not queue behind the ORM's thread.
+    return await sync_to_async(_count, thread_sensitive=False)(key, step, ttl)
+
+
 async def acquire_generation_slot(user_id: int) -> bool:
     """Take one of the user's concurrent-generation slots; False when all
     `CHAT_MAX_CONCURRENT_PER_USER` are taken. Pair with release_generation_slot."""
-    key = _slots_key(user_id)
-    await cache.aadd(key, 0, timeout=_SLOT_TTL_SECONDS)
-    try:
-        taken = await cache.aincr(key)
-    except ValueError:  # expired between add and incr
-        await cache.aset(key, 1, timeout=_SLOT_TTL_SECONDS)
-        taken = 1
+    taken = await _acount(_slots_key(user_id), 1, _SLOT_TTL_SECONDS)
     if taken > settings.CHAT_MAX_CONCURRENT_PER_USER:
         await release_generation_slot(user_id)
         return False
@@ -388,26 +400,16 @@ async def acquire_generation_slot(user_id: int) -> bool:
 
 
 async def release_generation_slot(user_id: int) -> None:
-    key = _slots_key(user_id)
-    try:
-        left = await cache.adecr(key)
-    except ValueError:  # the counter expired meanwhile: nothing to give back
-        return
-    if left < 0:
-        await cache.aset(key, 0, timeout=_SLOT_TTL_SECONDS)
+    left = await _acount(_slots_key(user_id), -1, _SLOT_TTL_SECONDS)
+    if left < 0:  # the counter expired meanwhile: it cannot go below zero
+        await _acount(_slots_key(user_id), -left, _SLOT_TTL_SECONDS)
 
 
 async def allow_message(user_id: int) -> bool:
     """Count one message (send, regenerate, edit) against the user's
     `CHAT_MESSAGES_PER_MINUTE`, in fixed one-minute windows."""
     key = f"chat:rate:{user_id}:{int(time.time() // 60)}"
-    await cache.aadd(key, 0, timeout=120)
-    try:
-        count = await cache.aincr(key)
-    except ValueError:
-        await cache.aset(key, 1, timeout=120)
-        count = 1
-    return count <= settings.CHAT_MESSAGES_PER_MINUTE
+    return await _acount(key, 1, 120) <= settings.CHAT_MESSAGES_PER_MINUTE
 
 
 def reset_limits(user_id: int) -> None:
