@@ -131,11 +131,17 @@ class _Slot:
 
 
 class _Waiter:
-    """A request queued for a slot; woken from whichever thread frees one."""
+    """A request queued for a slot; woken from whichever thread frees one.
+
+    `slot` and `abandoned` change only under the pool's lock, so a slot handed
+    to a request that is being cancelled is passed on exactly once, even if
+    the request's loop closes before the hand-over callback runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.future: asyncio.Future[_Slot] = loop.create_future()
+        self.slot: _Slot | None = None
+        self.abandoned = False
 
 
 class _SlotPool:
@@ -170,12 +176,15 @@ class _SlotPool:
                 return 0
 
     def abandon(self, waiter: _Waiter) -> None:
-        """The waiter gave up (cancelled); pass on a slot it may have been handed."""
-        with self._lock, contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-        future = waiter.future
-        if future.done() and not future.cancelled() and future.exception() is None:
-            self.release(future.result())
+        """The waiter gave up (cancelled) before using a slot: leave the
+        queue, and pass on a slot it may already have been handed."""
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            waiter.abandoned = True
+            slot, waiter.slot = waiter.slot, None
+        if slot is not None:
+            self.release(slot)
 
     def release(self, slot: _Slot) -> None:
         """Give `slot` to the longest-waiting live request, else mark it free."""
@@ -185,17 +194,24 @@ class _SlotPool:
                     self._free.append(slot)
                     return
                 waiter = self._waiters.popleft()
+                waiter.slot = slot
             try:
-                waiter.loop.call_soon_threadsafe(self._hand_over, waiter, slot)
+                waiter.loop.call_soon_threadsafe(self._hand_over, waiter)
                 return
             except RuntimeError:
-                continue  # that request's loop is closed: try the next one
+                # That request's loop is closed: nobody there will take it.
+                with self._lock:
+                    waiter.slot = None
 
-    def _hand_over(self, waiter: _Waiter, slot: _Slot) -> None:
-        if waiter.future.done():  # cancelled in the meantime
-            self.release(slot)
-        else:
-            waiter.future.set_result(slot)
+    def _hand_over(self, waiter: _Waiter) -> None:
+        with self._lock:
+            if waiter.abandoned or waiter.slot is None:
+                return  # abandon() already passed the slot on
+            if not waiter.future.done():
+                waiter.future.set_result(waiter.slot)
+                return
+            slot, waiter.slot = waiter.slot, None
+        self.release(slot)
 
     def queued(self) -> int:
         with self._lock:
