@@ -203,7 +203,9 @@ class FrameOutbox:
     still queued is merged into it, so the queue holds at most one token frame
     (plus the few non-token frames): a client that reads slowly receives fewer,
     larger frames and neither stalls the generation nor grows memory beyond
-    the answer's own text.
+    the answer's own text. After a token frame is sent, further tokens are
+    held for `interval` (merging meanwhile); any other frame, `flush()` or
+    `close()` sends everything at once.
     """
 
     def __init__(self, send: Callable[[dict], Awaitable[None]], interval: float) -> None:
@@ -212,6 +214,9 @@ class FrameOutbox:
         self._frames: deque[dict] = deque()
         self._wake = asyncio.Event()
         self._closing = False
+        self._loop = asyncio.get_running_loop()
+        self._hold_until = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.frames_sent = 0
         self._task = asyncio.create_task(self._drain())
 
@@ -222,36 +227,52 @@ class FrameOutbox:
                 tail["_parts"].append(frame["text"])
             else:
                 self._frames.append({**frame, "_parts": [frame["text"]]})
+            if self._loop.time() < self._hold_until:
+                # One timer per hold, not one per token.
+                if self._timer is None:
+                    self._timer = self._loop.call_at(self._hold_until, self._release)
+                return
         else:
             self._frames.append(frame)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send the pending tokens now (the answer ended)."""
         self._wake.set()
 
     @property
     def pending(self) -> int:
         return len(self._frames)
 
+    def _release(self) -> None:
+        self._timer = None
+        self._wake.set()
+
     async def _drain(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            sent_token = False
-            while self._frames:
-                frame = self._frames.popleft()
-                if frame["type"] == "token":
-                    parts = frame.pop("_parts")
-                    frame["text"] = "".join(parts)
-                    sent_token = True
-                try:
-                    await self._send(frame)
-                except Exception:  # the socket is gone; the answer is saved regardless
-                    log.debug("dropping frames of a closed socket", exc_info=True)
-                    self._frames.clear()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                sent_token = False
+                while self._frames:
+                    frame = self._frames.popleft()
+                    if frame["type"] == "token":
+                        frame["text"] = "".join(frame.pop("_parts"))
+                        sent_token = True
+                    try:
+                        await self._send(frame)
+                    except Exception:  # the socket is gone; the answer is saved regardless
+                        log.debug("dropping frames of a closed socket", exc_info=True)
+                        self._frames.clear()
+                        return
+                    self.frames_sent += 1
+                if self._closing:
                     return
-                self.frames_sent += 1
-            if self._closing:
-                return
-            if sent_token and self._interval:
-                await asyncio.sleep(self._interval)
+                if sent_token:
+                    self._hold_until = self._loop.time() + self._interval
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
 
     async def close(self) -> None:
         """Send what is queued, then stop."""
@@ -555,6 +576,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             error = ("internal_error", "Something went wrong while answering.", True)
 
         end = time.monotonic()
+        outbox.flush()  # the last tokens go out before the final save
         outcome = _outcome(
             "".join(parts), status, routed, done, sources, error, t0, first_token_at, end
         )

@@ -804,3 +804,28 @@ async def test_the_frame_outbox_merges_pending_tokens_without_stalling_the_produ
     await outbox.close()
     assert [f["type"] for f in sent] == ["routed", "token", "done"]
     assert sent[1]["text"] == "".join(f"{i}," for i in range(10_000))
+
+
+async def test_held_tokens_go_out_at_once_when_the_answer_ends():
+    from breezeweb.consumers import FrameOutbox
+
+    sent: list[dict] = []
+
+    async def send(frame):
+        sent.append(frame)
+
+    outbox = FrameOutbox(send, interval=10.0)  # hold tokens for a long time
+    outbox.put({"type": "token", "request_id": "r", "text": "a"})
+    await asyncio.sleep(0.05)
+    outbox.put({"type": "token", "request_id": "r", "text": "b"})
+    outbox.put({"type": "token", "request_id": "r", "text": "c"})
+    await asyncio.sleep(0.05)
+    assert [f["text"] for f in sent] == ["a"]  # held: merged, not sent yet
+    outbox.put({"type": "done", "request_id": "r"})
+    await asyncio.sleep(0.05)
+    assert [(f["type"], f.get("text")) for f in sent] == [
+        ("token", "a"),
+        ("token", "bc"),
+        ("done", None),
+    ]
+    await outbox.close()
