@@ -14,7 +14,7 @@
     the client checks that no token is lost, duplicated or misrouted. Reports
     the p99 gap between token frames of a stream (goal < 100 ms).
 
-Options: --concurrency 200 --tokens 100 --token-delay 0.02 --runs 10
+Options: --concurrency 200 --tokens 100 --token-delay 0.02 --runs 20
 --max-tokens 256 --skip-direct --skip-concurrency --persistent-db. Prints a
 Markdown summary.
 """
@@ -438,7 +438,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--token-delay", type=float, default=0.02)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--skip-direct", action="store_true")
     parser.add_argument(

@@ -202,6 +202,7 @@ def test_a_user_chats_stops_reloads_and_sees_html_as_text(site, browser):
     page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
     final_text = _last_answer(page).locator(".msg-body").inner_text()
     assert len(final_text) >= len(streaming_text) > 0
+    assert page.locator(".msg-assistant[data-status=complete] .streaming-cursor").count() == 0
     details = _last_answer(page).locator(".msg-meta").inner_text()
     assert "local" in details and "tok/s" in details and "TTFT" in details
     _shot(page, "chat-answer-details.png")
@@ -323,6 +324,41 @@ def test_phone_width_and_dark_mode_are_usable(site, browser):
     assert background == "rgb(13, 17, 23)"
     _shot(page, "dark-mode.png")
     dark.close()
+
+
+def test_an_uploaded_document_shows_progress_and_answers_cite_it(site, browser, tmp_path):
+    doc = tmp_path / "aldermoor.txt"
+    doc.write_text(
+        "The Aldermoor lighthouse was built in 1872 by the engineer Margaret Ostrow.\n"
+        "Its lamp burned whale oil until 1911, when it was converted to electricity.\n"
+        "The keeper's cottage now houses a small museum about the Ostrow family.\n"
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    _login(page, site)
+    page.click("#new-chat")
+    page.click("#toggle-docs")
+    assert page.locator("#dropzone").is_visible()
+    page.set_input_files("#doc-input", str(doc))
+    item = page.locator(".upload", has_text="aldermoor.txt")
+    item.wait_for()
+    # Live status from document_status frames until the document is indexed.
+    page.wait_for_selector(".upload[data-status=ready]", timeout=180_000)
+    assert "ready" in item.locator(".upload-status").inner_text()
+    assert item.locator("progress").evaluate("p => p.value") == 1
+    page.check("#rag-toggle")
+    _send(page, "Who built the Aldermoor lighthouse?")
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    sources = _last_answer(page).locator(".sources")
+    assert sources.count() == 1
+    sources.locator("summary").click()
+    assert "aldermoor" in sources.inner_text().lower()
+    assert "Ostrow" in sources.inner_text()
+    _shot(page, "answer-with-sources.png")
+    assert errors == []
+    context.close()
 
 
 def test_after_a_server_crash_the_page_reconnects_and_shows_what_was_saved(site, browser):

@@ -271,7 +271,7 @@ function scheduleRender(p) {
   p.renderQueued = true;
   requestAnimationFrame(() => {
     p.renderQueued = false;
-    if (!p.body) return;
+    if (!p.body || !state.pending.has(p.requestId)) return; // finished meanwhile
     renderMarkdown(p.body, p.text);
     p.body.classList.add("streaming-cursor");
     scrollDown(false);
@@ -721,6 +721,17 @@ els.prompt.addEventListener("paste", (e) => {
 // ---- documents ------------------------------------------------------------------------------
 
 const uploads = new Map(); // document id -> list item
+const lastStatus = new Map(); // document id -> newest status seen (frames can beat the upload's response)
+let uploading = 0;
+const STAGE = { queued: 0, processing: 1, ready: 2, failed: 2 };
+
+function newer(a, b) {
+  if (!a) return b;
+  if (!b) return a;
+  const stage = (STAGE[b.status] ?? 0) - (STAGE[a.status] ?? 0);
+  if (stage !== 0) return stage > 0 ? b : a;
+  return (b.progress ?? 0) >= (a.progress ?? 0) ? b : a;
+}
 
 els.toggleDocs.addEventListener("click", () => {
   els.documents.hidden = !els.documents.hidden;
@@ -762,6 +773,8 @@ function upload(file) {
   const form = new FormData();
   form.append("file", file);
   const xhr = new XMLHttpRequest();
+  uploading += 1;
+  xhr.addEventListener("loadend", () => { uploading -= 1; });
   xhr.open("POST", "/api/documents");
   xhr.setRequestHeader("X-CSRFToken", boot.csrf_token);
   xhr.upload.addEventListener("progress", (e) => {
@@ -774,7 +787,7 @@ function upload(file) {
       const doc = body.documents[0];
       uploads.set(doc.id, item);
       item.bar.value = 0;
-      documentStatus(doc);
+      documentStatus(newer(lastStatus.get(doc.id), doc));
     } else {
       item.li.classList.add("failed");
       item.status.textContent = (body.error && body.error.message) || `upload failed (HTTP ${xhr.status})`;
@@ -786,8 +799,16 @@ function upload(file) {
 
 function documentStatus(doc) {
   if (!doc || doc.id == null) return;
+  doc = newer(lastStatus.get(doc.id), doc);
+  lastStatus.set(doc.id, doc);
   let item = uploads.get(doc.id);
-  if (!item) { item = uploadItem(doc.title || `Document ${doc.id}`); uploads.set(doc.id, item); }
+  if (!item) {
+    // Probably one of ours whose upload response has not arrived yet: it will
+    // pick this status up then. Otherwise (another tab) show it.
+    if (uploading) return;
+    item = uploadItem(doc.title || `Document ${doc.id}`);
+    uploads.set(doc.id, item);
+  }
   const progress = typeof doc.progress === "number" ? doc.progress : 0;
   item.bar.value = doc.status === "ready" ? 1 : progress;
   item.li.dataset.status = doc.status;
