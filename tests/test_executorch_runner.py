@@ -170,6 +170,28 @@ def test_the_piece_decoder_drops_a_character_cut_by_max_tokens():
     assert decoder.flush() == ""
 
 
+def test_a_slot_handed_to_a_request_that_gives_up_goes_back_to_the_pool():
+    from runners.executorch.runner import _Slot, _SlotPool
+
+    async def scenario():
+        pool = _SlotPool()
+        pool.add(_Slot(0, native=None))
+        loop = asyncio.get_running_loop()
+        slot = pool.acquire_nowait(loop)
+        assert isinstance(slot, _Slot)
+        waiter = pool.acquire_nowait(loop)
+        later = pool.acquire_nowait(loop)
+        assert (pool.position(waiter), pool.position(later)) == (1, 2)
+        pool.release(slot)  # handed to `waiter`; the hand-over callback is pending
+        waiter.future.cancel()
+        pool.abandon(waiter)  # gives up before the callback runs
+        assert await asyncio.wait_for(later.future, 1) is slot
+        pool.release(slot)
+        assert pool.busy() == 0 and pool.queued() == 0
+
+    asyncio.run(scenario())
+
+
 # ---- the real model ----------------------------------------------------------------
 
 
@@ -358,6 +380,28 @@ def test_old_turns_are_trimmed_whole_with_a_notice(model_ready):
     assert notices[0].data["prompt_tokens"] <= 300 - 24
     assert done.usage.prompt_tokens == notices[0].data["prompt_tokens"]
     assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_one_forward_call_is_prefilled_in_chunks(model_ready):
+    runner = make_runner()
+    filler = "Here is a sentence about nothing in particular. " * 160
+    question = f"The secret code word is BANANA. {filler}\nWhat is the secret code word?"
+    request = ask(question, max_tokens=16)
+    text, notices, done = asyncio.run(collect(runner, request))
+    assert notices == []
+    # More than the program's 1023-token forward call.
+    assert done.usage.prompt_tokens > 1100
+    assert "BANANA" in text
+    assert done.timings.prefill_tokens_per_second > 0
+    # The chunks tokenize exactly as the whole prompt does.
+    engine = runner._engine
+    prompt = engine.render(request.messages)
+    chunks = engine.split_prompt(prompt)
+    assert len(chunks) == 2
+    assert "".join(chunks) == prompt
+    assert sum(engine.count_tokens(c) for c in chunks) == engine.count_tokens(prompt)
+    assert max(engine.count_tokens(c) for c in chunks) <= 1000
 
 
 @pytest.mark.slow

@@ -52,8 +52,10 @@ OUTPUT_FILES = (PTE_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_N
 # are not reused by mistake.
 CONVERTER_VERSION = 1
 
-# Context: the KV cache holds 2048 positions; one forward call takes up to
-# 1024 tokens (longer prompts are prefilled in chunks by the runner).
+# Context: the KV cache holds 2048 positions. One forward call takes at most
+# max_seq_length - 1 = 1023 tokens (export_llama bounds the dynamic dim there
+# but records 1024 as `get_max_seq_len`, and its builder overrides any
+# --metadata value), so the runner prefills longer prompts in chunks itself.
 MAX_CONTEXT_TOKENS = 2048
 MAX_SEQ_TOKENS = 1024
 

@@ -62,6 +62,11 @@ NOT_PREPARED = "The local model is not prepared: run `python manage.py prepare_m
 # Text the model uses to end (or wrongly begin) a turn; never part of an answer.
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 MAX_PARALLELISM = 8
+# Tokens per native call. export_llama bounds a forward call at
+# max_seq_length - 1 (1023) tokens but tells TextLLMRunner 1024, so the native
+# runner's own chunking fails on any prompt of 1024+ tokens ("Attempted to
+# resize a bounded tensor ... 1023 ... to 1024"); we prefill in smaller chunks.
+PREFILL_CHUNK_TOKENS = 1000
 # How often a queued request re-checks (and re-announces) its position.
 _QUEUE_POLL_SECONDS = 0.05
 
@@ -247,6 +252,26 @@ class _Engine:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def split_prompt(self, prompt: str, limit: int = PREFILL_CHUNK_TOKENS) -> list[str]:
+        """`prompt` cut into pieces of at most `limit` tokens. Cuts fall just
+        before a token that starts a word, a line or a special token, where
+        byte-level BPE splits anyway, so each piece tokenizes exactly as its
+        part of the whole did."""
+        encoding = self.tokenizer.encode(prompt, add_special_tokens=False)
+        tokens, offsets = encoding.tokens, encoding.offsets
+        chunks: list[str] = []
+        first_token = first_char = 0
+        while len(tokens) - first_token > limit:
+            cut = first_token + limit
+            for i in range(first_token + limit, first_token + limit // 2, -1):
+                if tokens[i].startswith(("Ġ", "Ċ", "<|")):
+                    cut = i
+                    break
+            chunks.append(prompt[first_char : offsets[cut][0]])
+            first_token, first_char = cut, offsets[cut][0]
+        chunks.append(prompt[first_char:])
+        return chunks
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
         return self._template.render(
@@ -485,6 +510,8 @@ class _Generation:
     queue: asyncio.Queue
     native: Any
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started_at: float = 0.0
+    first_piece_at: float = 0.0
 
     def put(self, item: tuple) -> None:
         try:
@@ -495,6 +522,8 @@ class _Generation:
             self.native.stop()
 
     def on_token(self, piece: Any) -> None:
+        if not self.first_piece_at:
+            self.first_piece_at = time.perf_counter()
         if self.cancelled.is_set():
             self.native.stop()
             return
@@ -517,11 +546,18 @@ def _stats_dict(stats: Any) -> dict[str, float]:
 
 
 def _run_generation(
-    pool: _SlotPool, slot: _Slot, gen: _Generation, prompt: str, config: Any
+    pool: _SlotPool, slot: _Slot, gen: _Generation, chunks: list[str], config: Any
 ) -> None:
-    """Worker thread body: generate, then reset the KV cache and free the slot."""
+    """Worker thread body: prefill all chunks but the last, generate from the
+    last, then reset the KV cache and free the slot."""
+    gen.started_at = time.perf_counter()
     try:
-        slot.native.generate(prompt, config, gen.on_token, gen.on_stats)
+        for chunk in chunks[:-1]:
+            if gen.cancelled.is_set():
+                break
+            slot.native.prefill(chunk, config)
+        else:
+            slot.native.generate(chunks[-1], config, gen.on_token, gen.on_stats)
         gen.put(("end", None))
     except BaseException as exc:
         gen.put(("error", exc))
@@ -761,7 +797,7 @@ class ExecuTorchRunner:
         gen = _Generation(loop=loop, queue=asyncio.Queue(), native=slot.native)
         worker = threading.Thread(
             target=_run_generation,
-            args=(engine.pool, slot, gen, prompt, config),
+            args=(engine.pool, slot, gen, engine.split_prompt(prompt), config),
             name=f"executorch-gen-{slot.index}",
             daemon=True,
         )
@@ -817,11 +853,9 @@ class ExecuTorchRunner:
         completion_tokens = pieces
         yield Done(
             finish_reason=finish,
-            usage=Usage(
-                prompt_tokens=int(stats.get("num_prompt_tokens", prompt_tokens)),
-                completion_tokens=completion_tokens,
-            ),
-            timings=_timings(stats, started, first_token_at, finished),
+            # Our count: the native stats only see the last prefill chunk.
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+            timings=_timings(stats, started, first_token_at, finished, gen, prompt_tokens),
             model_id=self.model_id,
         )
 
@@ -842,14 +876,24 @@ async def _drain_stats(queue: asyncio.Queue, wait_seconds: float = 2.0) -> dict[
 
 
 def _timings(
-    stats: dict[str, float], started: float, first_token_at: float | None, finished: float
+    stats: dict[str, float],
+    started: float,
+    first_token_at: float | None,
+    finished: float,
+    gen: _Generation,
+    prompt_tokens: int,
 ) -> Timings:
     """TTFT and total from our own clock (they include queueing and prompt
-    formatting: what the user waits for); rates from the native stats."""
+    formatting: what the user waits for); decode rate from the native stats;
+    prefill rate from the native stats too unless the prompt was prefilled in
+    chunks (they see only the last), then from the worker's clock."""
     decode = prefill = None
     if stats:
+        chunked = stats["num_prompt_tokens"] < prompt_tokens
         prompt_ms = stats["prompt_eval_end_ms"] - stats["inference_start_ms"]
-        if prompt_ms > 0:
+        if chunked and gen.first_piece_at > gen.started_at > 0:
+            prefill = prompt_tokens / (gen.first_piece_at - gen.started_at)
+        elif not chunked and prompt_ms > 0:
             prefill = stats["num_prompt_tokens"] / prompt_ms * 1000
         decode_ms = stats["inference_end_ms"] - stats["prompt_eval_end_ms"]
         if decode_ms > 0 and stats["num_generated_tokens"] > 0:
