@@ -671,6 +671,10 @@ els.menu.addEventListener("click", () => {
   els.menu.setAttribute("aria-expanded", String(open));
 });
 function closeSidebar() { els.sidebar.classList.remove("open"); els.menu.setAttribute("aria-expanded", "false"); }
+// On a phone the list overlays the chat: a tap on the chat closes it.
+document.querySelector(".chat-main").addEventListener("click", (e) => {
+  if (els.sidebar.classList.contains("open") && !e.target.closest("#menu-toggle")) closeSidebar();
+});
 
 // ---- images ---------------------------------------------------------------------------------
 
