@@ -759,6 +759,14 @@ class ExecuTorchRunner:
             )
         # Whatever room the prompt leaves (never more than asked for).
         max_new = min(max_tokens, self.context_tokens - prompt_tokens)
+        from executorch.extension.llm.runner import GenerationConfig
+
+        # warming=True only stops the native runner from echoing every token
+        # and its report to the server's stdout; callbacks and stats still run.
+        config = GenerationConfig(
+            echo=False, max_new_tokens=max_new, temperature=float(temperature), warming=True
+        )
+        chunks = engine.split_prompt(prompt)
 
         loop = asyncio.get_running_loop()
         acquired = engine.pool.acquire_nowait(loop)
@@ -787,17 +795,12 @@ class ExecuTorchRunner:
         else:
             slot = acquired
 
-        from executorch.extension.llm.runner import GenerationConfig
-
-        # warming=True only stops the native runner from echoing every token
-        # and its report to the server's stdout; callbacks and stats still run.
-        config = GenerationConfig(
-            echo=False, max_new_tokens=max_new, temperature=float(temperature), warming=True
-        )
+        # From here until the worker starts nothing may raise or await: the
+        # worker is what returns the slot to the pool.
         gen = _Generation(loop=loop, queue=asyncio.Queue(), native=slot.native)
         worker = threading.Thread(
             target=_run_generation,
-            args=(engine.pool, slot, gen, engine.split_prompt(prompt), config),
+            args=(engine.pool, slot, gen, chunks, config),
             name=f"executorch-gen-{slot.index}",
             daemon=True,
         )
