@@ -295,6 +295,76 @@ def test_the_conversation_list_renames_searches_and_deletes(site, browser):
     context.close()
 
 
+def test_regenerate_edit_and_copy_work_on_the_last_turn(site, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site.url)
+    page = context.new_page()
+    _login(page, site)
+    page.click("#new-chat")
+    _send(page, "Name three colours.")
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    first_id = _last_answer(page).get_attribute("data-id")
+
+    # Copy puts the answer's Markdown source on the clipboard.
+    _last_answer(page).locator(".msg-actions button", has_text="Copy").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
+    assert copied == saved["messages"][-1]["content"]
+
+    # Regenerate replaces the last answer (one answer, a new message id).
+    _last_answer(page).locator(".regen").click()
+    page.wait_for_function(
+        f"() => {{ const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        f" return m && m.dataset.id && m.dataset.id !== '{first_id}'"
+        " && m.dataset.status === 'complete'; }",
+        timeout=120_000,
+    )
+    assert page.locator(".msg-assistant").count() == 1
+
+    # Edit-and-resend: the question changes and is answered again.
+    page.locator(".msg-user .msg-actions button", has_text="Edit").click()
+    page.fill(".edit-area", "Name three animals.")
+    page.click(".edit-box button:has-text('Save & send')")
+    page.wait_for_selector(".msg-assistant[data-status=streaming]", timeout=60_000)
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][0]["content"] == "Name three animals."
+    assert page.locator(".msg-user .msg-body").inner_text() == "Name three animals."
+    context.close()
+
+
+def test_a_failing_runner_shows_an_error_banner_and_retry_answers_again(site, browser):
+    _manage(
+        site.env,
+        "shell",
+        "-c",
+        "from runners.models import RunnerConfig;"
+        "RunnerConfig.objects.get_or_create(name='unreachable', defaults=dict(kind='llamastack',"
+        " endpoint='http://127.0.0.1:9', model_id='nothing', priority=0, timeout_seconds=5))",
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    _login(page, site)
+    page.click("#new-chat")
+    page.select_option("#runner-select", "unreachable")
+    _send(page, "Hello?")
+    banner = page.locator("#banner")
+    banner.wait_for(state="visible", timeout=60_000)
+    assert page.locator("#banner-retry").is_visible()  # the runner's error is retryable
+    assert page.locator(".msg-assistant[data-status=failed]").count() == 1
+    _shot(page, "error-banner.png")
+    # Retry with the router choosing: the local runner answers the same question.
+    page.select_option("#runner-select", "auto")
+    page.click("#banner-retry")
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    assert banner.is_hidden()
+    assert page.locator(".msg-assistant").count() == 1
+    assert page.locator(".msg-user").count() == 1
+    context.close()
+
+
 def test_phone_width_and_dark_mode_are_usable(site, browser):
     phone = browser.new_context(
         viewport={"width": 390, "height": 800}, color_scheme="light", is_mobile=True
