@@ -30,4 +30,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
 
-CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py bootstrap && exec daphne -b 0.0.0.0 -p 8000 breezeweb.asgi:application"]
+CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py bootstrap && exec daphne -b 0.0.0.0 -p 8000 --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216 breezeweb.asgi:application"]

@@ -6,6 +6,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Websocket messages up to 16 MB (images as data URLs; the app refuses > 12 MB
+# with a clear error frame); Daphne's default of 1 MB would drop the socket.
+DAPHNE_ARGS ?= --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
@@ -60,7 +63,7 @@ run: setup
 	@echo "  BreezeWeb is serving on http://$(HOST):$(PORT)/"
 	@echo "  Admin login: 'make admin' (or DJANGO_SUPERUSER_USERNAME/_PASSWORD in .env)"
 	@echo ""
-	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) breezeweb.asgi:application
+	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_ARGS) breezeweb.asgi:application
 
 admin: setup
 	$(VPY) manage.py createsuperuser

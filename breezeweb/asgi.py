@@ -8,11 +8,17 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
 # Django must be set up before anything imports models (consumers, middleware).
 django_asgi_app = get_asgi_application()
 
+from django.conf import settings  # noqa: E402
+
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from breezeweb.routing import websocket_urlpatterns  # noqa: E402
 from breezeweb.ws_auth import WebsocketAuthStack  # noqa: E402
 from rag.consumers import IngestWorker  # noqa: E402
+from runners.registry import preload_local_runners  # noqa: E402
+
+if settings.PRELOAD_LOCAL_RUNNERS:
+    preload_local_runners()
 
 application = ProtocolTypeRouter(
     {

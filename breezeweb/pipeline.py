@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from runners.base import (
     ChatMessage,
@@ -153,7 +153,11 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
 
     context = ""
     if turn.rag:
-        retrieved = await sync_to_async(_retrieve, thread_sensitive=False)(turn, last_text)
+        # Embedding the query is CPU work: off the shared ORM thread, and
+        # database_sync_to_async closes the worker thread's DB connection.
+        retrieved = await database_sync_to_async(_retrieve, thread_sensitive=False)(
+            turn, last_text
+        )
         context = retrieved.text
         yield Sources(tuple(s.as_dict() for s in retrieved.sources))
 

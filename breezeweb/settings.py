@@ -163,6 +163,10 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": 20,
         }
     )
+    # Opening SQLite runs the PRAGMAs above (a disk flush); keep connections
+    # per thread instead of reopening the file on every ORM call.
+    _db.setdefault("CONN_MAX_AGE", 600)
+    _db.setdefault("CONN_HEALTH_CHECKS", True)
 else:
     _db.setdefault("CONN_HEALTH_CHECKS", True)
 DATABASES = {"default": _db}
@@ -217,6 +221,9 @@ MODEL_CACHE_DIR = Path(
 LLAMASTACK_DEFAULT_ENDPOINT = env.str("LLAMASTACK_ENDPOINT", default="http://localhost:8321")
 RUNNER_CIRCUIT_FAILURES = _int("RUNNER_CIRCUIT_FAILURES", 3, minimum=1)
 RUNNER_CIRCUIT_COOLDOWN_SECONDS = _int("RUNNER_CIRCUIT_COOLDOWN_SECONDS", 30, minimum=1)
+LLAMASTACK_MAX_CONNECTIONS = _int("LLAMASTACK_MAX_CONNECTIONS", 1000, minimum=1)
+# Load the local model when the server starts, not on the first chat.
+PRELOAD_LOCAL_RUNNERS = _bool("PRELOAD_LOCAL_RUNNERS", True)
 IMAGE_MAX_BYTES = _int("IMAGE_MAX_BYTES", 8 * 1024 * 1024, minimum=1024)
 
 # --- Chat limits ----------------------------------------------------------------
@@ -224,6 +231,8 @@ CHAT_MAX_CONCURRENT_PER_USER = _int("CHAT_MAX_CONCURRENT_PER_USER", 3, minimum=1
 CHAT_MESSAGES_PER_MINUTE = _int("CHAT_MESSAGES_PER_MINUTE", 30, minimum=1)
 API_REQUESTS_PER_MINUTE = _int("API_REQUESTS_PER_MINUTE", 60, minimum=1)
 API_MAX_CONCURRENT_STREAMS = _int("API_MAX_CONCURRENT_STREAMS", 4, minimum=1)
+CHAT_MAX_FRAME_BYTES = _int("CHAT_MAX_FRAME_BYTES", 12 * 1024 * 1024, minimum=64 * 1024)
+CHAT_TOKEN_FRAME_INTERVAL_MS = _int("CHAT_TOKEN_FRAME_INTERVAL_MS", 25, minimum=0)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # --- Auth -------------------------------------------------------------------------

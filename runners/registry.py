@@ -92,3 +92,27 @@ async def readiness() -> dict:
         except Exception as exc:
             parts[config.name] = {"ok": False, "detail": type(exc).__name__}
     return {"ok": any(p["ok"] for p in parts.values()), "runners": parts}
+
+
+def preload_local_runners() -> None:
+    """Load enabled local (in-process) runners in a background thread, so the
+    first chat after a start does not wait for the model. Remote runners need
+    nothing: their HTTP clients belong to the server's event loop."""
+    import threading
+
+    def load() -> None:
+        from django.db import close_old_connections
+
+        from runners.models import RunnerConfig
+
+        try:
+            configs = list(RunnerConfig.objects.filter(enabled=True, kind="executorch"))
+            for config in configs:
+                asyncio.run(runner_class(config.kind).from_config(config).load())
+                log.info("preloaded runner %s", config.name)
+        except Exception as exc:  # the first request reports it properly
+            log.warning("preloading local runners failed: %s", exc)
+        finally:
+            close_old_connections()
+
+    threading.Thread(target=load, name="preload-runners", daemon=True).start()

@@ -19,7 +19,10 @@ _TMP_DATA = tempfile.mkdtemp(prefix="breezeweb-test-")
 os.environ["DATA_DIR"] = _TMP_DATA
 os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")  # a developer's .env must not leak in
+os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
+# Tests load models when they need them (and measure it); servers they start
+# inherit this.
+os.environ.setdefault("PRELOAD_LOCAL_RUNNERS", "false")  # a developer's .env must not leak in
 
 
 def pytest_sessionfinish(session, exitstatus):

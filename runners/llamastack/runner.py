@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.conf import settings
+
 import httpx
 
 from runners.base import (
@@ -195,6 +197,15 @@ class LlamaStackRunner:
                 timeout=self.timeout_seconds,
                 max_retries=0,
                 default_headers=self._headers or None,
+                # The SDK's default pool (100 connections) queues the 101st
+                # concurrent stream for seconds; chat streams are long-lived.
+                http_client=lsc.DefaultAsyncHttpxClient(
+                    timeout=self.timeout_seconds,
+                    limits=httpx.Limits(
+                        max_connections=settings.LLAMASTACK_MAX_CONNECTIONS,
+                        max_keepalive_connections=100,
+                    ),
+                ),
             )
             # Set after construction: passing None would make the SDK read
             # LLAMA_STACK_CLIENT_API_KEY from the environment instead.
