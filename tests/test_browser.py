@@ -1,6 +1,6 @@
 """The chat in a real browser: headless Debian Chromium (Playwright) against a
 real Daphne process answering from the real local model (SmolLM2 through
-ExecuTorch). Saves screenshots of the main states to docs/screenshots/."""
+ExecuTorch). Saves screenshots of the main states (see tests/support/screenshots.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.screenshots import screenshot_dir
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = screenshot_dir()
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -4,7 +4,7 @@ pointing at a scripted HTTP server on 127.0.0.1 and at a dead port.
 
 This is the production path of the admin actions (a sync admin view calling
 the async router on Daphne's event loop), which the Django test client does
-not exercise. Saves docs/screenshots/admin-runners.png and
+not exercise. Saves (see tests/support/screenshots.py) admin-runners.png and
 admin-runner-dashboard.png."""
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedServer, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = screenshot_dir()
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
