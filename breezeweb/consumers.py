@@ -281,6 +281,21 @@ class FrameOutbox:
         await self._task
 
 
+# Generations whose socket has gone, still being written and saved.
+_detached: set[asyncio.Task] = set()
+
+
+async def finish_detached(*, cancel: bool = False, wait_seconds: float = 30.0) -> None:
+    """Wait for (or stop) the generations that outlived their socket: tests
+    and graceful shutdowns use it."""
+    tasks = list(_detached)
+    if cancel:
+        for task in tasks:
+            task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=wait_seconds)
+
+
 @dataclass
 class Generation:
     task: asyncio.Task
@@ -310,11 +325,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not hasattr(self, "generations"):
             return  # refused at the handshake
         tasks = [g.task for g in self.generations.values()]
-        for task in tasks:
-            if not task.cancelling():
-                task.cancel()
-        # Each task saves its partial answer as `stopped` before it ends.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if settings.CHAT_CONTINUE_AFTER_DISCONNECT:
+            # A reload, a flaky network or a proxy's idle timeout must not cut
+            # the answer short: it goes on being written and saved (every
+            # ~0.5 s), and the reloaded page shows it growing until it is done.
+            # Only an explicit `stop` ends a generation early. The user's
+            # concurrency slot stays taken until it finishes.
+            for task in tasks:
+                _detached.add(task)
+                task.add_done_callback(_detached.discard)
+        else:
+            for task in tasks:
+                if not task.cancelling():
+                    task.cancel()
+            # Each task saves its partial answer as `stopped` before it ends.
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.channel_layer.group_discard(self.documents_group, self.channel_name)
 
     # ---- incoming -----------------------------------------------------------------

@@ -231,6 +231,9 @@ CHAT_MAX_CONCURRENT_PER_USER = _int("CHAT_MAX_CONCURRENT_PER_USER", 3, minimum=1
 CHAT_MESSAGES_PER_MINUTE = _int("CHAT_MESSAGES_PER_MINUTE", 30, minimum=1)
 API_REQUESTS_PER_MINUTE = _int("API_REQUESTS_PER_MINUTE", 60, minimum=1)
 API_MAX_CONCURRENT_STREAMS = _int("API_MAX_CONCURRENT_STREAMS", 4, minimum=1)
+# A closed socket (reload, proxy timeout) lets the answer finish and be saved;
+# false: it stops the answer and saves the partial text as `stopped`.
+CHAT_CONTINUE_AFTER_DISCONNECT = _bool("CHAT_CONTINUE_AFTER_DISCONNECT", True)
 CHAT_MAX_FRAME_BYTES = _int("CHAT_MAX_FRAME_BYTES", 12 * 1024 * 1024, minimum=64 * 1024)
 CHAT_TOKEN_FRAME_INTERVAL_MS = _int("CHAT_TOKEN_FRAME_INTERVAL_MS", 25, minimum=0)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

@@ -12,7 +12,7 @@ import os
 import time
 
 from django.conf import settings
-from django.test import Client
+from django.test import Client, override_settings
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -22,6 +22,7 @@ from PIL import Image
 
 from breezeweb import chat
 from breezeweb.asgi import application
+from breezeweb.consumers import finish_detached
 from breezeweb.models import ApiKey, Conversation, Message
 from runners import registry
 from runners.models import RunnerConfig
@@ -45,6 +46,13 @@ def _clean_process_state(user, other_user):
     yield
     registry.forget_all()
     circuits.reset()
+
+
+@pytest.fixture(autouse=True)
+async def _no_generation_outlives_its_test():
+    yield
+    # Answers outlive their socket by design; a test's must not outlive the test.
+    await finish_detached(cancel=True)
 
 
 @pytest.fixture
@@ -489,7 +497,47 @@ async def test_stop_for_an_unknown_request_says_so(user):
     assert (frame["type"], frame["code"], frame["request_id"]) == ("error", "not_running", "nope")
 
 
-async def test_closing_the_socket_mid_stream_saves_the_partial_answer_as_stopped(
+async def test_closing_the_socket_mid_stream_lets_the_answer_finish_and_be_saved(
+    user, scripted_runner, scripted_server
+):
+    # A reload or a proxy dropping the socket must not cut the answer short.
+    scripted_server.script(Reply(text="steady " * 60, token_delay=0.01))
+    ws = await connect(user)
+    await ws.send_json_to({"type": "message", "request_id": "r1", "text": "keep going"})
+    frames = await frames_until(ws, lambda f: f["type"] == "token")
+    assistant_id = of(frames, "accepted")[0]["assistant_message_id"]
+    await ws.disconnect()
+    assert (await message(assistant_id)).status == "streaming"
+    await finish_detached(wait_seconds=20)
+    saved = await message(assistant_id)
+    assert saved.status == "complete"
+    assert saved.content == "steady " * 60
+    assert saved.runner_name == "scripted"
+    recorded = scripted_server.chat_requests()[0]
+    assert await asyncio.to_thread(recorded.finished.wait, 5)
+    assert not recorded.disconnected
+
+
+async def test_a_new_socket_can_start_a_turn_while_a_detached_answer_finishes(
+    user, scripted_runner, scripted_server
+):
+    scripted_server.script(Reply(text="first " * 50, token_delay=0.01))
+    ws = await connect(user)
+    await ws.send_json_to({"type": "message", "request_id": "r1", "text": "one"})
+    frames = await frames_until(ws, lambda f: f["type"] == "token")
+    conversation_id = of(frames, "accepted")[0]["conversation_id"]
+    await ws.disconnect()
+    await finish_detached(wait_seconds=20)
+    again = await connect(user)
+    frames = await ask(again, "two", conversation_id=conversation_id)
+    await again.disconnect()
+    assert of(frames, "done")[0]["status"] == "complete"
+    contents = [m.content for m in await messages_of(conversation_id)]
+    assert contents[:2] == ["one", "first " * 50] and contents[2] == "two"
+
+
+@override_settings(CHAT_CONTINUE_AFTER_DISCONNECT=False)
+async def test_with_continuation_off_closing_the_socket_saves_the_partial_answer_as_stopped(
     user, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="slow " * 400, token_delay=0.02))

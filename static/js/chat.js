@@ -248,12 +248,12 @@ function renderConversation(conversation) {
   const live = new Set([...state.pending.values()].map((p) => p.node));
   const orphans = [...els.messages.querySelectorAll('.msg[data-status="streaming"]')].filter((n) => !live.has(n));
   for (const node of orphans) {
-    node.querySelector(".msg-meta").textContent = "Still being written, or interrupted: showing the text saved so far.";
+    node.querySelector(".msg-meta").textContent = "Still being written (it goes on after a reload): showing the text saved so far.";
   }
   if (orphans.length && conversation) {
     state.pollTimer = setTimeout(() => {
       if (state.conversationId === conversation.id) openConversation(conversation.id, false);
-    }, 2000);
+    }, 1000);
   }
   refreshRegenerate();
   updateComposer();
