@@ -251,6 +251,34 @@ def test_a_user_chats_stops_reloads_and_sees_html_as_text(site, browser):
     context.close()
 
 
+def test_a_reload_mid_answer_does_not_cut_the_answer_short(site, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    _login(page, site)
+    _send(page, "Tell me a long story about a fox who learns to sail.")
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.dataset.status === 'streaming'"
+        " && m.querySelector('.msg-body').textContent.trim().length > 20; }",
+        timeout=60_000,
+    )
+    page.wait_for_function("() => location.pathname.startsWith('/c/')", timeout=15_000)
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    before = _last_answer(page).locator(".msg-body").inner_text()
+
+    page.reload()  # the socket closes mid-answer
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+    # The answer went on being written and the page follows it to the end.
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+    after = _last_answer(page).locator(".msg-body").inner_text()
+    assert len(after) > len(before)
+    saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
+    last = saved["messages"][-1]
+    assert last["status"] == "complete"
+    assert last["content"].startswith(before.strip()[:10])
+    context.close()
+
+
 def test_the_conversation_list_renames_searches_and_deletes(site, browser):
     context = browser.new_context(viewport={"width": 1280, "height": 820})
     page = context.new_page()
