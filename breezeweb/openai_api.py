@@ -34,6 +34,7 @@ from asgiref.sync import sync_to_async
 
 from breezeweb import ratelimit
 from breezeweb.api_auth import api_view, openai_error, openai_error_body
+from breezeweb.heartbeat import HEARTBEAT, Heartbeat
 from breezeweb.models import Conversation, Message
 from breezeweb.pipeline import GuardianBlocked, Routed, Sources, TurnInput, run_turn
 from rag.models import Collection
@@ -43,6 +44,11 @@ from runners.models import RunnerConfig
 log = logging.getLogger(__name__)
 
 AUTO_MODEL = "auto"
+# An SSE comment after this much silence keeps proxies from closing the stream.
+SSE_HEARTBEAT_SECONDS = 10.0
+# How long a stream waits for its first event before its headers go out anyway
+# (later failures then arrive as an error event inside the stream).
+PRIME_MAX_SECONDS = 10.0
 OWNER = "breezeweb"
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 1000
@@ -899,7 +905,8 @@ class Completion:
         self.request = request
         self.created = int(time.time())
         self.state = TurnState()
-        self.events = run_turn(turn)
+        # Streams: silences become SSE comments so proxies keep the stream.
+        self.events = Heartbeat(run_turn(turn), SSE_HEARTBEAT_SECONDS)
         self.buffered: list[Any] = []
 
     @property
@@ -921,7 +928,8 @@ class Completion:
     async def answer(self) -> JsonResponse:
         try:
             async for event in self.events:
-                self.state.take(event)
+                if event is not HEARTBEAT:
+                    self.state.take(event)
         except GuardianBlocked as exc:
             if exc.where != "output":
                 return self._error(exc).response()
@@ -969,8 +977,16 @@ class Completion:
     async def prime(self) -> ApiError | None:
         """Run the turn up to its first answer event, so that failures before
         any output are plain HTTP errors with the right status code."""
+        waited = 0.0
         try:
             async for event in self.events:
+                if event is HEARTBEAT:
+                    # Queued or slow to start: open the stream rather than keep
+                    # the client (and any proxy) waiting without a byte.
+                    waited += self.events.interval
+                    if waited >= PRIME_MAX_SECONDS:
+                        return None
+                    continue
                 self.state.take(event)
                 self.buffered.append(event)
                 if isinstance(event, TokenDelta | ToolCall | Done):
@@ -1027,6 +1043,9 @@ class Completion:
             error: ApiError | None = None
             try:
                 async for event in self.events:
+                    if event is HEARTBEAT:
+                        yield b": keep-alive\n\n"
+                        continue
                     self.state.take(event)
                     chunk = self._event_chunk(event)
                     if chunk:

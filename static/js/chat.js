@@ -402,6 +402,15 @@ window.addEventListener("popstate", () => {
 
 // ---- the websocket ----------------------------------------------------------------------
 
+// Proxies close websockets that stay silent (nginx: 60 s); a ping every 25 s
+// keeps an idle chat connected.
+const KEEPALIVE_MS = 25000;
+setInterval(() => {
+  if (state.socket && state.socket.readyState === WebSocket.OPEN) {
+    state.socket.send(JSON.stringify({ type: "ping", request_id: "keepalive" }));
+  }
+}, KEEPALIVE_MS);
+
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
@@ -430,7 +439,11 @@ function connect() {
     state.socket = null;
     if (event.code === 4401) { location.href = `/login/?next=${encodeURIComponent(location.pathname)}`; return; }
     if (state.pending.size) {
-      for (const p of state.pending.values()) finishPending(p, { status: "stopped" });
+      // The server goes on writing these answers; once reconnected the page
+      // reloads the conversation and follows them until they are done.
+      for (const p of state.pending.values()) {
+        if (p.node) p.node.querySelector(".msg-meta").textContent = "Connection lost: the answer is still being written; reconnecting…";
+      }
       state.pending.clear();
       state.reloadOnOpen = true;
     }
