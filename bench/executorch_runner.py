@@ -1,6 +1,6 @@
 """Benchmark: the local ExecuTorch runner vs the bare TextLLMRunner vs PyTorch eager.
 
-    .venv/bin/python bench/executorch_runner.py [--variants 8da4w,fp32] [--runs 3]
+    .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w,fp32] [--runs 3]
 
 In one run, on the same prompts, each in its own subprocess (so peak RSS is
 its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
@@ -9,7 +9,7 @@ GGUF's de-quantized fp32 weights. Reports prefill and decode tokens/s, time to
 first token, peak RSS, the ratios (runner vs eager, runner overhead vs bare),
 the greedy answers of a small fixed question set, and each variant's export
 time (from its manifest). Variants other than the prepared default are built
-into the model cache on first use (fp32: about 4 minutes on 2 cores).
+into the model cache on first use (about 4-10 minutes each on 2 cores).
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ def _row(label: str, r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="8da4w,fp32")
+    parser.add_argument("--variants", default="8da8w,8da4w,fp32")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--worker", choices=["runner", "bare", "eager", "overhead"])
     parser.add_argument("--model-dir", type=Path)
