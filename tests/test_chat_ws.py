@@ -55,18 +55,6 @@ async def _no_generation_outlives_its_test():
     await finish_detached(cancel=True)
 
 
-@pytest.fixture
-def scripted_runner(scripted_server):
-    return RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-    )
-
-
 def _session_headers(user) -> list[tuple[bytes, bytes]]:
     client = Client()
     client.force_login(user)

@@ -11,7 +11,6 @@ from breezeweb import openai_api
 from breezeweb.heartbeat import HEARTBEAT, Heartbeat
 from breezeweb.models import ApiKey
 from runners import registry
-from runners.models import RunnerConfig
 from runners.router import circuits
 from tests.support.scripted_server import Reply
 from tests.test_openai_api import call, chat_body, parse_sse
@@ -22,18 +21,6 @@ def api_key(user) -> str:
     registry.forget_all()
     circuits.reset()
     return ApiKey.issue(user, "tests")[1]
-
-
-@pytest.fixture
-def scripted_runner(scripted_server):
-    return RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-    )
 
 
 async def _slow_source():

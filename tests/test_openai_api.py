@@ -50,18 +50,6 @@ def _fresh_runners():
 
 
 @pytest.fixture
-def scripted_runner(scripted_server):
-    return RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-    )
-
-
-@pytest.fixture
 def api_key(user) -> str:
     return ApiKey.issue(user, "tests")[1]
 

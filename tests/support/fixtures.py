@@ -3,6 +3,8 @@
 - `scripted_server`: a `ScriptedServer` (tests.support.scripted_server), shared
   by the session but reset before each test: empty scripts, no recordings,
   models ["scripted-model"].
+- `scripted_runner`: an enabled `llamastack` RunnerConfig named "scripted"
+  pointing at `scripted_server` (priority 10, 10 s timeout).
 - `llamastack_server`: a real `llama stack run` server (session-wide, started on
   first use) whose upstream is its own ScriptedServer; see
   tests.support.llamastack_server.
@@ -42,3 +44,17 @@ def llamastack_server():
         pytest.fail(f"the real Llama Stack server did not start: {exc}", pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def scripted_runner(scripted_server: ScriptedServer):
+    from runners.models import RunnerConfig
+
+    return RunnerConfig.objects.create(
+        name="scripted",
+        kind="llamastack",
+        endpoint=scripted_server.url,
+        model_id="scripted-model",
+        priority=10,
+        timeout_seconds=10,
+    )
