@@ -82,7 +82,12 @@ def metrics_allowed(request: HttpRequest) -> tuple[bool, int, str]:
         if given and hmac.compare_digest(given.encode(), token.encode()):
             return True, 200, ""
         return False, 401, "Send Authorization: Bearer <METRICS_TOKEN>."
-    if _loopback(request.META.get("REMOTE_ADDR", "")):
+    # Behind a reverse proxy on the same host every request comes from
+    # loopback; a forwarding header means it really came from elsewhere.
+    forwarded = any(
+        request.META.get(h) for h in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+    )
+    if _loopback(request.META.get("REMOTE_ADDR", "")) and not forwarded:
         return True, 200, ""
     return (
         False,

@@ -136,6 +136,14 @@ def test_without_a_token_only_loopback_clients_are_served(client):
 
 
 @pytest.mark.django_db
+def test_a_request_forwarded_by_a_local_proxy_is_not_treated_as_loopback(client):
+    # nginx on the same host connects from 127.0.0.1 for every visitor.
+    for header in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP"):
+        response = client.get("/metrics", REMOTE_ADDR="127.0.0.1", **{header: "203.0.113.9"})
+        assert response.status_code == 403, header
+
+
+@pytest.mark.django_db
 @override_settings(METRICS_TOKEN=TOKEN)
 def test_with_a_token_a_bearer_header_is_required_even_from_loopback(client):
     missing = client.get("/metrics", REMOTE_ADDR="127.0.0.1")
