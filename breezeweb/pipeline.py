@@ -27,8 +27,8 @@ from runners.base import (
     RunnerError,
     TokenDelta,
 )
-from runners.guardian import GuardianBlocked, OutputFilter, check_input, load_rules
-from runners.router import Routed, route
+from runners.guardian import GuardianBlocked, OutputFilter, check_input, enabled_rules
+from runners.router import Routed, load_candidates, route
 
 __all__ = ["GuardianBlocked", "Routed", "Sources", "TurnInput", "fit_to_budget", "run_turn"]
 
@@ -141,15 +141,39 @@ def _retrieve(turn: TurnInput, query: str):
     )
 
 
+@database_sync_to_async
+def _turn_settings(needed, pinned: str | None, need_rag: bool):
+    """Guardian rules and runner candidates in one database round trip. A
+    "no runner" error is returned, not raised: the input rules speak first."""
+    rules = enabled_rules()
+    try:
+        return rules, load_candidates(needed, pinned, need_rag), None
+    except RunnerError as exc:
+        return rules, None, exc
+
+
 async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
     """Run one turn. Yields `Sources` (RAG on), `Routed`, `Notice`, `TokenDelta`,
     `ToolCall`, then `Done`. Raises `RunnerError` or `GuardianBlocked`; after
     tokens were yielded, the caller keeps what it got as the partial answer."""
     if not turn.messages or turn.messages[-1].role != "user":
         raise RunnerError(ErrorCode.INVALID_INPUT, "The last message must be the user's.")
-    rules = await load_rules()
+    request = ChatRequest(
+        messages=turn.messages,
+        temperature=turn.temperature,
+        top_p=turn.top_p,
+        max_tokens=turn.max_tokens,
+        stop=turn.stop,
+        tools=turn.tools,
+        request_id=turn.request_id,
+    )
+    rules, candidates, no_runner = await _turn_settings(
+        request.needed_capabilities(), turn.pinned_runner, turn.rag
+    )
     last_text = turn.messages[-1].content
     check_input(last_text, rules)
+    if no_runner is not None:
+        raise no_runner
 
     context = ""
     if turn.rag:
@@ -161,15 +185,6 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         context = retrieved.text
         yield Sources(tuple(s.as_dict() for s in retrieved.sources))
 
-    request = ChatRequest(
-        messages=turn.messages,
-        temperature=turn.temperature,
-        top_p=turn.top_p,
-        max_tokens=turn.max_tokens,
-        stop=turn.stop,
-        tools=turn.tools,
-        request_id=turn.request_id,
-    )
     output = OutputFilter(rules)
     events = route(
         request,
@@ -178,6 +193,7 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         prepare=lambda req, runner: fit_to_budget(req, runner, context),
         source=turn.source,
         message_id=turn.message_id,
+        candidates=candidates,
     )
     try:
         async for event in events:

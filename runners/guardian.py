@@ -58,12 +58,15 @@ class Rule:
         return f"The answer was stopped by the content rule {self.name!r}."
 
 
-@database_sync_to_async
-def load_rules() -> tuple[Rule, ...]:
+def enabled_rules() -> tuple[Rule, ...]:
+    """The enabled rules, read fresh (an admin's edit applies to the next turn)."""
     return tuple(
         Rule(r.name, r.kind, r.value, r.applies_to, r.message)
         for r in GuardianRule.objects.filter(enabled=True)
     )
+
+
+load_rules = database_sync_to_async(enabled_rules)
 
 
 def _applies(rule: Rule, where: str) -> bool:

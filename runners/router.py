@@ -137,10 +137,11 @@ def _missing(config: RunnerConfig, needed: frozenset[Capability]) -> list[str]:
     return sorted(c.value for c in needed if c.value not in config.capabilities)
 
 
-@database_sync_to_async
-def _load_candidates(
+def load_candidates(
     needed: frozenset[Capability], pinned: str | None, need_rag: bool
 ) -> list[RunnerConfig]:
+    """The configs that may answer, re-read on every request (so an admin's
+    edit applies at once, in every process). Raises RunnerError when none can."""
     if pinned:
         config = RunnerConfig.objects.filter(name=pinned).first()
         if config is None:
@@ -264,12 +265,15 @@ async def route(
     prepare: Prepare | None = None,
     source: str = "chat",
     message_id: int | None = None,
+    candidates: list[RunnerConfig] | None = None,
 ) -> AsyncIterator[Event | Routed]:
     """Answer `request` with the best available runner, falling back before
     the first token. `prepare(request, runner)` fits the request to a runner
     (its prompt budget) and returns notices for the user (e.g. "trimmed"); it
-    may raise RunnerError(INVALID_INPUT). Yields `Routed` before a runner's
-    first event, then the notices, then the runner's events."""
+    may raise RunnerError(INVALID_INPUT). `candidates` (from `load_candidates`)
+    saves a database round trip when the caller already read them. Yields
+    `Routed` before a runner's first event, then the notices, then the
+    runner's events."""
     needed = request.needed_capabilities()
     capability = (
         Capability.AGENT
@@ -278,7 +282,9 @@ async def route(
         if Capability.VLM in needed
         else Capability.LLM
     ).value
-    candidates = _order(await _load_candidates(needed, pinned, need_rag))
+    if candidates is None:
+        candidates = await database_sync_to_async(load_candidates)(needed, pinned, need_rag)
+    candidates = _order(candidates)
     tried: list[str] = []
     last_error: RunnerError | None = None
     skipped_open: list[str] = []
