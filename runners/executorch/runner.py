@@ -673,9 +673,16 @@ class ExecuTorchRunner:
         missing = self.files.missing()
         if missing:
             return Health(ok=False, detail=f"{NOT_PREPARED} (missing {missing[0]})")
-        if self._engine is None:
-            return Health(ok=True, detail="ready (loads on first request)", models=(self.model_id,))
-        pool = self._engine.pool
+        engine = self._engine
+        if engine is None:
+            # Perhaps loaded at server start (preload) by another instance.
+            with _engines_lock:
+                engine = _engines.get(self.files.key())
+            if engine is None:
+                return Health(
+                    ok=True, detail="ready (loads on first request)", models=(self.model_id,)
+                )
+        pool = engine.pool
         return Health(
             ok=True,
             detail=f"loaded; {pool.busy()}/{pool.size} busy, {pool.queued()} queued",

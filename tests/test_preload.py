@@ -1,0 +1,46 @@
+"""Local models are loaded when the server starts, not on the first chat."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+
+import pytest
+
+from runners import registry
+from runners.executorch import runner as executorch_runner
+from runners.models import RunnerConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_preloading_loads_the_enabled_local_model_and_health_says_so():
+    if not (Path(settings.MODELS_DIR) / "model.pte").exists():
+        if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
+            pytest.fail(f"no prepared model in {settings.MODELS_DIR}")
+        pytest.skip("no prepared model: run `python manage.py prepare_model`")
+    executorch_runner.forget_engines()
+    registry.forget_all()
+    from asgiref.sync import sync_to_async
+
+    config = await sync_to_async(RunnerConfig.objects.create)(
+        name="local", kind="executorch", priority=100
+    )
+    fresh = registry.runner_class("executorch").from_config(config)
+    assert (await fresh.health()).detail == "ready (loads on first request)"
+
+    registry.preload_local_runners()
+    deadline = time.monotonic() + 120
+    while any(t.name == "preload-runners" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+    # A new instance in the server's loop finds the model already loaded.
+    health = await registry.runner_class("executorch").from_config(config).health()
+    assert health.ok and health.detail.startswith("loaded")
