@@ -14,7 +14,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from breezeweb.models import ApiKey, Conversation, Message
 from runners import registry
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
+from tests.support.processes import Daphne
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -856,12 +856,6 @@ def test_the_docs_page_renders_the_schema_without_inline_scripts(client):
 # ---- live: a real Daphne process, the official openai client -----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 MODELS_DIR = Path(os.environ.get("MODELS_DIR", ROOT / "data" / "models"))
 MODEL_READY = (MODELS_DIR / "model.pte").is_file() and (MODELS_DIR / "tokenizer.json").is_file()
 
@@ -885,20 +879,20 @@ class LiveServer:
     """Daphne serving breezeweb.asgi on a free port, with its own SQLite database."""
 
     def __init__(self, tmp: Path, endpoint: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
             "DATA_DIR": str(tmp),
             "DATABASE_URL": f"sqlite:///{tmp / 'live.sqlite3'}",
+            "REDIS_URL": "",  # the embedded defaults, also in the scale-out pass
             "MODELS_DIR": str(MODELS_DIR),
             "BREEZEWEB_ENV_FILE": "/nonexistent",
             "API_REQUESTS_PER_MINUTE": "40",
             "API_MAX_CONCURRENT_STREAMS": "2",
             "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
         }
+        self.daphne = Daphne(self.env)
+        self.port, self.url = self.daphne.port, self.daphne.url
         self.endpoint = endpoint
-        self.process: subprocess.Popen | None = None
         self.keys: dict[str, str] = {}
 
     def _manage(self, *args: str) -> str:
@@ -919,40 +913,11 @@ class LiveServer:
         code = f"NAMES={names!r}\nENDPOINT={self.endpoint!r}\nLOCAL={MODEL_READY!r}\n" + _SETUP
         out = self._manage("shell", "-c", code)
         self.keys = json.loads(out.split("SETUP", 1)[1])
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "breezeweb.asgi:application",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.process.stderr.read().decode()[-3000:])
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("daphne did not start within 60 s")
+        self.daphne.start()
+        return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        self.daphne.stop()
 
     def openai(self, key_name: str, **kwargs):
         import openai

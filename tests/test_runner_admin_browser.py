@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedServer, free_port
 
@@ -26,15 +27,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = screenshot_dir()
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 PASSWORD = "admin-password-123"
 API_KEY = "sk-browser-admin-0f1e2d3c4b5a6978"
 
