@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # A frame larger than this is refused with `frame_too_large` (Daphne must let
 # it through: run it with --websocket-max-message-size above this).
-MAX_FRAME_BYTES = getattr(settings, "CHAT_MAX_FRAME_BYTES", 12 * 1024 * 1024)
+MAX_FRAME_BYTES = settings.CHAT_MAX_FRAME_BYTES
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGES = 4
 MAX_REQUEST_ID_CHARS = 128
@@ -43,7 +43,7 @@ FLUSH_INTERVAL_SECONDS = 0.5
 # After a token frame, the next one waits this long, gathering what arrives
 # meanwhile: at most 40 token frames a second per answer, whatever the model's
 # pace (smooth to read; fewer frames leave the CPU to the model).
-TOKEN_FRAME_INTERVAL_SECONDS = getattr(settings, "CHAT_TOKEN_FRAME_INTERVAL_MS", 25) / 1000
+TOKEN_FRAME_INTERVAL_SECONDS = settings.CHAT_TOKEN_FRAME_INTERVAL_MS / 1000
 
 GENERATING_TYPES = ("message", "regenerate", "edit")
 

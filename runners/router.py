@@ -125,8 +125,8 @@ class CircuitBoard:
 
 
 circuits = CircuitBoard(
-    threshold=getattr(settings, "RUNNER_CIRCUIT_FAILURES", 3),
-    cooldown_s=getattr(settings, "RUNNER_CIRCUIT_COOLDOWN_SECONDS", 30.0),
+    threshold=settings.RUNNER_CIRCUIT_FAILURES,
+    cooldown_s=settings.RUNNER_CIRCUIT_COOLDOWN_SECONDS,
 )
 
 
