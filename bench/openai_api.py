@@ -50,7 +50,7 @@ server.stop()
 SETUP = """
 import json
 from django.contrib.auth import get_user_model
-from breezeweb.models import ApiKey
+from accounts.models import ApiKey
 from runners.models import RunnerConfig
 user = get_user_model().objects.create_user("bench", password="bench-password-123")
 RunnerConfig.objects.create(name="upstream", kind="llamastack", endpoint={endpoint!r},

@@ -102,7 +102,7 @@ class Site:
         out = self.manage(
             "shell",
             "-c",
-            "from django.contrib.auth.models import User; from breezeweb.models import ApiKey;"
+            "from django.contrib.auth.models import User; from chat.models import ApiKey;"
             "u = User.objects.create_user('bench', password='bench-password-123');"
             "print('KEY=' + ApiKey.issue(u, 'bench')[1])",
         )
@@ -162,7 +162,7 @@ async def ws_connect(site: Site):
 
 
 async def direct_run(runner, max_tokens: int) -> dict:
-    from breezeweb.pipeline import SYSTEM_PROMPT
+    from chat.pipeline import SYSTEM_PROMPT
     from runners.base import ChatMessage, ChatRequest, Done, TokenDelta
 
     request = ChatRequest(
@@ -287,7 +287,7 @@ def server_overheads() -> list[float]:
     (from the frame's arrival) minus the runner's own, which the router saved
     in the RunRecord: the server's work before and around the runner (parse,
     limits, saving the turn, guardian, routing), free of client and network."""
-    from breezeweb.models import Message
+    from chat.models import Message
 
     values = []
     rows = Message.objects.filter(role="assistant", status="complete").exclude(

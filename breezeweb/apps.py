@@ -3,5 +3,5 @@ from django.apps import AppConfig
 
 class BreezeWebConfig(AppConfig):
     name = "breezeweb"
-    verbose_name = "Chat"
+    verbose_name = "BreezeWeb"
     default_auto_field = "django.db.models.BigAutoField"

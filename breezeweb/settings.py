@@ -102,9 +102,12 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
-    "breezeweb",
+    "breezeweb",  # the project: settings, URLs, health, `bootstrap`, old migrations
+    "accounts",
     "runners",
     "rag",
+    "chat",
+    "api",
 ]
 
 MIDDLEWARE = [

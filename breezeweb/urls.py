@@ -1,40 +1,33 @@
+"""The site's URLs: each app brings its own; the project adds login, health and admin."""
+
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, HttpResponsePermanentRedirect
 from django.urls import include, path, re_path
 
-from breezeweb import apikeys, health, openai_api, openapi, views
+from breezeweb import health
+
+# Admin pages of models that moved out of the `breezeweb` app keep working.
+_MOVED_ADMIN = {"conversation": "chat", "message": "chat", "apikey": "accounts"}
+
+
+def _moved_admin(request: HttpRequest, model: str, rest: str) -> HttpResponsePermanentRedirect:
+    query = f"?{request.META['QUERY_STRING']}" if request.META.get("QUERY_STRING") else ""
+    return HttpResponsePermanentRedirect(f"/admin/{_MOVED_ADMIN[model]}/{model}/{rest}{query}")
+
 
 admin.site.site_header = "BreezeWeb administration"
 admin.site.site_title = "BreezeWeb admin"
 admin.site.index_template = "admin/runners/index.html"  # adds the runner dashboard link
 
 urlpatterns = [
-    path("", views.chat_page, name="chat"),
-    path("c/<int:conversation_id>/", views.chat_page, name="conversation"),
-    path("api/conversations", views.conversations, name="api-conversations"),
-    path(
-        "api/conversations/<int:conversation_id>",
-        views.conversation,
-        name="api-conversation",
-    ),
-    path("api/runners", views.runners, name="api-runners"),
-    path("api/", include("rag.urls")),
-    path("v1/models", openai_api.models, name="openai-models"),
-    path("v1/models/<str:model_id>", openai_api.model_detail, name="openai-model"),
-    path("v1/chat/completions", openai_api.chat_completions, name="openai-chat-completions"),
-    re_path(r"^v1/(?P<rest>.*)$", openai_api.not_found),
-    path("api/schema", openapi.schema_view, name="api-schema"),
-    path("api/docs", openapi.docs_view, name="api-docs"),
-    path("settings/api-keys/", apikeys.api_keys, name="api-keys"),
-    path(
-        "settings/api-keys/<int:key_id>/revoke/",
-        apikeys.revoke_api_key,
-        name="api-key-revoke",
-    ),
+    path("", include("chat.urls")),
+    path("", include("api.urls")),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("", include("runners.urls")),  # /metrics and /admin/runners/dashboard/ (before admin/)
+    re_path(r"^admin/breezeweb/(?P<model>conversation|message|apikey)/(?P<rest>.*)$", _moved_admin),
     path("admin/", admin.site.urls),
 ]

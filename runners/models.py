@@ -136,7 +136,7 @@ class RunRecord(models.Model):
     tokens_per_second = models.FloatField(null=True, blank=True)
     source = models.CharField(max_length=16, default="chat", help_text="chat, api, admin")
     message = models.ForeignKey(
-        "breezeweb.Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+        "chat.Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
     )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

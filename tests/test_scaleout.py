@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from breezeweb.models import ApiKey
+from accounts.models import ApiKey
 from rag.models import Collection, Document
 from runners.models import RunnerConfig
 from tests.support.processes import Daphne, Worker

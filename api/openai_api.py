@@ -1,0 +1,1100 @@
+"""The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions`.
+
+Requests are checked completely (shape, types, model, collections,
+conversation, images) before anything runs or is saved, and every failure is
+an OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
+A completion is one chat turn through `chat.pipeline.run_turn` (guardian,
+RAG, routing with fallback, output filtering); `stream: true` answers in
+Server-Sent Events as `chat.completion.chunk` objects ending with `data: [DONE]`.
+Stateless by default: `breezeweb.save` / `breezeweb.conversation_id` record the
+exchange as a Conversation, once the answer is known (never half-way).
+See docs/http-api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import transaction
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+
+from asgiref.sync import sync_to_async
+
+from accounts import limits
+from accounts.auth import api_view, openai_error, openai_error_body
+from api.heartbeat import HEARTBEAT, Heartbeat
+from chat.models import Conversation, Message
+from chat.pipeline import GuardianBlocked, Routed, Sources, TurnInput, run_turn
+from rag.models import Collection
+from runners.base import ChatMessage, Done, ErrorCode, Notice, RunnerError, TokenDelta, ToolCall
+from runners.models import RunnerConfig
+
+log = logging.getLogger(__name__)
+
+AUTO_MODEL = "auto"
+# An SSE comment after this much silence keeps proxies from closing the stream.
+SSE_HEARTBEAT_SECONDS = 10.0
+# How long a stream waits for its first event before its headers go out anyway
+# (later failures then arrive as an error event inside the stream).
+PRIME_MAX_SECONDS = 10.0
+OWNER = "breezeweb"
+MAX_STOP_SEQUENCES = 4
+MAX_MESSAGES = 1000
+MAX_TOOLS = 128
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EXTENSION_KEYS = {"rag", "collections", "conversation_id", "save"}
+
+
+class ApiError(Exception):
+    """A request the API refuses, with its OpenAI-shaped error."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        type_: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.type_ = type_
+        self.retry_after = retry_after
+
+    def response(self) -> JsonResponse:
+        return openai_error(
+            self.status,
+            self.code,
+            self.message,
+            type_=self.type_,
+            param=self.param,
+            retry_after=self.retry_after,
+        )
+
+    def body(self) -> dict[str, Any]:
+        return openai_error_body(
+            self.status, self.code, self.message, type_=self.type_, param=self.param
+        )
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, code, message, param=param)
+
+
+# ---- the request ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image sits in the request (for errors) and its data URL."""
+
+    message: int
+    part: int
+    url: str
+
+    @property
+    def param(self) -> str:
+        return f"messages[{self.message}].content[{self.part}].image_url.url"
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A checked `POST /v1/chat/completions` body. `model` None means auto."""
+
+    model: str | None
+    messages: tuple[ChatMessage, ...]
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    tools: tuple[dict[str, Any], ...] = ()
+    rag: bool = False
+    collection_ids: tuple[int, ...] = ()
+    conversation_id: int | None = None
+    save: bool = False
+    images: tuple[ImageRef, ...] = field(default=(), repr=False)
+
+    @property
+    def records(self) -> bool:
+        return self.save or self.conversation_id is not None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or value != value:  # NaN is not a number here
+        raise _bad(f"`{name}` must be a number between {low} and {high}.", name, "invalid_type")
+    if not low <= value <= high:
+        raise _bad(f"`{name}` must be between {low} and {high}; got {value}.", name)
+    return float(value)
+
+
+def _text_parts(parts: list, index: int, role: str, images: list[ImageRef]) -> tuple[str, list]:
+    texts: list[str] = []
+    urls: list[str] = []
+    for j, part in enumerate(parts):
+        where = f"messages[{index}].content[{j}]"
+        if not isinstance(part, dict):
+            raise _bad(f"`{where}` must be an object with a `type`.", where, "invalid_type")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"`{where}.text` must be a string.", f"{where}.text", "invalid_type")
+            texts.append(text)
+        elif kind == "image_url":
+            if role != "user":
+                raise _bad(f"Only user messages may carry images (`{where}`).", where)
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str) or not url:
+                raise _bad(
+                    f"`{where}.image_url.url` must be a data URL string "
+                    "(data:image/png;base64,...).",
+                    f"{where}.image_url.url",
+                    "invalid_type",
+                )
+            images.append(ImageRef(index, j, url))
+            urls.append(url)
+        else:
+            raise _bad(
+                f"`{where}.type` must be `text` or `image_url`; got {kind!r}.",
+                f"{where}.type",
+                "unsupported_content_type",
+            )
+    return "\n".join(texts), urls
+
+
+def _tool_calls(value: Any, index: int) -> tuple[dict[str, Any], ...]:
+    where = f"messages[{index}].tool_calls"
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad(f"`{where}` must be an array.", where, "invalid_type")
+    calls = []
+    for k, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+        ):
+            raise _bad(
+                f"`{where}[{k}]` must be {{id, type: function, function: {{name, arguments}}}} "
+                "with string values.",
+                f"{where}[{k}]",
+                "invalid_type",
+            )
+        calls.append(
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return tuple(calls)
+
+
+def _messages(value: Any) -> tuple[tuple[ChatMessage, ...], tuple[ImageRef, ...]]:
+    if value is None:
+        raise _bad("`messages` is required.", "messages", "missing_required_parameter")
+    if not isinstance(value, list):
+        raise _bad("`messages` must be an array of message objects.", "messages", "invalid_type")
+    if not value:
+        raise _bad("`messages` must not be empty.", "messages", "empty_array")
+    if len(value) > MAX_MESSAGES:
+        raise _bad(f"At most {MAX_MESSAGES} messages are accepted.", "messages", "array_too_long")
+    messages: list[ChatMessage] = []
+    images: list[ImageRef] = []
+    for i, raw in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise _bad(f"`{where}` must be an object.", where, "invalid_type")
+        role = raw.get("role")
+        if role not in _ROLES:
+            raise _bad(
+                f"`{where}.role` must be one of {', '.join(sorted(_ROLES))}; got {role!r}.",
+                f"{where}.role",
+            )
+        if role == "developer":
+            role = "system"  # OpenAI's newer name for the system role
+        content = raw.get("content")
+        tool_calls = _tool_calls(raw.get("tool_calls"), i) if role == "assistant" else ()
+        urls: list[str] = []
+        if content is None:
+            if not (role == "assistant" and tool_calls):
+                raise _bad(f"`{where}.content` is required.", f"{where}.content", "invalid_type")
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text, urls = _text_parts(content, i, role, images)
+        else:
+            raise _bad(
+                f"`{where}.content` must be a string or an array of content parts.",
+                f"{where}.content",
+                "invalid_type",
+            )
+        tool_call_id = ""
+        if role == "tool":
+            tool_call_id = raw.get("tool_call_id")
+            if not isinstance(tool_call_id, str) or not tool_call_id:
+                raise _bad(
+                    f"`{where}.tool_call_id` is required for tool messages.",
+                    f"{where}.tool_call_id",
+                    "invalid_type",
+                )
+        messages.append(
+            ChatMessage(
+                role=role,
+                content=text,
+                images=tuple(urls),
+                tool_calls=tool_calls,
+                tool_call_id=tool_call_id,
+            )
+        )
+    if messages[-1].role != "user":
+        raise _bad(
+            f"The last message must be the user's; it is {messages[-1].role!r}.",
+            f"messages[{len(messages) - 1}].role",
+        )
+    return tuple(messages), tuple(images)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise _bad("`stop` must be a string or an array of strings.", "stop", "invalid_type")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise _bad(f"`stop` takes at most {MAX_STOP_SEQUENCES} sequences.", "stop")
+    if any(not s for s in value):
+        raise _bad("`stop` sequences must not be empty.", "stop")
+    return tuple(value)
+
+
+def _tools(body: dict) -> tuple[dict[str, Any], ...]:
+    value = body.get("tools")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none"):
+        raise _bad(
+            "`tool_choice` may be `auto` or `none`; forcing a tool is not supported.",
+            "tool_choice",
+            "unsupported_value",
+        )
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad("`tools` must be an array.", "tools", "invalid_type")
+    if len(value) > MAX_TOOLS:
+        raise _bad(f"At most {MAX_TOOLS} tools are accepted.", "tools", "array_too_long")
+    tools = []
+    for k, tool in enumerate(value):
+        where = f"tools[{k}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise _bad(f"`{where}.type` must be `function`.", f"{where}.type")
+        if not isinstance(function, dict):
+            raise _bad(
+                f"`{where}.function` must be an object.", f"{where}.function", "invalid_type"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _bad(
+                f"`{where}.function.name` must be 1-64 letters, digits, `_` or `-`.",
+                f"{where}.function.name",
+            )
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _bad(
+                f"`{where}.function.description` must be a string.",
+                f"{where}.function.description",
+                "invalid_type",
+            )
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _bad(
+                f"`{where}.function.parameters` must be a JSON Schema object.",
+                f"{where}.function.parameters",
+                "invalid_type",
+            )
+        clean: dict[str, Any] = {"name": name}
+        if description is not None:
+            clean["description"] = description
+        if parameters is not None:
+            clean["parameters"] = parameters
+        tools.append({"type": "function", "function": clean})
+    return () if choice == "none" else tuple(tools)
+
+
+def _extension(value: Any) -> tuple[bool, tuple[int, ...], int | None, bool]:
+    if value is None:
+        return False, (), None, False
+    if not isinstance(value, dict):
+        raise _bad("`breezeweb` must be an object.", "breezeweb", "invalid_type")
+    unknown = sorted(set(value) - _EXTENSION_KEYS)
+    if unknown:
+        raise _bad(
+            f"Unknown field `breezeweb.{unknown[0]}`; known: {', '.join(sorted(_EXTENSION_KEYS))}.",
+            f"breezeweb.{unknown[0]}",
+            "unknown_parameter",
+        )
+    collections = value.get("collections")
+    if collections is None:
+        ids: tuple[int, ...] = ()
+    elif isinstance(collections, list) and all(_is_int(c) and c > 0 for c in collections):
+        ids = tuple(dict.fromkeys(collections))
+    else:
+        raise _bad(
+            "`breezeweb.collections` must be an array of collection ids (positive integers).",
+            "breezeweb.collections",
+            "invalid_type",
+        )
+    rag = value.get("rag")
+    if rag is None:
+        rag = bool(ids)  # naming collections asks for retrieval from them
+    elif not isinstance(rag, bool):
+        raise _bad("`breezeweb.rag` must be true or false.", "breezeweb.rag", "invalid_type")
+    if ids and not rag:
+        raise _bad("`breezeweb.collections` needs `breezeweb.rag` true.", "breezeweb.collections")
+    conversation_id = value.get("conversation_id")
+    if conversation_id is not None and not (_is_int(conversation_id) and conversation_id > 0):
+        raise _bad(
+            "`breezeweb.conversation_id` must be a conversation id (a positive integer).",
+            "breezeweb.conversation_id",
+            "invalid_type",
+        )
+    save = value.get("save", False)
+    if not isinstance(save, bool):
+        raise _bad("`breezeweb.save` must be true or false.", "breezeweb.save", "invalid_type")
+    return rag, ids, conversation_id, save
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """Check a decoded JSON body; raises ApiError(400) naming the bad `param`.
+    Fields OpenAI defines that BreezeWeb cannot honour differently are ignored
+    (e.g. `user`, `seed`); `n` other than 1 is refused."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", None, "invalid_type")
+    model = body.get("model")
+    if model is None:
+        raise _bad("`model` is required.", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("`model` must be a non-empty string.", "model", "invalid_type")
+    messages, images = _messages(body.get("messages"))
+    max_tokens = body.get("max_completion_tokens")
+    name = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, name = body.get("max_tokens"), "max_tokens"
+    if max_tokens is not None and not (_is_int(max_tokens) and 1 <= max_tokens <= 1_000_000):
+        raise _bad(f"`{name}` must be a positive integer.", name, "invalid_type")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise _bad("Only `n: 1` is supported.", "n", "unsupported_value")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("`stream` must be true or false.", "stream", "invalid_type")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("`stream_options` must be an object.", "stream_options", "invalid_type")
+        if not stream:
+            raise _bad("`stream_options` is only allowed with `stream: true`.", "stream_options")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise _bad(
+                "`stream_options.include_usage` must be true or false.",
+                "stream_options.include_usage",
+                "invalid_type",
+            )
+    rag, collection_ids, conversation_id, save = _extension(body.get("breezeweb"))
+    return CompletionRequest(
+        model=None if model == AUTO_MODEL else model,
+        messages=messages,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        max_tokens=max_tokens,
+        stop=_stop(body.get("stop")),
+        stream=stream,
+        include_usage=include_usage,
+        tools=_tools(body),
+        rag=rag,
+        collection_ids=collection_ids,
+        conversation_id=conversation_id,
+        save=save,
+        images=images,
+    )
+
+
+# ---- checks against the database and the images ----------------------------------------
+
+
+def _check_references(user, request: CompletionRequest) -> None:
+    """The model, collections and conversation exist and are the user's to use."""
+    if request.model is not None:
+        config = RunnerConfig.objects.filter(name=request.model).only("enabled").first()
+        if config is None or not config.enabled:
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"The model {request.model!r} does not exist or is disabled; "
+                "GET /v1/models lists the available ones (or use `auto`).",
+                param="model",
+            )
+    if request.collection_ids:
+        readable = set(
+            Collection.objects.readable_by(user)
+            .filter(pk__in=request.collection_ids)
+            .values_list("pk", flat=True)
+        )
+        missing = [i for i in request.collection_ids if i not in readable]
+        if missing:
+            raise ApiError(
+                404,
+                "collection_not_found",
+                f"Collection {missing[0]} was not found.",
+                param="breezeweb.collections",
+            )
+    if request.conversation_id is not None and not (
+        Conversation.objects.filter(pk=request.conversation_id, owner=user).exists()
+    ):
+        raise ApiError(
+            404,
+            "conversation_not_found",
+            f"Conversation {request.conversation_id} was not found.",
+            param="breezeweb.conversation_id",
+        )
+
+
+def _validated_images(request: CompletionRequest) -> CompletionRequest:
+    """The request with every image decoded, checked and normalised."""
+    if not request.images:
+        return request
+    from runners.images import validate_image_data_url
+
+    replaced: dict[tuple[int, str], str] = {}
+    for ref in request.images:
+        try:
+            replaced[(ref.message, ref.url)] = validate_image_data_url(ref.url).data_url
+        except RunnerError as exc:
+            raise ApiError(400, "invalid_image", exc.message, param=ref.param) from None
+    messages = tuple(
+        m
+        if not m.images
+        else ChatMessage(
+            role=m.role,
+            content=m.content,
+            images=tuple(replaced[(i, url)] for url in m.images),
+            tool_calls=m.tool_calls,
+            tool_call_id=m.tool_call_id,
+        )
+        for i, m in enumerate(request.messages)
+    )
+    return replace(request, messages=messages, images=())
+
+
+# ---- errors from a turn ---------------------------------------------------------------------
+
+
+def turn_error(exc: Exception, *, pinned: bool) -> ApiError:
+    """The HTTP error for a failed turn (see the table in docs/http-api.md)."""
+    if isinstance(exc, GuardianBlocked):
+        return ApiError(400, "content_blocked", exc.message, param="messages")
+    assert isinstance(exc, RunnerError)
+    code = exc.code
+    if code == ErrorCode.INVALID_INPUT:
+        return ApiError(400, "invalid_input", exc.message, param="messages")
+    if code == ErrorCode.NOT_FOUND:
+        return ApiError(404, "model_not_found", exc.message, param="model")
+    if code == ErrorCode.NO_RUNNER:
+        # A model the client chose cannot do this (images, tools): the request
+        # must change. With `auto`, the server lacks a runner: an admin must act.
+        if pinned:
+            return ApiError(400, "model_not_capable", exc.message, param="model")
+        return ApiError(503, "no_runner_available", exc.message, type_="server_error")
+    if code == ErrorCode.TIMEOUT:
+        return ApiError(504, "runner_timeout", exc.message, type_="server_error")
+    if code == ErrorCode.AUTH:
+        # The runner's own credentials were refused: the server's fault, not the client's.
+        return ApiError(502, "runner_auth_failed", exc.message, type_="server_error")
+    if code == ErrorCode.RUNTIME:
+        return ApiError(502, "runner_error", exc.message, type_="server_error")
+    retry = exc.retry_after if exc.retry_after is not None else None
+    if code == ErrorCode.RATE_LIMITED:
+        return ApiError(
+            503, "runner_rate_limited", exc.message, type_="server_error", retry_after=retry or 5
+        )
+    return ApiError(503, "runner_unavailable", exc.message, type_="server_error", retry_after=retry)
+
+
+# ---- recording (optional) ------------------------------------------------------------------
+
+
+@dataclass
+class TurnState:
+    """What a turn produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    notices: list[dict[str, Any]] = field(default_factory=list)
+    runner: str = ""
+    model_id: str = ""
+    fallback: bool = False
+    done: Done | None = None
+    blocked: str = ""
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    def take(self, event: Any) -> None:
+        if isinstance(event, TokenDelta):
+            self.text.append(event.text)
+        elif isinstance(event, ToolCall):
+            self.tool_calls.append(event)
+        elif isinstance(event, Sources):
+            self.sources = list(event.sources)
+        elif isinstance(event, Routed):
+            self.runner, self.model_id, self.fallback = (
+                event.runner_name,
+                event.model_id,
+                event.fallback,
+            )
+        elif isinstance(event, Notice):
+            self.notices.append({"code": event.code, "message": event.message, **event.data})
+        elif isinstance(event, Done):
+            self.done = event
+
+    @property
+    def finish_reason(self) -> str:
+        if self.blocked:
+            return "content_filter"
+        if self.tool_calls:
+            return "tool_calls"
+        reason = self.done.finish_reason if self.done else "stop"
+        return reason if reason in ("stop", "length", "tool_calls") else "stop"
+
+    def usage(self) -> dict[str, int]:
+        prompt = self.done.usage.prompt_tokens if self.done else 0
+        completion = self.done.usage.completion_tokens if self.done else 0
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def extension(self, conversation_id: int | None) -> dict[str, Any]:
+        ext: dict[str, Any] = {
+            "runner": self.runner,
+            "model_id": (self.done.model_id if self.done and self.done.model_id else self.model_id),
+            "fallback": self.fallback,
+            "sources": self.sources,
+            "notices": self.notices,
+        }
+        if self.blocked:
+            ext["blocked"] = self.blocked
+        if conversation_id is not None:
+            ext["conversation_id"] = conversation_id
+        return ext
+
+
+def _title(text: str) -> str:
+    line = " ".join(text.split())
+    if not line:
+        return "API chat"
+    return line if len(line) <= 60 else line[:59].rstrip() + "…"
+
+
+def record_exchange(
+    user,
+    request: CompletionRequest,
+    state: TurnState,
+    status: str,
+    error: ApiError | None = None,
+) -> int:
+    """Save the exchange in one transaction; returns the conversation id.
+    A new conversation (`save`) gets every message of the request; an existing
+    one (`conversation_id`) gets the last user message only, since the client
+    sent the rest of the history itself."""
+    with transaction.atomic():
+        if request.conversation_id is None:
+            first_user = next(m for m in request.messages if m.role == "user")
+            conversation = Conversation.objects.create(owner=user, title=_title(first_user.content))
+            to_save = request.messages
+        else:
+            conversation = Conversation.objects.select_for_update().get(
+                pk=request.conversation_id, owner=user
+            )
+            to_save = request.messages[-1:]
+        Message.objects.bulk_create(
+            Message(
+                conversation=conversation,
+                role=m.role,
+                content=m.content,
+                images=list(m.images),
+            )
+            for m in to_save
+        )
+        done = state.done
+        Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            content=state.content,
+            status=status,
+            runner_name=state.runner[:100],
+            model_id=state.model_id[:200],
+            fallback=state.fallback,
+            finish_reason=state.finish_reason if status == Message.Status.COMPLETE else "",
+            prompt_tokens=done.usage.prompt_tokens if done else None,
+            completion_tokens=done.usage.completion_tokens if done else None,
+            time_to_first_token_ms=done.timings.time_to_first_token_ms if done else None,
+            tokens_per_second=done.timings.tokens_per_second if done else None,
+            total_ms=done.timings.total_ms if done else None,
+            sources=state.sources,
+            error_code=error.code[:32] if error else "",
+            error=error.message if error else "",
+        )
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+        return conversation.pk
+
+
+# ---- the views ---------------------------------------------------------------------------
+
+
+def _model_entry(config: RunnerConfig) -> dict[str, Any]:
+    return {
+        "id": config.name,
+        "object": "model",
+        "created": int(config.created_at.timestamp()),
+        "owned_by": OWNER,
+        "metadata": {
+            "kind": config.kind,
+            "model_id": config.model_id,
+            "capabilities": config.capabilities,
+            "priority": config.priority,
+            "context_tokens": config.context_tokens,
+            "max_tokens": config.max_tokens,
+        },
+    }
+
+
+def _auto_entry(configs: list[RunnerConfig]) -> dict[str, Any]:
+    capabilities = sorted({c for config in configs for c in config.capabilities})
+    return {
+        "id": AUTO_MODEL,
+        "object": "model",
+        "created": min((int(c.created_at.timestamp()) for c in configs), default=0),
+        "owned_by": OWNER,
+        "metadata": {
+            "kind": "router",
+            "model_id": "",
+            "capabilities": capabilities,
+            "runners": [c.name for c in configs],
+            "description": "The router's choice: the highest-priority enabled runner able "
+            "to answer, with fallback to the next one.",
+        },
+    }
+
+
+def _enabled_configs() -> list[RunnerConfig]:
+    return list(RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name"))
+
+
+async def _limit_rate(request: HttpRequest) -> None:
+    decision = await limits.ahit(
+        f"api:{request.client_id}", settings.API_REQUESTS_PER_MINUTE, 60
+    )
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            "rate_limit_exceeded",
+            f"Too many requests: at most {decision.limit} per minute for this key. "
+            f"Try again in {decision.retry_after} s.",
+            retry_after=decision.retry_after,
+        )
+
+
+def _method_not_allowed(allowed: str) -> JsonResponse:
+    response = openai_error(
+        405, "method_not_allowed", f"Use {allowed} on this endpoint.", param=None
+    )
+    response["Allow"] = allowed
+    return response
+
+
+@api_view(error=openai_error)
+async def models(request: HttpRequest) -> JsonResponse:
+    """`GET /v1/models`: `auto` plus every enabled runner config."""
+    if request.method != "GET":
+        return _method_not_allowed("GET")
+    try:
+        await _limit_rate(request)
+    except ApiError as exc:
+        return exc.response()
+    configs = await sync_to_async(_enabled_configs)()
+    data = [_auto_entry(configs), *(_model_entry(c) for c in configs)]
+    return JsonResponse({"object": "list", "data": data})
+
+
+@api_view(error=openai_error)
+async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
+    """`GET /v1/models/{id}`: one model, as listed by `GET /v1/models`."""
+    if request.method != "GET":
+        return _method_not_allowed("GET")
+    try:
+        await _limit_rate(request)
+    except ApiError as exc:
+        return exc.response()
+    configs = await sync_to_async(_enabled_configs)()
+    if model_id == AUTO_MODEL:
+        return JsonResponse(_auto_entry(configs))
+    for config in configs:
+        if config.name == model_id:
+            return JsonResponse(_model_entry(config))
+    return openai_error(
+        404,
+        "model_not_found",
+        f"The model {model_id!r} does not exist or is disabled.",
+        param="model",
+    )
+
+
+@csrf_exempt  # it changes nothing; a JSON 404 beats an HTML CSRF page for a wrong URL
+async def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    """Any other path under /v1/: an OpenAI-shaped 404."""
+    return openai_error(
+        404,
+        "unknown_url",
+        f"Unknown endpoint {request.method} {request.path}; "
+        "see /api/docs for what BreezeWeb serves.",
+    )
+
+
+def _read_body(request: HttpRequest) -> Any:
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raise ApiError(
+            413,
+            "request_too_large",
+            f"The request body is larger than {limit // (1024 * 1024) or limit} "
+            f"{'MB' if limit >= 1024 * 1024 else 'bytes'}; send smaller images or fewer messages.",
+        ) from None
+    if not raw.strip():
+        raise _bad("The request body is empty; send a JSON object.", None, "invalid_json")
+    try:
+        # Decoded here, not by json.loads, which would guess UTF-16/32 from the bytes.
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise _bad("The request body is not UTF-8 text.", None, "invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise _bad(
+            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+            f"column {exc.colno}.",
+            None,
+            "invalid_json",
+        ) from None
+    except RecursionError:
+        raise _bad("The request body is nested too deeply.", None, "invalid_json") from None
+
+
+@api_view(error=openai_error)
+async def chat_completions(request: HttpRequest):
+    """`POST /v1/chat/completions` (see the module docstring)."""
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    lease: limits.SlotLease | None = None
+    try:
+        await _limit_rate(request)
+        parsed = parse_completion_request(_read_body(request))
+        await sync_to_async(_check_references)(request.user, parsed)
+        if parsed.images:  # decoding images is CPU work: off the event loop
+            parsed = await sync_to_async(_validated_images, thread_sensitive=False)(parsed)
+        if parsed.stream:
+            lease = await limits.acquire_slot(
+                f"api-streams:{request.client_id}", settings.API_MAX_CONCURRENT_STREAMS
+            )
+            if lease is None:
+                raise ApiError(
+                    429,
+                    "too_many_concurrent_streams",
+                    f"At most {settings.API_MAX_CONCURRENT_STREAMS} streams may run at once "
+                    "for this key; wait for one to finish.",
+                    retry_after=limits.SLOT_RETRY_AFTER_SECONDS,
+                )
+    except ApiError as exc:
+        return exc.response()
+    turn = TurnInput(
+        user=request.user,
+        messages=parsed.messages,
+        rag=parsed.rag,
+        collection_ids=parsed.collection_ids,
+        pinned_runner=parsed.model,
+        temperature=parsed.temperature,
+        top_p=parsed.top_p,
+        max_tokens=parsed.max_tokens,
+        stop=parsed.stop,
+        tools=parsed.tools,
+        source="api",
+        request_id=completion_id,
+    )
+    completion = Completion(completion_id, request.user, parsed, turn)
+    if not parsed.stream:
+        return await completion.answer()
+    try:
+        error = await completion.prime()
+    except BaseException:
+        await lease.release()
+        raise
+    if error is not None:
+        await lease.release()
+        return error.response()
+    response = StreamingHttpResponse(
+        completion.sse(lease), content_type="text/event-stream; charset=utf-8"
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # proxies must not hold the stream back
+    return response
+
+
+class Completion:
+    """One completion in flight: the turn's events turned into OpenAI objects."""
+
+    def __init__(self, completion_id: str, user, request: CompletionRequest, turn: TurnInput):
+        self.id = completion_id
+        self.user = user
+        self.request = request
+        self.created = int(time.time())
+        self.state = TurnState()
+        # Streams: silences become SSE comments so proxies keep the stream.
+        self.events = Heartbeat(run_turn(turn), SSE_HEARTBEAT_SECONDS)
+        self.buffered: list[Any] = []
+
+    @property
+    def model(self) -> str:
+        return self.state.runner or self.request.model or AUTO_MODEL
+
+    async def _record(self, status: str, error: ApiError | None = None) -> int | None:
+        if not self.request.records:
+            return None
+        return await sync_to_async(record_exchange)(
+            self.user, self.request, self.state, status, error
+        )
+
+    def _error(self, exc: Exception) -> ApiError:
+        return turn_error(exc, pinned=self.request.model is not None)
+
+    # -- non-streaming --
+
+    async def answer(self) -> JsonResponse:
+        try:
+            async for event in self.events:
+                if event is not HEARTBEAT:
+                    self.state.take(event)
+        except GuardianBlocked as exc:
+            if exc.where != "output":
+                return self._error(exc).response()
+            self.state.blocked = exc.message
+        except RunnerError as exc:
+            error = self._error(exc)
+            if self.state.text or self.state.tool_calls:
+                await self._record(Message.Status.FAILED, error)
+            return error.response()
+        finally:
+            await self.events.aclose()
+        status = Message.Status.STOPPED if self.state.blocked else Message.Status.COMPLETE
+        conversation_id = await self._record(status)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": self.state.content
+            if (self.state.text or not self.state.tool_calls)
+            else None,
+            "refusal": None,
+        }
+        if self.state.tool_calls:
+            message["tool_calls"] = [_tool_call_dict(c) for c in self.state.tool_calls]
+        return JsonResponse(
+            {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": self.state.finish_reason,
+                    }
+                ],
+                "usage": self.state.usage(),
+                "breezeweb": self.state.extension(conversation_id),
+            }
+        )
+
+    # -- streaming --
+
+    async def prime(self) -> ApiError | None:
+        """Run the turn up to its first answer event, so that failures before
+        any output are plain HTTP errors with the right status code."""
+        waited = 0.0
+        try:
+            async for event in self.events:
+                if event is HEARTBEAT:
+                    # Queued or slow to start: open the stream rather than keep
+                    # the client (and any proxy) waiting without a byte.
+                    waited += self.events.interval
+                    if waited >= PRIME_MAX_SECONDS:
+                        return None
+                    continue
+                self.state.take(event)
+                self.buffered.append(event)
+                if isinstance(event, TokenDelta | ToolCall | Done):
+                    return None
+        except GuardianBlocked as exc:
+            await self.events.aclose()
+            if exc.where != "output":
+                return self._error(exc)
+            # The answer's first words broke an output rule: an empty, filtered answer.
+            self.state.blocked = exc.message
+            return None
+        except RunnerError as exc:
+            await self.events.aclose()
+            return self._error(exc)
+        except BaseException:
+            await self.events.aclose()
+            raise
+        return None
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extra) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if self.request.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return _sse(chunk)
+
+    def _event_chunk(self, event: Any) -> bytes | None:
+        if isinstance(event, TokenDelta):
+            return self._chunk({"content": event.text}) if event.text else None
+        if isinstance(event, ToolCall):
+            index = self.state.tool_calls.index(event)
+            return self._chunk({"tool_calls": [{"index": index, **_tool_call_dict(event)}]})
+        return None
+
+    async def sse(self, lease: limits.SlotLease) -> AsyncIterator[bytes]:
+        """The SSE body. Closing it (the client went away) cancels generation."""
+        finished = False
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            for event in self.buffered:
+                chunk = self._event_chunk(event)
+                if chunk:
+                    yield chunk
+            self.buffered.clear()
+            error: ApiError | None = None
+            try:
+                async for event in self.events:
+                    if event is HEARTBEAT:
+                        yield b": keep-alive\n\n"
+                        continue
+                    self.state.take(event)
+                    chunk = self._event_chunk(event)
+                    if chunk:
+                        yield chunk
+            except GuardianBlocked as exc:
+                self.state.blocked = exc.message
+            except RunnerError as exc:
+                error = self._error(exc)
+            if error is not None:
+                finished = True
+                await self._record(Message.Status.FAILED, error)
+                yield _sse(error.body())
+                yield b"data: [DONE]\n\n"
+                return
+            finished = True
+            status = Message.Status.STOPPED if self.state.blocked else Message.Status.COMPLETE
+            conversation_id = await self._record(status)
+            ext = self.state.extension(conversation_id)
+            yield self._chunk({}, self.state.finish_reason, breezeweb=ext)
+            if self.request.include_usage:
+                usage_chunk = {
+                    "id": self.id,
+                    "object": "chat.completion.chunk",
+                    "created": self.created,
+                    "model": self.model,
+                    "system_fingerprint": None,
+                    "choices": [],
+                    "usage": self.state.usage(),
+                    "breezeweb": ext,
+                }
+                yield _sse(usage_chunk)
+            yield b"data: [DONE]\n\n"
+        finally:
+            # Runs on normal end, on error, and when the server closes the body
+            # because the client disconnected: the turn is closed (stopping the
+            # runner) and, when recording, the partial answer kept as stopped.
+            await self.events.aclose()
+            if not finished and self.request.records:
+                await asyncio.shield(self._record(Message.Status.STOPPED))
+            await lease.release()
+
+
+def _tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,37 @@
+"""Routes of the HTTP API: the JSON endpoints under /api/, the OpenAI-compatible
+ones under /v1/, and the API-keys page."""
+
+from django.urls import path, re_path
+
+from api import apikeys, documents, openai_api, openapi, views
+
+urlpatterns = [
+    path("api/conversations", views.conversations, name="api-conversations"),
+    path(
+        "api/conversations/<int:conversation_id>",
+        views.conversation,
+        name="api-conversation",
+    ),
+    path("api/runners", views.runners, name="api-runners"),
+    path("api/documents", documents.documents, name="rag-documents"),
+    path("api/documents/<int:pk>", documents.document_detail, name="rag-document"),
+    path(
+        "api/documents/<int:pk>/reingest",
+        documents.document_reingest,
+        name="rag-document-reingest",
+    ),
+    path("api/collections", documents.collections, name="rag-collections"),
+    path("api/search", documents.search_view, name="rag-search"),
+    path("api/schema", openapi.schema_view, name="api-schema"),
+    path("api/docs", openapi.docs_view, name="api-docs"),
+    path("v1/models", openai_api.models, name="openai-models"),
+    path("v1/models/<str:model_id>", openai_api.model_detail, name="openai-model"),
+    path("v1/chat/completions", openai_api.chat_completions, name="openai-chat-completions"),
+    re_path(r"^v1/(?P<rest>.*)$", openai_api.not_found),
+    path("settings/api-keys/", apikeys.api_keys, name="api-keys"),
+    path(
+        "settings/api-keys/<int:key_id>/revoke/",
+        apikeys.revoke_api_key,
+        name="api-key-revoke",
+    ),
+]

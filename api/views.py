@@ -1,0 +1,56 @@
+"""The JSON endpoints behind the conversation list (/api/conversations, /api/runners).
+Views stay thin: they check access, parse the request and call chat.services."""
+
+from __future__ import annotations
+
+import json
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_GET, require_http_methods
+
+from accounts.auth import api_view, json_error
+from chat import services
+from chat.services import ChatError
+
+_STATUS = {"not_found": 404}
+
+
+def _chat_error(exc: ChatError) -> JsonResponse:
+    return json_error(_STATUS.get(exc.code, 400), exc.code, exc.message)
+
+
+@api_view()
+@require_GET
+def conversations(request: HttpRequest) -> JsonResponse:
+    """GET /api/conversations?q=title words: the user's conversations, newest first."""
+    query = request.GET.get("q", "").strip()[:200]
+    return JsonResponse({"conversations": services.list_conversations(request.user, query=query)})
+
+
+@api_view()
+@require_http_methods(["GET", "PATCH", "DELETE"])
+def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """GET: the conversation with its messages; PATCH {"title"}: rename; DELETE."""
+    try:
+        if request.method == "GET":
+            return JsonResponse(services.conversation_messages(request.user, conversation_id))
+        if request.method == "DELETE":
+            services.delete_conversation(request.user, conversation_id)
+            return HttpResponse(status=204)
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return json_error(400, "bad_json", "The request body is not valid JSON.")
+        title = body.get("title") if isinstance(body, dict) else None
+        if not isinstance(title, str):
+            return json_error(400, "bad_title", 'Send {"title": "..."}.')
+        return JsonResponse(services.rename_conversation(request.user, conversation_id, title))
+    except ChatError as exc:
+        return _chat_error(exc)
+
+
+@api_view()
+@require_GET
+def runners(request: HttpRequest) -> JsonResponse:
+    """GET /api/runners: enabled runners (name, kind, capabilities, model_id)."""
+    return JsonResponse({"runners": services.enabled_runners()})

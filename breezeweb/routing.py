@@ -1,9 +1,0 @@
-"""Websocket routes."""
-
-from django.urls import path
-
-from breezeweb.consumers import ChatConsumer
-
-websocket_urlpatterns: list = [
-    path("ws/chat/", ChatConsumer.as_asgi()),
-]

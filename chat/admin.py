@@ -1,0 +1,28 @@
+from django.contrib import admin
+
+from chat.models import Conversation, Message
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    extra = 0
+    fields = ("role", "status", "content", "runner_name", "model_id", "completion_tokens")
+    readonly_fields = fields
+    show_change_link = True
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ("title", "owner", "pinned_runner", "updated_at")
+    list_filter = ("pinned_runner",)
+    search_fields = ("title", "owner__username")
+    raw_id_fields = ("owner",)
+    inlines = [MessageInline]
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "conversation", "role", "status", "runner_name", "created_at")
+    list_filter = ("role", "status", "runner_name")
+    search_fields = ("content",)
+    raw_id_fields = ("conversation",)

@@ -1,0 +1,419 @@
+"""The chat service layer: saving turns as they stream, assembling history,
+per-user limits, and the conversation list.
+
+Callers (the websocket consumer, the pages) pass explicit arguments, never a
+request. Database functions here are synchronous; async callers wrap them in
+`database_sync_to_async`. The rate limits use the Django cache, so with
+`REDIS_URL` they hold across Daphne processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+
+from asgiref.sync import sync_to_async
+
+from chat.models import Conversation, Message
+from rag.models import Collection
+from runners.base import ChatMessage
+from runners.models import RunnerConfig
+
+TITLE_MAX_CHARS = 60
+# An answer still `streaming` without a save for this long was cut off by a
+# crash or restart (generous: a request may wait in the local runner's queue).
+STALE_STREAMING_SECONDS = 120
+
+
+class ChatError(Exception):
+    """A request the chat cannot serve, told to the user as an `error` frame
+    (or a JSON error) with this code. Never carries secrets."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """What exists in the database once a turn is accepted: the conversation,
+    the saved user message, the assistant message (status `streaming`), and
+    the history to answer (oldest first, ending with the user turn)."""
+
+    conversation_id: int
+    title: str
+    user_message_id: int
+    assistant_message_id: int
+    history: tuple[ChatMessage, ...]
+    pinned_runner: str | None = None
+    rag: bool = False
+    collection_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """How an answer ended, saved onto its assistant message."""
+
+    content: str
+    status: str  # Message.Status value: complete, stopped or failed
+    runner_name: str = ""
+    model_id: str = ""
+    fallback: bool = False
+    finish_reason: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    time_to_first_token_ms: float | None = None
+    tokens_per_second: float | None = None
+    total_ms: float | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    error_code: str = ""
+    error: str = ""
+
+
+def title_from(text: str) -> str:
+    """A conversation title from its first user message: one line, truncated."""
+    line = " ".join(text.split())
+    if not line:
+        return "Image chat"
+    if len(line) <= TITLE_MAX_CHARS:
+        return line
+    return line[: TITLE_MAX_CHARS - 1].rstrip() + "…"
+
+
+def _owned_conversation(user, conversation_id: int) -> Conversation:
+    conversation = Conversation.objects.filter(pk=conversation_id, owner=user).first()
+    if conversation is None:
+        # The same answer for "not yours" and "does not exist": ids leak nothing.
+        raise ChatError("not_found", f"Conversation {conversation_id} was not found.")
+    return conversation
+
+
+def _history(conversation: Conversation, before_message_id: int) -> tuple[ChatMessage, ...]:
+    """The turns to send the model, oldest first. Failed or empty assistant
+    answers are left out (they would teach the model nothing); stopped partial
+    answers stay, as the user saw them."""
+    rows = conversation.messages.filter(pk__lt=before_message_id).order_by("created_at", "id")
+    return _as_history(rows.only("role", "content", "images", "status"))
+
+
+def _as_history(messages) -> tuple[ChatMessage, ...]:
+    turns = []
+    for m in messages:
+        if m.role == Message.Role.ASSISTANT and (
+            m.status in (Message.Status.FAILED, Message.Status.STREAMING) or not m.content
+        ):
+            continue
+        if m.role not in (Message.Role.USER, Message.Role.ASSISTANT, Message.Role.SYSTEM):
+            continue
+        turns.append(ChatMessage(role=m.role, content=m.content, images=tuple(m.images or ())))
+    return tuple(turns)
+
+
+def _resolve_runner(name: str | None) -> RunnerConfig | None:
+    if not name or name == "auto":
+        return None
+    config = RunnerConfig.objects.filter(name=name, enabled=True).first()
+    if config is None:
+        raise ChatError("unknown_runner", f"There is no enabled runner named {name!r}.")
+    return config
+
+
+def _readable_collections(user, ids: tuple[int, ...]) -> list[int]:
+    if not ids:
+        return []
+    readable = Collection.objects.readable_by(user).filter(pk__in=ids)
+    found = set(readable.values_list("pk", flat=True))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ChatError("not_found", f"Collection {missing[0]} was not found.")
+    return sorted(found)
+
+
+def _start(conversation: Conversation, user_message: Message, *, new: bool = False) -> TurnStart:
+    assistant = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+    )
+    # Bump updated_at so the conversation moves to the top of the list.
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    pinned = conversation.pinned_runner.name if conversation.pinned_runner_id else None
+    collection_ids = () if new else tuple(conversation.collections.values_list("pk", flat=True))
+    return TurnStart(
+        conversation_id=conversation.pk,
+        title=conversation.title,
+        user_message_id=user_message.pk,
+        assistant_message_id=assistant.pk,
+        # A new conversation's history is its first message: no need to read it back.
+        history=_as_history([user_message]) if new else _history(conversation, assistant.pk),
+        pinned_runner=pinned,
+        rag=conversation.rag_enabled,
+        collection_ids=collection_ids,
+    )
+
+
+def begin_message(
+    user,
+    *,
+    conversation_id: int | None,
+    text: str,
+    images: tuple[str, ...] = (),
+    runner: str | None = None,
+    rag: bool | None = None,
+    collection_ids: tuple[int, ...] | None = None,
+) -> TurnStart:
+    """Save a new user turn (creating the conversation when `conversation_id`
+    is None) and the assistant message that will stream its answer.
+    `runner`, `rag` and `collection_ids` update the conversation's settings
+    when given. Raises ChatError(not_found | unknown_runner)."""
+    with transaction.atomic():
+        config = _resolve_runner(runner)
+        collections = _readable_collections(user, collection_ids) if collection_ids else None
+        new = conversation_id is None
+        if new:
+            conversation = Conversation.objects.create(owner=user, title=title_from(text))
+        else:
+            conversation = _owned_conversation(user, conversation_id)
+        changed = []
+        if runner is not None and conversation.pinned_runner_id != (config.pk if config else None):
+            conversation.pinned_runner = config
+            changed.append("pinned_runner")
+        if rag is not None and conversation.rag_enabled != rag:
+            conversation.rag_enabled = rag
+            changed.append("rag_enabled")
+        if changed:
+            conversation.save(update_fields=[*changed, "updated_at"])
+        if collections is not None:
+            conversation.collections.set(collections)
+            new = False  # read the collections back
+        user_message = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=text, images=list(images)
+        )
+        return _start(conversation, user_message, new=new)
+
+
+def begin_regenerate(user, *, conversation_id: int) -> TurnStart:
+    """Answer the last user turn again: the answers after it are deleted and a
+    new assistant message is started. Raises ChatError(not_found | nothing_to_regenerate)."""
+    with transaction.atomic():
+        conversation = _owned_conversation(user, conversation_id)
+        users_turns = conversation.messages.filter(role=Message.Role.USER)
+        last_user = users_turns.order_by("-created_at", "-id").first()
+        if last_user is None:
+            raise ChatError("nothing_to_regenerate", "This conversation has no message to answer.")
+        conversation.messages.filter(pk__gt=last_user.pk).delete()
+        return _start(conversation, last_user)
+
+
+def begin_edit(user, *, conversation_id: int, message_id: int, text: str) -> TurnStart:
+    """Edit one of the user's own messages and answer it again: every message
+    after it is deleted. Raises ChatError(not_found | not_editable)."""
+    with transaction.atomic():
+        conversation = _owned_conversation(user, conversation_id)
+        message = conversation.messages.filter(pk=message_id).first()
+        if message is None:
+            raise ChatError("not_found", f"Message {message_id} was not found.")
+        if message.role != Message.Role.USER:
+            raise ChatError("not_editable", "Only your own messages can be edited.")
+        conversation.messages.filter(pk__gt=message.pk).delete()
+        message.content = text
+        message.save(update_fields=["content", "updated_at"])
+        return _start(conversation, message)
+
+
+def flush_contents(contents: dict[int, str]) -> None:
+    """Save answers so far (message id -> text), in one transaction; called
+    about every 0.5 s while answers stream. Only messages still streaming are
+    touched, so a late save never overwrites a finished answer."""
+    now = timezone.now()
+    with transaction.atomic():
+        for message_id, content in contents.items():
+            Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
+                content=content, updated_at=now
+            )
+
+
+def finish_message(message_id: int, outcome: TurnOutcome) -> None:
+    """Save the final state of an assistant message."""
+    Message.objects.filter(pk=message_id).update(
+        content=outcome.content,
+        status=outcome.status,
+        runner_name=outcome.runner_name[:100],
+        model_id=outcome.model_id[:200],
+        fallback=outcome.fallback,
+        finish_reason=outcome.finish_reason[:32],
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        time_to_first_token_ms=outcome.time_to_first_token_ms,
+        tokens_per_second=outcome.tokens_per_second,
+        total_ms=outcome.total_ms,
+        sources=outcome.sources,
+        error_code=outcome.error_code[:32],
+        error=outcome.error,
+        updated_at=timezone.now(),
+    )
+
+
+# ---- the conversation list (pages and JSON endpoints) ------------------------------
+
+
+def list_conversations(user, *, query: str = "", limit: int = 200) -> list[dict[str, Any]]:
+    """The user's conversations, most recent first, optionally filtered by title."""
+    rows = Conversation.objects.filter(owner=user)
+    if query:
+        rows = rows.filter(title__icontains=query)
+    return [
+        {"id": c.pk, "title": c.title, "updated_at": c.updated_at.isoformat()}
+        for c in rows.order_by("-updated_at", "-id")[:limit]
+    ]
+
+
+def rename_conversation(user, conversation_id: int, title: str) -> dict[str, Any]:
+    """Rename one of the user's conversations. Raises ChatError(not_found | bad_title)."""
+    title = " ".join(title.split())
+    if not title:
+        raise ChatError("bad_title", "A title cannot be empty.")
+    if len(title) > 200:
+        raise ChatError("bad_title", "A title can be at most 200 characters long.")
+    conversation = _owned_conversation(user, conversation_id)
+    conversation.title = title
+    conversation.save(update_fields=["title", "updated_at"])
+    return {"id": conversation.pk, "title": conversation.title}
+
+
+def delete_conversation(user, conversation_id: int) -> None:
+    """Delete one of the user's conversations with its messages."""
+    _owned_conversation(user, conversation_id).delete()
+
+
+def message_dict(m: Message) -> dict[str, Any]:
+    return {
+        "id": m.pk,
+        "role": m.role,
+        "content": m.content,
+        "images": m.images,
+        "status": m.status,
+        "runner": m.runner_name,
+        "model": m.model_id,
+        "fallback": m.fallback,
+        "finish_reason": m.finish_reason,
+        "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens},
+        "timings": {
+            "time_to_first_token_ms": m.time_to_first_token_ms,
+            "tokens_per_second": m.tokens_per_second,
+            "total_ms": m.total_ms,
+        },
+        "sources": m.sources,
+        "error_code": m.error_code,
+        "error": m.error,
+        "created_at": m.created_at.isoformat(),
+    }
+
+
+def settle_interrupted(conversation_id: int) -> int:
+    """Mark answers left `streaming` by a server that died (no save for
+    STALE_STREAMING_SECONDS; a live answer saves every ~0.5 s while tokens
+    flow) as stopped, keeping their text. Returns how many were settled."""
+    cutoff = timezone.now() - timedelta(seconds=STALE_STREAMING_SECONDS)
+    return Message.objects.filter(
+        conversation_id=conversation_id, status=Message.Status.STREAMING, updated_at__lt=cutoff
+    ).update(
+        status=Message.Status.STOPPED,
+        finish_reason="interrupted",
+        error_code="interrupted",
+        error="The server stopped before this answer was finished; the saved text is kept.",
+    )
+
+
+def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
+    """A conversation with all its messages, for the page and for resuming
+    after a reconnect. Raises ChatError(not_found)."""
+    conversation = _owned_conversation(user, conversation_id)
+    settle_interrupted(conversation.pk)
+    return {
+        "id": conversation.pk,
+        "title": conversation.title,
+        "pinned_runner": conversation.pinned_runner.name if conversation.pinned_runner_id else None,
+        "rag": conversation.rag_enabled,
+        "collections": list(conversation.collections.values_list("pk", flat=True)),
+        "messages": [message_dict(m) for m in conversation.messages.order_by("created_at", "id")],
+    }
+
+
+def enabled_runners() -> list[dict[str, Any]]:
+    """Enabled runners for the picker, highest priority first (no secrets)."""
+    return [
+        {
+            "name": c.name,
+            "kind": c.kind,
+            "capabilities": c.capabilities,
+            "model_id": c.model_id,
+            "priority": c.priority,
+        }
+        for c in RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name")
+    ]
+
+
+# ---- per-user limits (Django cache, shared across processes with Redis) ------------
+
+# A slot counter outlives a crashed process at most this long.
+_SLOT_TTL_SECONDS = 15 * 60
+
+
+def _slots_key(user_id: int) -> str:
+    return f"chat:slots:{user_id}"
+
+
+def _count(key: str, step: int, ttl: int) -> int:
+    """Add `step` to a cache counter (created at 0), in one trip to the cache."""
+    cache.add(key, 0, timeout=ttl)
+    try:
+        return cache.incr(key, step) if step >= 0 else cache.decr(key, -step)
+    except ValueError:  # it expired between add and incr
+        value = max(step, 0)
+        cache.set(key, value, timeout=ttl)
+        return value
+
+
+async def _acount(key: str, step: int, ttl: int) -> int:
+    # Not thread_sensitive: cache trips (Redis) must not queue behind the ORM's thread.
+    return await sync_to_async(_count, thread_sensitive=False)(key, step, ttl)
+
+
+async def acquire_generation_slot(user_id: int) -> bool:
+    """Take one of the user's concurrent-generation slots; False when all
+    `CHAT_MAX_CONCURRENT_PER_USER` are taken. Pair with release_generation_slot."""
+    taken = await _acount(_slots_key(user_id), 1, _SLOT_TTL_SECONDS)
+    if taken > settings.CHAT_MAX_CONCURRENT_PER_USER:
+        await release_generation_slot(user_id)
+        return False
+    return True
+
+
+async def release_generation_slot(user_id: int) -> None:
+    left = await _acount(_slots_key(user_id), -1, _SLOT_TTL_SECONDS)
+    if left < 0:  # the counter expired meanwhile: it cannot go below zero
+        await _acount(_slots_key(user_id), -left, _SLOT_TTL_SECONDS)
+
+
+async def allow_message(user_id: int) -> bool:
+    """Count one message (send, regenerate, edit) against the user's
+    `CHAT_MESSAGES_PER_MINUTE`, in fixed one-minute windows."""
+    key = f"chat:rate:{user_id}:{int(time.time() // 60)}"
+    return await _acount(key, 1, 120) <= settings.CHAT_MESSAGES_PER_MINUTE
+
+
+def reset_limits(user_id: int) -> None:
+    """Forget the user's counters (tests, or an admin unblocking someone)."""
+    minute = int(time.time() // 60)
+    windows = (f"chat:rate:{user_id}:{m}" for m in (minute - 1, minute, minute + 1))
+    cache.delete_many([_slots_key(user_id), *windows])

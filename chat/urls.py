@@ -1,0 +1,10 @@
+"""Pages of the chat."""
+
+from django.urls import path
+
+from chat import views
+
+urlpatterns = [
+    path("", views.chat_page, name="chat"),
+    path("c/<int:conversation_id>/", views.chat_page, name="conversation"),
+]

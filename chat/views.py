@@ -1,0 +1,42 @@
+"""The chat page: the conversation list and one conversation."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.middleware.csrf import get_token
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET
+
+from chat import services
+from chat.services import ChatError
+
+
+@login_required
+@require_GET
+def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
+    """The chat: the conversation list, and one conversation when its id is in the URL."""
+    conversation = None
+    if conversation_id is not None:
+        try:
+            conversation = services.conversation_messages(request.user, conversation_id)
+        except ChatError:
+            return redirect("chat")
+    boot = {
+        "conversation": conversation,
+        "runners": services.enabled_runners(),
+        "image_max_bytes": settings.IMAGE_MAX_BYTES,
+        "upload_max_bytes": settings.UPLOAD_MAX_BYTES,
+        "csrf_token": get_token(request),
+    }
+    listed = services.list_conversations(request.user)
+    for item in listed:
+        item["active"] = item["id"] == conversation_id
+    context = {
+        "conversations": listed,
+        "blank_item": {"id": 0, "title": ""},
+        "conversation": conversation,
+        "boot": boot,
+    }
+    return render(request, "chat/chat.html", context)

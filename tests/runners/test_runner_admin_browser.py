@@ -1,0 +1,204 @@
+"""The runner admin in a real browser: headless Debian Chromium (Playwright)
+against a real Daphne process (strict CSP on), with Llama Stack runners
+pointing at a scripted HTTP server on 127.0.0.1 and at a dead port.
+
+This is the production path of the admin actions (a sync admin view calling
+the async router on Daphne's event loop), which the Django test client does
+not exercise. Saves (see tests/support/screenshots.py) admin-runners.png and
+admin-runner-dashboard.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.screenshots import screenshot_dir
+from tests.support.scripted_server import Reply, ScriptedServer, free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = screenshot_dir()
+PASSWORD = "admin-password-123"
+API_KEY = "sk-browser-admin-0f1e2d3c4b5a6978"
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with ScriptedServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, upstream):
+    """Daphne on a free port with its own SQLite database, an admin, and two
+    runners: `remote` (the scripted server, with an API key) and `dead`."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
+    data = tmp_path_factory.mktemp("admin-site")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL", "METRICS_TOKEN"}
+    }
+    env.update(
+        DATA_DIR=str(data),
+        BREEZEWEB_ENV_FILE="/nonexistent",
+        SECRET_KEY="admin-browser-test-secret-0123456789-abcdefghijkl",
+        DJANGO_SETTINGS_MODULE="breezeweb.settings",
+    )
+
+    def manage(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, timeout=300
+        )
+
+    manage("migrate", "--noinput", "-v0")
+    manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User\n"
+        "from runners.models import RunnerConfig\n"
+        f"User.objects.create_superuser('admin', 'a@example.com', '{PASSWORD}')\n"
+        f"c = RunnerConfig(name='remote', kind='llamastack', endpoint='{upstream.url}',"
+        " model_id='scripted-model', priority=10, enable_vision=True)\n"
+        f"c.api_key = '{API_KEY}'\n"
+        "c.save()\n"
+        f"RunnerConfig.objects.create(name='dead', kind='llamastack',"
+        f" endpoint='http://127.0.0.1:{free_port()}', model_id='m', priority=1)\n",
+    )
+    port = free_port()
+    log = open(data / "daphne.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "daphne"),
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "breezeweb.asgi:application",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail(f"daphne did not start:\n{(data / 'daphne.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    daphne_log = (data / "daphne.log").read_text(errors="replace")
+    shutil.rmtree(data, ignore_errors=True)
+    assert API_KEY not in daphne_log
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        context = browser.new_context(viewport={"width": 1600, "height": 800})
+        page = context.new_page()
+        page.problems = []  # console errors, CSP violations, page errors
+        page.on(
+            "console",
+            lambda m: (
+                page.problems.append(f"{m.text} {m.location.get('url', '')}")
+                if m.type in ("error", "warning") and "favicon.ico" not in m.location.get("url", "")
+                else None
+            ),
+        )
+        page.on("pageerror", lambda e: page.problems.append(str(e)))
+        page.on(
+            "response",
+            lambda r: (
+                page.problems.append(f"{r.status} {r.url}")
+                if r.status >= 400 and not r.url.endswith("/favicon.ico")
+                else None
+            ),
+        )
+        page.goto(f"{site}/admin/login/")
+        page.fill("#id_username", "admin")
+        page.fill("#id_password", PASSWORD)
+        page.click("input[type=submit]")
+        page.wait_for_selector("#content-main")
+        yield page
+        browser.close()
+
+
+def test_the_list_fills_in_live_health_per_row_under_a_strict_csp(site, page, upstream):
+    page.goto(f"{site}/admin/runners/runnerconfig/")
+    remote = page.locator("tr", has=page.locator("a", has_text="remote")).locator(".runner-health")
+    dead = page.locator("tr", has=page.locator("a", has_text="dead")).locator(".runner-health")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.runner-health')]"
+        ".every(c => c.classList.contains('runner-health-ok')"
+        " || c.classList.contains('runner-health-bad'))",
+        timeout=20_000,
+    )
+    assert remote.inner_text().startswith("healthy (")
+    assert dead.inner_text().startswith("unhealthy (")
+    assert "Could not reach the Llama Stack server" in dead.locator("small").inner_text()
+    assert API_KEY not in page.content()
+    assert page.problems == []
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "admin-runners.png"), full_page=True)
+
+
+def test_the_test_prompt_action_streams_through_the_router_on_daphne(site, page, upstream):
+    upstream.script(Reply(text="Hello from the browser test.", usage=(11, 6)))
+    page.goto(f"{site}/admin/runners/runnerconfig/")
+    row = page.locator("tr", has=page.locator("a", has_text="remote"))
+    row.locator("input.action-select").check()
+    page.select_option("select[name=action]", "send_test_prompt")
+    page.click("button[name=index]")
+    page.fill("textarea[name=prompt]", "Say hello")
+    page.click("input[type=submit][value=Send]")
+    page.wait_for_selector(".runner-trial")
+    trial = page.locator(".runner-trial").inner_text()
+    assert "Hello from the browser test." in trial
+    assert "11 prompt + 6 completion tokens" in trial
+    assert upstream.chat_requests()[-1].authorization == f"Bearer {API_KEY}"
+    assert API_KEY not in page.content()
+    # Again on the same Daphne loop: the cached runner and its HTTP pool are reused.
+    upstream.script(Reply(text="Second answer."))
+    page.click("input[type=submit][value='Send again']")
+    page.wait_for_selector("text=Second answer.")
+    assert page.problems == []
+
+
+def test_the_dashboard_shows_the_test_prompts_run(site, page):
+    page.goto(f"{site}/admin/")
+    page.click("#runner-dashboard-link a")
+    page.wait_for_selector("#runner-stats-1")
+    row = page.locator("#runner-stats-1 tr[data-runner=remote]").inner_text().split("\t")
+    assert row[0] == "remote" and int(row[1]) >= 2 and row[5] == "0%"
+    assert page.problems == []
+    page.screenshot(path=str(SHOTS / "admin-runner-dashboard.png"), full_page=True)
