@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 
 class Capability(StrEnum):
@@ -191,10 +191,23 @@ class Runner(Protocol):
     """An inference backend. Instances are built by the registry from a
     `RunnerConfig` and shared by every request of a process."""
 
+    local: ClassVar[bool]
+    """True when the model runs inside this process (loaded at start, holds memory)."""
+
     name: str
     model_id: str
     capabilities: frozenset[Capability]
     context_tokens: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> Runner:
+        """Build an instance from a `RunnerConfig` (saved or not). Cheap: no I/O."""
+        ...
+
+    @classmethod
+    def validate_config(cls, config: Any) -> dict[str, str]:
+        """Problems with an enabled config of this kind, as {field: message}."""
+        ...
 
     async def load(self) -> None:
         """Get ready to serve (load weights, open the HTTP client). Idempotent."""

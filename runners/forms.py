@@ -15,7 +15,7 @@ from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 
 from runners import crypto
 from runners.models import GuardianRule, RunnerConfig
-from runners.registry import RUNNER_KINDS
+from runners.registry import KIND_CHOICES, RUNNER_KINDS
 
 PROMPT_MAX_CHARS = 4000
 
@@ -94,7 +94,7 @@ class RunnerConfigForm(forms.ModelForm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fields["kind"].help_text = "The runner implementation: " + ", ".join(
-            f"{value} ({label})" for value, label in RunnerConfig.KIND_CHOICES
+            f"{value} ({label})" for value, label in KIND_CHOICES
         )
 
     def clean_kind(self) -> str:

@@ -9,13 +9,12 @@ from django.core.validators import MaxValueValidator, MinValueValidator, URLVali
 from django.db import models
 
 from runners import crypto
+from runners.registry import KIND_CHOICES, RUNNER_KINDS, runner_class
 
 
 class RunnerConfig(models.Model):
     """One configured inference runner. Saving bumps `version`, which every
     process compares to rebuild its cached runner (no restart needed)."""
-
-    KIND_CHOICES = [("executorch", "Local ExecuTorch"), ("llamastack", "Remote Llama Stack")]
 
     name = models.SlugField(
         max_length=100, unique=True, help_text="Shown to users and used as the API model id."
@@ -101,10 +100,9 @@ class RunnerConfig(models.Model):
                 URLValidator(schemes=["http", "https"])(self.endpoint)
             except ValidationError:
                 errors["endpoint"] = "Enter an http:// or https:// URL, e.g. http://localhost:8321"
-        if self.kind == "llamastack" and self.enabled and not self.endpoint:
-            errors["endpoint"] = "A Llama Stack runner needs an endpoint."
-        if self.kind == "llamastack" and self.enabled and not self.model_id:
-            errors["model_id"] = "A Llama Stack runner needs the model id it should use."
+        if self.kind in RUNNER_KINDS and self.enabled:
+            for field, message in runner_class(self.kind).validate_config(self).items():
+                errors.setdefault(field, message)
         if not isinstance(self.extra_params, dict):
             errors["extra_params"] = "Extra params must be a JSON object."
         if errors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
@@ -17,15 +18,28 @@ from runners.base import Runner
 
 log = logging.getLogger(__name__)
 
-RUNNER_KINDS: dict[str, str] = {
-    "executorch": "runners.executorch.runner.ExecuTorchRunner",
-    "llamastack": "runners.llamastack.runner.LlamaStackRunner",
+
+@dataclass(frozen=True)
+class RunnerKind:
+    """One kind of runner: what admins see, and the class (a dotted path,
+    imported on first use so that listing kinds loads no inference library)."""
+
+    label: str
+    path: str
+
+
+# The one list of runner kinds: `RunnerConfig.kind`'s choices, the admin form,
+# the docs and the contract suite all read it.
+RUNNER_KINDS: dict[str, RunnerKind] = {
+    "executorch": RunnerKind("Local ExecuTorch", "runners.executorch.runner.ExecuTorchRunner"),
+    "llamastack": RunnerKind("Remote Llama Stack", "runners.llamastack.runner.LlamaStackRunner"),
 }
+KIND_CHOICES: list[tuple[str, str]] = [(name, kind.label) for name, kind in RUNNER_KINDS.items()]
 
 
-def runner_class(kind: str) -> type:
+def runner_class(kind: str) -> type[Runner]:
     try:
-        path = RUNNER_KINDS[kind]
+        path = RUNNER_KINDS[kind].path
     except KeyError:
         raise ImproperlyConfigured(
             f"Unknown runner kind {kind!r}; known kinds: {', '.join(sorted(RUNNER_KINDS))}"
@@ -106,7 +120,11 @@ def preload_local_runners() -> None:
         from runners.models import RunnerConfig
 
         try:
-            configs = list(RunnerConfig.objects.filter(enabled=True, kind="executorch"))
+            configs = [
+                config
+                for config in RunnerConfig.objects.filter(enabled=True)
+                if runner_class(config.kind).local
+            ]
             for config in configs:
                 asyncio.run(runner_class(config.kind).from_config(config).load())
                 log.info("preloaded runner %s", config.name)

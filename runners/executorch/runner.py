@@ -599,6 +599,7 @@ class ExecuTorchRunner:
     program's KV-cache size when it has no manifest)."""
 
     kind = "executorch"
+    local = True
 
     def __init__(
         self,
@@ -622,6 +623,11 @@ class ExecuTorchRunner:
         self.context_tokens = min(context_tokens, model_context)
         self._engine: _Engine | None = None
         self._load_lock = threading.Lock()
+
+    @classmethod
+    def validate_config(cls, config: Any) -> dict[str, str]:
+        """Nothing is required: the model `prepare_model` built is the default."""
+        return {}
 
     @classmethod
     def from_config(cls, config: Any) -> ExecuTorchRunner:

@@ -117,6 +117,8 @@ def _retry_after(headers: Mapping[str, str] | httpx.Headers | None) -> float | N
 class LlamaStackRunner:
     """A `runners.base.Runner` backed by a remote Llama Stack server."""
 
+    local = False
+
     def __init__(
         self,
         *,
@@ -158,6 +160,16 @@ class LlamaStackRunner:
         self._client: Any = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._shown_endpoint = _redacted_endpoint(self.endpoint)
+
+    @classmethod
+    def validate_config(cls, config: Any) -> dict[str, str]:
+        """An enabled Llama Stack runner needs an endpoint and a model id."""
+        errors = {}
+        if not config.endpoint:
+            errors["endpoint"] = "A Llama Stack runner needs an endpoint."
+        if not config.model_id:
+            errors["model_id"] = "A Llama Stack runner needs the model id it should use."
+        return errors
 
     @classmethod
     def from_config(cls, config: Any) -> LlamaStackRunner:

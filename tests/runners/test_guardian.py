@@ -37,7 +37,10 @@ def test_it_refuses_input_matching_a_pattern():
 
 
 def test_output_only_rules_do_not_touch_input():
-    check_input("secret", (rule("block_term", "secret", applies_to="output"),))
+    text = "the secret word"
+    with pytest.raises(GuardianBlocked):  # the same rule on input refuses it
+        check_input(text, (rule("block_term", "secret", applies_to="input"),))
+    assert check_input(text, (rule("block_term", "secret", applies_to="output"),)) is None
 
 
 def test_it_masks_a_term_split_across_streamed_tokens():

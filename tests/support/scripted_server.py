@@ -73,6 +73,27 @@ HEALTH_ROUTE = "/v1/health"
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
 
 
+def _apply_limits(tokens: list[str], payload: dict) -> tuple[list[str], str]:
+    """What an OpenAI-compatible server does with `stop` and `max_tokens`: the
+    text ends before the first stop string (finish "stop"), or after
+    `max_tokens` tokens (finish "length")."""
+    stop = payload.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str) and s]
+    max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens")
+    text, kept = "", []
+    for token in tokens:
+        if isinstance(max_tokens, int) and len(kept) >= max_tokens:
+            return kept, "length"
+        cut = min(((text + token).find(s) for s in stop if s in text + token), default=-1)
+        if cut >= 0:
+            if cut > len(text):
+                kept.append((text + token)[len(text) : cut])
+            return kept, "stop"
+        text += token
+        kept.append(token)
+    return kept, "stop"
+
+
 @dataclass(frozen=True)
 class ScriptedToolCall:
     """A tool call the scripted model asks for; `arguments` is a JSON string."""
@@ -356,8 +377,10 @@ class ScriptedServer:
         self._counter += 1
         completion_id = f"chatcmpl-scripted-{self._counter}"
         tokens = reply.token_list()
-        usage = reply.usage or (_estimate_prompt_tokens(payload), len(tokens))
         finish = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
+        if reply.finish_reason is None and not reply.tool_calls:
+            tokens, finish = _apply_limits(tokens, payload)
+        usage = reply.usage or (_estimate_prompt_tokens(payload), len(tokens))
         if not payload.get("stream"):
             return web.json_response(
                 _completion(completion_id, model, "".join(tokens), reply, finish, usage)
