@@ -208,6 +208,9 @@ if RAG_INGEST_WORKER not in ("", "thread", "channels"):
     raise ImproperlyConfigured(
         f"RAG_INGEST_WORKER must be 'thread' or 'channels', got {RAG_INGEST_WORKER!r}"
     )
+# An ingestion run that shows no sign of life (heartbeat) for this long is dead
+# (crashed worker, thread or process): the watchdog re-queues or fails it.
+RAG_INGEST_STALL_SECONDS = _int("RAG_INGEST_STALL_SECONDS", 60, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024  # JSON bodies (images as data URLs)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024  # larger uploads stream to a temp file
 MEDIA_ROOT = DATA_DIR / "uploads"
