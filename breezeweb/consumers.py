@@ -414,20 +414,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if images:
             images = await asyncio.to_thread(validate_images, images)
         user_id = self.user.pk
-        if not await chat.allow_message(user_id):
-            raise FrameError(
-                "rate_limited",
+        decision = await chat.allow_message(user_id)
+        if not decision.allowed:
+            message = (
                 f"You can send {settings.CHAT_MESSAGES_PER_MINUTE} messages a minute; "
-                "wait a moment and try again.",
-                retryable=True,
+                f"try again in {decision.retry_after} s."
             )
+            frame_out = _error_frame(frame.request_id, "rate_limited", message, True)
+            await self.send_frame({**frame_out, "retry_after_s": decision.retry_after})
+            return
         if not await chat.acquire_generation_slot(user_id):
-            raise FrameError(
-                "rate_limited",
+            message = (
                 f"You already have {settings.CHAT_MAX_CONCURRENT_PER_USER} answers "
-                "being generated; stop one or wait for it to finish.",
-                retryable=True,
+                "being generated; stop one or wait for it to finish."
             )
+            frame_out = _error_frame(frame.request_id, "rate_limited", message, True)
+            await self.send_frame({**frame_out, "retry_after_s": chat.SLOT_RETRY_AFTER_SECONDS})
+            return
         outbox = FrameOutbox(self.send_frame, TOKEN_FRAME_INTERVAL_SECONDS)
         task = asyncio.create_task(self._generate(frame, images, outbox, time.monotonic()))
         self.generations[frame.request_id] = Generation(task, frame.conversation_id)

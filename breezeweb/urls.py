@@ -1,8 +1,18 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path, re_path
+from django.urls import include, path, re_path, register_converter
 
 from breezeweb import apikeys, health, openai_api, openapi, views
+from breezeweb.api_input import IdConverter
+
+# `<id:name>`: a positive 64-bit id in ASCII digits; anything else is an unknown URL.
+register_converter(IdConverter, "id")
+
+# Django's own error pages answer JSON under /api and /v1 (breezeweb.api_middleware).
+handler400 = "breezeweb.api_middleware.bad_request"
+handler403 = "breezeweb.api_middleware.permission_denied"
+handler404 = "breezeweb.api_middleware.page_not_found"
+handler500 = "breezeweb.api_middleware.server_error"
 
 admin.site.site_header = "BreezeWeb administration"
 admin.site.site_title = "BreezeWeb admin"
@@ -10,10 +20,10 @@ admin.site.index_template = "admin/runners/index.html"  # adds the runner dashbo
 
 urlpatterns = [
     path("", views.chat_page, name="chat"),
-    path("c/<int:conversation_id>/", views.chat_page, name="conversation"),
+    path("c/<id:conversation_id>/", views.chat_page, name="conversation"),
     path("api/conversations", views.conversations, name="api-conversations"),
     path(
-        "api/conversations/<int:conversation_id>",
+        "api/conversations/<id:conversation_id>",
         views.conversation,
         name="api-conversation",
     ),
@@ -27,7 +37,7 @@ urlpatterns = [
     path("api/docs", openapi.docs_view, name="api-docs"),
     path("settings/api-keys/", apikeys.api_keys, name="api-keys"),
     path(
-        "settings/api-keys/<int:key_id>/revoke/",
+        "settings/api-keys/<id:key_id>/revoke/",
         apikeys.revoke_api_key,
         name="api-key-revoke",
     ),

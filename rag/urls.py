@@ -6,8 +6,8 @@ from rag import views
 
 urlpatterns = [
     path("documents", views.documents, name="rag-documents"),
-    path("documents/<int:pk>", views.document_detail, name="rag-document"),
-    path("documents/<int:pk>/reingest", views.document_reingest, name="rag-document-reingest"),
+    path("documents/<id:pk>", views.document_detail, name="rag-document"),
+    path("documents/<id:pk>/reingest", views.document_reingest, name="rag-document-reingest"),
     path("collections", views.collections, name="rag-collections"),
     path("search", views.search_view, name="rag-search"),
 ]
