@@ -150,8 +150,9 @@ _RETRYABLE_BY_DEFAULT = {
 
 class RunnerError(Exception):
     """A runner failure the user can be told about. `retryable` says whether
-    another attempt (or another runner) can help; the router falls back only on
-    retryable errors raised before the first token. Messages must never contain
+    sending the same request again can help; the router falls back before the
+    first token on every error except `invalid_input` (about the request
+    itself, which never counts toward a circuit). Messages must never contain
     secrets (API keys, tokens)."""
 
     def __init__(
