@@ -28,7 +28,7 @@ from django.conf import settings as django_settings
 from django.test import Client, override_settings
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from breezeweb import chat
@@ -284,6 +284,9 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
         assert pong == {"type": "pong", "request_id": alive}, (frame[:300], answer, pong)
         return answer
 
+    foreign_id = anchors["foreign_conversation"]
+    message = '{"type": "message", "request_id": "e", "conversation_id": %s, "text": %s}'
+
     @settings(
         max_examples=EXAMPLES,
         deadline=None,
@@ -294,6 +297,14 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
             HealthCheck.data_too_large,
         ],
     )
+    # Besides what Hypothesis draws, always these (the reproductions).
+    @example(("garbage", "[" * 100_000 + "]" * 100_000))
+    @example(("message", message % ("[" * 50_000 + "]" * 50_000, '"hi"')))
+    @example(("message", message % (foreign_id, '"lone \\ud800 surrogate"')))
+    @example(("message", message % (foreign_id, '"a NUL \\u0000"')))
+    @example(("message", message % (str(2**64), '"hi"')))
+    @example(("message", message % ("9" * 5000, '"hi"')))
+    @example(("edit", message.replace("message", "edit", 1) % (-1, '"x"')))
     @given(example=frames(anchors))
     def run(example: tuple[str, str | bytes]) -> None:
         kind, frame = example
