@@ -47,6 +47,11 @@ def _shared_env() -> dict[str, str]:
 
 @pytest.fixture
 def two_web_processes(transactional_db):
+    # The embedded Chroma store serves one process: hand it from this test
+    # process (earlier tests used it) to the processes started here.
+    from rag import store
+
+    store.reset_client()
     env = _shared_env()
     first, second = Daphne(env), Daphne(env)
     try:
