@@ -467,7 +467,7 @@ function send(frame) {
 }
 
 function handleFrame(f) {
-  if (f.type === "document_status") { documentStatus(f.document || f); return; }
+  if (f.type === "document_status") { documentStatus(f.document || f, true); return; }
   if (f.type === "pong") return;
   const p = state.pending.get(f.request_id);
   switch (f.type) {
@@ -812,9 +812,12 @@ function upload(file) {
   xhr.send(form);
 }
 
-function documentStatus(doc) {
+function documentStatus(doc, live = false) {
   if (!doc || doc.id == null) return;
-  doc = newer(lastStatus.get(doc.id), doc);
+  // Live frames arrive in order, so they are taken as they come (a run that
+  // died and was queued again goes back to "queued"); only the upload's HTTP
+  // response, which can arrive after them, must not move a document backwards.
+  if (!live) doc = newer(lastStatus.get(doc.id), doc);
   lastStatus.set(doc.id, doc);
   let item = uploads.get(doc.id);
   if (!item) {
