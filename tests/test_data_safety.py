@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings as django_settings
+from django.db import connections
 from django.test import Client
 from django.utils import timezone
 
@@ -405,6 +406,9 @@ async def test_the_watchdog_fails_a_document_whose_runs_keep_dying_and_tells_the
     assert (message["document"]["status"], message["document"]["error"]) == ("failed", expected)
     await document.arefresh_from_db()
     assert (document.status, document.error, document.ingest_token) == ("failed", expected, "")
+    # The thread sync_to_async used keeps its connection: close it, so the
+    # test database can be dropped (PostgreSQL pass).
+    await sync_to_async(connections.close_all)()
 
 
 @pytest.mark.django_db(transaction=True)
