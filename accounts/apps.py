@@ -5,3 +5,9 @@ class AccountsConfig(AppConfig):
     name = "accounts"
     verbose_name = "Accounts"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Revoking a key, logging out or deactivating a user ends its websockets.
+        from accounts.revocation import connect_receivers
+
+        connect_receivers()

@@ -1,27 +1,34 @@
-"""Request-rate and concurrency limits on the Django cache.
+"""Request-rate and concurrency limits.
 
-With the default local-memory cache the limits hold per process; with
-`REDIS_URL` they hold across every Daphne process, since cache increments are
-atomic there. Callers pick the key (an API key's fingerprint, a user id) and
-the limits; nothing here knows about requests or users.
-
-- `hit(key, limit, window_s)` / `ahit(...)`: count one request against a
-  sliding window of `window_s` seconds (two fixed-window counters, the older
-  one weighted by how much of it still overlaps the window). A refused request
-  is not counted, so a client that waits `retry_after` seconds gets through.
+- `hit(key, limit, window_s)` / `ahit(...)`: count one request against an exact
+  sliding window: it is allowed only when fewer than `limit` requests were
+  allowed for `key` in the last `window_s` seconds, so no `window_s` span ever
+  admits more than `limit`. A refused request is not counted, and its
+  `retry_after` is when the oldest counted request leaves the window.
+  With `REDIS_URL` the window is a sorted set per key, checked and updated by
+  one Lua script (atomic across every process, timed by the Redis server's
+  clock); otherwise a list of timestamps in the local cache under a process
+  lock (the local-memory cache is per process anyway).
 - `acquire_slot(key, limit)` -> `SlotLease | None`, and `concurrency_slot(...)`
   as an async context manager raising `LimitExceeded`: at most `limit`
   concurrent holders. A lease outlives a crashed process at most `ttl_s`.
+
+Callers pick the key (a user id, an API key's fingerprint) and the limits;
+nothing here knows about requests or users.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cache as memoize
 
+from django.conf import settings
 from django.core.cache import cache
 
 from asgiref.sync import sync_to_async
@@ -34,12 +41,14 @@ __all__ = [
     "ahit",
     "concurrency_slot",
     "hit",
+    "reset",
 ]
 
 SLOT_TTL_SECONDS = 15 * 60
 # What a refused concurrent request is told to wait: streams end at their own
 # pace, so there is no exact answer; a short wait is an honest hint.
 SLOT_RETRY_AFTER_SECONDS = 2
+_REDIS_BACKEND = "django.core.cache.backends.redis.RedisCache"
 
 
 @dataclass(frozen=True)
@@ -62,54 +71,97 @@ class LimitExceeded(Exception):
         self.retry_after = retry_after
 
 
-def _window(key: str, window_s: int, now: float) -> tuple[str, str, float]:
-    index = int(now // window_s)
-    elapsed = (now - index * window_s) / window_s
-    return f"rl:{window_s}:{key}:{index}", f"rl:{window_s}:{key}:{index - 1}", elapsed
+def _window_key(key: str, window_s: int) -> str:
+    return f"breezeweb:rl:{window_s}:{key}"
 
 
-def _decide(
-    current: int, previous: int, elapsed: float, limit: int, window_s: int
-) -> RateDecision | None:
-    """The refusal for a counted request, or None when it is allowed."""
-    estimate = previous * (1.0 - elapsed) + current
-    if estimate <= limit:
-        return None
-    # Earliest time the estimate, without this request, drops below the limit.
-    before = current - 1
-    if before >= limit or previous == 0:
-        wait = (1.0 - elapsed) * window_s
-    else:
-        # previous * (1 - e') + before < limit, e' = elapsed + wait / window_s
-        needed = 1.0 - (limit - before) / previous
-        wait = max(needed - elapsed, 0.0) * window_s
-    return RateDecision(False, max(1, math.ceil(wait)), limit, 0)
+# KEYS[1]: the window's sorted set; ARGV: limit, window in ms, a unique member.
+# Scores are the Redis server's time in ms, so processes' clocks never matter.
+_SLIDING_WINDOW_LUA = """
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return {1, limit - count - 1, 0}
+end
+local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+return {0, 0, tonumber(oldest[2]) + window - now}
+"""
+
+
+def _uses_redis() -> bool:
+    return settings.CACHES["default"]["BACKEND"] == _REDIS_BACKEND
+
+
+@memoize
+def _redis_script(location: str):
+    import redis
+
+    client = redis.Redis.from_url(location)
+    return client.register_script(_SLIDING_WINDOW_LUA)
+
+
+def _location() -> str:
+    location = settings.CACHES["default"]["LOCATION"]
+    return location[0] if isinstance(location, list | tuple) else location
+
+
+def _decision(allowed: bool, remaining: int, wait_s: float, limit: int) -> RateDecision:
+    if allowed:
+        return RateDecision(True, 0, limit, remaining)
+    return RateDecision(False, max(1, math.ceil(wait_s)), limit, 0)
+
+
+def _hit_redis(key: str, limit: int, window_s: int) -> RateDecision:
+    script = _redis_script(_location())
+    member = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}"
+    allowed, remaining, wait_ms = script(
+        keys=[_window_key(key, window_s)], args=[limit, window_s * 1000, member]
+    )
+    return _decision(bool(allowed), int(remaining), int(wait_ms) / 1000, limit)
+
+
+_LOCAL_LOCK = threading.Lock()
+# The clock of the local limiter (tests replace it to walk through a window).
+clock = time.time
+
+
+def _hit_local(key: str, limit: int, window_s: int) -> RateDecision:
+    cache_key = _window_key(key, window_s)
+    with _LOCAL_LOCK:
+        now = clock()
+        stamps = [t for t in cache.get(cache_key) or () if t > now - window_s]
+        if len(stamps) < limit:
+            stamps.append(now)
+            cache.set(cache_key, stamps, timeout=window_s + 1)
+            return _decision(True, limit - len(stamps), 0, limit)
+        cache.set(cache_key, stamps, timeout=window_s + 1)
+        return _decision(False, 0, stamps[len(stamps) - limit] + window_s - now, limit)
 
 
 def hit(key: str, limit: int, window_s: int = 60) -> RateDecision:
-    """Count one request for `key`; at most `limit` per sliding `window_s`."""
-    now = time.time()
-    current_key, previous_key, elapsed = _window(key, window_s, now)
-    cache.add(current_key, 0, timeout=window_s * 2 + 1)
-    try:
-        current = cache.incr(current_key)
-    except ValueError:  # expired between add and incr
-        cache.set(current_key, 1, timeout=window_s * 2 + 1)
-        current = 1
-    previous = int(cache.get(previous_key) or 0)
-    refused = _decide(current, previous, elapsed, limit, window_s)
-    if refused is not None:
-        with suppress(ValueError):
-            cache.decr(current_key)
-        return refused
-    remaining = max(0, math.floor(limit - (previous * (1.0 - elapsed) + current)))
-    return RateDecision(True, 0, limit, remaining)
+    """Count one request for `key`; at most `limit` in any `window_s` seconds."""
+    if _uses_redis():
+        return _hit_redis(key, limit, window_s)
+    return _hit_local(key, limit, window_s)
 
 
 async def ahit(key: str, limit: int, window_s: int = 60) -> RateDecision:
-    """`hit` for async callers. One thread hop for the whole decision: Django's
-    cache backends implement their async methods as a thread hop per call."""
-    return await sync_to_async(hit)(key, limit, window_s)
+    """`hit` for async callers (one thread hop; the cache is never the ORM's thread)."""
+    return await sync_to_async(hit, thread_sensitive=False)(key, limit, window_s)
+
+
+def reset(key: str, window_s: int = 60) -> None:
+    """Forget `key`'s window (tests, or an admin unblocking someone)."""
+    if _uses_redis():
+        _redis_script(_location()).registered_client.delete(_window_key(key, window_s))
+    else:
+        cache.delete(_window_key(key, window_s))
 
 
 @dataclass

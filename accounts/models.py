@@ -52,8 +52,8 @@ class ApiKey(models.Model):
         return key, raw
 
     @classmethod
-    def authenticate(cls, raw: str):
-        """The active user of a raw key, or None. Updates last_used_at."""
+    def lookup(cls, raw: str) -> ApiKey | None:
+        """The active key of an active user for a raw key, or None. Updates last_used_at."""
         if not raw or not raw.startswith(cls.PREFIX):
             return None
         key = (
@@ -65,7 +65,13 @@ class ApiKey(models.Model):
         if key is None:
             return None
         cls.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
-        return key.user
+        return key
+
+    @classmethod
+    def authenticate(cls, raw: str):
+        """The active user of a raw key, or None. Updates last_used_at."""
+        key = cls.lookup(raw)
+        return key.user if key else None
 
     def revoke(self) -> None:
         self.revoked_at = timezone.now()

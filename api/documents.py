@@ -3,7 +3,6 @@ JSON. Errors are `{"error": {"code", "message", ...}}` (accounts.auth)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import wraps
 
@@ -11,7 +10,10 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts.auth import api_view, json_error
+from api.decorators import api_view
+from api.errors import json_error
+from api.inputs import read_json
+from chat.inputs import parse_id
 from rag import upload_handlers, worker
 from rag.events import document_payload
 from rag.models import Collection, Document
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 MAX_FILES_PER_REQUEST = 20
 MAX_SEARCH_K = 50
+MAX_QUERY_CHARS = 4000
+# A search body holds a query and a few ids.
+MAX_SEARCH_BODY_BYTES = 64 * 1024
+LIMIT = "APP_API_REQUESTS_PER_MINUTE"
 
 
 def document_json(document: Document) -> dict:
@@ -85,17 +91,18 @@ def _ready_worker() -> None:
 
 
 @_staged_uploads
-@api_view()
+@api_view(limit=LIMIT)
 def documents(request: HttpRequest):
     """GET: the documents the user may read. POST: upload files (field `file`)."""
     _ready_worker()
     if request.method == "GET":
         readable = Collection.objects.readable_by(request.user)
         docs = Document.objects.filter(collection__in=readable).order_by("-created_at")
-        if collection_id := request.GET.get("collection"):
-            if not collection_id.isdigit():
-                return json_error(400, "bad_collection", "collection must be an id")
-            docs = docs.filter(collection_id=int(collection_id))
+        if raw := request.GET.get("collection"):
+            collection_id = parse_id(raw)
+            if collection_id is None:
+                return json_error(400, "bad_collection", "collection must be a collection id")
+            docs = docs.filter(collection_id=collection_id)
         return JsonResponse({"documents": [document_json(d) for d in docs[:500]]})
     if request.method != "POST":
         return json_error(405, "method_not_allowed", "Use GET or POST.")
@@ -106,11 +113,12 @@ def _target_collection(request: HttpRequest) -> Collection | JsonResponse:
     raw = request.POST.get("collection", "")
     if not raw:
         return Collection.personal_for(request.user)
-    if not raw.isdigit():
+    collection_id = parse_id(raw)
+    if collection_id is None:
         return json_error(400, "bad_collection", "collection must be a collection id")
-    target = Collection.objects.readable_by(request.user).filter(pk=int(raw)).first()
+    target = Collection.objects.readable_by(request.user).filter(pk=collection_id).first()
     if target is None:
-        return json_error(404, "collection_not_found", f"No collection {raw}.")
+        return json_error(404, "collection_not_found", f"No collection {collection_id}.")
     if not target.writable_by(request.user):
         return json_error(
             403, "collection_read_only", f"You may read “{target.name}” but not add to it."
@@ -163,7 +171,7 @@ def _may_change(user, document: Document) -> bool:
     return document.owner_id == user.pk or document.collection.writable_by(user)
 
 
-@api_view()
+@api_view(limit=LIMIT)
 def document_detail(request: HttpRequest, pk: int):
     """GET one document; DELETE it (file and every chunk)."""
     _ready_worker()
@@ -186,7 +194,7 @@ def document_detail(request: HttpRequest, pk: int):
     return JsonResponse({"deleted": pk})
 
 
-@api_view()
+@api_view(limit=LIMIT)
 def document_reingest(request: HttpRequest, pk: int):
     """POST: index the document again (its current chunks stay until replaced)."""
     if request.method != "POST":
@@ -202,7 +210,7 @@ def document_reingest(request: HttpRequest, pk: int):
     return JsonResponse({"document": document_json(reingest(document))}, status=202)
 
 
-@api_view()
+@api_view(limit=LIMIT)
 def collections(request: HttpRequest):
     """GET: the collections the user may read (their personal one first)."""
     if request.method != "GET":
@@ -217,25 +225,24 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@api_view()
+@api_view(limit=LIMIT)
 def search_view(request: HttpRequest):
     """POST {query, collections?, k?}: ranked chunks, no generation."""
     if request.method != "POST":
         return json_error(405, "method_not_allowed", "Use POST.")
-    try:
-        body = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return json_error(400, "bad_json", "The body must be JSON.")
+    body = read_json(request, max_bytes=MAX_SEARCH_BODY_BYTES)
     if not isinstance(body, dict):
         return json_error(400, "bad_json", "The body must be a JSON object.")
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
         return json_error(400, "bad_query", "`query` must be a non-empty string.")
-    if len(query) > 4000:
-        return json_error(400, "bad_query", "`query` is longer than 4000 characters.")
+    if len(query) > MAX_QUERY_CHARS:
+        return json_error(400, "bad_query", f"`query` is longer than {MAX_QUERY_CHARS} characters.")
     ids = body.get("collections")
-    if ids is not None and not (isinstance(ids, list) and all(map(_is_int, ids))):
-        return json_error(400, "bad_collections", "`collections` must be a list of ids.")
+    if ids is not None and not (
+        isinstance(ids, list) and all(parse_id(i) is not None and _is_int(i) for i in ids)
+    ):
+        return json_error(400, "bad_collections", "`collections` must be a list of collection ids.")
     k = body.get("k")
     if k is not None and not (_is_int(k) and 1 <= k <= MAX_SEARCH_K):
         return json_error(400, "bad_k", f"`k` must be an integer from 1 to {MAX_SEARCH_K}.")

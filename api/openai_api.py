@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
@@ -33,8 +32,11 @@ from django.views.decorators.csrf import csrf_exempt
 from asgiref.sync import sync_to_async
 
 from accounts import limits
-from accounts.auth import api_view, openai_error, openai_error_body
+from api.decorators import api_view, rate_limited
+from api.errors import openai_error, openai_error_body
 from api.heartbeat import HEARTBEAT, Heartbeat
+from api.inputs import read_json
+from chat.inputs import InputError
 from chat.models import Conversation, Message
 from chat.pipeline import GuardianBlocked, Routed, Sources, TurnInput, run_turn
 from rag.models import Collection
@@ -53,6 +55,10 @@ OWNER = "breezeweb"
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 1000
 MAX_TOOLS = 128
+# The same limit as a websocket message: refused before guardian or tokenizer work.
+MAX_TEXT_CHARS = 100_000
+# Deep enough for any tool's JSON Schema `parameters`, far below Python's recursion limit.
+MAX_JSON_DEPTH = 64
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _EXTENSION_KEYS = {"rag", "collections", "conversation_id", "save"}
@@ -265,6 +271,13 @@ def _messages(value: Any) -> tuple[tuple[ChatMessage, ...], tuple[ImageRef, ...]
                 f"`{where}.content` must be a string or an array of content parts.",
                 f"{where}.content",
                 "invalid_type",
+            )
+        if len(text) > MAX_TEXT_CHARS:
+            raise _bad(
+                f"`{where}.content` is {len(text):,} characters long; the limit is "
+                f"{MAX_TEXT_CHARS:,}.",
+                f"{where}.content",
+                "string_above_max_length",
             )
         tool_call_id = ""
         if role == "tool":
@@ -737,18 +750,15 @@ def _enabled_configs() -> list[RunnerConfig]:
     return list(RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name"))
 
 
-async def _limit_rate(request: HttpRequest) -> None:
+async def _limit_rate(request: HttpRequest) -> JsonResponse | None:
+    """The 429 when the caller's budget (per user, or per key) is spent."""
     decision = await limits.ahit(
         f"api:{request.client_id}", settings.API_REQUESTS_PER_MINUTE, 60
     )
-    if not decision.allowed:
-        raise ApiError(
-            429,
-            "rate_limit_exceeded",
-            f"Too many requests: at most {decision.limit} per minute for this key. "
-            f"Try again in {decision.retry_after} s.",
-            retry_after=decision.retry_after,
-        )
+    if decision.allowed:
+        return None
+    per = "key" if settings.API_RATE_LIMIT_PER_KEY else "user"
+    return rate_limited(openai_error, decision, per)
 
 
 def _method_not_allowed(allowed: str) -> JsonResponse:
@@ -764,10 +774,8 @@ async def models(request: HttpRequest) -> JsonResponse:
     """`GET /v1/models`: `auto` plus every enabled runner config."""
     if request.method != "GET":
         return _method_not_allowed("GET")
-    try:
-        await _limit_rate(request)
-    except ApiError as exc:
-        return exc.response()
+    if limited := await _limit_rate(request):
+        return limited
     configs = await sync_to_async(_enabled_configs)()
     data = [_auto_entry(configs), *(_model_entry(c) for c in configs)]
     return JsonResponse({"object": "list", "data": data})
@@ -778,10 +786,8 @@ async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
     """`GET /v1/models/{id}`: one model, as listed by `GET /v1/models`."""
     if request.method != "GET":
         return _method_not_allowed("GET")
-    try:
-        await _limit_rate(request)
-    except ApiError as exc:
-        return exc.response()
+    if limited := await _limit_rate(request):
+        return limited
     configs = await sync_to_async(_enabled_configs)()
     if model_id == AUTO_MODEL:
         return JsonResponse(_auto_entry(configs))
@@ -808,32 +814,12 @@ async def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
 
 
 def _read_body(request: HttpRequest) -> Any:
+    """The body as JSON, within the limits of api.inputs (size,
+    nesting, integers, text), checked before any other work."""
     try:
-        raw = request.body
-    except RequestDataTooBig:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        raise ApiError(
-            413,
-            "request_too_large",
-            f"The request body is larger than {limit // (1024 * 1024) or limit} "
-            f"{'MB' if limit >= 1024 * 1024 else 'bytes'}; send smaller images or fewer messages.",
-        ) from None
-    if not raw.strip():
-        raise _bad("The request body is empty; send a JSON object.", None, "invalid_json")
-    try:
-        # Decoded here, not by json.loads, which would guess UTF-16/32 from the bytes.
-        return json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise _bad("The request body is not UTF-8 text.", None, "invalid_json") from None
-    except json.JSONDecodeError as exc:
-        raise _bad(
-            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-            f"column {exc.colno}.",
-            None,
-            "invalid_json",
-        ) from None
-    except RecursionError:
-        raise _bad("The request body is nested too deeply.", None, "invalid_json") from None
+        return read_json(request, syntax_code="invalid_json", max_depth=MAX_JSON_DEPTH)
+    except InputError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, param=exc.param) from None
 
 
 @api_view(error=openai_error)
@@ -843,8 +829,9 @@ async def chat_completions(request: HttpRequest):
         return _method_not_allowed("POST")
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     lease: limits.SlotLease | None = None
+    if limited := await _limit_rate(request):
+        return limited
     try:
-        await _limit_rate(request)
         parsed = parse_completion_request(_read_body(request))
         await sync_to_async(_check_references)(request.user, parsed)
         if parsed.images:  # decoding images is CPU work: off the event loop

@@ -8,15 +8,15 @@ from api import apikeys, documents, openai_api, openapi, views
 urlpatterns = [
     path("api/conversations", views.conversations, name="api-conversations"),
     path(
-        "api/conversations/<int:conversation_id>",
+        "api/conversations/<id:conversation_id>",
         views.conversation,
         name="api-conversation",
     ),
     path("api/runners", views.runners, name="api-runners"),
     path("api/documents", documents.documents, name="rag-documents"),
-    path("api/documents/<int:pk>", documents.document_detail, name="rag-document"),
+    path("api/documents/<id:pk>", documents.document_detail, name="rag-document"),
     path(
-        "api/documents/<int:pk>/reingest",
+        "api/documents/<id:pk>/reingest",
         documents.document_reingest,
         name="rag-document-reingest",
     ),
@@ -30,7 +30,7 @@ urlpatterns = [
     re_path(r"^v1/(?P<rest>.*)$", openai_api.not_found),
     path("settings/api-keys/", apikeys.api_keys, name="api-keys"),
     path(
-        "settings/api-keys/<int:key_id>/revoke/",
+        "settings/api-keys/<id:key_id>/revoke/",
         apikeys.revoke_api_key,
         name="api-key-revoke",
     ),

@@ -3,31 +3,35 @@ Views stay thin: they check access, parse the request and call chat.services."""
 
 from __future__ import annotations
 
-import json
-
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods
 
-from accounts.auth import api_view, json_error
+from api.decorators import api_view
+from api.errors import json_error
+from api.inputs import read_json
 from chat import services
+from chat.inputs import clean_name
 from chat.services import ChatError
 
 _STATUS = {"not_found": 404}
+# The conversation endpoints take a title at most: a small body is plenty.
+MAX_BODY_BYTES = 64 * 1024
+LIMIT = "APP_API_REQUESTS_PER_MINUTE"
 
 
 def _chat_error(exc: ChatError) -> JsonResponse:
     return json_error(_STATUS.get(exc.code, 400), exc.code, exc.message)
 
 
-@api_view()
+@api_view(limit=LIMIT)
 @require_GET
 def conversations(request: HttpRequest) -> JsonResponse:
     """GET /api/conversations?q=title words: the user's conversations, newest first."""
-    query = request.GET.get("q", "").strip()[:200]
+    query = clean_name(request.GET.get("q", ""))[:200]
     return JsonResponse({"conversations": services.list_conversations(request.user, query=query)})
 
 
-@api_view()
+@api_view(limit=LIMIT)
 @require_http_methods(["GET", "PATCH", "DELETE"])
 def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
     """GET: the conversation with its messages; PATCH {"title"}: rename; DELETE."""
@@ -37,10 +41,8 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
         if request.method == "DELETE":
             services.delete_conversation(request.user, conversation_id)
             return HttpResponse(status=204)
-        try:
-            body = json.loads(request.body or b"{}")
-        except ValueError:
-            return json_error(400, "bad_json", "The request body is not valid JSON.")
+        # NUL and other control characters are allowed here: the title drops them.
+        body = read_json(request, max_bytes=MAX_BODY_BYTES, allow_nul=True, empty={})
         title = body.get("title") if isinstance(body, dict) else None
         if not isinstance(title, str):
             return json_error(400, "bad_title", 'Send {"title": "..."}.')
@@ -49,7 +51,7 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
         return _chat_error(exc)
 
 
-@api_view()
+@api_view(limit=LIMIT)
 @require_GET
 def runners(request: HttpRequest) -> JsonResponse:
     """GET /api/runners: enabled runners (name, kind, capabilities, model_id)."""

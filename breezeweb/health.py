@@ -1,5 +1,7 @@
 """Liveness and readiness: /healthz says the process answers; /readyz checks
-the database, the vector store and that at least one enabled runner is healthy."""
+the database, the vector store and that at least one enabled runner is healthy
+and not paused by its circuit breaker (`degraded`, naming the paused runners,
+when every runner that could answer is paused in this process)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,21 @@ async def _check_runners() -> dict:
         return {"ok": False, "detail": f"runner check failed ({type(exc).__name__})"}
 
 
+def _paused_runners(runners: dict) -> dict[str, float]:
+    """The enabled runners whose circuit is open in this process (seconds
+    until their trial request), when *every* healthy enabled runner is paused:
+    then no chat can be answered here although each check passes."""
+    from runners.router import circuits
+
+    healthy = [name for name, part in runners.get("runners", {}).items() if part.get("ok")]
+    if not healthy:
+        return {}
+    paused = circuits.paused()
+    if all(name in paused for name in healthy):
+        return {name: paused[name] for name in healthy}
+    return {}
+
+
 @require_GET
 async def readyz(request):
     # Async, so runner health checks run on the server's event loop, where the
@@ -62,7 +79,18 @@ async def readyz(request):
         "runners": await _check_runners(),
     }
     ready = all(part["ok"] for part in checks.values())
-    return JsonResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status=200 if ready else 503,
-    )
+    status = "ready" if ready else "not ready"
+    body: dict = {"status": status, "checks": checks}
+    paused = _paused_runners(checks["runners"]) if ready else {}
+    if paused:
+        # Every runner that could answer is paused by its circuit breaker
+        # (per process): this process answers chats with 503 until a trial
+        # succeeds, so it is not ready either, and says why.
+        status = "degraded"
+        checks["runners"] = {
+            **checks["runners"],
+            "ok": False,
+            "detail": "every enabled runner is paused after repeated failures",
+        }
+        body = {"status": status, "checks": checks, "paused_runners": paused}
+    return JsonResponse(body, status=200 if status == "ready" else 503)

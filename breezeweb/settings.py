@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.csp import CSP
 
 import environ
+
+from breezeweb.log_redaction import redact_daphne_access_log
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -102,6 +105,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
     "breezeweb",  # the project: settings, URLs, health, `bootstrap`, old migrations
     "accounts",
     "runners",
@@ -111,6 +115,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: JSON errors under /api and /v1 for whatever answers below it, and
+    # refusals (a key in the query string, a declared body over the limit)
+    # before anything reads the body.
+    "api.middleware.ApiMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -120,7 +128,11 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
+    # Last: turns a login refused for too many failures into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
+# A CSRF refusal under /api and /v1 is JSON; elsewhere Django's page.
+CSRF_FAILURE_VIEW = "api.middleware.csrf_failure"
 
 ROOT_URLCONF = "breezeweb.urls"
 ASGI_APPLICATION = "breezeweb.asgi.application"
@@ -211,6 +223,9 @@ if RAG_INGEST_WORKER not in ("", "thread", "channels"):
     raise ImproperlyConfigured(
         f"RAG_INGEST_WORKER must be 'thread' or 'channels', got {RAG_INGEST_WORKER!r}"
     )
+# An ingestion run that shows no sign of life (heartbeat) for this long is dead
+# (crashed worker, thread or process): the watchdog re-queues or fails it.
+RAG_INGEST_STALL_SECONDS = _int("RAG_INGEST_STALL_SECONDS", 60, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024  # JSON bodies (images as data URLs)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024  # larger uploads stream to a temp file
 MEDIA_ROOT = DATA_DIR / "uploads"
@@ -234,6 +249,12 @@ CHAT_MAX_CONCURRENT_PER_USER = _int("CHAT_MAX_CONCURRENT_PER_USER", 3, minimum=1
 CHAT_MESSAGES_PER_MINUTE = _int("CHAT_MESSAGES_PER_MINUTE", 30, minimum=1)
 API_REQUESTS_PER_MINUTE = _int("API_REQUESTS_PER_MINUTE", 60, minimum=1)
 API_MAX_CONCURRENT_STREAMS = _int("API_MAX_CONCURRENT_STREAMS", 4, minimum=1)
+# Requests per user per minute to /api/* (documents, search, conversations,
+# runners): the chat page itself uses these, so the budget is larger.
+APP_API_REQUESTS_PER_MINUTE = _int("APP_API_REQUESTS_PER_MINUTE", 300, minimum=1)
+# Budgets are per user, across all of the user's keys and sessions; true gives
+# each API key its own budget (and its own concurrent-stream slots).
+API_RATE_LIMIT_PER_KEY = _bool("API_RATE_LIMIT_PER_KEY", False)
 # A closed socket (reload, proxy timeout) lets the answer finish and be saved;
 # false: it stops the answer and saves the partial text as `stopped`.
 CHAT_CONTINUE_AFTER_DISCONNECT = _bool("CHAT_CONTINUE_AFTER_DISCONNECT", True)
@@ -245,6 +266,22 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"
 LOGOUT_REDIRECT_URL = "login"
+# django-axes watches logins: after LOGIN_FAILURE_LIMIT failures for one
+# username, or from one client address, logins from it are refused for
+# LOGIN_LOCKOUT_MINUTES (failures older than that are forgotten). Its backend
+# only checks lockouts; ModelBackend authenticates. API keys are not a login:
+# they never go through these backends.
+AUTHENTICATION_BACKENDS = [
+    "accounts.backends.LoginThrottleBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = _int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "accounts.views.login_locked_out"
+AXES_DISABLE_ACCESS_LOG = True  # record failures, not every successful login
+AXES_VERBOSE = False
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -300,7 +337,14 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"redact_keys": {"()": "breezeweb.log_redaction.RedactKeysFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_keys"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # llama_stack_client and httpx log every request (URLs, headers) at INFO.
@@ -311,3 +355,6 @@ LOGGING = {
         "daphne": {"level": "WARNING"},
     },
 }
+
+# Daphne's access log is written without `logging`: mask keys in it too.
+redact_daphne_access_log()

@@ -3,9 +3,23 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, HttpResponsePermanentRedirect
-from django.urls import include, path, re_path
+from django.urls import include, path, re_path, register_converter
 
+from api.inputs import IdConverter
 from breezeweb import health
+
+# `<id:name>`: a positive 64-bit id in ASCII digits; anything else is an unknown URL.
+register_converter(IdConverter, "id")
+
+# Django's own error pages answer JSON under /api and /v1 (api.middleware).
+handler400 = "api.middleware.bad_request"
+handler403 = "api.middleware.permission_denied"
+handler404 = "api.middleware.page_not_found"
+handler500 = "api.middleware.server_error"
+
+admin.site.site_header = "BreezeWeb administration"
+admin.site.site_title = "BreezeWeb admin"
+admin.site.index_template = "admin/runners/index.html"  # adds the runner dashboard link
 
 # Admin pages of models that moved out of the `breezeweb` app keep working.
 _MOVED_ADMIN = {"conversation": "chat", "message": "chat", "apikey": "accounts"}
@@ -13,12 +27,9 @@ _MOVED_ADMIN = {"conversation": "chat", "message": "chat", "apikey": "accounts"}
 
 def _moved_admin(request: HttpRequest, model: str, rest: str) -> HttpResponsePermanentRedirect:
     query = f"?{request.META['QUERY_STRING']}" if request.META.get("QUERY_STRING") else ""
-    return HttpResponsePermanentRedirect(f"/admin/{_MOVED_ADMIN[model]}/{model}/{rest}{query}")
+    target = f"/admin/{_MOVED_ADMIN[model]}/{model}/{rest}{query}"
+    return HttpResponsePermanentRedirect(target, preserve_request=True)  # 308: a POST stays a POST
 
-
-admin.site.site_header = "BreezeWeb administration"
-admin.site.site_title = "BreezeWeb admin"
-admin.site.index_template = "admin/runners/index.html"  # adds the runner dashboard link
 
 urlpatterns = [
     path("", include("chat.urls")),

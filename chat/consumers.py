@@ -25,10 +25,12 @@ from django.conf import settings
 from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from accounts.revocation import credential_still_valid, groups_for
+from accounts.ws_auth import CLOSE_UNAUTHENTICATED
 from chat import services
 from chat.pipeline import GuardianBlocked, Routed, Sources, TurnInput, run_turn
 from chat.services import ChatError, TurnOutcome, TurnStart
-from runners.base import Done, Notice, RunnerError, TokenDelta, ToolCall, ToolResult
+from runners.base import Done, Notice, RunnerError, TokenDelta, ToolCall, ToolResult, unencodable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ MAX_FRAME_BYTES = settings.CHAT_MAX_FRAME_BYTES
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGES = 4
 MAX_REQUEST_ID_CHARS = 128
+MAX_COLLECTIONS = 100
+# RunnerConfig.name is a slug of at most 100 characters.
+MAX_RUNNER_NAME_CHARS = 100
 # The answer so far is saved at most this often while it streams.
 FLUSH_INTERVAL_SECONDS = 0.5
 # After a token frame, the next one waits this long, gathering what arrives
@@ -56,6 +61,7 @@ class FrameError(Exception):
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.request_id: str | None = None
 
 
 # ---- frame parsing -----------------------------------------------------------------
@@ -88,6 +94,37 @@ def _field(frame: dict, name: str, kind: type | tuple, *, required: bool = False
         raise FrameError(
             "bad_field", f"`{name}` must be {_kind_name(kind)}, got {type(value).__name__}."
         )
+    if isinstance(value, str):
+        _check_storable(name, value)
+    return value
+
+
+def _check_storable(name: str, text: str) -> None:
+    """Text that no tokenizer or database takes (a lone UTF-16 surrogate from a
+    JSON escape, or a NUL, which PostgreSQL refuses) is the client's mistake:
+    `invalid_input`, before anything is saved."""
+    problem = unencodable(text)
+    if problem is None and "\x00" in text:
+        problem = f"a NUL character at character {text.index(chr(0))}"
+    if problem:
+        raise FrameError("invalid_input", f"`{name}` contains {problem}; send valid text.")
+
+
+# Database ids are positive 64-bit integers; anything else names nothing.
+MAX_ID = 2**63 - 1
+
+
+def _short(value: int) -> str:
+    text = str(value) if value.bit_length() < 200 else f"{str(value)[:20]}…"
+    return text
+
+
+def _id(frame: dict, name: str, what: str, *, required: bool = False) -> int | None:
+    """An id field: an integer (not a bool, not a float); one outside
+    1..2**63-1 cannot exist, so it is `not_found` without asking the database."""
+    value = _field(frame, name, int, required=required)
+    if value is not None and not 1 <= value <= MAX_ID:
+        raise FrameError("not_found", f"{what} {_short(value)} was not found.")
     return value
 
 
@@ -120,7 +157,7 @@ def _params(frame: dict) -> dict[str, Any]:
         params["max_tokens"] = value
     unknown = sorted(set(raw) - {"temperature", "top_p", "max_tokens"})
     if unknown:
-        raise FrameError("bad_field", f"Unknown generation parameter `params.{unknown[0]}`.")
+        raise FrameError("bad_field", f"Unknown generation parameter `params.{unknown[0][:40]}`.")
     return params
 
 
@@ -143,10 +180,16 @@ def parse_generate_frame(frame: dict, request_id: str) -> GenerateFrame:
     runner = _field(frame, "runner", str)
     rag = _field(frame, "rag", bool)
     collections = _field(frame, "collections", list)
-    if collections is not None and not all(
-        isinstance(c, int) and not isinstance(c, bool) for c in collections
-    ):
-        raise FrameError("bad_field", "`collections` must be a list of collection ids.")
+    if collections is not None:
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in collections):
+            raise FrameError("bad_field", "`collections` must be a list of collection ids.")
+        if len(collections) > MAX_COLLECTIONS:
+            raise FrameError("bad_field", f"At most {MAX_COLLECTIONS} collections per message.")
+        for c in collections:
+            if not 1 <= c <= MAX_ID:
+                raise FrameError("not_found", f"Collection {_short(c)} was not found.")
+    if runner is not None and len(runner) > MAX_RUNNER_NAME_CHARS:
+        raise FrameError("unknown_runner", "There is no enabled runner with that name.")
     common = {
         "type": kind,
         "request_id": request_id,
@@ -161,18 +204,20 @@ def parse_generate_frame(frame: dict, request_id: str) -> GenerateFrame:
             raise FrameError("too_many_images", f"At most {MAX_IMAGES} images per message.")
         if not all(isinstance(i, str) for i in images):
             raise FrameError("bad_field", "`images` must be a list of data URLs.")
+        for index, image in enumerate(images):
+            _check_storable(f"images[{index}]", image)
         return GenerateFrame(
-            conversation_id=_field(frame, "conversation_id", int),
+            conversation_id=_id(frame, "conversation_id", "Conversation"),
             text=_text(frame, allow_empty=bool(images)),
             images=tuple(images),
             **common,
         )
-    conversation_id = _field(frame, "conversation_id", int, required=True)
+    conversation_id = _id(frame, "conversation_id", "Conversation", required=True)
     if kind == "regenerate":
         return GenerateFrame(conversation_id=conversation_id, **common)
     return GenerateFrame(
         conversation_id=conversation_id,
-        message_id=_field(frame, "message_id", int, required=True),
+        message_id=_id(frame, "message_id", "Message", required=True),
         text=_text(frame, allow_empty=False),
         **common,
     )
@@ -311,14 +356,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=4401)
+            # Accepted, then closed: a refusal before accepting is an HTTP 403
+            # that browsers report only as 1006 (see accounts.ws_auth).
+            await self.accept()
+            await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
         self.generations: dict[str, Generation] = {}
         self.closed = False
         self.documents_group = f"documents.user.{user.pk}"
-        await self.channel_layer.group_add(self.documents_group, self.channel_name)
+        # The groups through which revoking the key, logging out or
+        # deactivating the user ends this socket (accounts.revocation).
+        self.credential_groups = groups_for(self.scope)
+        for group in (self.documents_group, *self.credential_groups):
+            await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
+        # Checked after joining the groups: a revocation between the
+        # handshake's authentication and now is not missed.
+        if not await database_sync_to_async(credential_still_valid)(self.scope):
+            await self.credential_ended({"reason": "The credential is no longer valid."})
 
     async def disconnect(self, code: int) -> None:
         self.closed = True
@@ -340,17 +396,51 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     task.cancel()
             # Each task saves its partial answer as `stopped` before it ends.
             await asyncio.gather(*tasks, return_exceptions=True)
-        await self.channel_layer.group_discard(self.documents_group, self.channel_name)
+        for group in (self.documents_group, *self.credential_groups):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def credential_ended(self, event: dict) -> None:
+        """The key was revoked, the session logged out or the user deactivated
+        (a channel-layer message, from any process): stop every answer of this
+        socket (each is saved as `stopped` and ends with its `done` frame),
+        say why, and close with 4401. Answers never outlive the credential."""
+        if self.closed:
+            return
+        tasks = [g.task for g in self.generations.values()]
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.send_error(None, "credential_ended", str(event.get("reason", ""))[:200])
+        self.closed = True
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     # ---- incoming -----------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
+        """Answer one client frame. Whatever it holds, the socket stays open:
+        a frame we cannot act on gets an `error` frame, and so does a bug
+        (`internal_error`, details only in the server log)."""
+        request_id = None
+        try:
+            await self._receive(text_data)
+        except FrameError as exc:
+            request_id = exc.request_id
+            await self.send_error(request_id, exc.code, exc.message, retryable=exc.retryable)
+        except Exception:
+            log.exception("a chat frame could not be handled")
+            await self.send_error(
+                None, "internal_error", "The frame could not be handled.", retryable=True
+            )
+
+    async def _receive(self, text_data: str | None) -> None:
         request_id = None
         try:
             if text_data is None:
                 raise FrameError("bad_frame", "Send JSON text frames, not binary ones.")
             if len(text_data) > MAX_FRAME_BYTES or (
-                len(text_data) * 4 > MAX_FRAME_BYTES and len(text_data.encode()) > MAX_FRAME_BYTES
+                len(text_data) * 4 > MAX_FRAME_BYTES
+                and len(text_data.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES
             ):
                 raise FrameError(
                     "frame_too_large",
@@ -359,12 +449,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
             try:
                 frame = json.loads(text_data)
+            except RecursionError:
+                raise FrameError("bad_json", "The frame's JSON is nested too deeply.") from None
             except ValueError:
+                # Also numbers beyond Python's digit limit.
                 raise FrameError("bad_json", "The frame is not valid JSON.") from None
             if not isinstance(frame, dict):
                 raise FrameError("bad_frame", "A frame must be a JSON object with a `type`.")
             raw_id = frame.get("request_id")
-            if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_REQUEST_ID_CHARS:
+            if (
+                isinstance(raw_id, str)
+                and 0 < len(raw_id) <= MAX_REQUEST_ID_CHARS
+                and unencodable(raw_id) is None
+            ):
                 request_id = raw_id
             kind = frame.get("type")
             if not isinstance(kind, str):
@@ -389,7 +486,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             else:
                 await self.start(parse_generate_frame(frame, request_id))
         except FrameError as exc:
-            await self.send_error(request_id, exc.code, exc.message, retryable=exc.retryable)
+            exc.request_id = request_id
+            raise
 
     async def stop(self, request_id: str) -> None:
         generation = self.generations.get(request_id)
@@ -414,20 +512,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if images:
             images = await asyncio.to_thread(validate_images, images)
         user_id = self.user.pk
-        if not await services.allow_message(user_id):
-            raise FrameError(
-                "rate_limited",
+        decision = await services.allow_message(user_id)
+        if not decision.allowed:
+            message = (
                 f"You can send {settings.CHAT_MESSAGES_PER_MINUTE} messages a minute; "
-                "wait a moment and try again.",
-                retryable=True,
+                f"try again in {decision.retry_after} s."
             )
+            frame_out = _error_frame(frame.request_id, "rate_limited", message, True)
+            await self.send_frame({**frame_out, "retry_after_s": decision.retry_after})
+            return
         if not await services.acquire_generation_slot(user_id):
-            raise FrameError(
-                "rate_limited",
+            message = (
                 f"You already have {settings.CHAT_MAX_CONCURRENT_PER_USER} answers "
-                "being generated; stop one or wait for it to finish.",
-                retryable=True,
+                "being generated; stop one or wait for it to finish."
             )
+            frame_out = _error_frame(frame.request_id, "rate_limited", message, True)
+            await self.send_frame({**frame_out, "retry_after_s": services.SLOT_RETRY_AFTER_SECONDS})
+            return
         outbox = FrameOutbox(self.send_frame, TOKEN_FRAME_INTERVAL_SECONDS)
         task = asyncio.create_task(self._generate(frame, images, outbox, time.monotonic()))
         self.generations[frame.request_id] = Generation(task, frame.conversation_id)

@@ -26,17 +26,26 @@ from runners.base import (
     Runner,
     RunnerError,
     TokenDelta,
+    request_error,
+    request_problem,
 )
 from runners.guardian import GuardianBlocked, OutputFilter, check_input, enabled_rules
 from runners.router import Routed, load_candidates, route
 
-__all__ = ["GuardianBlocked", "Routed", "Sources", "TurnInput", "fit_to_budget", "run_turn"]
+__all__ = [
+    "GuardianBlocked",
+    "Routed",
+    "Sources",
+    "TurnInput",
+    "check_encodable",
+    "fit_to_budget",
+    "run_turn",
+]
 
 log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
-    "You are BreezeWeb's assistant. Answer clearly and concisely. "
-    "Use Markdown for lists and code."
+    "You are BreezeWeb's assistant. Answer clearly and concisely. Use Markdown for lists and code."
 )
 RAG_INSTRUCTIONS = (
     "Answer using the context below when it is relevant, and cite sources by "
@@ -72,7 +81,59 @@ class Sources:
 def _tokens(runner: Runner, message: ChatMessage) -> int:
     # Images cost the remote runner's own tokens; count a flat share so that a
     # conversation full of images is still trimmed.
-    return runner.count_tokens(message.content) + 8 + 256 * len(message.images)
+    return _count(runner, message.content) + 8 + 256 * len(message.images)
+
+
+def _count(runner: Runner, text: str) -> int:
+    """Tokens of the request's own text. The runner's tokenizer already
+    counted our system prompt (see `_probe`), so a failure here is about this
+    text: the client's mistake (invalid_input), never the runner's."""
+    try:
+        return runner.count_tokens(text)
+    except RunnerError:
+        raise
+    except Exception as exc:
+        error = request_error(exc)
+        if error is None:
+            log.warning(
+                "runner %s could not tokenize a message (%s); refused as invalid input",
+                runner.name,
+                type(exc).__name__,
+            )
+            error = RunnerError(
+                ErrorCode.INVALID_INPUT,
+                f"The runner {runner.name!r} cannot read this message's text "
+                f"({type(exc).__name__}); check it for unusual characters.",
+            )
+        raise error from None
+
+
+def _probe(runner: Runner) -> int:
+    """Tokens of our own system prompt: a tokenizer that fails on it is broken,
+    which is the runner's failure (it counts toward its circuit, and the
+    request falls back to another runner)."""
+    try:
+        return runner.count_tokens(SYSTEM_PROMPT)
+    except RunnerError:
+        raise
+    except Exception as exc:
+        log.warning("runner %s: its tokenizer failed (%s)", runner.name, type(exc).__name__)
+        raise RunnerError(
+            ErrorCode.RUNTIME, f"The runner {runner.name!r} could not count tokens."
+        ) from None
+
+
+def check_encodable(request: ChatRequest) -> None:
+    """Refuse, before any runner or database sees it, text that cannot be
+    encoded (a lone UTF-16 surrogate from a JSON `\\ud800` escape) anywhere
+    in the request. Raises RunnerError(invalid_input), which the websocket and
+    the HTTP API report as the caller's error and which never counts against
+    a runner."""
+    problem = request_problem(request)
+    if problem:
+        raise RunnerError(
+            ErrorCode.INVALID_INPUT, f"The request cannot be read: {problem}. Send valid Unicode."
+        )
 
 
 def fit_to_budget(
@@ -92,6 +153,7 @@ def fit_to_budget(
     turns = [m for m in request.messages if m.role != "system"]
     if not turns:
         raise RunnerError(ErrorCode.INVALID_INPUT, "There is no message to answer.")
+    _probe(runner)
     used = _tokens(runner, system)
     last = turns[-1]
     if used + _tokens(runner, last) > budget:
@@ -101,7 +163,7 @@ def fit_to_budget(
         raise RunnerError(
             ErrorCode.INVALID_INPUT,
             f"Your message is too long for the runner {runner.name!r}: about "
-            f"{runner.count_tokens(last.content)} tokens, and it can take about "
+            f"{_count(runner, last.content)} tokens, and it can take about "
             f"{max(budget - used, 0)}. Shorten it or choose a runner with a larger context.",
         )
     kept = [last]
@@ -167,6 +229,7 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         tools=turn.tools,
         request_id=turn.request_id,
     )
+    check_encodable(request)
     rules, candidates, no_runner = await _turn_settings(
         request.needed_capabilities(), turn.pinned_runner, turn.rag
     )
@@ -179,9 +242,7 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
     if turn.rag:
         # Embedding the query is CPU work: off the shared ORM thread, and
         # database_sync_to_async closes the worker thread's DB connection.
-        retrieved = await database_sync_to_async(_retrieve, thread_sensitive=False)(
-            turn, last_text
-        )
+        retrieved = await database_sync_to_async(_retrieve, thread_sensitive=False)(turn, last_text)
         context = retrieved.text
         yield Sources(tuple(s.as_dict() for s in retrieved.sources))
 

@@ -9,7 +9,6 @@ request. Database functions here are synchronous; async callers wrap them in
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -21,6 +20,8 @@ from django.utils import timezone
 
 from asgiref.sync import sync_to_async
 
+from accounts import limits
+from chat.inputs import clean_name
 from chat.models import Conversation, Message
 from rag.models import Collection
 from runners.base import ChatMessage
@@ -81,7 +82,7 @@ class TurnOutcome:
 
 def title_from(text: str) -> str:
     """A conversation title from its first user message: one line, truncated."""
-    line = " ".join(text.split())
+    line = clean_name(text)
     if not line:
         return "Image chat"
     if len(line) <= TITLE_MAX_CHARS:
@@ -279,7 +280,7 @@ def list_conversations(user, *, query: str = "", limit: int = 200) -> list[dict[
 
 def rename_conversation(user, conversation_id: int, title: str) -> dict[str, Any]:
     """Rename one of the user's conversations. Raises ChatError(not_found | bad_title)."""
-    title = " ".join(title.split())
+    title = clean_name(title)
     if not title:
         raise ChatError("bad_title", "A title cannot be empty.")
     if len(title) > 200:
@@ -367,6 +368,9 @@ def enabled_runners() -> list[dict[str, Any]]:
 
 # A slot counter outlives a crashed process at most this long.
 _SLOT_TTL_SECONDS = 15 * 60
+# What a user with every generation slot taken is told to wait: answers end at
+# their own pace, so this is a hint, not a promise.
+SLOT_RETRY_AFTER_SECONDS = 2
 
 
 def _slots_key(user_id: int) -> str:
@@ -405,15 +409,19 @@ async def release_generation_slot(user_id: int) -> None:
         await _acount(_slots_key(user_id), -left, _SLOT_TTL_SECONDS)
 
 
-async def allow_message(user_id: int) -> bool:
+async def allow_message(user_id: int) -> limits.RateDecision:
     """Count one message (send, regenerate, edit) against the user's
-    `CHAT_MESSAGES_PER_MINUTE`, in fixed one-minute windows."""
-    key = f"chat:rate:{user_id}:{int(time.time() // 60)}"
-    return await _acount(key, 1, 120) <= settings.CHAT_MESSAGES_PER_MINUTE
+    `CHAT_MESSAGES_PER_MINUTE`, across all of the user's sockets and processes
+    (the exact sliding window of accounts.limits). A refused message is
+    not counted; `retry_after` says when the next one will be accepted."""
+    return await limits.ahit(_message_key(user_id), settings.CHAT_MESSAGES_PER_MINUTE, 60)
+
+
+def _message_key(user_id: int) -> str:
+    return f"chat:messages:user:{user_id}"
 
 
 def reset_limits(user_id: int) -> None:
     """Forget the user's counters (tests, or an admin unblocking someone)."""
-    minute = int(time.time() // 60)
-    windows = (f"chat:rate:{user_id}:{m}" for m in (minute - 1, minute, minute + 1))
-    cache.delete_many([_slots_key(user_id), *windows])
+    cache.delete(_slots_key(user_id))
+    limits.reset(_message_key(user_id), 60)

@@ -6,5 +6,5 @@ from chat import views
 
 urlpatterns = [
     path("", views.chat_page, name="chat"),
-    path("c/<int:conversation_id>/", views.chat_page, name="conversation"),
+    path("c/<id:conversation_id>/", views.chat_page, name="conversation"),
 ]

@@ -11,8 +11,13 @@ class RagConfig(AppConfig):
         # on the worker's first use, see rag.worker).
         from django.db.models.signals import post_delete
 
+        from rag import store, worker
         from rag.models import Collection, Document
 
+        # A Chroma collection found missing (or recreated empty) is rebuilt
+        # from the database's record of its documents.
+        if worker.rebuild_collection not in store.on_collection_lost:
+            store.on_collection_lost.append(worker.rebuild_collection)
         post_delete.connect(_drop_chroma_collection, sender=Collection, dispatch_uid="rag-drop")
         post_delete.connect(_remove_file, sender=Document, dispatch_uid="rag-remove-file")
 

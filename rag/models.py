@@ -101,6 +101,13 @@ class Document(models.Model):
     # same token as `generation`, so a superseded or deleted run can tell and
     # clean up after itself (re-ingest swaps generations atomically).
     ingest_token = models.CharField(max_length=32, blank=True, editable=False)
+    # Last sign of life: set when the document is queued and every few seconds
+    # by the run that owns it. The watchdog (rag.worker) settles a document
+    # whose run stopped beating (a crashed worker, process or thread).
+    heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Runs started since a person last asked for this document to be indexed
+    # (upload or re-ingest); a document whose runs keep dying is failed.
+    attempts = models.PositiveSmallIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

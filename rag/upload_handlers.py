@@ -11,8 +11,19 @@ from __future__ import annotations
 
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler, SkipFile
+from django.http import multipartparser
 
 from rag.uploads import StagedFile, StagingWriter, UploadRejected
+
+# Django reads each multipart part's headers within 1024 bytes and refuses the
+# whole body past that ("Request max total header size exceeded"), so a file
+# name of a few hundred characters (or fewer, in a non-Latin script: 3-4 bytes
+# each in UTF-8) made an upload fail as unreadable. Part headers up to 8 KB
+# hold a 1000-character name in any script; sanitize_filename then shortens it.
+# Django has no setting for this; the module constant is read on every parse.
+PART_HEADER_MAX_BYTES = 8 * 1024
+if multipartparser.MAX_TOTAL_HEADER_SIZE < PART_HEADER_MAX_BYTES:
+    multipartparser.MAX_TOTAL_HEADER_SIZE = PART_HEADER_MAX_BYTES
 
 
 class StagedUpload(UploadedFile):

@@ -24,7 +24,13 @@ from rag import store, worker
 from rag.models import Collection, Document
 from rag.parsing import MIME_TYPES, FileRejected, sniff
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f<>:\"|?*]+")
+# Control characters (C0, DEL, C1), line/paragraph separators, bidi overrides
+# (which make "exe.txt" display as "txt.exe"), lone surrogates, and the
+# characters Windows refuses in names.
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff<>:\"|?*]+"
+)
+MAX_NAME_CHARS = 200
 
 
 class UploadRejected(Exception):
@@ -67,15 +73,19 @@ def too_large(name: str) -> UploadRejected:
 
 def sanitize_filename(raw: str) -> str:
     """A display name safe anywhere: no directories (`../`, `C:\\`), no control
-    characters, no leading dots, at most 200 characters with the extension kept."""
+    characters, no leading dots, at most MAX_NAME_CHARS characters with the
+    extension kept: a longer name is shortened, never refused."""
     name = unicodedata.normalize("NFC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = _UNSAFE.sub("", name)
     name = re.sub(r"\s+", " ", name).strip().lstrip(".").strip()
-    if len(name) > 200:
+    if len(name) > MAX_NAME_CHARS:
         stem, dot, ext = name.rpartition(".")
         keep_ext = bool(dot) and len(ext) <= 10
-        name = f"{stem[: 199 - len(ext)]}.{ext}" if keep_ext else name[:200]
+        if keep_ext:
+            name = f"{stem[: MAX_NAME_CHARS - 1 - len(ext)].rstrip()}.{ext}"
+        else:
+            name = name[:MAX_NAME_CHARS].rstrip()
     return name or "document"
 
 

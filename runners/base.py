@@ -150,8 +150,9 @@ _RETRYABLE_BY_DEFAULT = {
 
 class RunnerError(Exception):
     """A runner failure the user can be told about. `retryable` says whether
-    another attempt (or another runner) can help; the router falls back only on
-    retryable errors raised before the first token. Messages must never contain
+    sending the same request again can help; the router falls back before the
+    first token on every error except `invalid_input` (about the request
+    itself, which never counts toward a circuit). Messages must never contain
     secrets (API keys, tokens)."""
 
     def __init__(
@@ -170,6 +171,68 @@ class RunnerError(Exception):
 
     def __repr__(self) -> str:
         return f"RunnerError({self.code.value!r}, {self.message!r}, retryable={self.retryable})"
+
+
+def unencodable(text: str) -> str | None:
+    """What in `text` cannot be encoded as UTF-8 (a lone UTF-16 surrogate,
+    which JSON's `\\ud800` escapes can produce), or None when it all can.
+    No tokenizer, database or HTTP client accepts such text."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+    return None
+
+
+def first_unencodable(value: Any) -> str | None:
+    """The problem with the first string that cannot be encoded in nested
+    lists, tuples and dicts (keys too), walked without recursion so that any
+    nesting depth is safe; None when every string can be encoded."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            problem = unencodable(item)
+            if problem:
+                return problem
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
+
+
+def request_problem(request: ChatRequest) -> str | None:
+    """What in `request` no runner can read (text that cannot be encoded:
+    messages, images, tool calls, stop sequences, tools), or None."""
+    for index, m in enumerate(request.messages):
+        problem = first_unencodable((m.content, m.images, m.tool_calls, m.tool_call_id))
+        if problem:
+            return f"message {index} contains {problem}"
+    problem = first_unencodable((request.stop, request.tools))
+    if problem:
+        return f"the stop sequences or tools contain {problem}"
+    return None
+
+
+def request_error(exc: BaseException, request: ChatRequest | None = None) -> RunnerError | None:
+    """The `invalid_input` error when the request itself caused `exc`: an
+    encoding error, or any failure while the request holds text that cannot
+    be encoded (tokenizers reject it with a TypeError, HTTP clients with a
+    UnicodeEncodeError). None when the exception says nothing about the
+    request: then it is the runner's. Request errors never count against a
+    runner's circuit."""
+    problem = request_problem(request) if request is not None else None
+    if problem is None and isinstance(exc, UnicodeEncodeError):
+        problem = "text that cannot be encoded (a lone UTF-16 surrogate)"
+    if problem is None:
+        return None
+    return RunnerError(
+        ErrorCode.INVALID_INPUT, f"The request cannot be read: {problem}. Send valid Unicode."
+    )
 
 
 # ---- health ----------------------------------------------------------------------

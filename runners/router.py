@@ -35,13 +35,15 @@ from runners.base import (
     RunnerError,
     TokenDelta,
     ToolCall,
+    request_error,
 )
 from runners.models import RunnerConfig, RunRecord
 from runners.registry import build_runner
 
 log = logging.getLogger(__name__)
 
-# Errors that say something about the request itself: no other runner can help.
+# Errors that say something about the request itself: no other runner can help,
+# and they never count toward the runner's circuit.
 _REQUEST_ERRORS = {ErrorCode.INVALID_INPUT}
 
 
@@ -115,6 +117,15 @@ class CircuitBoard:
     def release(self, name: str) -> None:
         """An attempt ended without a verdict (cancelled): free the trial slot."""
         self._get(name).trial_in_flight = False
+
+    def paused(self) -> dict[str, float]:
+        """The runners whose circuit is open now, with the seconds until a trial."""
+        now = time.monotonic()
+        return {
+            name: round(self.cooldown_s - (now - c.opened_at), 1)
+            for name, c in self.circuits.items()
+            if c.opened_at is not None and now - c.opened_at < self.cooldown_s
+        }
 
     def recent_ttft(self, name: str) -> float:
         value = self._get(name).ttft_ewma_ms
@@ -304,10 +315,6 @@ async def route(
         try:
             runner = build_runner(config)
             await runner.load()
-            routed_request = _with_defaults(request, config)
-            notices: list[Notice] = []
-            if prepare is not None:
-                routed_request, notices = prepare(routed_request, runner)
         except RunnerError as exc:
             await _fail(attempt, exc, source, message_id, capability)
             last_error = exc
@@ -320,6 +327,32 @@ async def route(
             await _fail(attempt, error, source, message_id, capability)
             last_error = error
             continue
+        routed_request = request
+        try:
+            routed_request = _with_defaults(request, config)
+            notices: list[Notice] = []
+            if prepare is not None:
+                routed_request, notices = prepare(routed_request, runner)
+        except RunnerError as exc:
+            await _fail(attempt, exc, source, message_id, capability)
+            last_error = exc
+            if exc.code in _REQUEST_ERRORS:
+                raise
+            continue
+        except Exception as exc:
+            # `prepare` is the caller's fitting of *this request* (tokenizing
+            # its text): a failure there is no evidence against the runner.
+            # Content that cannot be encoded is the client's mistake; anything
+            # else is our bug. Neither counts toward the circuit.
+            error = request_error(exc, routed_request)
+            if error is None:
+                log.exception("request could not be prepared for runner %s", config.name)
+                error = RunnerError(
+                    ErrorCode.RUNTIME,
+                    f"The request could not be prepared for the runner {config.name!r}.",
+                )
+            await _fail(attempt, error, source, message_id, capability, counts=False)
+            raise error from None
 
         yield Routed(config.name, config.model_id, bool(attempt.fallback), tuple(tried))
         for notice in notices:
@@ -356,7 +389,13 @@ async def route(
                 _save_record(attempt, RunRecord.Status.STOPPED, source, message_id, capability)
             )
             raise
-        except Exception:
+        except Exception as exc:
+            error = request_error(exc, routed_request)
+            if error is not None:
+                # The runner could not encode what the client sent: the
+                # client's mistake, which any runner would make too.
+                await _fail(attempt, error, source, message_id, capability)
+                raise error from None
             log.exception("runner %s crashed", config.name)
             error = RunnerError(ErrorCode.RUNTIME, f"The runner {config.name!r} crashed.")
             await _fail(attempt, error, source, message_id, capability)
@@ -384,9 +423,17 @@ async def route(
 
 
 async def _fail(
-    attempt: _Attempt, error: RunnerError, source: str, message_id: int | None, capability: str
+    attempt: _Attempt,
+    error: RunnerError,
+    source: str,
+    message_id: int | None,
+    capability: str,
+    *,
+    counts: bool = True,
 ) -> None:
-    if error.code not in _REQUEST_ERRORS:
+    """Record a failed attempt. Only errors about the runner count toward its
+    circuit; an error the request caused frees a trial slot without a verdict."""
+    if counts and error.code not in _REQUEST_ERRORS:
         circuits.failure(attempt.config.name)
     else:
         circuits.release(attempt.config.name)

@@ -1,32 +1,33 @@
-"""Shared test set-up: an isolated DATA_DIR per run (the prepared model is
-reused from the real one), a small cast of users, and the scale-out pass."""
+"""Shared test set-up: a small cast of users and the scale-out pass.
+
+The run's own temporary DATA_DIR (set before Django's settings load) comes from
+the early plugin tests.support.hermetic, loaded through pyproject's addopts."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 pytest_plugins = ["tests.support.fixtures"]
 
-ROOT = Path(__file__).resolve().parent.parent
-_TMP_DATA = tempfile.mkdtemp(prefix="breezeweb-test-")
-os.environ["DATA_DIR"] = _TMP_DATA
-os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
-os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-# Tests load models when they need them (and measure it); servers they start
-# inherit this.
-os.environ.setdefault("PRELOAD_LOCAL_RUNNERS", "false")  # a developer's .env must not leak in
+# `make test` is reproducible: the property-based suites draw the same examples
+# on every run (HYPOTHESIS_PROFILE=explore draws new ones each time, for hunting).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_TMP_DATA, ignore_errors=True)
+def pytest_configure(config):
+    # Running without the early plugin (e.g. `-p no:tests.support.hermetic`)
+    # would write into whatever DATA_DIR the environment names: refuse.
+    if not config.pluginmanager.has_plugin("tests.support.hermetic"):
+        raise pytest.UsageError(
+            "tests.support.hermetic is not loaded: the tests would use the real DATA_DIR"
+        )
 
 
 def _reachable(url: str, default_port: int) -> bool:

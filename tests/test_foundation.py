@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from django.core.management import call_command
 
 import pytest
 
 from runners.models import RunnerConfig
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import ROOT
 
 
 def _settings_in_subprocess(tmp_path, **env) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 
 from django.conf import settings
@@ -17,6 +18,7 @@ import pytest
 import websockets
 
 from accounts.models import ApiKey
+from chat.models import Message
 from rag.models import Collection, Document
 from runners.models import RunnerConfig
 from tests.support.processes import Daphne, Worker
@@ -46,6 +48,11 @@ def _shared_env() -> dict[str, str]:
 
 @pytest.fixture
 def two_web_processes(transactional_db):
+    # The embedded Chroma store serves one process: hand it from this test
+    # process (earlier tests used it) to the processes started here.
+    from rag import store
+
+    store.reset_client()
     env = _shared_env()
     first, second = Daphne(env), Daphne(env)
     try:
@@ -145,3 +152,135 @@ def test_a_worker_ingests_an_upload_and_the_status_reaches_a_websocket_on_anothe
         assert document.collection == Collection.personal_for(user)
     finally:
         worker.stop()
+
+
+# ---- credentials end their sockets on every process -------------------------------------
+
+
+def _login(server: Daphne, username: str, password: str) -> httpx.Client:
+    """A browser-like session on `server`: the login form, with its CSRF token."""
+    client = httpx.Client(base_url=server.url, timeout=30)
+    page = client.get("/login/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    response = client.post(
+        "/login/",
+        data={"username": username, "password": password, "csrfmiddlewaretoken": token},
+        headers={"Referer": f"{server.url}/login/", "Origin": server.url},
+    )
+    assert response.status_code == 302, response.text[:500]
+    assert settings.SESSION_COOKIE_NAME in client.cookies
+    return client
+
+
+def _csrf_post(client: httpx.Client, server: Daphne, path: str) -> httpx.Response:
+    page = client.get("/settings/api-keys/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    return client.post(
+        path,
+        data={"csrfmiddlewaretoken": token},
+        headers={"Referer": f"{server.url}/settings/api-keys/", "Origin": server.url},
+    )
+
+
+async def _streaming_socket(url: str, headers: dict) -> tuple[object, dict]:
+    """A socket on `url` with an answer streaming; (socket, its `accepted` frame)."""
+    ws = await websockets.connect(url, additional_headers=headers)
+    await ws.send(
+        json.dumps({"type": "message", "request_id": "r1", "conversation_id": None, "text": "talk"})
+    )
+    accepted = None
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
+        if frame["type"] == "accepted":
+            accepted = frame
+        if frame["type"] == "token":
+            return ws, accepted
+        assert frame["type"] not in ("error", "done"), frame
+
+
+async def _ended(ws) -> tuple[list[dict], int, float]:
+    """Frames until the server closes the socket, the close code, and when it closed."""
+    frames = []
+    try:
+        while True:
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=10)))
+    except websockets.ConnectionClosed as closed:
+        return frames, closed.rcvd.code if closed.rcvd else None, time.monotonic()
+
+
+def _assert_stopped_and_closed(frames, code, started, ended, accepted) -> None:
+    assert code == 4401
+    assert ended - started < 1.0, f"closed {ended - started:.2f} s after the credential ended"
+    assert [f["status"] for f in frames if f["type"] == "done"] == ["stopped"], frames
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "credential_ended"
+    saved = Message.objects.get(pk=accepted["assistant_message_id"])
+    assert saved.status == "stopped" and saved.content
+
+
+SLOW = Reply(text=" ".join(f"word{i}" for i in range(400)), token_delay=0.05)
+
+
+def test_revoking_a_key_on_one_process_ends_its_socket_on_another(
+    two_web_processes, user, scripted_runner, scripted_server
+):
+    first, second = two_web_processes
+    key, raw = ApiKey.issue(user, "scaleout")
+    scripted_server.default_reply = SLOW
+    browser = _login(first, "alice", "alice-password-123")
+
+    async def scenario():
+        ws, accepted = await _streaming_socket(
+            f"ws://127.0.0.1:{second.port}/ws/chat/", {"Authorization": f"Bearer {raw}"}
+        )
+        started = time.monotonic()
+        response = await asyncio.to_thread(
+            _csrf_post, browser, first, f"/settings/api-keys/{key.pk}/revoke/"
+        )
+        assert response.status_code == 302
+        return (*await _ended(ws), started, accepted)
+
+    frames, code, ended, started, accepted = asyncio.run(scenario())
+    _assert_stopped_and_closed(frames, code, started, ended, accepted)
+
+
+def test_logging_out_on_one_process_ends_that_sessions_socket_on_another(
+    two_web_processes, user, scripted_runner, scripted_server
+):
+    first, second = two_web_processes
+    scripted_server.default_reply = SLOW
+    browser = _login(first, "alice", "alice-password-123")
+    cookie = browser.cookies[settings.SESSION_COOKIE_NAME]
+    origin = f"http://127.0.0.1:{second.port}"
+
+    async def scenario():
+        ws, accepted = await _streaming_socket(
+            f"ws://127.0.0.1:{second.port}/ws/chat/",
+            {"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}", "Origin": origin},
+        )
+        started = time.monotonic()
+        response = await asyncio.to_thread(_csrf_post, browser, first, "/logout/")
+        assert response.status_code == 302
+        return (*await _ended(ws), started, accepted)
+
+    frames, code, ended, started, accepted = asyncio.run(scenario())
+    _assert_stopped_and_closed(frames, code, started, ended, accepted)
+
+
+def test_a_real_daphne_refusal_is_a_close_code_the_client_sees(two_web_processes, user):
+    first, _ = two_web_processes
+    browser = _login(first, "alice", "alice-password-123")
+    cookie = browser.cookies[settings.SESSION_COOKIE_NAME]
+
+    async def close_code(headers: dict) -> int:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{first.port}/ws/chat/", additional_headers=headers
+        ) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), timeout=10)
+            return closed.value.rcvd.code
+
+    session = f"{settings.SESSION_COOKIE_NAME}={cookie}"
+    assert asyncio.run(close_code({"Authorization": "Bearer bw_wrong"})) == 4401
+    assert asyncio.run(close_code({"Origin": f"http://127.0.0.1:{first.port}"})) == 4401
+    for origin in (f"http://127.0.0.1:{first.port + 1}", f"https://127.0.0.1:{first.port}"):
+        assert asyncio.run(close_code({"Cookie": session, "Origin": origin})) == 4403

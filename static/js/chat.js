@@ -1,10 +1,10 @@
 // BreezeWeb chat: one ES module, no inline scripts (strict CSP).
 // Talks to /ws/chat/ (docs/websocket.md) and the small JSON endpoints under /api/.
-// Answers are Markdown rendered by marked, sanitized by DOMPurify, highlighted by
-// highlight.js; user messages are shown as plain text, never as HTML.
+// Answers are Markdown rendered by marked, sanitized by DOMPurify to an allow-list
+// (markdown.js), highlighted by highlight.js; user messages are shown as plain
+// text, never as HTML.
 
-import { marked } from "../vendor/marked-18.2.1/marked.esm.js";
-import DOMPurify from "../vendor/dompurify-3.4.18/purify.es.mjs";
+import { markdownToSafeHtml } from "./markdown.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -21,8 +21,6 @@ const els = {
   pickDocs: $("pick-docs"), docInput: $("doc-input"), uploads: $("upload-list"),
   menu: $("menu-toggle"), sidebar: $("sidebar"),
 };
-
-marked.setOptions({ gfm: true, breaks: true });
 
 const state = {
   conversationId: boot.conversation ? boot.conversation.id : null,
@@ -48,7 +46,7 @@ function requestId() {
 }
 
 function renderMarkdown(target, text) {
-  target.innerHTML = DOMPurify.sanitize(marked.parse(text || ""));
+  target.innerHTML = markdownToSafeHtml(text);
   target.querySelectorAll("pre code").forEach((code) => hljs.highlightElement(code));
   target.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
 }
@@ -469,7 +467,7 @@ function send(frame) {
 }
 
 function handleFrame(f) {
-  if (f.type === "document_status") { documentStatus(f.document || f); return; }
+  if (f.type === "document_status") { documentStatus(f.document || f, true); return; }
   if (f.type === "pong") return;
   const p = state.pending.get(f.request_id);
   switch (f.type) {
@@ -814,9 +812,12 @@ function upload(file) {
   xhr.send(form);
 }
 
-function documentStatus(doc) {
+function documentStatus(doc, live = false) {
   if (!doc || doc.id == null) return;
-  doc = newer(lastStatus.get(doc.id), doc);
+  // Live frames arrive in order, so they are taken as they come (a run that
+  // died and was queued again goes back to "queued"); only the upload's HTTP
+  // response, which can arrive after them, must not move a document backwards.
+  if (!live) doc = newer(lastStatus.get(doc.id), doc);
   lastStatus.set(doc.id, doc);
   let item = uploads.get(doc.id);
   if (!item) {

@@ -148,5 +148,5 @@ def test_the_old_admin_address_of_api_keys_redirects_to_the_new_one(admin_user):
     admin = Client()
     admin.force_login(admin_user)
     response = admin.get("/admin/breezeweb/apikey/?q=ci")
-    assert response.status_code == 301
+    assert response.status_code == 308
     assert response["Location"] == "/admin/accounts/apikey/?q=ci"

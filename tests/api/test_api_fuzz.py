@@ -1,4 +1,13 @@
-"""Property-based fuzzing of POST /v1/chat/completions from its OpenAPI schema.
+"""Property-based fuzzing of the HTTP APIs.
+
+First, every route under /api and /v1, enumerated from the URLconf (so a new
+route cannot be missed), with hostile path values, query strings, methods,
+content types and bodies (deep nesting, huge and non-ASCII numbers, lone
+surrogates, NUL, oversized strings and bodies, wrong types, unknown fields).
+The properties: never a 5xx, every error is JSON in the API's shape with a
+code, saved data is unchanged, runner circuits are untouched.
+
+Then POST /v1/chat/completions from its OpenAPI schema:
 
 Request bodies are generated from the `ChatCompletionRequest` schema that
 /api/schema serves (a small JSON Schema -> Hypothesis translator below), then
@@ -15,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
+from urllib.parse import quote
 
 from django.test import override_settings
 
@@ -27,7 +38,7 @@ from hypothesis import strategies as st
 from accounts.models import ApiKey
 from api.openapi import build_schema
 from breezeweb.asgi import application
-from chat.models import Conversation
+from chat.models import Conversation, Message
 from runners import registry
 from runners.models import RunnerConfig
 from runners.router import circuits
@@ -220,3 +231,279 @@ def test_generated_requests_never_cause_a_server_error(user, scripted_server):
         registry.forget_all()
     # The generator reached both sides: real completions and refusals.
     assert seen.get(200, 0) >= 5 and seen.get(400, 0) >= 5, seen
+
+
+# ---- every /api and /v1 route --------------------------------------------------------------
+
+
+def api_routes() -> list[str]:
+    """Every route under /api and /v1 in the URLconf, as Django writes them
+    (`api/documents/<id:pk>`, `^v1/(?P<rest>.*)$`)."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    routes: list[str] = []
+
+    def walk(patterns, prefix: str) -> None:
+        for pattern in patterns:
+            text = prefix + str(pattern.pattern).lstrip("^")
+            if isinstance(pattern, URLResolver):
+                walk(pattern.url_patterns, text)
+            elif isinstance(pattern, URLPattern):
+                routes.append(text)
+
+    walk(get_resolver().url_patterns, "")
+    return sorted(r for r in routes if r.startswith(("api/", "v1/")))
+
+
+ROUTES = api_routes()
+
+
+def _quote(text: str) -> str:
+    """Percent-encoded UTF-8, lone surrogates included (as their invalid bytes)."""
+    return quote(text, safe="", errors="surrogatepass")
+
+
+_PARAM = re.compile(r"<(?:\w+:)?(\w+)>|\(\?P<(\w+)>[^)]*\)")
+
+hostile_text = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "\x00",
+            "a\x00b",
+            "\ud800",
+            "x\udfff",
+            "²",
+            "١٢٣",
+            "-1",
+            "0",
+            "9" * 25,
+            "9223372036854775808",
+            "1e999",
+            "NaN",
+            "<form><input></form>",
+            "../../etc/passwd",
+            "ü" * 300,
+        ]
+    ),
+    st.text(max_size=30),
+)
+hostile_numbers = st.one_of(
+    st.integers(),
+    st.integers(min_value=2**63, max_value=2**200),
+    st.integers(max_value=-(2**63)),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+hostile_values = st.recursive(
+    st.none() | st.booleans() | hostile_numbers | hostile_text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(hostile_text, children, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+def _raw_json_bodies() -> st.SearchStrategy[bytes]:
+    """JSON texts json.dumps cannot write: deep nesting, huge integers,
+    non-finite numbers, escapes of lone surrogates and NUL, oversized bodies."""
+    depth = st.integers(min_value=30, max_value=200_000)
+    return st.one_of(
+        depth.map(lambda n: b"[" * n + b"]" * n),
+        depth.map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+        st.integers(min_value=20, max_value=6000).map(
+            lambda n: b'{"query": "x", "k": 1' + b"0" * n + b', "model": "auto"}'
+        ),
+        st.sampled_from(
+            [
+                b'{"query": "\\ud800", "title": "\\udfff", "model": "auto"}',
+                b'{"query": "a\\u0000b", "title": "a\\u0000b"}',
+                b'{"temperature": NaN, "k": Infinity, "title": -Infinity}',
+                b'{"k": 1e999, "title": 1E400}',
+                b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+                b"\xff\xfe\x00\x00",
+                b"\xed\xa0\x80",
+                b"",
+                b"   ",
+                b"null",
+            ]
+        ),
+        st.integers(min_value=70_000, max_value=400_000).map(
+            lambda n: b'{"title": "' + b"x" * n + b'", "query": "y"}'
+        ),
+    )
+
+
+bodies = st.one_of(
+    st.none(),
+    hostile_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "title": hostile_values,
+            "query": hostile_values,
+            "k": hostile_values,
+            "collections": hostile_values,
+            "model": hostile_values,
+            "messages": hostile_values,
+            "breezeweb": hostile_values,
+            "unknown_field": hostile_values,
+        },
+    ).map(lambda v: json.dumps(v).encode()),
+    _raw_json_bodies(),
+    st.binary(max_size=64),
+)
+content_types = st.sampled_from(
+    [
+        "application/json",
+        "multipart/form-data",
+        "multipart/form-data; boundary=",
+        "multipart/form-data; boundary=x",
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "application/json; charset=utf-16",
+        None,
+    ]
+)
+methods = st.sampled_from(
+    ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "PROPFIND", "QUERY"]
+)
+queries = st.one_of(
+    st.just(""),
+    st.sampled_from(
+        [
+            "?collection=%C2%B2",
+            "?collection=-1",
+            "?collection=99999999999999999999999",
+            "?q=%00",
+            "?q=%ED%A0%80",
+            "?q=" + "x" * 3000,
+            "?collection=1&collection=2",
+        ]
+    ),
+    hostile_text.map(lambda t: "?q=" + _quote(t)),
+)
+
+
+def snapshot() -> dict:
+    from rag.models import Collection, Document
+
+    return {
+        "conversations": sorted(Conversation.objects.values_list("pk", "title", "owner_id")),
+        "messages": sorted(Message.objects.values_list("pk", "content", "status")),
+        "documents": sorted(Document.objects.values_list("pk", "title", "collection_id")),
+        "collections": sorted(Collection.objects.values_list("pk", "name")),
+        "keys": sorted(ApiKey.objects.values_list("pk", "revoked_at")),
+    }
+
+
+def test_the_route_list_comes_from_the_urlconf():
+    expected = {
+        "api/conversations",
+        "api/conversations/<id:conversation_id>",
+        "api/documents",
+        "api/documents/<id:pk>",
+        "api/documents/<id:pk>/reingest",
+        "api/collections",
+        "api/search",
+        "api/runners",
+        "api/schema",
+        "api/docs",
+        "v1/models",
+        "v1/models/<str:model_id>",
+        "v1/chat/completions",
+    }
+    assert expected <= set(ROUTES), ROUTES
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_api_route_answers_hostile_requests_with_json_4xx(user, other_user, scripted_server):
+    from rag.models import Collection
+
+    registry.forget_all()
+    circuits.reset()
+    RunnerConfig.objects.create(
+        name="scripted",
+        kind="llamastack",
+        endpoint=scripted_server.url,
+        model_id="scripted-model",
+        priority=10,
+        timeout_seconds=10,
+    )
+    raw_key = ApiKey.issue(user, "fuzz")[1]
+    # Someone else's things: ids that exist but are never the caller's.
+    theirs = Conversation.objects.create(owner=other_user, title="Bob's")
+    Message.objects.create(conversation=theirs, role="user", content="secret")
+    their_collection = Collection.personal_for(other_user)
+    Collection.personal_for(user)
+    foreign_ids = [str(theirs.pk), str(their_collection.pk)]
+    loop = asyncio.new_event_loop()
+    seen: dict[str, set[int]] = {}
+
+    async def send(method, path, content, content_type, auth) -> httpx.Response:
+        headers = {}
+        if auth:
+            headers["Authorization"] = f"Bearer {raw_key}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            return await client.request(method, path, content=content, headers=headers)
+
+    @settings(
+        max_examples=400,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.data_too_large,
+        ],
+    )
+    @given(
+        route=st.sampled_from(ROUTES),
+        values=st.lists(
+            st.one_of(st.sampled_from(foreign_ids), hostile_text), min_size=2, max_size=2
+        ),
+        method=methods,
+        query=queries,
+        body=bodies,
+        content_type=content_types,
+        auth=st.sampled_from([True, True, True, False]),
+    )
+    def run(route, values, method, query, body, content_type, auth) -> None:
+        filled = iter(values)
+        path = "/" + _PARAM.sub(lambda m: _quote(next(filled, "1")) or "1", route).rstrip("$")
+        before = snapshot()
+        response = loop.run_until_complete(send(method, path + query, body, content_type, auth))
+        seen.setdefault(route, set()).add(response.status_code)
+        context = (method, path[:200], query[:100], (body or b"")[:200], content_type)
+        assert response.status_code < 500, (context, response.text[:500])
+        if response.status_code >= 400:
+            assert response.headers["content-type"].startswith("application/json"), (
+                context,
+                response.text[:300],
+            )
+            if method != "HEAD":
+                error = response.json()["error"]
+                assert isinstance(error["code"], str) and error["code"], error
+                assert isinstance(error["message"], str) and error["message"], error
+                if path.startswith("/v1"):
+                    assert set(error) == {"message", "type", "param", "code"}, error
+        completed = route == "v1/chat/completions" and response.status_code == 200
+        if not completed:
+            assert snapshot() == before, context
+        assert circuits.paused() == {}, context
+        assert circuits.state("scripted") == "closed", context
+
+    try:
+        with override_settings(
+            API_REQUESTS_PER_MINUTE=100_000,
+            APP_API_REQUESTS_PER_MINUTE=100_000,
+            DATA_UPLOAD_MAX_MEMORY_SIZE=256 * 1024,
+        ):
+            run()
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        registry.forget_all()
+    # Every route was driven.
+    assert set(seen) == set(ROUTES), sorted(set(ROUTES) - set(seen))

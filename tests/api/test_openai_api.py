@@ -33,10 +33,11 @@ from chat.models import Conversation, Message
 from runners import registry
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
-from tests.support.processes import Daphne
+from tests.support.processes import (
+    ROOT,
+    Daphne,
+)
 from tests.support.scripted_server import Reply, ScriptedToolCall
-
-ROOT = Path(__file__).resolve().parents[2]
 
 db = pytest.mark.django_db(transaction=True)
 
@@ -722,7 +723,9 @@ async def test_an_unreadable_collection_is_404(api_key, other_user, scripted_run
 
 
 @db
-async def test_the_request_rate_per_key_is_limited_with_retry_after(api_key, user, scripted_runner):
+async def test_the_request_rate_per_user_is_limited_with_retry_after(
+    api_key, user, scripted_runner
+):
     with override_settings(API_REQUESTS_PER_MINUTE=3):
         for _ in range(3):
             assert (await call("GET", "/v1/models", key=api_key)).status_code == 200
@@ -730,19 +733,23 @@ async def test_the_request_rate_per_key_is_limited_with_retry_after(api_key, use
         error = assert_openai_error(response, 429, "rate_limit_exceeded")
         assert error["type"] == "rate_limit_error"
         assert 1 <= int(response.headers["Retry-After"]) <= 60
-        # Another key of the same user has its own budget.
+        # Another key of the same user shares the budget (no key farming) ...
         other = await sync_to_async(ApiKey.issue)(user, "second")
+        assert (await call("GET", "/v1/models", key=other[1])).status_code == 429
+    # ... unless per-key budgets are switched on.
+    with override_settings(API_REQUESTS_PER_MINUTE=3, API_RATE_LIMIT_PER_KEY=True):
         assert (await call("GET", "/v1/models", key=other[1])).status_code == 200
 
 
 @db
-async def test_concurrent_streams_per_key_are_limited(api_key, scripted_runner, scripted_server):
+async def test_concurrent_streams_per_user_are_limited(
+    api_key, user, scripted_runner, scripted_server
+):
     from accounts import limits
-    from accounts.auth import key_fingerprint
 
-    # Hold the key's only slot, as a running stream would.
+    # Hold the user's only slot, as a running stream would (from any of their keys).
     with override_settings(API_MAX_CONCURRENT_STREAMS=1):
-        lease = await limits.acquire_slot(f"api-streams:key:{key_fingerprint(api_key)}", 1)
+        lease = await limits.acquire_slot(f"api-streams:user:{user.pk}", 1)
         assert lease is not None
         response = await call(
             "POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True)
@@ -758,7 +765,7 @@ async def test_concurrent_streams_per_key_are_limited(api_key, scripted_runner, 
         )
         assert response.status_code == 200
         # The finished stream gave its slot back.
-        again = await limits.acquire_slot(f"api-streams:key:{key_fingerprint(api_key)}", 1)
+        again = await limits.acquire_slot(f"api-streams:user:{user.pk}", 1)
         assert again is not None
         await again.release()
     assert scripted_server.chat_requests()
@@ -888,6 +895,8 @@ class LiveServer:
             "MODELS_DIR": str(MODELS_DIR),
             "BREEZEWEB_ENV_FILE": "/nonexistent",
             "API_REQUESTS_PER_MINUTE": "40",
+            # Each test here uses its own key of one user: give each key its own budget.
+            "API_RATE_LIMIT_PER_KEY": "true",
             "API_MAX_CONCURRENT_STREAMS": "2",
             "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
         }

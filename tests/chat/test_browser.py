@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.processes import ROOT
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
+
 SHOTS = screenshot_dir()
 PASSWORD = "alice-password-123"
 XSS = "<img src=x onerror=alert(1)>"

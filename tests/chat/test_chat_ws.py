@@ -137,27 +137,85 @@ def png_data_url(size=(8, 8)) -> str:
 # ---- auth ----------------------------------------------------------------------------
 
 
-async def test_an_unauthenticated_handshake_is_refused_with_4401():
-    ws = WebsocketCommunicator(application, WS_PATH, headers=[(b"origin", b"http://localhost")])
-    connected, code = await ws.connect(timeout=5)
-    assert not connected
-    assert code == 4401
-
-
-async def test_a_wrong_api_key_is_refused_with_4401():
-    headers = [(b"authorization", b"Bearer bw_not-a-real-key")]
-    ws = WebsocketCommunicator(application, WS_PATH, headers=headers)
-    connected, code = await ws.connect(timeout=5)
-    assert not connected
-    assert code == 4401
-
-
-async def test_a_session_from_another_site_is_refused(user):
-    headers = await sync_to_async(_session_headers)(user)
-    headers = [(k, b"http://evil.example" if k == b"origin" else v) for k, v in headers]
+async def refused_with(headers) -> int:
+    """The close code of a refused handshake: accepted, then closed at once
+    (what browsers can observe, unlike an HTTP 403), with nothing else sent."""
     ws = WebsocketCommunicator(application, WS_PATH, headers=headers)
     connected, _ = await ws.connect(timeout=5)
-    assert not connected
+    assert connected, "a refusal completes the handshake so the client sees its close code"
+    output = await ws.receive_output(timeout=5)
+    assert output["type"] == "websocket.close", output
+    await ws.wait()
+    return output["code"]
+
+
+async def test_an_unauthenticated_handshake_is_closed_with_4401():
+    assert await refused_with([(b"origin", b"http://localhost"), (b"host", b"localhost")]) == 4401
+
+
+async def test_a_wrong_api_key_is_closed_with_4401():
+    assert await refused_with([(b"authorization", b"Bearer bw_not-a-real-key")]) == 4401
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "http://localhost:9999",  # another port
+        "https://localhost",  # another scheme
+        "http://localhost.evil.example",
+        "null",
+        "",
+    ],
+)
+async def test_a_session_from_another_origin_is_closed_with_4403(user, origin):
+    headers = await sync_to_async(_session_headers)(user)
+    headers = [(k, v) for k, v in headers if k != b"origin"]
+    if origin:
+        headers.append((b"origin", origin.encode()))
+    assert await refused_with(headers) == 4403
+
+
+async def test_the_origin_is_compared_with_the_sites_own_scheme_host_and_port(user):
+    headers = await sync_to_async(_session_headers)(user)
+    on_port = [(k, v) for k, v in headers if k not in (b"origin", b"host")]
+    # The site served on port 8000: exactly that origin is its own.
+    ws = await connect(
+        headers=[*on_port, (b"host", b"localhost:8000"), (b"origin", b"http://localhost:8000")]
+    )
+    await ws.disconnect()
+    assert (
+        await refused_with(
+            [*on_port, (b"host", b"localhost:8000"), (b"origin", b"http://localhost")]
+        )
+        == 4403
+    )
+    # A Host outside ALLOWED_HOSTS is no origin of ours, even when Origin matches it.
+    assert (
+        await refused_with(
+            [*on_port, (b"host", b"evil.example"), (b"origin", b"http://evil.example")]
+        )
+        == 4403
+    )
+
+
+async def test_csrf_trusted_origins_are_accepted_exactly(user, settings):
+    settings.CSRF_TRUSTED_ORIGINS = ["https://chat.example.com", "https://*.example.org"]
+    headers = [(k, v) for k, v in await sync_to_async(_session_headers)(user) if k != b"origin"]
+    for good in ("https://chat.example.com", "https://a.example.org"):
+        ws = await connect(headers=[*headers, (b"origin", good.encode())])
+        await ws.disconnect()
+    for bad in ("http://chat.example.com", "https://chat.example.com:8443", "https://example.net"):
+        assert await refused_with([*headers, (b"origin", bad.encode())]) == 4403
+
+
+async def test_behind_a_tls_proxy_the_https_origin_is_the_sites_own(user, settings):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    headers = [(k, v) for k, v in await sync_to_async(_session_headers)(user) if k != b"origin"]
+    proxied = [*headers, (b"x-forwarded-proto", b"https")]
+    ws = await connect(headers=[*proxied, (b"origin", b"https://localhost")])
+    await ws.disconnect()
+    assert await refused_with([*proxied, (b"origin", b"http://localhost")]) == 4403
 
 
 async def test_an_api_key_client_chats_and_its_turns_are_saved(

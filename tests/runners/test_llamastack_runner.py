@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -37,6 +36,7 @@ from runners.images import validate_image_bytes
 from runners.llamastack.runner import LlamaStackRunner
 from runners.models import RunnerConfig
 from runners.registry import runner_class
+from tests.support.processes import ROOT
 from tests.support.scripted_server import (
     MODELS_ROUTE,
     Reply,
@@ -44,7 +44,6 @@ from tests.support.scripted_server import (
     free_port,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-breezeweb-test-9f8e7d6c5b4a"
 HELLO = ChatRequest(messages=(ChatMessage("user", "Say hello"),))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from django.test import Client, override_settings
 
@@ -18,9 +17,9 @@ from runners import registry, views
 from runners.base import ChatMessage, ChatRequest
 from runners.models import RunnerConfig
 from runners.router import circuits, route
+from tests.support.processes import ROOT
 from tests.support.scripted_server import Reply
 
-ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-metrics-test-a1b2c3d4e5f6a7b8"
 TOKEN = "metrics-token-4f3e2d1c0b"
 

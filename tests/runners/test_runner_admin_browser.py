@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.processes import ROOT
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedServer, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
+
 SHOTS = screenshot_dir()
 PASSWORD = "admin-password-123"
 API_KEY = "sk-browser-admin-0f1e2d3c4b5a6978"

@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from tqdm import tqdm
 
-from rag import worker
+from rag import store, worker
 from rag.ingestion import ingest_document
 from rag.models import Collection, Document
 from rag.parsing import EXTENSIONS
@@ -54,6 +54,13 @@ class Command(BaseCommand):
     def handle(self, *args, paths, collection=None, user=None, queue=False, **options):
         if queue and worker.mode() != "channels":
             raise CommandError("--queue hands jobs to `runworker ingest`: it needs REDIS_URL")
+        if not queue:
+            # Indexing here opens the vector store: refuse before adding
+            # anything when another process (the server) has the embedded one.
+            try:
+                store.get_client()
+            except store.StoreLocked as exc:
+                raise CommandError(f"{exc}, or pass --queue with REDIS_URL set") from None
         owner, target = self._target(collection, user)
         files = _files(paths)
         if not files:
@@ -127,3 +134,6 @@ class Command(BaseCommand):
                 problems.append((document.title, result.error))
             bar.update(1)
         bar.close()
+        # A Chroma collection found lost meanwhile queues its documents again
+        # on this process's worker thread: let them finish before exiting.
+        worker.wait_until_idle(timeout=24 * 3600)

@@ -5,15 +5,22 @@ In-process mode (no Redis) the web server resumes by itself on first use; this
 command runs the jobs right here and waits. In channels mode it hands them to
 the `runworker ingest` processes."""
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from rag import worker
+from rag import store, worker
 
 
 class Command(BaseCommand):
     help = "Re-queue unfinished document ingestion (queued/processing documents)."
 
     def handle(self, *args, **options):
+        if worker.mode() == "thread":
+            # The jobs run here: refuse while another process (the server) has
+            # the embedded vector store; that server resumes them itself.
+            try:
+                store.get_client()
+            except store.StoreLocked as exc:
+                raise CommandError(str(exc)) from None
         ids = worker.resume_unfinished(force=True)
         if worker.mode() == "channels":
             self.stdout.write(f"Sent {len(ids)} document(s) to the `ingest` channel.")

@@ -1,0 +1,123 @@
+"""`api_view`: what every HTTP API view needs before it runs: the caller
+(API key or session, CSRF for sessions), the request-rate limit, and input
+errors answered in the API's own error shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from asgiref.sync import iscoroutinefunction, sync_to_async
+
+from accounts import limits
+from accounts.auth import bearer_key, csrf_failure_reason, limit_subject
+from accounts.models import ApiKey
+from api.errors import json_error
+from api.inputs import InputError
+
+
+def rate_limited(error: Callable[..., JsonResponse], decision, per: str) -> JsonResponse:
+    return error(
+        429,
+        "rate_limit_exceeded",
+        f"Too many requests: at most {decision.limit} per minute for this {per}. "
+        f"Try again in {decision.retry_after} s.",
+        retry_after=decision.retry_after,
+    )
+
+
+def _subject_name() -> str:
+    return "key" if settings.API_RATE_LIMIT_PER_KEY else "user"
+
+
+def _input_error(error: Callable[..., JsonResponse], exc: InputError) -> JsonResponse:
+    return error(exc.status, exc.code, exc.message, param=exc.param)
+
+
+def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | None = None):
+    """Decorate a view of the HTTP API: sets `request.user` from a valid API key
+    (and `request.api_key_auth = True`) or requires a logged-in session.
+    `request.client_id` names whose limits the request spends (`limit_subject`).
+    With `limit` (the name of a requests-per-minute setting) the request is
+    counted against it first: 429 `rate_limit_exceeded` with Retry-After.
+    An `InputError` raised by the view becomes its 4xx in the API's shape.
+    Works on sync and async views (an async view gets an async wrapper: the
+    key lookup runs in a thread, the session user via `auser()`)."""
+
+    def decorator(view):
+        if iscoroutinefunction(view):
+            return _async_api_view(view, error, limit)
+
+        @csrf_exempt
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs):
+            raw = bearer_key(request)
+            if raw:
+                user = ApiKey.authenticate(raw)
+                if user is None:
+                    return error(401, "invalid_api_key", "Invalid or revoked API key.")
+                request.user = user
+                request.api_key_auth = True
+            elif request.user.is_authenticated:
+                request.api_key_auth = False
+                if request.method not in ("GET", "HEAD", "OPTIONS"):
+                    reason = csrf_failure_reason(request)
+                    if reason:
+                        return error(403, "csrf_failed", reason)
+            else:
+                return error(
+                    401, "not_authenticated", "Send `Authorization: Bearer <API key>` or log in."
+                )
+            request.client_id = limit_subject(request.user, raw)
+            if limit:
+                decision = limits.hit(f"api:{request.client_id}", getattr(settings, limit), 60)
+                if not decision.allowed:
+                    return rate_limited(error, decision, _subject_name())
+            try:
+                return view(request, *args, **kwargs)
+            except InputError as exc:
+                return _input_error(error, exc)
+
+        return wrapper
+
+    return decorator
+
+
+def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None):
+    @csrf_exempt
+    @wraps(view)
+    async def wrapper(request: HttpRequest, *args, **kwargs):
+        raw = bearer_key(request)
+        if raw:
+            user = await sync_to_async(ApiKey.authenticate)(raw)
+            if user is None:
+                return error(401, "invalid_api_key", "Invalid or revoked API key.")
+            request.user = user
+            request.api_key_auth = True
+        else:
+            user = await request.auser()
+            if not user.is_authenticated:
+                return error(
+                    401, "not_authenticated", "Send `Authorization: Bearer <API key>` or log in."
+                )
+            request.user = user
+            request.api_key_auth = False
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                reason = csrf_failure_reason(request)
+                if reason:
+                    return error(403, "csrf_failed", reason)
+        request.client_id = limit_subject(request.user, raw)
+        if limit:
+            decision = await limits.ahit(f"api:{request.client_id}", getattr(settings, limit), 60)
+            if not decision.allowed:
+                return rate_limited(error, decision, _subject_name())
+        try:
+            return await view(request, *args, **kwargs)
+        except InputError as exc:
+            return _input_error(error, exc)
+
+    return wrapper

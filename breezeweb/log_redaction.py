@@ -1,0 +1,68 @@
+"""API keys never reach a log.
+
+A key belongs in the `Authorization` header, and the API refuses one in a
+query string (api.middleware), but the refused request's line is
+still logged with its query string, by Django (`django.request`,
+`django.server`), by Daphne's runserver (`django.channels.server`) and by
+Daphne's own access log, which writes straight to stdout or a file, not
+through `logging`. So:
+
+- `RedactKeysFilter` (attached to every handler in settings.LOGGING) masks
+  anything shaped like a key in a record's message and arguments;
+- `redact_daphne_access_log()` (called from settings) wraps Daphne's
+  `AccessLogGenerator.write_entry` so its request lines are masked too.
+
+Light on purpose: settings import it before Django is set up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# Anything shaped like one of our API keys: `bw_` + token_urlsafe characters.
+KEY_PATTERN = re.compile(r"bw_[A-Za-z0-9_\-]{6,}")
+REDACTED = "bw_[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` with anything shaped like an API key masked."""
+    return KEY_PATTERN.sub(REDACTED, text) if "bw_" in text else text
+
+
+def _redact_value(value):
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, bytes) and b"bw_" in value:
+        return redact(value.decode("utf-8", "replace"))
+    return value
+
+
+class RedactKeysFilter(logging.Filter):
+    """Masks API keys in a record's message and arguments (tuple or dict)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_value(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _redact_value(v) for k, v in record.args.items()}
+        return True
+
+
+def redact_daphne_access_log() -> None:
+    """Mask keys in the request lines of Daphne's NCSA access log (idempotent)."""
+    try:
+        from daphne.access import AccessLogGenerator
+    except ImportError:  # not served by Daphne
+        return
+    original = AccessLogGenerator.write_entry
+    if getattr(original, "redacts_keys", False):
+        return
+
+    def write_entry(self, host, date, request, *args, **kwargs):
+        return original(self, host, date, redact(request), *args, **kwargs)
+
+    write_entry.redacts_keys = True
+    AccessLogGenerator.write_entry = write_entry

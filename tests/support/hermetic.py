@@ -1,0 +1,86 @@
+"""The test run's own data, set before Django's settings exist.
+
+Loaded with `-p tests.support.hermetic` (pyproject's pytest `addopts`), so this
+module is imported while pytest parses its arguments: before pytest-django
+configures Django in its `pytest_load_initial_conftests` hook, and long before
+any conftest. A conftest is too late: by then `settings.DATA_DIR` has been read.
+
+What it makes sure of, for this run and every process a test starts (they
+inherit the environment):
+
+- `DATA_DIR` is a fresh temporary directory, whatever the shell or a `.env`
+  says (a developer's `DATA_DIR` pointing at a live server's data is exactly
+  what must not be used). It is removed when the run ends.
+- No `.env` is read (`BREEZEWEB_ENV_FILE` points nowhere) and `CHROMA_URL` is
+  dropped: tests never write into a real Chroma server.
+- `MODELS_DIR` defaults to the checkout's prepared model (only read).
+
+`pytest_configure` then checks that Django really uses that directory and stops
+the run otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ENV_MARKER = "BREEZEWEB_TEST_DATA_DIR"
+
+DATA_DIR = Path(tempfile.mkdtemp(prefix="breezeweb-test-")).resolve()
+
+os.environ["DATA_DIR"] = str(DATA_DIR)
+os.environ[ENV_MARKER] = str(DATA_DIR)
+os.environ["BREEZEWEB_ENV_FILE"] = "/nonexistent"
+os.environ.pop("CHROMA_URL", None)
+os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
+# Tests load models when they need them (and measure it); servers they start
+# inherit this.
+os.environ.setdefault("PRELOAD_LOCAL_RUNNERS", "false")
+
+
+def _is_inside(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_settings() -> None:
+    """Refuse to run when Django's DATA_DIR is not this run's own directory."""
+    from django.conf import settings
+
+    actual = Path(settings.DATA_DIR).resolve()
+    if actual != DATA_DIR:
+        raise pytest.UsageError(
+            f"tests must use their own DATA_DIR ({DATA_DIR}) but Django's settings say "
+            f"{actual}; load tests.support.hermetic first (`-p tests.support.hermetic`, "
+            "set in pyproject's pytest addopts)"
+        )
+    for name in ("CHROMA_PATH", "MEDIA_ROOT"):
+        if not _is_inside(Path(getattr(settings, name)), DATA_DIR):
+            raise pytest.UsageError(f"settings.{name} is outside the test DATA_DIR")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help or config.option.version:
+        return
+    try:
+        from django.conf import settings
+
+        configured = settings.configured
+    except ImportError:  # pragma: no cover - Django is a requirement
+        return
+    if configured:
+        check_settings()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
