@@ -76,6 +76,7 @@ chromium:
 
 test: setup chromium
 	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
 	$(VPY) manage.py makemigrations --check --dry-run
 	BREEZEWEB_REQUIRE_MODEL=1 $(VPY) -m pytest $(PYTEST_ARGS)
 	@echo "== scale-out pass: the database and channel-layer tests on PostgreSQL + Redis"
@@ -84,7 +85,7 @@ test: setup chromium
 
 lint: venv
 	$(VPY) -m ruff check .
-	$(VPY) -m ruff format --check . || true
+	$(VPY) -m ruff format --check .
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done

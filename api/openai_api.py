@@ -752,9 +752,7 @@ def _enabled_configs() -> list[RunnerConfig]:
 
 async def _limit_rate(request: HttpRequest) -> JsonResponse | None:
     """The 429 when the caller's budget (per user, or per key) is spent."""
-    decision = await limits.ahit(
-        f"api:{request.client_id}", settings.API_REQUESTS_PER_MINUTE, 60
-    )
+    decision = await limits.ahit(f"api:{request.client_id}", settings.API_REQUESTS_PER_MINUTE, 60)
     if decision.allowed:
         return None
     per = "key" if settings.API_RATE_LIMIT_PER_KEY else "user"
