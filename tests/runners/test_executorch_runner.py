@@ -36,6 +36,7 @@ from runners.executorch.runner import (
     forget_engines,
 )
 from runners.models import RunnerConfig
+from tests.support.hermetic import read_only_model_cache
 
 MODELS_DIR = Path(settings.MODELS_DIR)
 MODEL_READY = (MODELS_DIR / prepare.PTE_NAME).is_file() and (
@@ -485,11 +486,12 @@ def test_a_fresh_checkout_links_the_cached_build_and_a_second_run_is_quick(model
     if manifest is None or manifest.get("variant") != prepare.DEFAULT_VARIANT:
         pytest.skip("the prepared model is not the default variant")
     out = tmp_path / "models"
-    first = prepare.prepare_model(out, Path(settings.MODEL_CACHE_DIR), progress=lambda _: None)
+    cache = read_only_model_cache(Path(settings.MODEL_CACHE_DIR))
+    first = prepare.prepare_model(out, cache, progress=lambda _: None)
     assert first.action == "linked-from-cache"
     assert (out / prepare.PTE_NAME).stat().st_size == manifest["sizes"][prepare.PTE_NAME]
     started = time.perf_counter()
-    second = prepare.prepare_model(out, Path(settings.MODEL_CACHE_DIR), progress=lambda _: None)
+    second = prepare.prepare_model(out, cache, progress=lambda _: None)
     assert second.action == "up-to-date"
     assert time.perf_counter() - started < 10
     # The command says so too.

@@ -14,6 +14,10 @@ inherit the environment):
 - No `.env` is read (`BREEZEWEB_ENV_FILE` points nowhere) and `CHROMA_URL` is
   dropped: tests never write into a real Chroma server.
 - `MODELS_DIR` defaults to the checkout's prepared model (only read).
+- `BREEZEWEB_MODEL_CACHE` (where `prepare_model` keeps builds and takes its
+  locks) is inside `DATA_DIR` too; the user's cache is named in
+  `SHARED_MODEL_CACHE` for the tests that read a cached build from it, which
+  they do through a view of symbolic links (`read_only_model_cache`).
 
 `pytest_configure` then checks that Django really uses that directory and stops
 the run otherwise.
@@ -38,10 +42,28 @@ os.environ[ENV_MARKER] = str(DATA_DIR)
 os.environ["BREEZEWEB_ENV_FILE"] = "/nonexistent"
 os.environ.pop("CHROMA_URL", None)
 os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
+SHARED_MODEL_CACHE = Path(
+    os.environ.get("BREEZEWEB_MODEL_CACHE") or Path.home() / ".cache" / "breezeweb"
+)
+os.environ["BREEZEWEB_MODEL_CACHE"] = str(DATA_DIR / "model-cache")
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
 # Tests load models when they need them (and measure it); servers they start
 # inherit this.
 os.environ.setdefault("PRELOAD_LOCAL_RUNNERS", "false")
+
+
+def read_only_model_cache(target: Path) -> Path:
+    """A model cache at `target` whose builds are symbolic links to the user's
+    cached builds: reading it reuses them, and whatever prepare_model writes
+    (locks, a new build) lands in `target`, never in the user's cache."""
+    shared = SHARED_MODEL_CACHE / "models"
+    for build in shared.iterdir() if shared.is_dir() else ():
+        if build.is_dir() and not build.name.startswith("."):
+            view = target / "models" / build.name
+            view.mkdir(parents=True, exist_ok=True)
+            for item in build.iterdir():
+                (view / item.name).symlink_to(item)
+    return target
 
 
 def _is_inside(path: Path, parent: Path) -> bool:
@@ -63,7 +85,7 @@ def check_settings() -> None:
             f"{actual}; load tests.support.hermetic first (`-p tests.support.hermetic`, "
             "set in pyproject's pytest addopts)"
         )
-    for name in ("CHROMA_PATH", "MEDIA_ROOT"):
+    for name in ("CHROMA_PATH", "MEDIA_ROOT", "MODEL_CACHE_DIR"):
         if not _is_inside(Path(getattr(settings, name)), DATA_DIR):
             raise pytest.UsageError(f"settings.{name} is outside the test DATA_DIR")
 
