@@ -436,6 +436,13 @@ function connect() {
     if (state.socket !== socket) return;
     state.socket = null;
     if (event.code === 4401) { location.href = `/login/?next=${encodeURIComponent(location.pathname)}`; return; }
+    if (event.code === 4403) {
+      // Refused for its origin: retrying from the same page cannot help.
+      setConn("closed", "Refused by the server");
+      els.banner.dataset.kind = "connection";
+      showBanner("The server refused this page's connection (its address is not one the site trusts). Open the site from its own address.", null);
+      return;
+    }
     if (state.pending.size) {
       // The server goes on writing these answers; once reconnected the page
       // reloads the conversation and follows them until they are done.
