@@ -13,9 +13,12 @@ from django.conf import settings  # noqa: E402
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from accounts.ws_auth import WebsocketAuthStack  # noqa: E402
+from breezeweb.server import adjust_daphne  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from rag.consumers import IngestWorker  # noqa: E402
 from runners.registry import preload_local_runners  # noqa: E402
+
+adjust_daphne()
 
 if settings.PRELOAD_LOCAL_RUNNERS:
     preload_local_runners()

@@ -9,10 +9,10 @@ through `logging`. So:
 
 - `RedactKeysFilter` (attached to every handler in settings.LOGGING) masks
   anything shaped like a key in a record's message and arguments;
-- `redact_daphne_access_log()` (called from settings) wraps Daphne's
+- `redact_daphne_access_log()` (called from breezeweb.server) wraps Daphne's
   `AccessLogGenerator.write_entry` so its request lines are masked too.
 
-Light on purpose: settings import it before Django is set up.
+Light on purpose: settings use its filter before Django is set up.
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ from django.utils.csp import CSP
 
 import environ
 
-from breezeweb.log_redaction import redact_daphne_access_log
-
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 # Offline by design: every model comes from an installed package or DATA_DIR.
@@ -355,6 +353,3 @@ LOGGING = {
         "daphne": {"level": "WARNING"},
     },
 }
-
-# Daphne's access log is written without `logging`: mask keys in it too.
-redact_daphne_access_log()

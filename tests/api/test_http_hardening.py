@@ -330,6 +330,9 @@ def test_keys_are_masked_in_log_records_and_the_daphne_access_log():
     from daphne.access import AccessLogGenerator
 
     from breezeweb.log_redaction import RedactKeysFilter
+    from breezeweb.server import adjust_daphne
+
+    adjust_daphne()  # what asgi.py does when the server starts
 
     key = "bw_" + "A1b2_C3-d4" * 4
     stream = io.StringIO()
