@@ -57,6 +57,7 @@ setup: venv
 	$(VPY) manage.py migrate --noinput
 	$(VPY) manage.py bootstrap
 	$(VPY) manage.py prepare_model
+	$(VPY) manage.py prepare_embeddings
 
 run: setup
 	@echo ""

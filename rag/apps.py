@@ -9,7 +9,7 @@ class RagConfig(AppConfig):
     def ready(self) -> None:
         # Signals only: no database queries here (resuming ingestion happens
         # on the worker's first use, see rag.worker).
-        from django.db.models.signals import post_delete
+        from django.db.models.signals import post_delete, post_migrate
 
         from rag import store, worker
         from rag.models import Collection, Document
@@ -20,6 +20,20 @@ class RagConfig(AppConfig):
             store.on_collection_lost.append(worker.rebuild_collection)
         post_delete.connect(_drop_chroma_collection, sender=Collection, dispatch_uid="rag-drop")
         post_delete.connect(_remove_file, sender=Document, dispatch_uid="rag-remove-file")
+        post_migrate.connect(_ensure_keyword_index, sender=self, dispatch_uid="rag-fts")
+
+
+def _ensure_keyword_index(sender, using="default", plan=None, **kwargs) -> None:
+    """After every `migrate`: the keyword index and its triggers exist (SQLite
+    drops a table's triggers when a migration rebuilds the table)."""
+    from django.db import connections
+
+    from rag import lexical
+    from rag.models import Chunk
+
+    conn = connections[using]
+    if Chunk._meta.db_table in conn.introspection.table_names():
+        lexical.install(conn)
 
 
 def _drop_chroma_collection(sender, instance, **kwargs) -> None:

@@ -35,9 +35,16 @@ class Chunk:
     heading_path: str
     tokens: int
 
-    def embedding_input(self) -> str:
-        """What the model sees: the heading path gives a short chunk its context."""
-        return f"{self.heading_path}\n{self.text}" if self.heading_path else self.text
+    def context(self, title: str = "") -> str:
+        """Where the chunk is: the document's title and the heading path. Indexed
+        with the chunk (vector and keyword), never shown to the model."""
+        return "\n".join(part for part in (title, self.heading_path) if part)
+
+    def embedding_input(self, title: str = "") -> str:
+        """What the embedding model sees: the title and heading path give a
+        chunk its context ("section 4 of version 2"), then the text."""
+        where = self.context(title)
+        return f"{where}\n{self.text}" if where else self.text
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -36,9 +36,9 @@ import numpy as np
 
 from rag import store
 from rag.chunking import chunk_pages
-from rag.embeddings import get_embedder
+from rag.embeddings import get_embedder, index_version
 from rag.events import push_status
-from rag.models import Document
+from rag.models import Chunk, Document
 from rag.parsing import NO_TEXT, FileRejected, parse
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class IngestionResult:
     error: str = ""
 
 
-def _set(document: Document, token: str, **fields) -> None:
+def _set(document: Document, token: str, *, push: bool = True, **fields) -> None:
     """Update the document if this run still owns it, then push the event."""
     updated = Document.objects.filter(pk=document.pk, ingest_token=token).update(
         heartbeat_at=timezone.now(), **fields
@@ -71,7 +71,8 @@ def _set(document: Document, token: str, **fields) -> None:
         raise _Superseded
     for name, value in fields.items():
         setattr(document, name, value)
-    push_status(document)
+    if push:
+        push_status(document)
 
 
 def stall_seconds() -> float:
@@ -177,7 +178,7 @@ def _index(
     vectors = []
     for at in range(0, total, EMBED_SLICE):
         part = chunks[at : at + EMBED_SLICE]
-        vectors.append(embedder.embed([c.embedding_input() for c in part]))
+        vectors.append(embedder.embed([c.embedding_input(document.title) for c in part]))
         done = at + len(part)
         _set(document, token, progress=PARSED_AT + (EMBEDDED_AT - PARSED_AT) * done / total)
         if on_progress is not None:
@@ -200,14 +201,39 @@ def _index(
             meta["page"] = chunk.page
         metadatas.append(meta)
     store.add_chunks(chroma_name, ids, np.concatenate(vectors), [c.text for c in chunks], metadatas)
-    _set(
-        document,
-        token,
-        status=Document.Status.READY,
-        progress=1.0,
-        chunk_count=total,
-        error="",
-    )
+    rows = [
+        Chunk(
+            document_id=document.pk,
+            collection_id=document.collection_id,
+            generation=token,
+            chunk_index=i,
+            chroma_id=ids[i],
+            page=chunk.page,
+            section=chunk.heading_path,
+            context=chunk.context(document.title),
+            text=chunk.text,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    # One transaction makes the new generation live in both indexes: the
+    # document names it (vector hits of any other generation are dropped at
+    # query time) and the keyword rows are swapped. Readers see the old
+    # generation or the new one, never a mix, never a stale keyword hit.
+    with transaction.atomic():
+        _set(
+            document,
+            token,
+            status=Document.Status.READY,
+            progress=1.0,
+            chunk_count=total,
+            error="",
+            live_generation=token,
+            index_version=index_version(embedder.path),
+            push=False,
+        )
+        Chunk.objects.filter(document_id=document.pk).delete()
+        Chunk.objects.bulk_create(rows, batch_size=500)
+    push_status(document)
     try:
         store.delete_document(chroma_name, document.pk, keep=token)
     except Exception:
@@ -259,13 +285,17 @@ def _fail(document_id: int, token: str, chroma_name: str, reason: str) -> Ingest
             )
     for attempt in range(3):
         try:
-            updated = Document.objects.filter(pk=document_id, ingest_token=token).update(
-                status=Document.Status.FAILED,
-                progress=0.0,
-                chunk_count=0,
-                error=reason,
-                heartbeat_at=None,
-            )
+            with transaction.atomic():
+                updated = Document.objects.filter(pk=document_id, ingest_token=token).update(
+                    status=Document.Status.FAILED,
+                    progress=0.0,
+                    chunk_count=0,
+                    error=reason,
+                    heartbeat_at=None,
+                    live_generation="",
+                )
+                if updated:  # the keyword rows go in the same step
+                    Chunk.objects.filter(document_id=document_id).delete()
             break
         except Exception:
             log.exception("document %s: could not store the failure", document_id)

@@ -5,6 +5,7 @@ per-query metadata filter."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -16,6 +17,12 @@ class CollectionQuerySet(models.QuerySet["Collection"]):
         if user.is_superuser:
             return self.all()
         return self.filter(Q(owner=user) | Q(shared=True))
+
+
+class SearchMode(models.TextChoices):
+    VECTOR = "vector", "Vector (meaning)"
+    KEYWORD = "keyword", "Keyword (BM25 over words, stemmed)"
+    HYBRID = "hybrid", "Hybrid (both, fused)"
 
 
 class Collection(models.Model):
@@ -33,6 +40,23 @@ class Collection(models.Model):
     top_k = models.PositiveSmallIntegerField(default=5)
     score_floor = models.FloatField(
         default=0.25, help_text="Chunks less similar than this (cosine, 0-1) are left out."
+    )
+    search_mode = models.CharField(
+        max_length=8,
+        choices=SearchMode.choices,
+        default=SearchMode.HYBRID,
+        help_text="How chunks are found: by meaning, by exact words, or both fused (default).",
+    )
+    keyword_weight = models.FloatField(
+        default=0.5,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Hybrid only: the keyword signal's share of the fused rank (0-1); "
+        "the vector signal gets the rest.",
+    )
+    rerank = models.BooleanField(
+        default=True,
+        help_text="Re-order the fused candidates by how fully they cover the question's "
+        "terms and identifiers (see docs/rag.md).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -108,6 +132,14 @@ class Document(models.Model):
     # Runs started since a person last asked for this document to be indexed
     # (upload or re-ingest); a document whose runs keep dying is failed.
     attempts = models.PositiveSmallIntegerField(default=0, editable=False)
+    # The generation retrieval answers from: set in the same transaction that
+    # marks the document ready and swaps its lexical rows, so both indexes
+    # switch generations at once (a stale vector hit is dropped by this check).
+    live_generation = models.CharField(max_length=32, blank=True, editable=False)
+    # What produced the live chunks (chunk format + embedding model); empty
+    # for documents indexed before hybrid search. A different value means the
+    # vectors would change: the document is re-indexed (rag.worker).
+    index_version = models.CharField(max_length=64, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -122,3 +154,31 @@ class Document(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+class Chunk(models.Model):
+    """The lexical side of a chunk: what the keyword index (SQLite FTS5 or
+    PostgreSQL full-text search) searches, one row per chunk of a document's
+    live generation. Rows are swapped in the same transaction that makes a
+    generation live, and go with their document (cascade), so the keyword
+    index never answers from a stale or deleted generation."""
+
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="chunks")
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="+")
+    generation = models.CharField(max_length=32)
+    chunk_index = models.PositiveIntegerField()
+    chroma_id = models.CharField(max_length=100, help_text="The same chunk's id in Chroma.")
+    page = models.PositiveIntegerField(null=True, blank=True)
+    section = models.TextField(blank=True, help_text="The heading path.")
+    context = models.TextField(blank=True, help_text="Title and heading path: indexed only.")
+    text = models.TextField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["document", "generation", "chunk_index"], name="unique_chunk_per_generation"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.chroma_id

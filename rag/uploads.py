@@ -209,9 +209,16 @@ def _duplicate(existing: Document) -> UploadRejected:
 
 def delete_document(document: Document) -> None:
     """Remove every chunk, then the row (the file goes with it, see rag.apps).
-    If the vector store is unreachable nothing is removed (the error propagates)."""
-    store.delete_document(document.collection.chroma_name, document.pk)
-    document.delete()
+    If the vector store is unreachable nothing is removed (the error propagates).
+
+    One transaction: the row and its keyword rows (cascade) go together, and
+    the Chroma chunks are removed inside it, so a failure there rolls the
+    rest back; retrieval checks every vector hit against the row, so neither
+    index answers for the document once this commits."""
+    with transaction.atomic():
+        Document.objects.select_for_update().filter(pk=document.pk).first()
+        store.delete_document(document.collection.chroma_name, document.pk)
+        document.delete()
 
 
 def reingest(document: Document) -> Document:

@@ -1,0 +1,183 @@
+"""The keyword index: the database's own full-text search over `rag_chunk`.
+
+- **Embedded default (SQLite)**: an FTS5 table `rag_chunk_fts` (columns `coll`,
+  `context`, `text`; rowid = the chunk row's id) with the Porter stemmer,
+  ranked by FTS5's Okapi BM25. Triggers on `rag_chunk` keep it in step, inside
+  the same transaction as the row change (a cascade from a deleted document or
+  collection included).
+- **Scale-out (PostgreSQL)**: a stored generated `tsvector` column on
+  `rag_chunk` (English snowball stemming; the context weighted A, the text B)
+  with a GIN index, ranked by `ts_rank_cd` (cover density; PostgreSQL has no
+  BM25). Every web process and worker shares it through the database, so a
+  Chroma server plus PostgreSQL scale out with no per-process index.
+
+Access control is the same as for vectors: the caller passes the collections
+it already chose in SQL, and each query is restricted to one of them (the
+collection is a column of the FTS5 table, so FTS5 intersects posting lists
+instead of scoring other collections' chunks).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from django.db import connection as default_connection
+
+FTS_TABLE = "rag_chunk_fts"
+# BM25 column weights (coll, context, text): the title and section path count
+# as much as the text; the collection column only filters.
+
+# Small English stop list: FTS5 has none, and "the"/"what" would make every
+# chunk a match (slow and meaningless). PostgreSQL's english config drops its own.
+_STOP_LIST = """a about above after again against all am an and any are as at be because been
+    before being below between both but by can could did do does doing down during each
+    few for from further had has have having he her here hers him his how i if in into
+    is it its itself just me more most my no nor not of off on once only or other our
+    ours out over own same she should so some such than that the their theirs them then
+    there these they this those through to too under until up very was we were what
+    when where which while who whom why will with would you your yours"""
+STOPWORDS = frozenset(_STOP_LIST.split())
+_TOKEN = re.compile(r"\w+")
+# Dotted or underscored identifiers and version numbers: "3.11", "socket.settimeout",
+# "os.path.join", "max_workers". Kept as a phrase so adjacency counts.
+_COMPOUND = re.compile(r"\w+(?:[._:-]\w+)+")
+MAX_TERMS = 32
+
+
+@dataclass(frozen=True)
+class KeywordHit:
+    chunk_pk: int
+    chroma_id: str
+    document_id: int
+    collection_id: int
+    page: int | None
+    section: str
+    text: str
+    score: float  # higher is better (BM25, or ts_rank_cd on PostgreSQL)
+
+
+def query_terms(query: str) -> tuple[list[str], list[list[str]]]:
+    """(terms, phrases): lower-cased words minus stop words, and the compound
+    identifiers of the query split into their parts (matched as phrases)."""
+    terms: list[str] = []
+    for word in _TOKEN.findall(query.lower()):
+        if word not in STOPWORDS and word not in terms:
+            terms.append(word)
+    phrases = []
+    for compound in _COMPOUND.findall(query.lower()):
+        parts = _TOKEN.findall(compound)
+        if len(parts) > 1 and parts not in phrases:
+            phrases.append(parts)
+    return terms[:MAX_TERMS], phrases[:8]
+
+
+def _fts5_match(collection_id: int, terms: list[str], phrases: list[list[str]]) -> str:
+    # Every token is quoted: FTS5 then never reads AND/OR/NEAR or punctuation
+    # from the user's text as syntax (\w+ tokens hold no double quote).
+    clauses = [f'"{t}"' for t in terms] + ['"' + " ".join(p) + '"' for p in phrases]
+    return f'coll : "c{int(collection_id)}" AND ({" OR ".join(clauses)})'
+
+
+def search(collection_id: int, query: str, limit: int, *, using=None) -> list[KeywordHit]:
+    """The best `limit` chunks of one (already access-checked) collection."""
+    terms, phrases = query_terms(query)
+    if not terms or limit <= 0:
+        return []
+    conn = using or default_connection
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute(
+                "SELECT c.id, c.chroma_id, c.document_id, c.collection_id, c.page, c.section, "
+                "c.text, ts_rank_cd(c.search, q, 1) AS score "
+                "FROM rag_chunk c, to_tsquery('english', %s) q "
+                "WHERE c.collection_id = %s AND c.search @@ q ORDER BY score DESC LIMIT %s",
+                [" | ".join(terms), int(collection_id), int(limit)],
+            )
+        else:
+            cursor.execute(
+                "SELECT c.id, c.chroma_id, c.document_id, c.collection_id, c.page, c.section, "
+                "c.text, -bm25(rag_chunk_fts, 0.0, 1.0, 1.0) AS score FROM rag_chunk_fts "
+                "JOIN rag_chunk c ON c.id = rag_chunk_fts.rowid "
+                "WHERE rag_chunk_fts MATCH %s ORDER BY bm25(rag_chunk_fts, 0.0, 1.0, 1.0) LIMIT %s",
+                [_fts5_match(collection_id, terms, phrases), int(limit)],
+            )
+        rows = cursor.fetchall()
+    return [
+        KeywordHit(
+            chunk_pk=row[0],
+            chroma_id=row[1],
+            document_id=row[2],
+            collection_id=row[3],
+            page=row[4],
+            section=row[5] or "",
+            text=row[6],
+            score=float(row[7]),
+        )
+        for row in rows
+    ]
+
+
+# --- schema -------------------------------------------------------------------------
+
+_SQLITE_SCHEMA = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS rag_chunk_fts USING fts5("
+    "coll, context, text, tokenize = 'porter unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_insert AFTER INSERT ON rag_chunk BEGIN "
+    "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
+    "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
+    "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_delete AFTER DELETE ON rag_chunk BEGIN "
+    "DELETE FROM rag_chunk_fts WHERE rowid = old.id; END",
+    "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_update AFTER UPDATE ON rag_chunk BEGIN "
+    "DELETE FROM rag_chunk_fts WHERE rowid = old.id; "
+    "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
+    "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
+)
+
+_POSTGRES_SCHEMA = (
+    "ALTER TABLE rag_chunk ADD COLUMN IF NOT EXISTS search tsvector GENERATED ALWAYS AS ("
+    "setweight(to_tsvector('english', coalesce(context, '')), 'A') || "
+    "setweight(to_tsvector('english', coalesce(text, '')), 'B')) STORED",
+    "CREATE INDEX IF NOT EXISTS rag_chunk_search_gin ON rag_chunk USING gin (search)",
+)
+
+
+def install(conn=None) -> None:
+    """Create the keyword index for this database if it is missing (idempotent;
+    run by the migration and after every `migrate`, since SQLite rebuilds a
+    table, dropping its triggers, when a later migration alters it)."""
+    conn = conn or default_connection
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            for statement in _POSTGRES_SCHEMA:
+                cursor.execute(statement)
+            return
+        if conn.vendor != "sqlite":
+            raise NotImplementedError(f"no keyword index for {conn.vendor}")
+        cursor.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE %s",
+            ["rag_chunk_fts_%"],
+        )
+        complete = len(cursor.fetchall()) == 3
+        for statement in _SQLITE_SCHEMA:
+            cursor.execute(statement)
+        if not complete:
+            # Triggers were missing (new table, or rebuilt by a migration):
+            # index every row again so the two agree.
+            cursor.execute("DELETE FROM rag_chunk_fts")
+            cursor.execute(
+                "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
+                "SELECT id, 'c' || collection_id, context, text FROM rag_chunk"
+            )
+
+
+def uninstall(conn=None) -> None:
+    conn = conn or default_connection
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute("DROP INDEX IF EXISTS rag_chunk_search_gin")
+            cursor.execute("ALTER TABLE rag_chunk DROP COLUMN IF EXISTS search")
+        else:
+            for name in ("insert", "delete", "update"):
+                cursor.execute(f"DROP TRIGGER IF EXISTS rag_chunk_fts_{name}")
+            cursor.execute("DROP TABLE IF EXISTS rag_chunk_fts")
