@@ -17,6 +17,7 @@ from chat.inputs import parse_id
 from rag import upload_handlers, worker
 from rag.events import document_payload
 from rag.models import Collection, Document
+from rag.retrieval import MODES as SEARCH_MODES
 from rag.retrieval import retrieve
 from rag.uploads import UploadRejected, add_document, delete_document, reingest, too_large
 
@@ -227,7 +228,8 @@ def _is_int(value) -> bool:
 
 @api_view(limit=LIMIT)
 def search_view(request: HttpRequest):
-    """POST {query, collections?, k?}: ranked chunks, no generation."""
+    """POST {query, collections?, k?, mode?}: ranked chunks (full text, page,
+    section, per-signal scores), no generation."""
     if request.method != "POST":
         return json_error(405, "method_not_allowed", "Use POST.")
     body = read_json(request, max_bytes=MAX_SEARCH_BODY_BYTES)
@@ -246,7 +248,12 @@ def search_view(request: HttpRequest):
     k = body.get("k")
     if k is not None and not (_is_int(k) and 1 <= k <= MAX_SEARCH_K):
         return json_error(400, "bad_k", f"`k` must be an integer from 1 to {MAX_SEARCH_K}.")
+    mode = body.get("mode")
+    if mode is not None and mode not in SEARCH_MODES:
+        return json_error(400, "bad_mode", f"`mode` must be one of {', '.join(SEARCH_MODES)}.")
     # No prompt to fit: the budget only bounds the work.
-    context = retrieve(request.user, query, ids, k=k, budget_tokens=1_000_000)
-    results = [{"rank": i + 1, **source.as_dict()} for i, source in enumerate(context.sources)]
+    context = retrieve(request.user, query, ids, k=k, budget_tokens=1_000_000, mode=mode)
+    results = [
+        {"rank": i + 1, **source.as_search_dict()} for i, source in enumerate(context.sources)
+    ]
     return JsonResponse({"query": query, "results": results})

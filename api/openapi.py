@@ -541,12 +541,28 @@ SCHEMAS: dict[str, Any] = {
             "query": {"type": "string", "minLength": 1, "maxLength": 4000},
             "collections": {"type": "array", "items": {"type": "integer"}},
             "k": {"type": "integer", "minimum": 1, "maximum": 50},
+            "mode": {
+                "enum": ["vector", "keyword", "hybrid"],
+                "description": "Overrides each collection's search mode (default: hybrid).",
+            },
         },
     },
     "SearchResult": {
         "allOf": [
             _ref("Source"),
-            {"type": "object", "properties": {"rank": {"type": "integer"}}},
+            {
+                "type": "object",
+                "properties": {
+                    "rank": {"type": "integer"},
+                    "text": {"type": "string", "description": "The whole chunk."},
+                    "section": {"type": "string", "description": "Its heading path."},
+                    "chunk_id": {"type": "string"},
+                    "vector_score": {"type": ["number", "null"]},
+                    "keyword_score": {"type": ["number", "null"]},
+                    "fused_score": {"type": ["number", "null"]},
+                    "rerank_score": {"type": ["number", "null"]},
+                },
+            },
         ]
     },
 }

@@ -14,8 +14,30 @@ from rag.uploads import UploadRejected
 
 @admin.register(Collection)
 class CollectionAdmin(admin.ModelAdmin):
-    list_display = ("name", "owner", "shared", "is_personal", "top_k", "score_floor", "documents")
-    list_filter = ("shared", "is_personal")
+    list_display = (
+        "name",
+        "owner",
+        "shared",
+        "is_personal",
+        "search_mode",
+        "keyword_weight",
+        "top_k",
+        "rerank",
+        "score_floor",
+        "documents",
+    )
+    list_filter = ("shared", "is_personal", "search_mode")
+    fieldsets = (
+        (None, {"fields": ("name", "owner", "shared")}),
+        (
+            "Retrieval",
+            {
+                "fields": ("search_mode", "keyword_weight", "top_k", "rerank", "score_floor"),
+                "description": "Hybrid (the default) fuses keyword (BM25) and vector search; "
+                "see docs/rag.md.",
+            },
+        ),
+    )
     search_fields = ("name", "owner__username")
 
     @admin.display(description="Documents")

@@ -116,6 +116,55 @@ def ensure_started() -> None:
             resume_unfinished()
         except Exception:
             log.exception("could not resume unfinished ingestion")
+        try:
+            requeue_outdated()
+        except Exception:
+            log.exception("could not queue outdated documents for re-indexing")
+
+
+def outdated_documents():
+    """Ready documents whose chunks were made differently from how they would
+    be now (an older chunk format, other embedding weights, or indexed before
+    hybrid search): their vectors would change, so they are re-indexed."""
+    from rag.embeddings import index_version
+
+    return Document.objects.filter(status=Document.Status.READY).exclude(
+        index_version=index_version()
+    )
+
+
+def requeue_outdated(*, force: bool = False) -> list[int]:
+    """Queue every outdated document for re-indexing from its stored file.
+    Each shows `queued`, its progress, then `ready`; its old chunks answer
+    (vector side) until the new generation replaces them in one step. In
+    channels mode one web process per 5 minutes does it (a cache lock)."""
+    if (
+        mode() == "channels"
+        and not force
+        and not cache.add(_RESUME_LOCK_KEY + ":outdated", "1", _RESUME_LOCK_SECONDS)
+    ):
+        return []
+    now = timezone.now()
+    queued = []
+    for document in outdated_documents().order_by("created_at", "pk"):
+        if Document.objects.filter(
+            pk=document.pk, status=Document.Status.READY, index_version=document.index_version
+        ).update(
+            status=Document.Status.QUEUED,
+            progress=0.0,
+            error="",
+            ingest_token="",
+            heartbeat_at=now,
+            attempts=0,
+        ):
+            document.status, document.progress = Document.Status.QUEUED, 0.0
+            push_status(document)
+            queued.append(document.pk)
+    if queued:
+        log.info("re-indexing %d document(s) whose vectors would change", len(queued))
+    for document_id in queued:
+        _dispatch(document_id)
+    return queued
 
 
 def resume_unfinished(*, force: bool = False) -> list[int]:
