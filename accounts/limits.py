@@ -9,9 +9,9 @@
   one Lua script (atomic across every process, timed by the Redis server's
   clock); otherwise a list of timestamps in the local cache under a process
   lock (the local-memory cache is per process anyway).
-- `acquire_slot(key, limit)` -> `SlotLease | None`, and `concurrency_slot(...)`
-  as an async context manager raising `LimitExceeded`: at most `limit`
-  concurrent holders. A lease outlives a crashed process at most `ttl_s`.
+- `acquire_slot(key, limit)` -> `SlotLease | None`: at most `limit`
+  concurrent holders (the websocket's answers per user, the API's streams per
+  key). A lease outlives a crashed process at most `ttl_s`.
 
 Callers pick the key (a user id, an API key's fingerprint) and the limits;
 nothing here knows about requests or users.
@@ -23,8 +23,6 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache as memoize
 
@@ -34,14 +32,13 @@ from django.core.cache import cache
 from asgiref.sync import sync_to_async
 
 __all__ = [
-    "LimitExceeded",
     "RateDecision",
     "SlotLease",
     "acquire_slot",
     "ahit",
-    "concurrency_slot",
     "hit",
     "reset",
+    "reset_slots",
 ]
 
 SLOT_TTL_SECONDS = 15 * 60
@@ -60,15 +57,6 @@ class RateDecision:
     retry_after: int
     limit: int
     remaining: int
-
-
-class LimitExceeded(Exception):
-    """A limit refused the caller; `retry_after` is in whole seconds."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
 
 
 def _window_key(key: str, window_s: int) -> str:
@@ -175,7 +163,8 @@ class SlotLease:
         if self.released:
             return
         self.released = True
-        await sync_to_async(_give_back)(self.key)
+        # Not thread_sensitive: cache trips must not queue behind the ORM's thread.
+        await sync_to_async(_give_back, thread_sensitive=False)(self.key)
 
 
 def _slot_key(key: str) -> str:
@@ -207,22 +196,11 @@ def _take(cache_key: str, limit: int, ttl_s: int) -> bool:
 async def acquire_slot(key: str, limit: int, *, ttl_s: int = SLOT_TTL_SECONDS) -> SlotLease | None:
     """Take one of `limit` concurrent slots for `key`, or None when all are taken."""
     cache_key = _slot_key(key)
-    if await sync_to_async(_take)(cache_key, limit, ttl_s):
+    if await sync_to_async(_take, thread_sensitive=False)(cache_key, limit, ttl_s):
         return SlotLease(cache_key)
     return None
 
 
-@asynccontextmanager
-async def concurrency_slot(
-    key: str, limit: int, *, ttl_s: int = SLOT_TTL_SECONDS
-) -> AsyncIterator[SlotLease]:
-    """Hold one of `limit` slots for `key` for the block; raises LimitExceeded."""
-    lease = await acquire_slot(key, limit, ttl_s=ttl_s)
-    if lease is None:
-        raise LimitExceeded(
-            f"At most {limit} concurrent requests are allowed.", SLOT_RETRY_AFTER_SECONDS
-        )
-    try:
-        yield lease
-    finally:
-        await lease.release()
+def reset_slots(key: str) -> None:
+    """Forget every slot held for `key` (tests, or an admin unblocking someone)."""
+    cache.delete(_slot_key(key))

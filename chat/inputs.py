@@ -14,6 +14,8 @@ import re
 import unicodedata
 from typing import Any
 
+from chat.errors import ChatError
+
 MAX_ID = 2**63 - 1  # the largest value of a BigAutoField (PostgreSQL bigint)
 _ID_DIGITS = re.compile(r"[0-9]{1,19}")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -21,16 +23,13 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-class InputError(Exception):
-    """Input the API refuses: HTTP `status`, stable `code`, human `message`,
-    and the offending `param` (a JSON path) when there is one."""
+class InputError(ChatError):
+    """Input the API refuses: a `ChatError` built as HTTP `status`, stable
+    `code`, human `message`, and the offending `param` (a JSON path) when
+    there is one."""
 
     def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.param = param
+        super().__init__(code, message, status=status, param=param)
 
 
 def check_text(

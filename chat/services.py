@@ -14,34 +14,23 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from asgiref.sync import sync_to_async
-
 from accounts import limits
+from chat.errors import ChatError
 from chat.inputs import clean_name
+from chat.limits import MAX_TITLE_CHARS, TITLE_MAX_CHARS
 from chat.models import Conversation, Message
 from rag.models import Collection
 from runners.base import ChatMessage
 from runners.models import RunnerConfig
 
-TITLE_MAX_CHARS = 60
+__all__ = ["ChatError"]  # re-exported: the one error type (chat.errors)
+
 # An answer still `streaming` without a save for this long was cut off by a
 # crash or restart (generous: a request may wait in the local runner's queue).
 STALE_STREAMING_SECONDS = 120
-
-
-class ChatError(Exception):
-    """A request the chat cannot serve, told to the user as an `error` frame
-    (or a JSON error) with this code. Never carries secrets."""
-
-    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -94,7 +83,7 @@ def _owned_conversation(user, conversation_id: int) -> Conversation:
     conversation = Conversation.objects.filter(pk=conversation_id, owner=user).first()
     if conversation is None:
         # The same answer for "not yours" and "does not exist": ids leak nothing.
-        raise ChatError("not_found", f"Conversation {conversation_id} was not found.")
+        raise ChatError("not_found", f"Conversation {conversation_id} was not found.", status=404)
     return conversation
 
 
@@ -135,7 +124,7 @@ def _readable_collections(user, ids: tuple[int, ...]) -> list[int]:
     found = set(readable.values_list("pk", flat=True))
     missing = [i for i in ids if i not in found]
     if missing:
-        raise ChatError("not_found", f"Collection {missing[0]} was not found.")
+        raise ChatError("not_found", f"Collection {missing[0]} was not found.", status=404)
     return sorted(found)
 
 
@@ -222,7 +211,7 @@ def begin_edit(user, *, conversation_id: int, message_id: int, text: str) -> Tur
         conversation = _owned_conversation(user, conversation_id)
         message = conversation.messages.filter(pk=message_id).first()
         if message is None:
-            raise ChatError("not_found", f"Message {message_id} was not found.")
+            raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
         if message.role != Message.Role.USER:
             raise ChatError("not_editable", "Only your own messages can be edited.")
         conversation.messages.filter(pk__gt=message.pk).delete()
@@ -264,6 +253,49 @@ def finish_message(message_id: int, outcome: TurnOutcome) -> None:
     )
 
 
+def record_exchange(
+    user,
+    *,
+    conversation_id: int | None,
+    messages: tuple[ChatMessage, ...],
+    outcome: TurnOutcome,
+) -> int:
+    """Save an HTTP API exchange once its answer is known, in one transaction;
+    returns the conversation id. Without `conversation_id` a new conversation
+    (titled like the chat's) gets every message of the request; an existing one
+    gets the last user message only, since the client sent the rest of the
+    history itself. The answer is saved as `finish_message` saves the
+    websocket's. Raises ChatError(not_found) for a conversation not the user's."""
+    with transaction.atomic():
+        if conversation_id is None:
+            first_user = next(m for m in messages if m.role == Message.Role.USER)
+            conversation = Conversation.objects.create(
+                owner=user, title=title_from(first_user.content)
+            )
+            to_save = messages
+        else:
+            conversation = (
+                Conversation.objects.select_for_update().filter(pk=conversation_id, owner=user)
+            ).first()
+            if conversation is None:
+                raise ChatError(
+                    "not_found", f"Conversation {conversation_id} was not found.", status=404
+                )
+            to_save = messages[-1:]
+        Message.objects.bulk_create(
+            Message(
+                conversation=conversation, role=m.role, content=m.content, images=list(m.images)
+            )
+            for m in to_save
+        )
+        answer = Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
+        )
+        finish_message(answer.pk, outcome)
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+        return conversation.pk
+
+
 # ---- the conversation list (pages and JSON endpoints) ------------------------------
 
 
@@ -283,8 +315,8 @@ def rename_conversation(user, conversation_id: int, title: str) -> dict[str, Any
     title = clean_name(title)
     if not title:
         raise ChatError("bad_title", "A title cannot be empty.")
-    if len(title) > 200:
-        raise ChatError("bad_title", "A title can be at most 200 characters long.")
+    if len(title) > MAX_TITLE_CHARS:
+        raise ChatError("bad_title", f"A title can be at most {MAX_TITLE_CHARS} characters long.")
     conversation = _owned_conversation(user, conversation_id)
     conversation.title = title
     conversation.save(update_fields=["title", "updated_at"])
@@ -366,47 +398,19 @@ def enabled_runners() -> list[dict[str, Any]]:
 
 # ---- per-user limits (Django cache, shared across processes with Redis) ------------
 
-# A slot counter outlives a crashed process at most this long.
-_SLOT_TTL_SECONDS = 15 * 60
-# What a user with every generation slot taken is told to wait: answers end at
-# their own pace, so this is a hint, not a promise.
-SLOT_RETRY_AFTER_SECONDS = 2
+# What a user with every generation slot taken is told to wait (the limiter's hint).
+SLOT_RETRY_AFTER_SECONDS = limits.SLOT_RETRY_AFTER_SECONDS
 
 
 def _slots_key(user_id: int) -> str:
-    return f"chat:slots:{user_id}"
+    return f"chat:answers:user:{user_id}"
 
 
-def _count(key: str, step: int, ttl: int) -> int:
-    """Add `step` to a cache counter (created at 0), in one trip to the cache."""
-    cache.add(key, 0, timeout=ttl)
-    try:
-        return cache.incr(key, step) if step >= 0 else cache.decr(key, -step)
-    except ValueError:  # it expired between add and incr
-        value = max(step, 0)
-        cache.set(key, value, timeout=ttl)
-        return value
-
-
-async def _acount(key: str, step: int, ttl: int) -> int:
-    # Not thread_sensitive: cache trips (Redis) must not queue behind the ORM's thread.
-    return await sync_to_async(_count, thread_sensitive=False)(key, step, ttl)
-
-
-async def acquire_generation_slot(user_id: int) -> bool:
-    """Take one of the user's concurrent-generation slots; False when all
-    `CHAT_MAX_CONCURRENT_PER_USER` are taken. Pair with release_generation_slot."""
-    taken = await _acount(_slots_key(user_id), 1, _SLOT_TTL_SECONDS)
-    if taken > settings.CHAT_MAX_CONCURRENT_PER_USER:
-        await release_generation_slot(user_id)
-        return False
-    return True
-
-
-async def release_generation_slot(user_id: int) -> None:
-    left = await _acount(_slots_key(user_id), -1, _SLOT_TTL_SECONDS)
-    if left < 0:  # the counter expired meanwhile: it cannot go below zero
-        await _acount(_slots_key(user_id), -left, _SLOT_TTL_SECONDS)
+async def acquire_generation_slot(user_id: int) -> limits.SlotLease | None:
+    """Take one of the user's `CHAT_MAX_CONCURRENT_PER_USER` concurrent-answer
+    slots (accounts.limits, shared across processes with Redis); None when all
+    are taken. The lease is released when the answer ends."""
+    return await limits.acquire_slot(_slots_key(user_id), settings.CHAT_MAX_CONCURRENT_PER_USER)
 
 
 async def allow_message(user_id: int) -> limits.RateDecision:
@@ -423,5 +427,5 @@ def _message_key(user_id: int) -> str:
 
 def reset_limits(user_id: int) -> None:
     """Forget the user's counters (tests, or an admin unblocking someone)."""
-    cache.delete(_slots_key(user_id))
+    limits.reset_slots(_slots_key(user_id))
     limits.reset(_message_key(user_id), 60)

@@ -76,13 +76,6 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
-class ToolResult:
-    id: str
-    name: str
-    content: str
-
-
-@dataclass(frozen=True)
 class Notice:
     """Something the user should know that is not answer text, e.g.
     `queued` (position in the local runner's queue) or `trimmed` (old turns
@@ -117,7 +110,7 @@ class Done:
     model_id: str = ""
 
 
-Event = TokenDelta | ToolCall | ToolResult | Notice | Done
+Event = TokenDelta | ToolCall | Notice | Done
 
 
 # ---- errors ------------------------------------------------------------------------

@@ -878,7 +878,7 @@ async def test_tokens_are_coalesced_for_a_client_that_does_not_read(
 
 
 async def test_the_frame_outbox_merges_pending_tokens_without_stalling_the_producer():
-    from chat.consumers import FrameOutbox
+    from chat.outbox import FrameOutbox
 
     sent: list[dict] = []
     release = asyncio.Event()
@@ -902,7 +902,7 @@ async def test_the_frame_outbox_merges_pending_tokens_without_stalling_the_produ
 
 
 async def test_held_tokens_go_out_at_once_when_the_answer_ends():
-    from chat.consumers import FrameOutbox
+    from chat.outbox import FrameOutbox
 
     sent: list[dict] = []
 

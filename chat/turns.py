@@ -1,0 +1,61 @@
+"""One turn, one record of it: `TurnRecorder` turns `pipeline.run_turn`'s
+events into the `TurnOutcome` that the websocket and the HTTP API both save
+through `chat.services` (docs/architecture.md, *One turn, one record of it*).
+
+It is the runners' `EventCollector` (text, tool calls, notices, routing,
+`Done`, timings measured one way) plus what only a chat turn has: the
+sources retrieval found, and the outcome saved onto the assistant message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chat.errors import ChatError
+from chat.pipeline import Sources
+from chat.services import TurnOutcome
+from runners.collect import EventCollector
+
+# Message.Status values an answer ends with.
+COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
+
+
+@dataclass
+class TurnRecorder(EventCollector):
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def take(self, event: Any) -> None:
+        if isinstance(event, Sources):
+            self.sources = [dict(s) for s in event.sources]
+        else:
+            super().take(event)
+
+    def outcome(
+        self, status: str, error: ChatError | None = None, *, finish_reason: str | None = None
+    ) -> TurnOutcome:
+        """The saved record of the answer. `finish_reason` is the runner's for a
+        complete answer (`stop` when it gave none), `cancelled` for a stopped
+        one and `error` for a failed one, unless given."""
+        self.finish()
+        if finish_reason is None:
+            if status == COMPLETE:
+                finish_reason = self.done.finish_reason if self.done else "stop"
+            else:
+                finish_reason = "cancelled" if status == STOPPED else "error"
+        return TurnOutcome(
+            content=self.content,
+            status=status,
+            runner_name=self.runner_name,
+            model_id=self.model_id,
+            fallback=self.fallback,
+            finish_reason=finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            time_to_first_token_ms=self.time_to_first_token_ms,
+            tokens_per_second=self.tokens_per_second,
+            total_ms=self.total_ms,
+            sources=self.sources,
+            error_code=error.code if error else "",
+            error=error.message if error else "",
+        )
