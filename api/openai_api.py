@@ -24,23 +24,25 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from asgiref.sync import sync_to_async
 
 from accounts import limits
 from api.decorators import api_view, rate_limited
-from api.errors import openai_error, openai_error_body
+from api.errors import http_error, openai_error, openai_error_body
 from api.heartbeat import HEARTBEAT, Heartbeat
 from api.inputs import read_json
+from chat import services
+from chat.errors import ChatError
+from chat.errors import turn_error as chat_error
 from chat.inputs import InputError
 from chat.models import Conversation, Message
-from chat.pipeline import GuardianBlocked, Routed, Sources, TurnInput, run_turn
+from chat.pipeline import GuardianBlocked, TurnInput, run_turn
+from chat.turns import TurnRecorder
 from rag.models import Collection
-from runners.base import ChatMessage, Done, ErrorCode, Notice, RunnerError, TokenDelta, ToolCall
+from runners.base import ChatMessage, Done, RunnerError, TokenDelta, ToolCall
 from runners.models import RunnerConfig
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,10 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _EXTENSION_KEYS = {"rag", "collections", "conversation_id", "save"}
 
 
-class ApiError(Exception):
-    """A request the API refuses, with its OpenAI-shaped error."""
+class ApiError(ChatError):
+    """A request the API refuses: the one error type (chat.errors.ChatError),
+    built status first, with its OpenAI-shaped error (`type_` overrides the
+    type the status implies)."""
 
     def __init__(
         self,
@@ -77,13 +81,8 @@ class ApiError(Exception):
         type_: str = "",
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.param = param
+        super().__init__(code, message, status=status, param=param, retry_after=retry_after)
         self.type_ = type_
-        self.retry_after = retry_after
 
     def response(self) -> JsonResponse:
         return openai_error(
@@ -546,166 +545,58 @@ def _validated_images(request: CompletionRequest) -> CompletionRequest:
 
 
 def turn_error(exc: Exception, *, pinned: bool) -> ApiError:
-    """The HTTP error for a failed turn (see the table in docs/http-api.md)."""
-    if isinstance(exc, GuardianBlocked):
-        return ApiError(400, "content_blocked", exc.message, param="messages")
-    assert isinstance(exc, RunnerError)
-    code = exc.code
-    if code == ErrorCode.INVALID_INPUT:
-        return ApiError(400, "invalid_input", exc.message, param="messages")
-    if code == ErrorCode.NOT_FOUND:
-        return ApiError(404, "model_not_found", exc.message, param="model")
-    if code == ErrorCode.NO_RUNNER:
-        # A model the client chose cannot do this (images, tools): the request
-        # must change. With `auto`, the server lacks a runner: an admin must act.
-        if pinned:
-            return ApiError(400, "model_not_capable", exc.message, param="model")
-        return ApiError(503, "no_runner_available", exc.message, type_="server_error")
-    if code == ErrorCode.TIMEOUT:
-        return ApiError(504, "runner_timeout", exc.message, type_="server_error")
-    if code == ErrorCode.AUTH:
-        # The runner's own credentials were refused: the server's fault, not the client's.
-        return ApiError(502, "runner_auth_failed", exc.message, type_="server_error")
-    if code == ErrorCode.RUNTIME:
-        return ApiError(502, "runner_error", exc.message, type_="server_error")
-    retry = exc.retry_after if exc.retry_after is not None else None
-    if code == ErrorCode.RATE_LIMITED:
-        return ApiError(
-            503, "runner_rate_limited", exc.message, type_="server_error", retry_after=retry or 5
-        )
-    return ApiError(503, "runner_unavailable", exc.message, type_="server_error", retry_after=retry)
+    """The HTTP error for a failed turn: api.errors.HTTP_ERRORS (the table in
+    docs/http-api.md)."""
+    error = http_error(exc, pinned=pinned)
+    assert error is not None, exc
+    type_ = "server_error" if error.status >= 500 else ""
+    return ApiError(
+        error.status,
+        error.code,
+        error.message,
+        param=error.param,
+        type_=type_,
+        retry_after=error.retry_after,
+    )
 
 
-# ---- recording (optional) ------------------------------------------------------------------
+# ---- the answer in OpenAI's terms ------------------------------------------------------------
+# The turn itself is recorded by chat.turns.TurnRecorder and saved through
+# chat.services.record_exchange, exactly as the websocket's (docs/architecture.md).
 
 
-@dataclass
-class TurnState:
-    """What a turn produced so far."""
-
-    text: list[str] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    sources: list[dict[str, Any]] = field(default_factory=list)
-    notices: list[dict[str, Any]] = field(default_factory=list)
-    runner: str = ""
-    model_id: str = ""
-    fallback: bool = False
-    done: Done | None = None
-    blocked: str = ""
-
-    @property
-    def content(self) -> str:
-        return "".join(self.text)
-
-    def take(self, event: Any) -> None:
-        if isinstance(event, TokenDelta):
-            self.text.append(event.text)
-        elif isinstance(event, ToolCall):
-            self.tool_calls.append(event)
-        elif isinstance(event, Sources):
-            self.sources = list(event.sources)
-        elif isinstance(event, Routed):
-            self.runner, self.model_id, self.fallback = (
-                event.runner_name,
-                event.model_id,
-                event.fallback,
-            )
-        elif isinstance(event, Notice):
-            self.notices.append({"code": event.code, "message": event.message, **event.data})
-        elif isinstance(event, Done):
-            self.done = event
-
-    @property
-    def finish_reason(self) -> str:
-        if self.blocked:
-            return "content_filter"
-        if self.tool_calls:
-            return "tool_calls"
-        reason = self.done.finish_reason if self.done else "stop"
-        return reason if reason in ("stop", "length", "tool_calls") else "stop"
-
-    def usage(self) -> dict[str, int]:
-        prompt = self.done.usage.prompt_tokens if self.done else 0
-        completion = self.done.usage.completion_tokens if self.done else 0
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-
-    def extension(self, conversation_id: int | None) -> dict[str, Any]:
-        ext: dict[str, Any] = {
-            "runner": self.runner,
-            "model_id": (self.done.model_id if self.done and self.done.model_id else self.model_id),
-            "fallback": self.fallback,
-            "sources": self.sources,
-            "notices": self.notices,
-        }
-        if self.blocked:
-            ext["blocked"] = self.blocked
-        if conversation_id is not None:
-            ext["conversation_id"] = conversation_id
-        return ext
+def _finish_reason(turn: TurnRecorder, blocked: str) -> str:
+    if blocked:
+        return "content_filter"
+    if turn.tool_calls:
+        return "tool_calls"
+    reason = turn.done.finish_reason if turn.done else "stop"
+    return reason if reason in ("stop", "length", "tool_calls") else "stop"
 
 
-def _title(text: str) -> str:
-    line = " ".join(text.split())
-    if not line:
-        return "API chat"
-    return line if len(line) <= 60 else line[:59].rstrip() + "…"
+def _usage(turn: TurnRecorder) -> dict[str, int]:
+    prompt = turn.prompt_tokens or 0
+    completion = turn.completion_tokens or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
-def record_exchange(
-    user,
-    request: CompletionRequest,
-    state: TurnState,
-    status: str,
-    error: ApiError | None = None,
-) -> int:
-    """Save the exchange in one transaction; returns the conversation id.
-    A new conversation (`save`) gets every message of the request; an existing
-    one (`conversation_id`) gets the last user message only, since the client
-    sent the rest of the history itself."""
-    with transaction.atomic():
-        if request.conversation_id is None:
-            first_user = next(m for m in request.messages if m.role == "user")
-            conversation = Conversation.objects.create(owner=user, title=_title(first_user.content))
-            to_save = request.messages
-        else:
-            conversation = Conversation.objects.select_for_update().get(
-                pk=request.conversation_id, owner=user
-            )
-            to_save = request.messages[-1:]
-        Message.objects.bulk_create(
-            Message(
-                conversation=conversation,
-                role=m.role,
-                content=m.content,
-                images=list(m.images),
-            )
-            for m in to_save
-        )
-        done = state.done
-        Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            content=state.content,
-            status=status,
-            runner_name=state.runner[:100],
-            model_id=state.model_id[:200],
-            fallback=state.fallback,
-            finish_reason=state.finish_reason if status == Message.Status.COMPLETE else "",
-            prompt_tokens=done.usage.prompt_tokens if done else None,
-            completion_tokens=done.usage.completion_tokens if done else None,
-            time_to_first_token_ms=done.timings.time_to_first_token_ms if done else None,
-            tokens_per_second=done.timings.tokens_per_second if done else None,
-            total_ms=done.timings.total_ms if done else None,
-            sources=state.sources,
-            error_code=error.code[:32] if error else "",
-            error=error.message if error else "",
-        )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
-        return conversation.pk
+def _breezeweb(turn: TurnRecorder, blocked: str, conversation_id: int | None) -> dict[str, Any]:
+    ext: dict[str, Any] = {
+        "runner": turn.runner_name,
+        "model_id": turn.model_id,
+        "fallback": turn.fallback,
+        "sources": turn.sources,
+        "notices": [{"code": n.code, "message": n.message, **n.data} for n in turn.notices],
+    }
+    if blocked:
+        ext["blocked"] = blocked
+    if conversation_id is not None:
+        ext["conversation_id"] = conversation_id
+    return ext
 
 
 # ---- the views ---------------------------------------------------------------------------
@@ -825,6 +716,8 @@ async def chat_completions(request: HttpRequest):
     """`POST /v1/chat/completions` (see the module docstring)."""
     if request.method != "POST":
         return _method_not_allowed("POST")
+    # The clock of the turn's timings starts at the request's arrival.
+    arrived = time.monotonic()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     lease: limits.SlotLease | None = None
     if limited := await _limit_rate(request):
@@ -862,7 +755,7 @@ async def chat_completions(request: HttpRequest):
         source="api",
         request_id=completion_id,
     )
-    completion = Completion(completion_id, request.user, parsed, turn)
+    completion = Completion(completion_id, request.user, parsed, turn, started=arrived)
     if not parsed.stream:
         return await completion.answer()
     try:
@@ -884,28 +777,50 @@ async def chat_completions(request: HttpRequest):
 class Completion:
     """One completion in flight: the turn's events turned into OpenAI objects."""
 
-    def __init__(self, completion_id: str, user, request: CompletionRequest, turn: TurnInput):
+    def __init__(
+        self,
+        completion_id: str,
+        user,
+        request: CompletionRequest,
+        turn: TurnInput,
+        *,
+        started: float | None = None,
+    ):
         self.id = completion_id
         self.user = user
         self.request = request
         self.created = int(time.time())
-        self.state = TurnState()
+        self.state = TurnRecorder(started=time.monotonic() if started is None else started)
+        # The output rule's message when one ended the answer (finish `content_filter`).
+        self.blocked = ""
+        # What ended the turn early, saved with a failed answer.
+        self.failure: Exception | None = None
         # Streams: silences become SSE comments so proxies keep the stream.
         self.events = Heartbeat(run_turn(turn), SSE_HEARTBEAT_SECONDS)
         self.buffered: list[Any] = []
 
     @property
     def model(self) -> str:
-        return self.state.runner or self.request.model or AUTO_MODEL
+        return self.state.runner_name or self.request.model or AUTO_MODEL
 
     async def _record(self, status: str, error: ApiError | None = None) -> int | None:
+        """Save the exchange through the chat service when asked to (`error`:
+        the turn failed; the saved code is the chat's, as on the websocket)."""
         if not self.request.records:
             return None
-        return await sync_to_async(record_exchange)(
-            self.user, self.request, self.state, status, error
+        failure = chat_error(self.failure) if error is not None and self.failure else None
+        outcome = self.state.outcome(
+            status, failure, finish_reason="content_filter" if self.blocked else None
+        )
+        return await sync_to_async(services.record_exchange)(
+            self.user,
+            conversation_id=self.request.conversation_id,
+            messages=self.request.messages,
+            outcome=outcome,
         )
 
     def _error(self, exc: Exception) -> ApiError:
+        self.failure = exc
         return turn_error(exc, pinned=self.request.model is not None)
 
     # -- non-streaming --
@@ -918,20 +833,20 @@ class Completion:
         except GuardianBlocked as exc:
             if exc.where != "output":
                 return self._error(exc).response()
-            self.state.blocked = exc.message
+            self.blocked = exc.message
         except RunnerError as exc:
             error = self._error(exc)
-            if self.state.text or self.state.tool_calls:
+            if self.state.parts or self.state.tool_calls:
                 await self._record(Message.Status.FAILED, error)
             return error.response()
         finally:
             await self.events.aclose()
-        status = Message.Status.STOPPED if self.state.blocked else Message.Status.COMPLETE
+        status = Message.Status.STOPPED if self.blocked else Message.Status.COMPLETE
         conversation_id = await self._record(status)
         message: dict[str, Any] = {
             "role": "assistant",
             "content": self.state.content
-            if (self.state.text or not self.state.tool_calls)
+            if (self.state.parts or not self.state.tool_calls)
             else None,
             "refusal": None,
         }
@@ -949,11 +864,11 @@ class Completion:
                         "index": 0,
                         "message": message,
                         "logprobs": None,
-                        "finish_reason": self.state.finish_reason,
+                        "finish_reason": _finish_reason(self.state, self.blocked),
                     }
                 ],
-                "usage": self.state.usage(),
-                "breezeweb": self.state.extension(conversation_id),
+                "usage": _usage(self.state),
+                "breezeweb": _breezeweb(self.state, self.blocked, conversation_id),
             }
         )
 
@@ -981,7 +896,7 @@ class Completion:
             if exc.where != "output":
                 return self._error(exc)
             # The answer's first words broke an output rule: an empty, filtered answer.
-            self.state.blocked = exc.message
+            self.blocked = exc.message
             return None
         except RunnerError as exc:
             await self.events.aclose()
@@ -1036,7 +951,7 @@ class Completion:
                     if chunk:
                         yield chunk
             except GuardianBlocked as exc:
-                self.state.blocked = exc.message
+                self.blocked = exc.message
             except RunnerError as exc:
                 error = self._error(exc)
             if error is not None:
@@ -1046,10 +961,10 @@ class Completion:
                 yield b"data: [DONE]\n\n"
                 return
             finished = True
-            status = Message.Status.STOPPED if self.state.blocked else Message.Status.COMPLETE
+            status = Message.Status.STOPPED if self.blocked else Message.Status.COMPLETE
             conversation_id = await self._record(status)
-            ext = self.state.extension(conversation_id)
-            yield self._chunk({}, self.state.finish_reason, breezeweb=ext)
+            ext = _breezeweb(self.state, self.blocked, conversation_id)
+            yield self._chunk({}, _finish_reason(self.state, self.blocked), breezeweb=ext)
             if self.request.include_usage:
                 usage_chunk = {
                     "id": self.id,
@@ -1058,7 +973,7 @@ class Completion:
                     "model": self.model,
                     "system_fingerprint": None,
                     "choices": [],
-                    "usage": self.state.usage(),
+                    "usage": _usage(self.state),
                     "breezeweb": ext,
                 }
                 yield _sse(usage_chunk)

@@ -13,14 +13,13 @@ from chat import services
 from chat.inputs import clean_name
 from chat.services import ChatError
 
-_STATUS = {"not_found": 404}
 # The conversation endpoints take a title at most: a small body is plenty.
 MAX_BODY_BYTES = 64 * 1024
 LIMIT = "APP_API_REQUESTS_PER_MINUTE"
 
 
 def _chat_error(exc: ChatError) -> JsonResponse:
-    return json_error(_STATUS.get(exc.code, 400), exc.code, exc.message)
+    return json_error(exc.status, exc.code, exc.message)
 
 
 @api_view(limit=LIMIT)

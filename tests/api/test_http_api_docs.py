@@ -4,7 +4,8 @@ The codes are collected from the source with `ast`, not from a hand list:
 every literal code given to an error constructor (json_error, openai_error,
 api_error, ApiError, _bad, InputError, UploadRejected, FileRejected,
 ChatError, ...) in the modules that answer /api and /v1, following calls into
-the service modules only as far as the views reach."""
+the service modules only as far as the views reach; and the codes of a failed
+turn from their one table, `api.errors.HTTP_ERRORS`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import ast
 import re
 from pathlib import Path
 
+from api.errors import HTTP_ERRORS
 from tests.support.processes import ROOT
 
 DOC = ROOT / "docs" / "http-api.md"
@@ -141,6 +143,8 @@ def codes_from_source() -> set[str]:
     codes |= _reachable_codes(ROOT / "chat" / "services.py", _called(views, "services"))
     uploads = ROOT / "rag" / "uploads.py"
     codes |= _reachable_codes(ROOT / "rag" / "parsing.py", _called(uploads, "parsing"))
+    # A failed turn's errors: the one table (api.errors.HTTP_ERRORS).
+    codes |= {row.code for row in HTTP_ERRORS.values()}
     return codes
 
 
