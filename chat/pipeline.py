@@ -30,6 +30,7 @@ from runners.base import (
     request_problem,
 )
 from runners.guardian import GuardianBlocked, OutputFilter, check_input, enabled_rules
+from runners.prompt import drop_oldest, trimmed_notice
 from runners.router import Routed, load_candidates, route
 
 __all__ = [
@@ -166,29 +167,16 @@ def fit_to_budget(
             f"{_count(runner, last.content)} tokens, and it can take about "
             f"{max(budget - used, 0)}. Shorten it or choose a runner with a larger context.",
         )
-    kept = [last]
-    used += _tokens(runner, last)
-    for message in reversed(turns[:-1]):
-        cost = _tokens(runner, message)
-        if used + cost > budget:
-            break
-        kept.append(message)
-        used += cost
-    kept.reverse()
-    # A tool result without its call would confuse the model: keep pairs whole.
-    while kept and kept[0].role == "tool":
+    # Each turn counted once; the one trimmer (runners.prompt) leaves out the oldest.
+    costs = {id(m): _tokens(runner, m) for m in turns}
+    kept, dropped = drop_oldest(turns, lambda ms: used + sum(costs[id(m)] for m in ms) <= budget)
+    # The last turn fits on its own (checked above), so drop_oldest found a fit.
+    while kept and kept[0].role == "tool" and len(kept) > 1:
         kept.pop(0)
+        dropped += 1
     notices = []
-    dropped = len(turns) - len(kept)
     if dropped:
-        notices.append(
-            Notice(
-                "trimmed",
-                f"The {dropped} oldest message(s) were left out to fit "
-                f"{runner.name}'s context of {runner.context_tokens} tokens.",
-                {"dropped": dropped},
-            )
-        )
+        notices.append(trimmed_notice(dropped, runner.name, runner.context_tokens))
     return replace(request, messages=(system, *kept)), notices
 
 

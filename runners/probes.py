@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 from django.core.exceptions import ImproperlyConfigured
 
-from runners.base import ChatMessage, ChatRequest, Done, RunnerError, TokenDelta, ToolCall
+from runners.base import ChatMessage, ChatRequest, RunnerError
+from runners.collect import EventCollector
 from runners.models import RunnerConfig
 from runners.registry import build_runner
-from runners.router import Routed, circuits, route
+from runners.router import circuits, route
 
 log = logging.getLogger(__name__)
 
@@ -112,30 +113,15 @@ async def try_prompt(
         max_tokens=max_tokens,
         request_id="admin-test-prompt",
     )
-    started = time.perf_counter()
-    pieces: list[str] = []
-    calls: list[str] = []
-    model_id = ""
-    first_at: float | None = None
-    done: Done | None = None
+    # The one event collector (runners.collect), timed as the chat's turns are.
+    collector = EventCollector()
     error: RunnerError | None = None
 
     async def consume() -> None:
-        nonlocal model_id, first_at, done
         events = route(request, pinned=name, source="admin")
         try:
             async for event in events:
-                if isinstance(event, Routed):
-                    model_id = event.model_id
-                elif isinstance(event, TokenDelta | ToolCall):
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    if isinstance(event, TokenDelta):
-                        pieces.append(event.text)
-                    else:
-                        calls.append(f"{event.name}({event.arguments})")
-                elif isinstance(event, Done):
-                    done = event
+                collector.take(event)
         finally:
             await events.aclose()
 
@@ -149,22 +135,18 @@ async def try_prompt(
         log.warning("test prompt on runner %s failed: %s", name, type(exc).__name__)
         error = RunnerError("runtime", f"The test prompt failed ({type(exc).__name__}).")
 
-    total_ms = _since(started)
-    timings = done.timings if done else None
-    ttft_ms = timings.time_to_first_token_ms if timings else None
-    if ttft_ms is None and first_at is not None:
-        ttft_ms = (first_at - started) * 1000
+    collector.finish()
     return PromptTrial(
         runner=name,
-        text="".join(pieces),
-        model_id=(done.model_id if done and done.model_id else model_id),
-        finish_reason=done.finish_reason if done else "",
-        prompt_tokens=done.usage.prompt_tokens if done else None,
-        completion_tokens=done.usage.completion_tokens if done else None,
-        ttft_ms=ttft_ms,
-        tokens_per_second=timings.tokens_per_second if timings else None,
-        total_ms=total_ms,
+        text=collector.content,
+        model_id=collector.model_id,
+        finish_reason=collector.done.finish_reason if collector.done else "",
+        prompt_tokens=collector.prompt_tokens,
+        completion_tokens=collector.completion_tokens,
+        ttft_ms=collector.time_to_first_token_ms,
+        tokens_per_second=collector.tokens_per_second,
+        total_ms=collector.total_ms,
         error_code=error.code.value if error else "",
         error=error.message if error else "",
-        tool_calls=tuple(calls),
+        tool_calls=tuple(f"{c.name}({c.arguments})" for c in collector.tool_calls),
     )

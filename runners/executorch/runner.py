@@ -55,6 +55,7 @@ from runners.base import (
     Usage,
 )
 from runners.executorch import prepare
+from runners.prompt import drop_oldest, trimmed_notice
 
 log = logging.getLogger(__name__)
 
@@ -720,24 +721,27 @@ class ExecuTorchRunner:
         if not messages:
             raise RunnerError(ErrorCode.INVALID_INPUT, "The conversation is empty.")
         budget = self.context_tokens - max_new_tokens
-        kept = list(messages)
-        dropped = 0
-        while True:
+        rendered: dict[int, tuple[str, int]] = {}
+
+        def fits(kept: list[ChatMessage]) -> bool:
             prompt = engine.render(kept)
-            tokens = engine.count_tokens(prompt)
-            if tokens <= budget:
-                return prompt, tokens, dropped
-            droppable = [i for i, m in enumerate(kept[:-1]) if m.role != "system"]
-            if not droppable:
-                raise RunnerError(
-                    ErrorCode.INVALID_INPUT,
-                    f"The message is too long for the local model: it needs {tokens} tokens "
-                    f"but only {budget} fit (context {self.context_tokens}, "
-                    f"{max_new_tokens} kept for the answer). Shorten it or use a runner "
-                    "with a larger context.",
-                )
-            del kept[droppable[0]]
-            dropped += 1
+            rendered[len(kept)] = (prompt, engine.count_tokens(prompt))
+            return rendered[len(kept)][1] <= budget
+
+        # The one trimmer (runners.prompt), on the rendered prompt's exact tokens.
+        fitted = drop_oldest(messages, fits)
+        if fitted is None:
+            tokens = min(count for _, count in rendered.values())
+            raise RunnerError(
+                ErrorCode.INVALID_INPUT,
+                f"The message is too long for the local model: it needs {tokens} tokens "
+                f"but only {budget} fit (context {self.context_tokens}, "
+                f"{max_new_tokens} kept for the answer). Shorten it or use a runner "
+                "with a larger context.",
+            )
+        kept, dropped = fitted
+        prompt, tokens = rendered[len(kept)]
+        return prompt, tokens, dropped
 
     # -- streaming -------------------------------------------------------------
 
@@ -764,12 +768,7 @@ class ExecuTorchRunner:
         assert engine is not None
         prompt, prompt_tokens, dropped = self._fit_prompt(engine, request.messages, max_new)
         if dropped:
-            yield Notice(
-                code="trimmed",
-                message=f"The {dropped} oldest message(s) were left out to fit the local "
-                f"model's {self.context_tokens}-token context.",
-                data={"dropped_messages": dropped, "prompt_tokens": prompt_tokens},
-            )
+            yield trimmed_notice(dropped, "the local model", self.context_tokens)
         # Whatever room the prompt leaves (never more than asked for).
         max_new = min(max_tokens, self.context_tokens - prompt_tokens)
         from executorch.extension.llm.runner import GenerationConfig
