@@ -7,7 +7,7 @@ this boundary is a frozen dataclass defined here; SDK objects never leak out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -33,7 +33,13 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What a runner is asked to do. None means "use the runner config's value"."""
+    """What a runner is asked to do. None means "use the runner config's value".
+
+    Sampling (OpenAI / llama.cpp meanings; the local runner honours them all,
+    see runners/executorch/sampling.py): `top_k` (0 = off),
+    `repetition_penalty` (1.0 = off), `frequency_penalty` and
+    `presence_penalty` (0 = off), `seed` (same seed, same answer),
+    `logit_bias` (token id -> -100..100)."""
 
     messages: tuple[ChatMessage, ...]
     temperature: float | None = None
@@ -42,6 +48,12 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     tools: tuple[dict[str, Any], ...] = ()
     request_id: str = ""
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    logit_bias: Mapping[int, float] | None = None
 
     @property
     def has_images(self) -> bool:
@@ -104,7 +116,7 @@ class Timings:
 class Done:
     """The last event of every successful stream."""
 
-    finish_reason: str  # "stop", "length", "tool_calls", "cancelled"
+    finish_reason: str  # "stop", "length", "tool_calls", "cancelled", "loop" (loop guard)
     usage: Usage = Usage()
     timings: Timings = Timings()
     model_id: str = ""

@@ -87,8 +87,14 @@ class RunnerConfigForm(forms.ModelForm):
             "runner has it on, any runner answers them.",
             "enable_agents": "Capability agent: requests with tools go only to runners with "
             "this on.",
-            "extra_params": 'Kind-specific options as a JSON object, e.g. {"top_p": 0.9} '
-            "(see docs/runners.md).",
+            "extra_params": "Options as a JSON object (see docs/runners.md). Any kind: "
+            '"loop_guard": false, or {"min_repeats": 4, "min_chars": 200, "max_period": 400} '
+            "(answers that repeat themselves are stopped). Local runner (executorch) sampling "
+            "defaults for requests that set none: top_k (40), top_p (0.9), "
+            "repetition_penalty (1.1), frequency_penalty (0), presence_penalty (0), "
+            'penalty_window (64), seed (none), logit_bias ({"token id": -100..100}); also '
+            "pte_path, tokenizer_path, parallelism, reuse_kv_cache. Llama Stack: other keys "
+            'go into the request body, e.g. {"top_p": 0.9}.',
         }
 
     def __init__(self, *args, **kwargs) -> None:

@@ -105,6 +105,12 @@ class RunnerConfig(models.Model):
                 errors.setdefault(field, message)
         if not isinstance(self.extra_params, dict):
             errors["extra_params"] = "Extra params must be a JSON object."
+        else:
+            from runners.loopguard import settings_problem
+
+            problem = settings_problem(self.extra_params.get("loop_guard"))
+            if problem:
+                errors.setdefault("extra_params", problem)
         if errors:
             raise ValidationError(errors)
 

@@ -8,7 +8,9 @@ request to the next candidate; an error about the request (invalid input) does
 not, since another runner would refuse it too. After the first token nothing
 falls back: the partial answer stands and the error is reported. A per-runner
 circuit breaker skips a runner after consecutive failures for a cool-down, then
-lets one trial request through.
+lets one trial request through. Every runner's text passes the loop guard
+(runners.loopguard): an answer that starts repeating itself is ended with
+`finish_reason="loop"` and a `loop` notice.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from runners.base import (
     Notice,
     Runner,
     RunnerError,
+    Timings,
     TokenDelta,
     ToolCall,
+    Usage,
     request_error,
 )
+from runners.loopguard import LoopGuard, loop_notice, loop_settings
 from runners.models import RunnerConfig, RunRecord
 from runners.registry import build_runner
 
@@ -358,12 +363,26 @@ async def route(
         for notice in notices:
             yield notice
         stream = runner.stream(routed_request)
+        guard = LoopGuard(loop_settings(config.extra_params))
         try:
             async for event in stream:
                 if isinstance(event, TokenDelta | ToolCall) and attempt.first_token_at is None:
                     attempt.first_token_at = time.perf_counter()
                 if isinstance(event, TokenDelta):
                     attempt.completion_tokens += 1
+                    unit = guard.feed(event.text)
+                    if unit is not None:
+                        # The answer is looping: end it here, cleanly (closing
+                        # the stream below stops the runner's generation).
+                        yield event
+                        yield loop_notice(unit)
+                        done = _loop_done(attempt)
+                        circuits.success(config.name, attempt.ttft_ms)
+                        await _save_record(
+                            attempt, RunRecord.Status.OK, source, message_id, capability
+                        )
+                        yield done
+                        return
                 if isinstance(event, Done):
                     attempt.prompt_tokens = event.usage.prompt_tokens
                     if event.usage.completion_tokens:
@@ -419,6 +438,26 @@ async def route(
         "Every runner able to answer is paused after repeated failures "
         f"({', '.join(skipped_open)}); try again shortly.",
         retry_after=circuits.cooldown_s,
+    )
+
+
+def _loop_done(attempt: _Attempt) -> Done:
+    """The end of an answer the loop guard stopped (the runner never sent its
+    own `Done`): what the router measured."""
+    now = time.perf_counter()
+    decode = None
+    if attempt.first_token_at is not None and now > attempt.first_token_at:
+        decode = attempt.completion_tokens / (now - attempt.first_token_at)
+        attempt.tokens_per_second = round(decode, 1)
+    return Done(
+        finish_reason="loop",
+        usage=Usage(prompt_tokens=0, completion_tokens=attempt.completion_tokens),
+        timings=Timings(
+            time_to_first_token_ms=attempt.ttft_ms,
+            total_ms=round((now - attempt.started) * 1000, 1),
+            tokens_per_second=attempt.tokens_per_second,
+        ),
+        model_id=attempt.config.model_id,
     )
 
 

@@ -1,19 +1,24 @@
-"""The local runner: an ExecuTorch program run by ExecuTorch's `TextLLMRunner`.
+"""The local runner: an ExecuTorch program run by a decode loop of our own.
 
 One `_Engine` per model file pair and process (module-level cache, shared by
 every `RunnerConfig` pointing at the same files) holds the tokenizer, the chat
-template and a pool of `TextLLMRunner` instances ("slots"). Each slot owns one
-KV cache, so one slot serves one generation at a time; requests beyond the
-pool wait in a FIFO queue and are told their position.
+template, the loaded program and a pool of its `forward` methods ("slots").
+Each slot owns one KV cache (the program's mutable buffers), so one slot
+serves one generation at a time; requests beyond the pool wait in a FIFO
+queue and are told their position.
 
-A generation runs `TextLLMRunner.generate` in a worker thread. Its token
-callback hands each text piece to the request's event loop with
-`call_soon_threadsafe`; the async side turns pieces into `TokenDelta`s,
-holding back any tail that could be the start of a stop string or of the end
-marker, so neither ever leaks into the answer. Cancelling calls the runner's
-`stop()`, which the C++ loop checks before every token; the worker thread
-resets the KV cache and returns the slot to the pool on its own, so the
-cancelled stream can return at once.
+A generation runs in a worker thread: prefill (chunks of at most
+`PREFILL_CHUNK_TOKENS`), then one `forward` call per token, each token chosen
+from the program's logits by `sampling.Sampler` (temperature, top_k, top_p,
+repetition / frequency / presence penalties, seed, logit bias). Each slot
+remembers the tokens its KV cache holds, so a prompt that extends them (the
+next turn of the same conversation) prefills only its new tokens. Token ids
+go to the request's event loop with `call_soon_threadsafe`; the async side
+turns them into text and `TokenDelta`s, holding back any tail that could be
+the start of a stop string or of the end marker, so neither ever leaks into
+the answer. Cancelling sets a flag the loop checks before every token; the
+worker returns the slot to the pool on its own, so the cancelled stream can
+return at once.
 
 The engine uses only thread-safe state (locks, not asyncio primitives): it
 outlives any one event loop (tests run each in a fresh loop).
@@ -24,11 +29,8 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -55,6 +57,13 @@ from runners.base import (
     Usage,
 )
 from runners.executorch import prepare
+from runners.executorch.sampling import (
+    BOUNDS,
+    Sampler,
+    SamplingParams,
+    check_value,
+    logit_bias_ids,
+)
 from runners.prompt import drop_oldest, trimmed_notice
 
 log = logging.getLogger(__name__)
@@ -63,11 +72,23 @@ NOT_PREPARED = "The local model is not prepared: run `python manage.py prepare_m
 # Text the model uses to end (or wrongly begin) a turn; never part of an answer.
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 MAX_PARALLELISM = 8
-# Tokens per native call. export_llama bounds a forward call at
-# max_seq_length - 1 (1023) tokens but tells TextLLMRunner 1024, so the native
-# runner's own chunking fails on any prompt of 1024+ tokens ("Attempted to
-# resize a bounded tensor ... 1023 ... to 1024"); we prefill in smaller chunks.
+# Tokens per forward call while prefilling. export_llama bounds a forward call
+# at max_seq_length - 1 (1023) tokens (and records 1024 as get_max_seq_len).
 PREFILL_CHUNK_TOKENS = 1000
+# Sampling defaults for small models when neither the request nor the
+# runner's extra_params set them (temperature is the config's own field):
+# like llama.cpp / Ollama (top_k 40, repeat penalty 1.1 over the last 64
+# tokens), top_p 0.9.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "top_k": 40,
+    "top_p": 0.9,
+    "repetition_penalty": 1.1,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "penalty_window": 64,
+    "seed": None,
+    "logit_bias": {},
+}
 # How often a queued request re-checks (and re-announces) its position.
 _QUEUE_POLL_SECONDS = 0.05
 
@@ -129,11 +150,13 @@ def _model_context_tokens(files: ModelFiles) -> int | None:
 
 
 class _Slot:
-    """One `TextLLMRunner` (one KV cache)."""
+    """One `forward` method of the program (one KV cache) and the tokens its
+    cache holds, positions 0..len(cached)-1."""
 
-    def __init__(self, index: int, native: Any) -> None:
+    def __init__(self, index: int, method: Any) -> None:
         self.index = index
-        self.native = native
+        self.method = method
+        self.cached: list[int] = []
 
 
 class _Waiter:
@@ -164,10 +187,19 @@ class _SlotPool:
             self.size += 1
         self.release(slot)
 
-    def acquire_nowait(self, loop: asyncio.AbstractEventLoop) -> _Slot | _Waiter:
+    def acquire_nowait(
+        self, loop: asyncio.AbstractEventLoop, prefer: Any = None
+    ) -> _Slot | _Waiter:
+        """A free slot (the one `prefer(slot)` scores highest, e.g. the one
+        whose KV cache shares the longest prefix with the prompt), or a place
+        in the queue."""
         with self._lock:
             # A free slot goes to a newcomer only when nobody is queued.
             if self._free and not self._waiters:
+                if prefer is not None and len(self._free) > 1:
+                    best = max(self._free, key=prefer)
+                    self._free.remove(best)
+                    return best
                 return self._free.popleft()
             waiter = _Waiter(loop)
             self._waiters.append(waiter)
@@ -229,50 +261,66 @@ class _SlotPool:
 
 
 class _Engine:
-    """A loaded model: tokenizer, chat template and a pool of native runners."""
+    """A loaded model: tokenizer, chat template and a pool of slots, each a
+    loaded program's forward method."""
 
     def __init__(self, files: ModelFiles) -> None:
         self.files = files
         self.pool = _SlotPool()
         self._grow_lock = threading.Lock()
         self.tokenizer = _load_tokenizer(files.tokenizer)
-        self.native_tokenizer, self.byte_level = _runner_tokenizer(files.tokenizer)
+        self.byte_level = _is_byte_level(files.tokenizer)
         self.chat_template = _load_chat_template(files)
         self._template = _compile_template(self.chat_template)
         self.model_context_tokens = _model_context_tokens(files)
         self.load_seconds = 0.0
+        self.program: Any = None
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.max_seq_len = PREFILL_CHUNK_TOKENS
+        self.eos_ids: frozenset[int] = frozenset()
+        self._pieces: list[str] = []
+        self.last_reused_tokens = 0  # prompt tokens the last generation reused
 
     def ensure_slots(self, count: int) -> None:
-        """Grow the pool to `count` native runners (blocking: call in a thread)."""
+        """Grow the pool to `count` methods (blocking: call in a thread)."""
         with self._grow_lock:
+            if self.pool.size >= count:
+                return
+            started = time.monotonic()
             while self.pool.size < count:
-                started = time.monotonic()
-                native = _new_native_runner(self.files.pte, self.native_tokenizer)
-                self.load_seconds += time.monotonic() - started
-                self.pool.add(_Slot(self.pool.size, native))
+                # A program per slot: the methods of one loaded program share
+                # its planned memory, KV cache included.
+                program = _load_program(self.files.pte)
+                if self.program is None:
+                    self._read_metadata(program)
+                self.pool.add(_Slot(self.pool.size, program.load_method("forward")))
+            self.load_seconds += time.monotonic() - started
+
+    def _read_metadata(self, program: Any) -> None:
+        self.program = program
+        meta = _program_metadata(program)
+        self.vocab_size = int(meta.get("get_vocab_size", self.vocab_size))
+        # One forward call takes at most max_seq_len - 1 tokens (export_llama).
+        self.max_seq_len = min(PREFILL_CHUNK_TOKENS, int(meta.get("get_max_seq_len", 1024)) - 1)
+        eos = set(meta.get("get_eos_ids", ()))
+        for marker in END_MARKERS:
+            token = self.tokenizer.token_to_id(marker)
+            if token is not None:
+                eos.add(token)
+        self.eos_ids = frozenset(eos)
+        self._pieces = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
+
+    def piece(self, token: int) -> str:
+        """A token's text as the vocabulary spells it (byte-level alphabet)."""
+        if 0 <= token < len(self._pieces):
+            return self._pieces[token]
+        return ""
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def split_prompt(self, prompt: str, limit: int = PREFILL_CHUNK_TOKENS) -> list[str]:
-        """`prompt` cut into pieces of at most `limit` tokens. Cuts fall just
-        before a token that starts a word, a line or a special token, where
-        byte-level BPE splits anyway, so each piece tokenizes exactly as its
-        part of the whole did."""
-        encoding = self.tokenizer.encode(prompt, add_special_tokens=False)
-        tokens, offsets = encoding.tokens, encoding.offsets
-        chunks: list[str] = []
-        first_token = first_char = 0
-        while len(tokens) - first_token > limit:
-            cut = first_token + limit
-            for i in range(first_token + limit, first_token + limit // 2, -1):
-                if tokens[i].startswith(("Ġ", "Ċ", "<|")):
-                    cut = i
-                    break
-            chunks.append(prompt[first_char : offsets[cut][0]])
-            first_token, first_char = cut, offsets[cut][0]
-        chunks.append(prompt[first_char:])
-        return chunks
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
         return self._template.render(
@@ -301,47 +349,46 @@ _native_ops_lock = threading.Lock()
 _native_ops_loaded = False
 
 
-def _runner_tokenizer(path: Path) -> tuple[Path, bool]:
-    """(tokenizer file for the native runner, whether pieces are byte-level).
-
-    For a byte-level BPE tokenizer, a copy without its decoder (see
-    `PieceDecoder` for why), kept in the model cache under its content hash."""
-    content = path.read_bytes()
-    data = json.loads(content)
-    decoder = data.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        return path, False
-    data["decoder"] = None
-    digest = hashlib.sha256(content).hexdigest()[:24]
-    for directory in (Path(settings.MODEL_CACHE_DIR) / "runtime", Path(tempfile.gettempdir())):
-        target = directory / f"tokenizer-bytes-{digest}.json"
-        if target.is_file():
-            return target, True
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, target)
-            return target, True
-        except OSError:
-            continue
-    raise OSError("no writable directory for the runner's tokenizer copy")
+def _is_byte_level(path: Path) -> bool:
+    """Whether the tokenizer spells tokens in GPT-2's byte-level alphabet
+    (then `PieceDecoder` turns pieces back into bytes)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        for part in (data.get("decoder") or {}, data.get("pre_tokenizer") or {}):
+            if part.get("type") == "ByteLevel":
+                return True
+            for inner in part.get("decoders", ()) + part.get("pretokenizers", ()):
+                if inner.get("type") == "ByteLevel":
+                    return True
+    return False
 
 
-def _new_native_runner(pte: Path, tokenizer: Path) -> Any:
+def _load_program(pte: Path) -> Any:
     global _native_ops_loaded
     with _native_ops_lock:
         if not _native_ops_loaded:
-            # Register the custom SDPA and quantized-embedding kernels the
-            # exported program calls; without them loading fails with
-            # "Missing operator llama::custom_sdpa.out" / "embedding_byte".
+            # Register the custom SDPA / KV-cache and quantized-embedding
+            # kernels the exported program calls; without them loading fails
+            # with "Missing operator llama::custom_sdpa.out" / "embedding_byte".
             import executorch.extension.llm.custom_ops.custom_ops
             import executorch.kernels.quantized  # noqa: F401 (registers kernels)
 
             _native_ops_loaded = True
-    from executorch.extension.llm.runner import TextLLMRunner
+    from executorch.runtime import Runtime
 
-    return TextLLMRunner(str(pte), str(tokenizer))
+    return Runtime.get().load_program(str(pte))
+
+
+def _program_metadata(program: Any) -> dict[str, Any]:
+    """The constant methods export_llama adds (get_vocab_size, get_eos_ids...)."""
+    meta: dict[str, Any] = {}
+    for name in program.method_names:
+        if not name.startswith("get_"):
+            continue
+        with contextlib.suppress(Exception):
+            values = [int(v) for v in program.load_method(name).execute([])]
+            meta[name] = values if name == "get_eos_ids" else values[0]
+    return meta
 
 
 _engines: dict[tuple, _Engine] = {}
@@ -471,17 +518,13 @@ _BYTE_OF = _byte_level_table()
 
 
 class PieceDecoder:
-    """Turns the native runner's token pieces into text, never splitting a
-    character.
+    """Turns token pieces into text, never splitting a character.
 
-    Why: ExecuTorch's binding hands each token's text to Python as `str`, and
-    a byte-level BPE token can end inside a multi-byte UTF-8 character
-    (emoji, accents, CJK); with the tokenizer's own decoder such a piece makes
-    the binding raise UnicodeDecodeError and abort the generation. So the
-    native runner gets a copy of tokenizer.json without its decoder (see
-    `_runner_tokenizer`): pieces then arrive in the byte-level alphabet (all
-    valid UTF-8), and this class maps them back to bytes and decodes them
-    incrementally, holding an incomplete character until its last byte.
+    A byte-level BPE token can end inside a multi-byte UTF-8 character
+    (emoji, accents, CJK). Pieces are the vocabulary's spelling in the
+    byte-level alphabet (all valid UTF-8); this class maps them back to bytes
+    and decodes them incrementally, holding an incomplete character until its
+    last byte.
     With `byte_level=False` (a tokenizer that is not byte-level) pieces are
     passed through as they are."""
 
@@ -509,10 +552,13 @@ class _Generation:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    native: Any
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float = 0.0
-    first_piece_at: float = 0.0
+    prefilled_at: float = 0.0
+    ended_at: float = 0.0
+    prefilled_tokens: int = 0  # prompt tokens actually computed (not reused)
+    reused_tokens: int = 0  # prompt tokens whose KV cache was reused
+    generated: int = 0
 
     def put(self, item: tuple) -> None:
         try:
@@ -520,54 +566,79 @@ class _Generation:
         except RuntimeError:
             # The consumer's loop is gone: nobody listens, stop generating.
             self.cancelled.set()
-            self.native.stop()
-
-    def on_token(self, piece: Any) -> None:
-        if not self.first_piece_at:
-            self.first_piece_at = time.perf_counter()
-        if self.cancelled.is_set():
-            self.native.stop()
-            return
-        self.put(("token", piece))
-
-    def on_stats(self, stats: Any) -> None:
-        self.put(("stats", _stats_dict(stats)))
 
 
-def _stats_dict(stats: Any) -> dict[str, float]:
-    names = (
-        "num_prompt_tokens",
-        "num_generated_tokens",
-        "inference_start_ms",
-        "prompt_eval_end_ms",
-        "first_token_ms",
-        "inference_end_ms",
-    )
-    return {name: float(getattr(stats, name, 0) or 0) for name in names}
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 def _run_generation(
-    pool: _SlotPool, slot: _Slot, gen: _Generation, chunks: list[str], config: Any
+    engine: _Engine,
+    slot: _Slot,
+    gen: _Generation,
+    prompt: list[int],
+    sampler: Sampler,
+    max_new: int,
+    reuse: bool,
 ) -> None:
-    """Worker thread body: prefill all chunks but the last, generate from the
-    last, then reset the KV cache and free the slot."""
+    """Worker thread body: prefill what the slot's KV cache does not already
+    hold, then generate token by token until an end token, `max_new` tokens
+    or cancellation; then free the slot."""
+    import torch
+
     gen.started_at = time.perf_counter()
+    method = slot.method
     try:
-        for chunk in chunks[:-1]:
+        # Keep the cached prefix (at least one prompt token must be computed
+        # to get logits); positions after it are simply overwritten.
+        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
+        del slot.cached[keep:]
+        gen.reused_tokens = engine.last_reused_tokens = keep
+        position = keep
+        logits = None
+        for start in range(keep, len(prompt), engine.max_seq_len):
             if gen.cancelled.is_set():
                 break
-            slot.native.prefill(chunk, config)
-        else:
-            slot.native.generate(chunks[-1], config, gen.on_token, gen.on_stats)
+            chunk = prompt[start : start + engine.max_seq_len]
+            logits = method.execute([torch.tensor([chunk]), torch.tensor([position])])[0]
+            position += len(chunk)
+            slot.cached.extend(chunk)
+        gen.prefilled_tokens = position - keep
+        gen.prefilled_at = time.perf_counter()
+        token_in = torch.zeros((1, 1), dtype=torch.long)
+        position_in = torch.zeros((1,), dtype=torch.long)
+        eos = engine.eos_ids
+        while logits is not None and not gen.cancelled.is_set():
+            token = sampler.pick(logits)
+            gen.generated += 1
+            gen.put(("token", token))
+            if token in eos or gen.generated >= max_new:
+                break
+            sampler.accept(token)
+            token_in[0, 0] = token
+            position_in[0] = position
+            logits = method.execute([token_in, position_in])[0]
+            position += 1
+            slot.cached.append(token)
+        gen.ended_at = time.perf_counter()
         gen.put(("end", None))
     except BaseException as exc:
+        slot.cached.clear()  # the cache's content is unknown now
+        gen.ended_at = time.perf_counter()
         gen.put(("error", exc))
     finally:
-        try:
-            slot.native.reset()
-        except Exception:
-            log.exception("Resetting the local model's KV cache failed")
-        pool.release(slot)
+        engine.pool.release(slot)
 
 
 # ---- the runner ----------------------------------------------------------------------
@@ -591,13 +662,43 @@ def _path_param(extra: dict, name: str, default: Path | None) -> Path | None:
     return Path(value).expanduser()
 
 
+def _sampling_problem(name: str, value: Any) -> str | None:
+    if name == "seed" and value is None:
+        return None
+    problem = check_value(name, value)
+    return f"extra_params.{problem}" if problem else None
+
+
+def _sampling_params(extra: dict) -> dict[str, Any]:
+    """The sampling defaults set in extra_params (validated)."""
+    params: dict[str, Any] = {}
+    for name in SAMPLING_DEFAULTS:
+        if name not in extra:
+            continue
+        problem = _sampling_problem(name, extra[name])
+        if problem:
+            raise ImproperlyConfigured(problem)
+        params[name] = extra[name]
+    return params
+
+
+def _flag(extra: dict, name: str, default: bool) -> bool:
+    value = extra.get(name, default)
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(f"extra_params.{name} must be true or false")
+    return value
+
+
 class ExecuTorchRunner:
     """The `executorch` runner kind (see the module docstring for the design).
 
     extra_params: `pte_path`, `tokenizer_path`, `chat_template_path` (default:
-    the model `prepare_model` put in MODELS_DIR), `parallelism` (native runner
-    instances, each with its own KV cache; default 1), `context_tokens` (the
-    program's KV-cache size when it has no manifest)."""
+    the model `prepare_model` put in MODELS_DIR), `parallelism` (slots, each
+    with its own KV cache; default 1), `context_tokens` (the program's
+    KV-cache size when it has no manifest), `reuse_kv_cache` (default true),
+    and the sampling defaults (`SAMPLING_DEFAULTS`: top_k, top_p,
+    repetition_penalty, frequency_penalty, presence_penalty, penalty_window,
+    seed, logit_bias) used when a request sets none."""
 
     kind = "executorch"
     local = True
@@ -612,6 +713,8 @@ class ExecuTorchRunner:
         temperature: float = 0.7,
         max_tokens: int = 512,
         context_tokens: int = prepare.MAX_CONTEXT_TOKENS,
+        sampling: dict[str, Any] | None = None,
+        reuse_kv_cache: bool = True,
     ) -> None:
         self.name = name
         self.model_id = model_id or prepare.MODEL_LABEL
@@ -622,13 +725,22 @@ class ExecuTorchRunner:
         self.max_tokens = max_tokens
         model_context = _model_context_tokens(files) or prepare.MAX_CONTEXT_TOKENS
         self.context_tokens = min(context_tokens, model_context)
+        self.sampling = {**SAMPLING_DEFAULTS, **(sampling or {})}
+        self.reuse_kv_cache = reuse_kv_cache
         self._engine: _Engine | None = None
         self._load_lock = threading.Lock()
 
     @classmethod
     def validate_config(cls, config: Any) -> dict[str, str]:
-        """Nothing is required: the model `prepare_model` built is the default."""
-        return {}
+        """Nothing is required (the model `prepare_model` built is the
+        default); the sampling defaults in extra_params must be valid."""
+        extra = config.extra_params if isinstance(config.extra_params, dict) else {}
+        problems = [
+            problem
+            for name in SAMPLING_DEFAULTS
+            if name in extra and (problem := _sampling_problem(name, extra[name]))
+        ]
+        return {"extra_params": "; ".join(problems)} if problems else {}
 
     @classmethod
     def from_config(cls, config: Any) -> ExecuTorchRunner:
@@ -653,6 +765,8 @@ class ExecuTorchRunner:
             temperature=config.temperature,
             max_tokens=config.max_tokens,
             context_tokens=context,
+            sampling=_sampling_params(extra),
+            reuse_kv_cache=_flag(extra, "reuse_kv_cache", True),
         )
 
     # -- lifecycle -----------------------------------------------------------------
@@ -745,10 +859,34 @@ class ExecuTorchRunner:
 
     # -- streaming -------------------------------------------------------------
 
+    def sampling_params(self, request: ChatRequest, temperature: float) -> SamplingParams:
+        """The request's sampling parameters over this runner's defaults;
+        RunnerError(INVALID_INPUT) for a value out of range."""
+        values: dict[str, Any] = dict(self.sampling)
+        for name in ("top_p", "top_k", "repetition_penalty", "frequency_penalty"):
+            if getattr(request, name) is not None:
+                values[name] = getattr(request, name)
+        for name in ("presence_penalty", "seed", "logit_bias"):
+            if getattr(request, name) is not None:
+                values[name] = getattr(request, name)
+        values["temperature"] = temperature
+        for name, value in values.items():
+            if name == "seed" and value is None:
+                continue
+            if name in BOUNDS or name == "logit_bias":
+                problem = check_value(name, value)
+                if problem:
+                    raise RunnerError(ErrorCode.INVALID_INPUT, problem)
+        values["logit_bias"] = logit_bias_ids(values["logit_bias"])
+        values["top_k"] = int(values["top_k"])
+        values["penalty_window"] = int(values["penalty_window"])
+        values["seed"] = None if values["seed"] is None else int(values["seed"])
+        return SamplingParams(**values)
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
         """Answer `request`; see the module docstring. Cancelling the consumer
-        (or `aclose()`) stops the native generation within about one token;
-        no `Done` is produced then."""
+        (or `aclose()`) stops the generation within about one token; no
+        `Done` is produced then."""
         started = time.perf_counter()
         if request.has_images:
             raise RunnerError(
@@ -757,6 +895,7 @@ class ExecuTorchRunner:
         temperature = self.temperature if request.temperature is None else request.temperature
         if not 0.0 <= temperature <= 2.0:
             raise RunnerError(ErrorCode.INVALID_INPUT, "temperature must be between 0 and 2")
+        params = self.sampling_params(request, float(temperature))
         max_tokens = self.max_tokens if request.max_tokens is None else request.max_tokens
         if max_tokens < 1:
             raise RunnerError(ErrorCode.INVALID_INPUT, "max_tokens must be at least 1")
@@ -771,17 +910,18 @@ class ExecuTorchRunner:
             yield trimmed_notice(dropped, "the local model", self.context_tokens)
         # Whatever room the prompt leaves (never more than asked for).
         max_new = min(max_tokens, self.context_tokens - prompt_tokens)
-        from executorch.extension.llm.runner import GenerationConfig
-
-        # warming=True only stops the native runner from echoing every token
-        # and its report to the server's stdout; callbacks and stats still run.
-        config = GenerationConfig(
-            echo=False, max_new_tokens=max_new, temperature=float(temperature), warming=True
-        )
-        chunks = engine.split_prompt(prompt)
+        prompt_ids = engine.encode(prompt)
+        sampler = Sampler(params, engine.vocab_size)
 
         loop = asyncio.get_running_loop()
-        acquired = engine.pool.acquire_nowait(loop)
+        # A seeded request is always prefilled in full: a prefix reused from
+        # the KV cache gives logits that differ in the last bits (other
+        # kernels), which could change a draw, and a seed promises the same
+        # answer every time.
+        reuse = self.reuse_kv_cache and params.seed is None
+        acquired = engine.pool.acquire_nowait(
+            loop, prefer=(lambda slot: common_prefix(slot.cached, prompt_ids)) if reuse else None
+        )
         if isinstance(acquired, _Waiter):
             waiter = acquired
             try:
@@ -809,18 +949,18 @@ class ExecuTorchRunner:
 
         # From here until the worker starts nothing may raise or await: the
         # worker is what returns the slot to the pool.
-        gen = _Generation(loop=loop, queue=asyncio.Queue(), native=slot.native)
+        gen = _Generation(loop=loop, queue=asyncio.Queue())
         worker = threading.Thread(
             target=_run_generation,
-            args=(engine.pool, slot, gen, chunks, config),
+            args=(engine, slot, gen, prompt_ids, sampler, max_new, reuse),
             name=f"executorch-gen-{slot.index}",
             daemon=True,
         )
         scanner = StopScanner(request.stop)
         decoder = PieceDecoder(engine.byte_level)
-        pieces = 0
+        eos = engine.eos_ids
+        tokens = 0
         first_token_at: float | None = None
-        stats: dict[str, float] = {}
         finish = "length"
         completed = False
         worker.start()
@@ -828,8 +968,11 @@ class ExecuTorchRunner:
             while True:
                 kind, payload = await gen.queue.get()
                 if kind == "token":
-                    pieces += 1
-                    text, stopped = scanner.feed(decoder.feed(payload))
+                    tokens += 1
+                    if payload in eos:
+                        text, stopped = scanner.feed(decoder.flush())[0] + scanner.flush(), True
+                    else:
+                        text, stopped = scanner.feed(decoder.feed(engine.piece(payload)))
                     if text:
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
@@ -837,19 +980,14 @@ class ExecuTorchRunner:
                     if stopped:
                         finish = "stop"
                         gen.cancelled.set()
-                        slot.native.stop()
-                        # The stats arrive once the native loop has noticed.
-                        stats = await _drain_stats(gen.queue)
                         break
-                elif kind == "stats":
-                    stats = payload
                 elif kind == "end":
                     tail = scanner.feed(decoder.flush())[0] + scanner.flush()
                     if tail:
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
                         yield TokenDelta(tail)
-                    finish = "length" if pieces >= max_new else "stop"
+                    finish = "length" if tokens >= max_new else "stop"
                     break
                 else:  # "error"
                     raise RunnerError(
@@ -858,61 +996,32 @@ class ExecuTorchRunner:
             completed = True
         finally:
             if not completed:
-                # Cancelled, or the consumer stopped iterating: stop the native
-                # loop; the worker resets and frees the slot by itself.
+                # Cancelled, or the consumer stopped iterating: the loop stops
+                # before its next token and frees the slot by itself.
                 gen.cancelled.set()
-                slot.native.stop()
         finished = time.perf_counter()
-        # One callback per generated token (the native count leaves out the
-        # token produced by the prefill).
-        completion_tokens = pieces
         yield Done(
             finish_reason=finish,
-            # Our count: the native stats only see the last prefill chunk.
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-            timings=_timings(stats, started, first_token_at, finished, gen, prompt_tokens),
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
+            timings=_timings(gen, started, first_token_at, finished),
             model_id=self.model_id,
         )
 
 
-async def _drain_stats(queue: asyncio.Queue, wait_seconds: float = 2.0) -> dict[str, float]:
-    """Wait briefly for the native runner's stats after a stop."""
-    deadline = time.monotonic() + wait_seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        try:
-            kind, payload = await asyncio.wait_for(queue.get(), remaining)
-        except TimeoutError:
-            break
-        if kind == "stats":
-            return payload
-        if kind in ("end", "error"):
-            break
-    return {}
-
-
 def _timings(
-    stats: dict[str, float],
-    started: float,
-    first_token_at: float | None,
-    finished: float,
-    gen: _Generation,
-    prompt_tokens: int,
+    gen: _Generation, started: float, first_token_at: float | None, finished: float
 ) -> Timings:
-    """TTFT and total from our own clock (they include queueing and prompt
-    formatting: what the user waits for); decode rate from the native stats;
-    prefill rate from the native stats too unless the prompt was prefilled in
-    chunks (they see only the last), then from the worker's clock."""
-    decode = prefill = None
-    if stats:
-        chunked = stats["num_prompt_tokens"] < prompt_tokens
-        prompt_ms = stats["prompt_eval_end_ms"] - stats["inference_start_ms"]
-        if chunked and gen.first_piece_at > gen.started_at > 0:
-            prefill = prompt_tokens / (gen.first_piece_at - gen.started_at)
-        elif not chunked and prompt_ms > 0:
-            prefill = stats["num_prompt_tokens"] / prompt_ms * 1000
-        decode_ms = stats["inference_end_ms"] - stats["prompt_eval_end_ms"]
-        if decode_ms > 0 and stats["num_generated_tokens"] > 0:
-            decode = stats["num_generated_tokens"] / decode_ms * 1000
+    """TTFT and total from the moment `stream()` was called (they include
+    queueing and prompt formatting: what the user waits for); prefill and
+    decode rates from the worker's own clock (prefill counts only the tokens
+    actually computed, not those reused from the KV cache)."""
+    prefill = decode = None
+    if gen.prefilled_at > gen.started_at > 0 and gen.prefilled_tokens:
+        prefill = gen.prefilled_tokens / (gen.prefilled_at - gen.started_at)
+    # The first token comes from the prefill; each later one is a forward call.
+    ended = gen.ended_at or finished
+    if gen.generated > 1 and ended > gen.prefilled_at > 0:
+        decode = (gen.generated - 1) / (ended - gen.prefilled_at)
     return Timings(
         time_to_first_token_ms=None
         if first_token_at is None
