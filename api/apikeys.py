@@ -16,9 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.models import ApiKey
-
-# Enough for every program a person runs; a bound on what a stolen session can mint.
-MAX_ACTIVE_KEYS = 25
+from chat.limits import MAX_ACTIVE_KEYS
 
 
 class ApiKeyForm(forms.Form):

@@ -29,11 +29,12 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
 from chat.inputs import MAX_ID, InputError, check_text, parse_id
+from chat.limits import MAX_APP_JSON_DEPTH
 
 # Integers in JSON bodies: more digits than any id, count or limit needs
 # (Python refuses to convert > 4300 digits and raises ValueError deep in json).
 MAX_INT_DIGITS = 19
-DEFAULT_MAX_DEPTH = 32
+DEFAULT_MAX_DEPTH = MAX_APP_JSON_DEPTH
 
 
 def too_large(limit: int) -> InputError:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Query parameter names that only ever carry a credential.
 _KEY_PARAMS = {"api_key", "apikey", "api-key", "access_token", "key", "token", "authorization"}
 # Multipart uploads are limited per file by the documents API; this bounds the
-# whole body (api.documents.MAX_FILES_PER_REQUEST files at the upload limit).
+# whole body (chat.limits.MAX_FILES_PER_REQUEST files at the upload limit).
 _MULTIPART_SLACK = 1024 * 1024
 
 STATUS_CODES = {
@@ -111,7 +111,7 @@ def key_in_query(request: HttpRequest) -> bool:
 
 def _body_limit(request: HttpRequest) -> int:
     if request.content_type.startswith("multipart/"):
-        from api.documents import MAX_FILES_PER_REQUEST
+        from chat.limits import MAX_FILES_PER_REQUEST
 
         return settings.UPLOAD_MAX_BYTES * MAX_FILES_PER_REQUEST + _MULTIPART_SLACK
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE

@@ -46,3 +46,36 @@ MAX_JSON_DEPTH = 64
 
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
+
+# ---- the HTTP APIs' request bodies (api/schemas.py declares them from these) ----
+
+MAX_API_TOKENS = 1_000_000
+"""Largest `max_tokens` /v1/chat/completions accepts (a runner still caps it at its
+own max_tokens). Larger than the websocket's MAX_TOKENS: issue 13 notes the two
+disagree; they are kept as they are until the interfaces share one turn."""
+
+MAX_TOOL_NAME_CHARS = 64
+"""Length of a tool's function name (OpenAI's limit)."""
+
+MAX_QUERY_CHARS = 4000
+"""Characters in a /api/search query."""
+
+MAX_SEARCH_K = 50
+"""Results a /api/search may ask for (`k`)."""
+
+MAX_FILES_PER_REQUEST = 20
+"""Files in one upload to /api/documents."""
+
+MAX_DOCUMENTS_LISTED = 500
+"""Documents GET /api/documents returns (the newest)."""
+
+MAX_SMALL_BODY_BYTES = 64 * 1024
+"""JSON body of the small /api requests (search, conversation rename)."""
+
+MAX_APP_JSON_DEPTH = 32
+"""Nesting depth of a JSON body under /api (bodies under /v1 may nest MAX_JSON_DEPTH,
+for tools' JSON Schema `parameters`)."""
+
+MAX_ACTIVE_KEYS = 25
+"""Active API keys per user: enough for every program a person runs, a bound on
+what a stolen session can mint."""
