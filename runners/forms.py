@@ -75,7 +75,8 @@ class RunnerConfigForm(forms.ModelForm):
             "priority": "A whole number >= 0. Among the runners able to answer a request the "
             "highest priority is tried first (ties: the one with the lower recent time to "
             "first token); on a failure before its first token the next one is tried.",
-            "temperature": "Default sampling temperature, 0 to 2, when a request sets none.",
+            "temperature": "Default sampling temperature, 0 to 2, when a request sets none "
+            "(answers grounded in documents are greedy, 0, unless the request sets one).",
             "max_tokens": "Largest answer, 1 to 32768 tokens; a request may ask for fewer.",
             "context_tokens": "The model's context budget (prompt + answer), 256 to 1048576 "
             "tokens; older turns are left out to fit it.",

@@ -5,6 +5,7 @@
 // text, never as HTML.
 
 import { markdownToSafeHtml } from "./markdown.js";
+import { linkCitations, sourcesNode } from "./citations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -140,7 +141,11 @@ function decorate(node, m) {
   node.dataset.status = m.status || "complete";
   const sources = node.querySelector(".msg-sources");
   sources.textContent = "";
-  if (m.sources && m.sources.length) sources.append(sourcesNode(m.sources));
+  if (m.sources && m.sources.length) {
+    // Numbers cited in the rendered answer (not in code), linked to their source.
+    const cited = m.role === "assistant" ? linkCitations(node, m.sources) : new Set();
+    sources.append(sourcesNode(m.sources, cited));
+  }
   const meta = node.querySelector(".msg-meta");
   meta.textContent = "";
   if (m.role === "assistant" && m.status !== "streaming") {
@@ -179,22 +184,6 @@ function decorate(node, m) {
     actions.append(edit);
   }
   node._message = m;
-}
-
-function sourcesNode(sources) {
-  const box = el("details", "sources");
-  box.append(el("summary", null, `Sources (${sources.length})`));
-  const list = el("ol");
-  for (const s of sources) {
-    const item = el("li");
-    item.append(el("strong", null, s.title || `Document ${s.document_id}`));
-    if (s.page != null) item.append(el("span", "muted", ` · p. ${s.page}`));
-    if (typeof s.score === "number") item.append(el("span", "muted", ` · ${s.score.toFixed(2)}`));
-    item.append(el("blockquote", null, s.snippet || ""));
-    list.append(item);
-  }
-  box.append(list);
-  return box;
 }
 
 async function copyText(text, button) {

@@ -60,11 +60,13 @@ def test_a_last_message_too_long_on_its_own_is_refused_clearly():
     assert "too long" in info.value.message and "small" in info.value.message
 
 
-def test_retrieved_context_goes_into_the_system_prompt_and_is_dropped_before_the_question():
+def test_retrieved_context_goes_before_the_question_and_is_dropped_before_the_question():
     request = ChatRequest(messages=(ChatMessage("user", "what ships in March?"),), max_tokens=64)
     context = "[1] plan.md, p. 2: The falcon project ships in March."
     fitted, _ = fit_to_budget(request, _runner(4096), context)
-    assert context in fitted.messages[0].content
+    grounded = fitted.messages[-1].content
+    assert grounded.index(context) < grounded.index("Question: what ships in March?")
+    assert context not in fitted.messages[0].content
     huge = "[1] big.md: " + "filler " * 8000
     fitted, _ = fit_to_budget(request, _runner(1024), huge)
     assert "filler" not in fitted.messages[0].content
