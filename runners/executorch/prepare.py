@@ -103,6 +103,14 @@ _GGUF_TO_META = {
 }
 
 
+# For a GGUF without a chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 class PrepareError(Exception):
     """Preparing the model failed for a reason the user can act on."""
 
@@ -174,19 +182,90 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_inputs(gguf_path: Path, variant: str) -> dict:
-    """Everything that determines the output; its hash is the cache key."""
+# Architectures whose GGUF tensors map onto ExecuTorch's llama Transformer
+# (export_llama): the Llama family, SmolLM2 of any size included.
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def inspect_gguf(path: Path) -> dict:
+    """What `prepare_model` needs to know about a GGUF file before exporting
+    it: its architecture (supported ones only), name, context length and
+    special tokens. A clear PrepareError for a file that is not GGUF or an
+    architecture export_llama cannot build."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"{path} does not exist (or is not a file).")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise PrepareError(
+            f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes); "
+            "give the path of a .gguf model, e.g. one made by llama.cpp's convert script."
+        )
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise PrepareError(f"{path.name} could not be read as GGUF: {exc}") from None
+
+    def field(name: str, default=None):
+        item = reader.fields.get(name)
+        return item.contents() if item is not None else default
+
+    architecture = field("general.architecture", "")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise PrepareError(
+            f"{path.name} is a {architecture or 'unknown'!r}-architecture model; only "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family, e.g. SmolLM2, Llama 2/3, "
+            "TinyLlama) can be exported to an ExecuTorch program here."
+        )
+    return {
+        "architecture": architecture,
+        "name": field("general.name", path.stem),
+        "context_length": int(field(f"{architecture}.context_length", MAX_CONTEXT_TOKENS)),
+        "bos_id": int(field("tokenizer.ggml.bos_token_id", 1)),
+        "eos_id": int(field("tokenizer.ggml.eos_token_id", 2)),
+        "has_chat_template": "tokenizer.chat_template" in reader.fields,
+    }
+
+
+def export_args(variant: str, info: dict | None = None) -> list[str]:
+    """export_llama's arguments for `variant`, adapted to a GGUF's context
+    length and special tokens (identical to VARIANTS[variant] for the
+    packaged SmolLM2, so its cache key never changes)."""
+    args = list(VARIANTS[variant])
+    if info is None:
+        return args
+    context = min(MAX_CONTEXT_TOKENS, info["context_length"])
+    seq = min(MAX_SEQ_TOKENS, context)
+    metadata = json.dumps({"get_bos_id": info["bos_id"], "get_eos_ids": [info["eos_id"]]})
+    replacements = {
+        "--max_context_length": str(context),
+        "--max_seq_length": str(seq),
+        "--metadata": metadata.replace(" ", ""),
+    }
+    for i, arg in enumerate(args[:-1]):
+        if arg in replacements:
+            args[i + 1] = replacements[arg]
+    return args
+
+
+def build_inputs(gguf_path: Path, variant: str, info: dict | None = None) -> dict:
+    """Everything that determines the output; its hash is the cache key.
+    `info` (from `inspect_gguf`) for a GGUF other than the packaged one."""
     if variant not in VARIANTS:
         raise PrepareError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    return {
-        "model": MODEL_LABEL,
+    inputs = {
+        "model": info["name"] if info else MODEL_LABEL,
         "gguf_name": gguf_path.name,
         "gguf_sha256": sha256_file(gguf_path),
         "variant": variant,
-        "export_args": list(VARIANTS[variant]),
+        "export_args": export_args(variant, info),
         "executorch_version": executorch_version(),
         "converter_version": CONVERTER_VERSION,
     }
+    return inputs
 
 
 def inputs_key(inputs: dict) -> str:
@@ -250,7 +329,7 @@ def convert_checkpoint(gguf_path: Path, out_dir: Path, progress: Progress) -> tu
     def field(name: str):
         return reader.fields[name].contents()
 
-    if field("general.architecture") != "llama":
+    if field("general.architecture") not in SUPPORTED_ARCHITECTURES:
         raise PrepareError(f"{gguf_path.name} is not a llama-architecture GGUF")
     params = {
         "dim": int(field("llama.embedding_length")),
@@ -291,7 +370,12 @@ def write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     import gguf
     from transformers import AutoTokenizer
 
-    template = gguf.GGUFReader(str(gguf_path)).fields["tokenizer.chat_template"].contents()
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    template = (
+        fields["tokenizer.chat_template"].contents()
+        if "tokenizer.chat_template" in fields
+        else CHATML_TEMPLATE
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -301,7 +385,13 @@ def write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
 
 
 def run_export(
-    checkpoint: Path, params: Path, variant: str, out_pte: Path, log_path: Path, progress: Progress
+    checkpoint: Path,
+    params: Path,
+    variant: str,
+    out_pte: Path,
+    log_path: Path,
+    progress: Progress,
+    args: list[str] | None = None,
 ) -> float:
     """Run export_llama in a subprocess; return its duration in seconds."""
     argv = [
@@ -310,7 +400,7 @@ def run_export(
         "executorch.examples.models.llama.export_llama",
         "-c", str(checkpoint),
         "-p", str(params),
-        *VARIANTS[variant],
+        *(args or VARIANTS[variant]),
         "--output-dir", str(out_pte.parent),
         "--output_name", str(out_pte),
     ]  # fmt: skip
@@ -406,6 +496,7 @@ def prepare_model(
     *,
     force: bool = False,
     progress: Progress = _print_progress,
+    gguf_path: Path | None = None,
 ) -> PreparedModel:
     """Make `models_dir` hold the prepared model for `variant`.
 
@@ -417,9 +508,18 @@ def prepare_model(
     started = time.monotonic()
     models_dir = Path(models_dir)
     cache_dir = Path(cache_dir)
-    gguf_path = locate_gguf()
+    info = None
+    if gguf_path is None:
+        gguf_path = locate_gguf()
+    else:
+        gguf_path = Path(gguf_path).expanduser().resolve()
+        info = inspect_gguf(gguf_path)
+        progress(
+            f"[0/4] {gguf_path.name}: {info['name']} ({info['architecture']}, context "
+            f"{info['context_length']})"
+        )
     progress(f"[1/4] Hashing inputs ({gguf_path.name}, variant {variant})")
-    inputs = build_inputs(gguf_path, variant)
+    inputs = build_inputs(gguf_path, variant, info)
     key = inputs_key(inputs)
 
     if not force and (manifest := _complete(models_dir, key)):
@@ -455,6 +555,7 @@ def _build(gguf_path: Path, inputs: dict, key: str, cached: Path, progress: Prog
             work / PTE_NAME,
             cached.parent / f"export-{variant}.log",
             progress,
+            inputs["export_args"],
         )
         progress(f"  exported in {export_seconds / 60:.1f} min")
         checkpoint.unlink()
@@ -463,7 +564,9 @@ def _build(gguf_path: Path, inputs: dict, key: str, cached: Path, progress: Prog
             "key": key,
             "export_seconds": round(export_seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "context_tokens": MAX_CONTEXT_TOKENS,
+            "context_tokens": int(
+                inputs["export_args"][inputs["export_args"].index("--max_context_length") + 1]
+            ),
             "sizes": {name: (work / name).stat().st_size for name in OUTPUT_FILES},
         }
         _write_json(work / MANIFEST_NAME, manifest)

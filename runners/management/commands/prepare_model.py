@@ -34,6 +34,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--force", action="store_true", help="Export again even if a cached build exists."
         )
+        parser.add_argument(
+            "--gguf",
+            default=None,
+            help="Prepare this GGUF file instead of the packaged SmolLM2-135M (any "
+            "Llama-family model: SmolLM2 of other sizes, Llama 2/3, TinyLlama...). Its "
+            "tokenizer and chat template are read from the file. Use --output-dir to keep "
+            "it apart from the default model, and point a runner's pte_path at it.",
+        )
 
     def handle(self, *args, **options) -> None:
         models_dir = Path(options["output_dir"] or settings.MODELS_DIR)
@@ -44,6 +52,7 @@ class Command(BaseCommand):
                 options["variant"],
                 force=options["force"],
                 progress=lambda line: self.stdout.write(line),
+                gguf_path=Path(options["gguf"]) if options["gguf"] else None,
             )
         except PrepareError as exc:
             raise CommandError(str(exc)) from None
