@@ -135,9 +135,13 @@ _SQLITE_SCHEMA = (
 )
 
 _POSTGRES_SCHEMA = (
+    # Punctuation becomes spaces first, as in query_terms(): PostgreSQL's parser
+    # would otherwise read "guide-v2.md" as one host name, "3.11" as one number.
     "ALTER TABLE rag_chunk ADD COLUMN IF NOT EXISTS search tsvector GENERATED ALWAYS AS ("
-    "setweight(to_tsvector('english', coalesce(context, '')), 'A') || "
-    "setweight(to_tsvector('english', coalesce(text, '')), 'B')) STORED",
+    "setweight(to_tsvector('english', "
+    "regexp_replace(coalesce(context, ''), '[^[:alnum:]_]+', ' ', 'g')), 'A') || "
+    "setweight(to_tsvector('english', "
+    "regexp_replace(coalesce(text, ''), '[^[:alnum:]_]+', ' ', 'g')), 'B')) STORED",
     "CREATE INDEX IF NOT EXISTS rag_chunk_search_gin ON rag_chunk USING gin (search)",
 )
 

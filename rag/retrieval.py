@@ -16,7 +16,7 @@ Per collection (its `search_mode`, `keyword_weight`, `top_k`, `rerank`):
   (rag.lexical: SQLite FTS5, or PostgreSQL full-text search);
 - **hybrid** (default): both lists fused by weighted reciprocal rank fusion,
   `(1 - w) / (60 + rank_vector) + w / (60 + rank_keyword)`;
-- **re-ranking** (on by default): the best fused candidates re-ordered by how
+- **re-ranking** (hybrid mode, on by default): the best fused candidates re-ordered by how
   much of the question's terms (title and section included) they cover and
   whether they contain its identifiers and version numbers exactly.
 
@@ -300,7 +300,8 @@ def search(
                 candidate.fused = candidate.keyword
         candidates.extend(found)
         wants = coll.rerank if rerank_override is None else rerank_override
-        reranked = reranked or (wants and bool(query))
+        # Re-ranking re-orders fused candidates: vector or keyword mode alone is kept pure.
+        reranked = reranked or (wants and bool(query) and coll_mode == SearchMode.HYBRID)
     candidates.sort(key=lambda c: c.fused, reverse=True)
     candidates = _live(candidates)
     if reranked:
