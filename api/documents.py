@@ -10,24 +10,24 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from api import schemas
 from api.decorators import api_view
 from api.errors import json_error
 from api.inputs import read_json
 from chat.inputs import parse_id
+from chat.limits import (
+    MAX_DOCUMENTS_LISTED,
+    MAX_FILES_PER_REQUEST,
+    MAX_SMALL_BODY_BYTES,
+)
 from rag import upload_handlers, worker
 from rag.events import document_payload
 from rag.models import Collection, Document
-from rag.retrieval import MODES as SEARCH_MODES
 from rag.retrieval import retrieve
 from rag.uploads import UploadRejected, add_document, delete_document, reingest, too_large
 
 log = logging.getLogger(__name__)
 
-MAX_FILES_PER_REQUEST = 20
-MAX_SEARCH_K = 50
-MAX_QUERY_CHARS = 4000
-# A search body holds a query and a few ids.
-MAX_SEARCH_BODY_BYTES = 64 * 1024
 LIMIT = "APP_API_REQUESTS_PER_MINUTE"
 
 
@@ -104,7 +104,7 @@ def documents(request: HttpRequest):
             if collection_id is None:
                 return json_error(400, "bad_collection", "collection must be a collection id")
             docs = docs.filter(collection_id=collection_id)
-        return JsonResponse({"documents": [document_json(d) for d in docs[:500]]})
+        return JsonResponse({"documents": [document_json(d) for d in docs[:MAX_DOCUMENTS_LISTED]]})
     if request.method != "POST":
         return json_error(405, "method_not_allowed", "Use GET or POST.")
     return _upload(request)
@@ -222,35 +222,15 @@ def collections(request: HttpRequest):
     return JsonResponse({"collections": [collection_json(c, request.user) for c in mine_first]})
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @api_view(limit=LIMIT)
 def search_view(request: HttpRequest):
     """POST {query, collections?, k?, mode?}: ranked chunks (full text, page,
     section, per-signal scores), no generation."""
     if request.method != "POST":
         return json_error(405, "method_not_allowed", "Use POST.")
-    body = read_json(request, max_bytes=MAX_SEARCH_BODY_BYTES)
-    if not isinstance(body, dict):
-        return json_error(400, "bad_json", "The body must be a JSON object.")
-    query = body.get("query")
-    if not isinstance(query, str) or not query.strip():
-        return json_error(400, "bad_query", "`query` must be a non-empty string.")
-    if len(query) > MAX_QUERY_CHARS:
-        return json_error(400, "bad_query", f"`query` is longer than {MAX_QUERY_CHARS} characters.")
-    ids = body.get("collections")
-    if ids is not None and not (
-        isinstance(ids, list) and all(parse_id(i) is not None and _is_int(i) for i in ids)
-    ):
-        return json_error(400, "bad_collections", "`collections` must be a list of collection ids.")
-    k = body.get("k")
-    if k is not None and not (_is_int(k) and 1 <= k <= MAX_SEARCH_K):
-        return json_error(400, "bad_k", f"`k` must be an integer from 1 to {MAX_SEARCH_K}.")
-    mode = body.get("mode")
-    if mode is not None and mode not in SEARCH_MODES:
-        return json_error(400, "bad_mode", f"`mode` must be one of {', '.join(SEARCH_MODES)}.")
+    body = read_json(request, max_bytes=MAX_SMALL_BODY_BYTES)
+    search = schemas.parse(schemas.SearchRequest, body, field_codes=True)
+    query, ids, k, mode = search.query, search.collections, search.k, search.mode
     # No prompt to fit: the budget only bounds the work.
     context = retrieve(request.user, query, ids, k=k, budget_tokens=1_000_000, mode=mode)
     results = [

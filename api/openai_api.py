@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from django.views.decorators.csrf import csrf_exempt
 from asgiref.sync import sync_to_async
 
 from accounts import limits
+from api import schemas
 from api.decorators import api_view, rate_limited
 from api.errors import http_error, openai_error, openai_error_body
 from api.heartbeat import HEARTBEAT, Heartbeat
@@ -38,6 +38,7 @@ from chat import services
 from chat.errors import ChatError
 from chat.errors import turn_error as chat_error
 from chat.inputs import InputError
+from chat.limits import MAX_JSON_DEPTH
 from chat.models import Conversation, Message
 from chat.pipeline import GuardianBlocked, TurnInput, run_turn
 from chat.turns import TurnRecorder
@@ -54,16 +55,6 @@ SSE_HEARTBEAT_SECONDS = 10.0
 # (later failures then arrive as an error event inside the stream).
 PRIME_MAX_SECONDS = 10.0
 OWNER = "breezeweb"
-MAX_STOP_SEQUENCES = 4
-MAX_MESSAGES = 1000
-MAX_TOOLS = 128
-# The same limit as a websocket message: refused before guardian or tokenizer work.
-MAX_TEXT_CHARS = 100_000
-# Deep enough for any tool's JSON Schema `parameters`, far below Python's recursion limit.
-MAX_JSON_DEPTH = 64
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_EXTENSION_KEYS = {"rag", "collections", "conversation_id", "save"}
 
 
 class ApiError(ChatError):
@@ -98,10 +89,6 @@ class ApiError(ChatError):
         return openai_error_body(
             self.status, self.code, self.message, type_=self.type_, param=self.param
         )
-
-
-def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, code, message, param=param)
 
 
 # ---- the request ----------------------------------------------------------------------
@@ -144,333 +131,52 @@ class CompletionRequest:
         return self.save or self.conversation_id is not None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _number(body: dict, name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_number(value) or value != value:  # NaN is not a number here
-        raise _bad(f"`{name}` must be a number between {low} and {high}.", name, "invalid_type")
-    if not low <= value <= high:
-        raise _bad(f"`{name}` must be between {low} and {high}; got {value}.", name)
-    return float(value)
-
-
-def _text_parts(parts: list, index: int, role: str, images: list[ImageRef]) -> tuple[str, list]:
-    texts: list[str] = []
-    urls: list[str] = []
-    for j, part in enumerate(parts):
-        where = f"messages[{index}].content[{j}]"
-        if not isinstance(part, dict):
-            raise _bad(f"`{where}` must be an object with a `type`.", where, "invalid_type")
-        kind = part.get("type")
-        if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _bad(f"`{where}.text` must be a string.", f"{where}.text", "invalid_type")
-            texts.append(text)
-        elif kind == "image_url":
-            if role != "user":
-                raise _bad(f"Only user messages may carry images (`{where}`).", where)
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
-            if not isinstance(url, str) or not url:
-                raise _bad(
-                    f"`{where}.image_url.url` must be a data URL string "
-                    "(data:image/png;base64,...).",
-                    f"{where}.image_url.url",
-                    "invalid_type",
-                )
-            images.append(ImageRef(index, j, url))
-            urls.append(url)
-        else:
-            raise _bad(
-                f"`{where}.type` must be `text` or `image_url`; got {kind!r}.",
-                f"{where}.type",
-                "unsupported_content_type",
-            )
-    return "\n".join(texts), urls
-
-
-def _tool_calls(value: Any, index: int) -> tuple[dict[str, Any], ...]:
-    where = f"messages[{index}].tool_calls"
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise _bad(f"`{where}` must be an array.", where, "invalid_type")
-    calls = []
-    for k, call in enumerate(value):
-        function = call.get("function") if isinstance(call, dict) else None
-        if (
-            not isinstance(call, dict)
-            or not isinstance(call.get("id"), str)
-            or not isinstance(function, dict)
-            or not isinstance(function.get("name"), str)
-            or not isinstance(function.get("arguments"), str)
-        ):
-            raise _bad(
-                f"`{where}[{k}]` must be {{id, type: function, function: {{name, arguments}}}} "
-                "with string values.",
-                f"{where}[{k}]",
-                "invalid_type",
-            )
-        calls.append(
-            {
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": function["name"], "arguments": function["arguments"]},
-            }
-        )
-    return tuple(calls)
-
-
-def _messages(value: Any) -> tuple[tuple[ChatMessage, ...], tuple[ImageRef, ...]]:
-    if value is None:
-        raise _bad("`messages` is required.", "messages", "missing_required_parameter")
-    if not isinstance(value, list):
-        raise _bad("`messages` must be an array of message objects.", "messages", "invalid_type")
-    if not value:
-        raise _bad("`messages` must not be empty.", "messages", "empty_array")
-    if len(value) > MAX_MESSAGES:
-        raise _bad(f"At most {MAX_MESSAGES} messages are accepted.", "messages", "array_too_long")
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """Check a decoded JSON body against api.schemas.ChatCompletionRequest;
+    raises ApiError(400) naming the bad `param`. Fields OpenAI defines that
+    BreezeWeb cannot honour differently are ignored (e.g. `user`, `seed`)."""
+    try:
+        checked = schemas.parse(schemas.ChatCompletionRequest, body)
+    except InputError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, param=exc.param) from None
     messages: list[ChatMessage] = []
     images: list[ImageRef] = []
-    for i, raw in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(raw, dict):
-            raise _bad(f"`{where}` must be an object.", where, "invalid_type")
-        role = raw.get("role")
-        if role not in _ROLES:
-            raise _bad(
-                f"`{where}.role` must be one of {', '.join(sorted(_ROLES))}; got {role!r}.",
-                f"{where}.role",
-            )
-        if role == "developer":
-            role = "system"  # OpenAI's newer name for the system role
-        content = raw.get("content")
-        tool_calls = _tool_calls(raw.get("tool_calls"), i) if role == "assistant" else ()
-        urls: list[str] = []
-        if content is None:
-            if not (role == "assistant" and tool_calls):
-                raise _bad(f"`{where}.content` is required.", f"{where}.content", "invalid_type")
-            text = ""
-        elif isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            text, urls = _text_parts(content, i, role, images)
-        else:
-            raise _bad(
-                f"`{where}.content` must be a string or an array of content parts.",
-                f"{where}.content",
-                "invalid_type",
-            )
-        if len(text) > MAX_TEXT_CHARS:
-            raise _bad(
-                f"`{where}.content` is {len(text):,} characters long; the limit is "
-                f"{MAX_TEXT_CHARS:,}.",
-                f"{where}.content",
-                "string_above_max_length",
-            )
-        tool_call_id = ""
-        if role == "tool":
-            tool_call_id = raw.get("tool_call_id")
-            if not isinstance(tool_call_id, str) or not tool_call_id:
-                raise _bad(
-                    f"`{where}.tool_call_id` is required for tool messages.",
-                    f"{where}.tool_call_id",
-                    "invalid_type",
-                )
+    for i, message in enumerate(checked.messages):
+        urls = [p.image_url.url for p in message.parts if isinstance(p, schemas.ImagePart)]
+        images += (
+            ImageRef(i, j, p.image_url.url)
+            for j, p in enumerate(message.parts)
+            if isinstance(p, schemas.ImagePart)
+        )
+        calls = getattr(message, "tool_calls", None) or ()
         messages.append(
             ChatMessage(
-                role=role,
-                content=text,
+                role="system" if message.role == "developer" else message.role,
+                content=message.text,
                 images=tuple(urls),
-                tool_calls=tool_calls,
-                tool_call_id=tool_call_id,
+                tool_calls=tuple(c.model_dump() for c in calls),
+                tool_call_id=getattr(message, "tool_call_id", ""),
             )
         )
-    if messages[-1].role != "user":
-        raise _bad(
-            f"The last message must be the user's; it is {messages[-1].role!r}.",
-            f"messages[{len(messages) - 1}].role",
-        )
-    return tuple(messages), tuple(images)
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise _bad("`stop` must be a string or an array of strings.", "stop", "invalid_type")
-    if len(value) > MAX_STOP_SEQUENCES:
-        raise _bad(f"`stop` takes at most {MAX_STOP_SEQUENCES} sequences.", "stop")
-    if any(not s for s in value):
-        raise _bad("`stop` sequences must not be empty.", "stop")
-    return tuple(value)
-
-
-def _tools(body: dict) -> tuple[dict[str, Any], ...]:
-    value = body.get("tools")
-    choice = body.get("tool_choice")
-    if choice is not None and choice not in ("auto", "none"):
-        raise _bad(
-            "`tool_choice` may be `auto` or `none`; forcing a tool is not supported.",
-            "tool_choice",
-            "unsupported_value",
-        )
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise _bad("`tools` must be an array.", "tools", "invalid_type")
-    if len(value) > MAX_TOOLS:
-        raise _bad(f"At most {MAX_TOOLS} tools are accepted.", "tools", "array_too_long")
-    tools = []
-    for k, tool in enumerate(value):
-        where = f"tools[{k}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise _bad(f"`{where}.type` must be `function`.", f"{where}.type")
-        if not isinstance(function, dict):
-            raise _bad(
-                f"`{where}.function` must be an object.", f"{where}.function", "invalid_type"
-            )
-        name = function.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.match(name):
-            raise _bad(
-                f"`{where}.function.name` must be 1-64 letters, digits, `_` or `-`.",
-                f"{where}.function.name",
-            )
-        description = function.get("description")
-        if description is not None and not isinstance(description, str):
-            raise _bad(
-                f"`{where}.function.description` must be a string.",
-                f"{where}.function.description",
-                "invalid_type",
-            )
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise _bad(
-                f"`{where}.function.parameters` must be a JSON Schema object.",
-                f"{where}.function.parameters",
-                "invalid_type",
-            )
-        clean: dict[str, Any] = {"name": name}
-        if description is not None:
-            clean["description"] = description
-        if parameters is not None:
-            clean["parameters"] = parameters
-        tools.append({"type": "function", "function": clean})
-    return () if choice == "none" else tuple(tools)
-
-
-def _extension(value: Any) -> tuple[bool, tuple[int, ...], int | None, bool]:
-    if value is None:
-        return False, (), None, False
-    if not isinstance(value, dict):
-        raise _bad("`breezeweb` must be an object.", "breezeweb", "invalid_type")
-    unknown = sorted(set(value) - _EXTENSION_KEYS)
-    if unknown:
-        raise _bad(
-            f"Unknown field `breezeweb.{unknown[0]}`; known: {', '.join(sorted(_EXTENSION_KEYS))}.",
-            f"breezeweb.{unknown[0]}",
-            "unknown_parameter",
-        )
-    collections = value.get("collections")
-    if collections is None:
-        ids: tuple[int, ...] = ()
-    elif isinstance(collections, list) and all(_is_int(c) and c > 0 for c in collections):
-        ids = tuple(dict.fromkeys(collections))
-    else:
-        raise _bad(
-            "`breezeweb.collections` must be an array of collection ids (positive integers).",
-            "breezeweb.collections",
-            "invalid_type",
-        )
-    rag = value.get("rag")
-    if rag is None:
-        rag = bool(ids)  # naming collections asks for retrieval from them
-    elif not isinstance(rag, bool):
-        raise _bad("`breezeweb.rag` must be true or false.", "breezeweb.rag", "invalid_type")
-    if ids and not rag:
-        raise _bad("`breezeweb.collections` needs `breezeweb.rag` true.", "breezeweb.collections")
-    conversation_id = value.get("conversation_id")
-    if conversation_id is not None and not (_is_int(conversation_id) and conversation_id > 0):
-        raise _bad(
-            "`breezeweb.conversation_id` must be a conversation id (a positive integer).",
-            "breezeweb.conversation_id",
-            "invalid_type",
-        )
-    save = value.get("save", False)
-    if not isinstance(save, bool):
-        raise _bad("`breezeweb.save` must be true or false.", "breezeweb.save", "invalid_type")
-    return rag, ids, conversation_id, save
-
-
-def parse_completion_request(body: Any) -> CompletionRequest:
-    """Check a decoded JSON body; raises ApiError(400) naming the bad `param`.
-    Fields OpenAI defines that BreezeWeb cannot honour differently are ignored
-    (e.g. `user`, `seed`); `n` other than 1 is refused."""
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", None, "invalid_type")
-    model = body.get("model")
-    if model is None:
-        raise _bad("`model` is required.", "model", "missing_required_parameter")
-    if not isinstance(model, str) or not model.strip():
-        raise _bad("`model` must be a non-empty string.", "model", "invalid_type")
-    messages, images = _messages(body.get("messages"))
-    max_tokens = body.get("max_completion_tokens")
-    name = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, name = body.get("max_tokens"), "max_tokens"
-    if max_tokens is not None and not (_is_int(max_tokens) and 1 <= max_tokens <= 1_000_000):
-        raise _bad(f"`{name}` must be a positive integer.", name, "invalid_type")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise _bad("Only `n: 1` is supported.", "n", "unsupported_value")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("`stream` must be true or false.", "stream", "invalid_type")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _bad("`stream_options` must be an object.", "stream_options", "invalid_type")
-        if not stream:
-            raise _bad("`stream_options` is only allowed with `stream: true`.", "stream_options")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise _bad(
-                "`stream_options.include_usage` must be true or false.",
-                "stream_options.include_usage",
-                "invalid_type",
-            )
-    rag, collection_ids, conversation_id, save = _extension(body.get("breezeweb"))
+    ext = checked.breezeweb or schemas.BreezeWebRequest()
+    ids = tuple(dict.fromkeys(ext.collections or ()))
+    tools = checked.tools if checked.tool_choice != "none" else None
+    max_tokens = checked.max_completion_tokens or checked.max_tokens
     return CompletionRequest(
-        model=None if model == AUTO_MODEL else model,
-        messages=messages,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0),
+        model=None if checked.model == AUTO_MODEL else checked.model,
+        messages=tuple(messages),
+        temperature=checked.temperature,
+        top_p=checked.top_p,
         max_tokens=max_tokens,
-        stop=_stop(body.get("stop")),
-        stream=stream,
-        include_usage=include_usage,
-        tools=_tools(body),
-        rag=rag,
-        collection_ids=collection_ids,
-        conversation_id=conversation_id,
-        save=save,
-        images=images,
+        stop=tuple(checked.stop or ()),
+        stream=bool(checked.stream),
+        include_usage=bool(checked.stream_options and checked.stream_options.include_usage),
+        tools=tuple(t.model_dump(exclude_none=True) for t in tools or ()),
+        rag=ext.rag if ext.rag is not None else bool(ids),
+        collection_ids=ids,
+        conversation_id=ext.conversation_id,
+        save=ext.save,
+        images=tuple(images),
     )
 
 

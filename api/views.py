@@ -6,15 +6,15 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods
 
+from api import schemas
 from api.decorators import api_view
 from api.errors import json_error
 from api.inputs import read_json
 from chat import services
 from chat.inputs import clean_name
+from chat.limits import MAX_SMALL_BODY_BYTES, MAX_TITLE_CHARS
 from chat.services import ChatError
 
-# The conversation endpoints take a title at most: a small body is plenty.
-MAX_BODY_BYTES = 64 * 1024
 LIMIT = "APP_API_REQUESTS_PER_MINUTE"
 
 
@@ -26,7 +26,7 @@ def _chat_error(exc: ChatError) -> JsonResponse:
 @require_GET
 def conversations(request: HttpRequest) -> JsonResponse:
     """GET /api/conversations?q=title words: the user's conversations, newest first."""
-    query = clean_name(request.GET.get("q", ""))[:200]
+    query = clean_name(request.GET.get("q", ""))[:MAX_TITLE_CHARS]
     return JsonResponse({"conversations": services.list_conversations(request.user, query=query)})
 
 
@@ -41,10 +41,9 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
             services.delete_conversation(request.user, conversation_id)
             return HttpResponse(status=204)
         # NUL and other control characters are allowed here: the title drops them.
-        body = read_json(request, max_bytes=MAX_BODY_BYTES, allow_nul=True, empty={})
-        title = body.get("title") if isinstance(body, dict) else None
-        if not isinstance(title, str):
-            return json_error(400, "bad_title", 'Send {"title": "..."}.')
+        body = read_json(request, max_bytes=MAX_SMALL_BODY_BYTES, allow_nul=True, empty={})
+        body = body if isinstance(body, dict) else {}  # anything else lacks a title
+        title = schemas.parse(schemas.RenameRequest, body, field_codes=True).title
         return JsonResponse(services.rename_conversation(request.user, conversation_id, title))
     except ChatError as exc:
         return _chat_error(exc)

@@ -2,10 +2,11 @@
 
 The codes are collected from the source with `ast`, not from a hand list:
 every literal code given to an error constructor (json_error, openai_error,
-api_error, ApiError, _bad, InputError, UploadRejected, FileRejected,
+api_error, ApiError, InputError, UploadRejected, FileRejected,
 ChatError, ...) in the modules that answer /api and /v1, following calls into
-the service modules only as far as the views reach; and the codes of a failed
-turn from their one table, `api.errors.HTTP_ERRORS`."""
+the service modules only as far as the views reach; the codes of a failed
+turn from their one table, `api.errors.HTTP_ERRORS`; and the codes of a refused
+request body from the one mapping of pydantic's errors, `api.schemas`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import ast
 import re
 from pathlib import Path
 
+from api import schemas
 from api.errors import HTTP_ERRORS
 from tests.support.processes import ROOT
 
@@ -28,11 +30,9 @@ CODE_ARG = {
     "UploadRejected": 1,
     "_status_error": None,  # maps statuses through STATUS_CODES
     "api_error": 2,
-    "_bad": 2,
     "ChatError": 0,
     "FileRejected": 0,
 }
-DEFAULTS = {"_bad": "invalid_value"}
 
 
 def _name(node: ast.AST) -> str:
@@ -63,8 +63,6 @@ def _codes_in(node: ast.AST) -> set[str]:
                 arg = call.args[index]
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                     codes.add(arg.value)
-            elif name in DEFAULTS and not any(k.arg == "code" for k in call.keywords):
-                codes.add(DEFAULTS[name])
             for keyword in call.keywords:
                 if keyword.arg == "code" and isinstance(keyword.value, ast.Constant):
                     codes.add(keyword.value.value)
@@ -145,6 +143,8 @@ def codes_from_source() -> set[str]:
     codes |= _reachable_codes(ROOT / "rag" / "parsing.py", _called(uploads, "parsing"))
     # A failed turn's errors: the one table (api.errors.HTTP_ERRORS).
     codes |= {row.code for row in HTTP_ERRORS.values()}
+    # A refused request body: the one mapping from pydantic's errors (api.schemas).
+    codes |= schemas.emitted_codes()
     return codes
 
 
@@ -170,7 +170,9 @@ def test_the_collector_finds_codes_from_every_layer():
         "duplicate",  # uploads
         "not_a_pdf",  # parsing, through uploads
         "rate_limit_exceeded",
-        "invalid_value",  # _bad's default
+        "invalid_value",  # a request body's value (api.schemas)
+        "array_too_long",  # e.g. more than MAX_MESSAGES messages
+        "bad_mode",  # /api/search's `mode`, named after the field
     ):
         assert code in codes, code
 

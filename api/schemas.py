@@ -1,0 +1,801 @@
+"""The HTTP APIs' request and response bodies, declared once as pydantic models.
+
+The same models validate requests (`parse`), describe them in the OpenAPI
+document (api/openapi.py generates it with pydantic's JSON Schema) and feed the
+fuzz suite, so a limit or a field cannot be enforced in one place and
+documented differently in another. Every number comes from chat/limits.py.
+
+Validation is strict (no coercion: `"1"` is not 1, `true` is not a number) and
+runs after api.inputs has bounded the body's size, depth, integers and text.
+A refusal is an `InputError(400, code, message, param)`: `error_for` turns
+pydantic's first error into one of the documented codes, with `param` the
+field's JSON path (`messages[2].content[1].type`).
+"""
+
+from __future__ import annotations
+
+import operator
+from datetime import datetime
+from functools import reduce
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveInt,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
+
+from chat import limits
+from chat.inputs import InputError
+from rag.retrieval import MODES
+
+# ---- from pydantic's errors to the documented codes -------------------------------------
+
+# pydantic's error type -> the code /v1 answers; any other type is `invalid_type`.
+# Codes raised by the models themselves (PydanticCustomError) pass through as they are.
+CODES = {
+    "missing": "missing_required_parameter",
+    "too_short": "empty_array",
+    "too_long": "array_too_long",
+    "string_too_long": "string_above_max_length",
+    "extra_forbidden": "unknown_parameter",
+    "literal_error": "invalid_value",
+    "string_pattern_mismatch": "invalid_value",
+    "string_too_short": "invalid_value",
+    "greater_than": "invalid_value",
+    "greater_than_equal": "invalid_value",
+    "less_than_equal": "invalid_value",
+}
+DEFAULT_CODE = "invalid_type"
+CUSTOM_CODES = {"invalid_type", "invalid_value", "unsupported_value", "unsupported_content_type"}
+# Union members are tagged "<field>=<tag>"; such a step of an error's location is no JSON key.
+_TAG_MARK = "="
+
+
+def json_path(loc: tuple) -> str | None:
+    """`("messages", 0, "content")` -> `messages[0].content`; None for the body itself."""
+    out = ""
+    for step in loc:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out or None
+
+
+def error_for(exc: ValidationError, *, field_codes: bool = False) -> InputError:
+    """The one mapping from a pydantic ValidationError to the API's error.
+    /v1 codes say what is wrong (CODES); /api codes name the field
+    (`field_codes`: `bad_<top-level field>`, as the /api endpoints always did)."""
+    error = exc.errors(include_url=False)[0]
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    last = len(error["loc"]) - 1  # an unknown key may hold anything, "=" too
+    loc = tuple(
+        step
+        for i, step in enumerate(error["loc"])
+        if not (
+            isinstance(step, str) and _TAG_MARK in step and (i < last or kind != "extra_forbidden")
+        )
+    )
+    loc += tuple(ctx.get("at", ()))  # a check on the whole object that names one field
+    param = json_path(loc)
+    if field_codes:
+        code = f"bad_{loc[0]}" if loc else "bad_json"
+    elif kind in CUSTOM_CODES or kind == "string_above_max_length":
+        code = kind
+    elif kind == "missing" and len(loc) > 1:
+        code = DEFAULT_CODE  # a nested field: its object is malformed
+    else:
+        code = CODES.get(kind, DEFAULT_CODE)
+    message = error["msg"].rstrip(".")
+    return InputError(400, code, f"`{param}`: {message}." if param else f"{message}.", param)
+
+
+def parse[M: BaseModel](model: type[M], body: Any, *, field_codes: bool = False) -> M:
+    """`body` (decoded JSON) checked against `model`; raises InputError(400)."""
+    if not isinstance(body, dict):
+        code = "bad_json" if field_codes else "invalid_type"
+        raise InputError(400, code, "The request body must be a JSON object.")
+    try:
+        return model.model_validate(body, strict=True)
+    except ValidationError as exc:
+        raise error_for(exc, field_codes=field_codes) from None
+
+
+def coded(code: str, **by_type: str) -> WrapValidator:
+    """Any error inside this field is `code` (or `by_type[pydantic type]`) at
+    the field itself, not at a part of it (`breezeweb.collections`, not
+    `breezeweb.collections[3]`)."""
+
+    def wrap(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            raise PydanticCustomError(by_type.get(error["type"], code), error["msg"]) from None
+
+    return WrapValidator(wrap)
+
+
+class _Choice(Discriminator):
+    __hash__ = object.__hash__  # its error context is a dict; typing.Union hashes members
+
+
+def tagged(members: dict[str, Any], choose: Any, code: str, message: str, at: tuple = ()) -> Any:
+    """A union whose member `choose(value)` names (None: `code` at the field,
+    plus `at`). Tags are "<field>=<value>" so that error_for can drop them."""
+    union = [Annotated[kind, Tag(tag)] for tag, kind in members.items()]
+    discriminator = _Choice(
+        choose,
+        custom_error_type=code,
+        custom_error_message=message,
+        custom_error_context={"at": at},
+    )
+    return Annotated[reduce(operator.or_, union), discriminator]
+
+
+def by_key(key: str, fallback: str) -> Any:
+    """Choose a member by `value[key]`; a value that is not an object goes to
+    `fallback`, whose own check then says what is wrong with it."""
+
+    def choose(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f"{key}={fallback}"
+        tag = value.get(key)
+        return f"{key}={tag}" if isinstance(tag, str) else None
+
+    return choose
+
+
+class Body(BaseModel):
+    """A request body: strict types; fields other than the declared ones are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class Reply(BaseModel):
+    """A response body (documentation: the views build these shapes)."""
+
+
+# ---- POST /v1/chat/completions: the request --------------------------------------------
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+MessageText = Annotated[str, StringConstraints(max_length=limits.MAX_TEXT_CHARS)]
+
+
+class TextPart(Body):
+    """A piece of a message's text."""
+
+    type: Literal["text"]
+    text: MessageText
+
+
+class ImageURL(Body):
+    url: Annotated[NonEmpty, coded("invalid_type")] = Field(
+        description="`data:image/png;base64,...`"
+    )
+    detail: str | None = Field(None, description="`auto`, `low` or `high`; ignored.")
+
+
+class ImagePart(Body):
+    """User messages only: a base64 data URL of a PNG, JPEG, WebP or GIF image
+    within IMAGE_MAX_BYTES (links are not fetched). Needs a model with `vlm`."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+def _no_image(value: Any) -> Any:
+    raise PydanticCustomError("invalid_value", "Only user messages may carry images.")
+
+
+_part = by_key("type", "text")
+_bad_part = "A content part's `type` must be `text` or `image_url`."
+UserPart = tagged(
+    {"type=text": TextPart, "type=image_url": ImagePart},
+    _part,
+    "unsupported_content_type",
+    _bad_part,
+    ("type",),
+)
+TextOnlyPart = tagged(
+    {
+        "type=text": TextPart,
+        "type=image_url": SkipJsonSchema[Annotated[Any, BeforeValidator(_no_image)]],
+    },
+    _part,
+    "unsupported_content_type",
+    _bad_part,
+    ("type",),
+)
+
+
+def _content_of(part: Any) -> Any:
+    """A message's `content`: a string, or an array of content parts."""
+    return tagged(
+        {"content=text": MessageText, "content=parts": list[part]},
+        lambda v: (
+            "content=text"
+            if isinstance(v, str)
+            else "content=parts"
+            if isinstance(v, list)
+            else None
+        ),
+        "invalid_type",
+        "`content` must be a string or an array of content parts.",
+    )
+
+
+UserContent = _content_of(UserPart)
+TextOnlyContent = _content_of(TextOnlyPart)
+
+
+class ToolCallFunction(Body):
+    name: str
+    arguments: str = Field(description="The arguments, as a JSON string.")
+
+
+class ToolCall(Body):
+    """A call of a tool the model made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class _Message(Body):
+    """One turn of the conversation."""
+
+    @property
+    def parts(self) -> list:
+        content = getattr(self, "content", None)
+        return [TextPart(type="text", text=content)] if isinstance(content, str) else content or []
+
+    @property
+    def text(self) -> str:
+        return "\n".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+    @field_validator("content", check_fields=False)
+    @classmethod
+    def _text_fits(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            size = sum(len(p.text) + 1 for p in content if isinstance(p, TextPart)) - 1
+            if size > limits.MAX_TEXT_CHARS:
+                raise PydanticCustomError(
+                    "string_above_max_length",
+                    f"The text is {size:,} characters; the limit is {limits.MAX_TEXT_CHARS:,}.",
+                )
+        return content
+
+
+class SystemMessage(_Message):
+    """Instructions for the model."""
+
+    role: Literal["system"]
+    content: TextOnlyContent
+
+
+class DeveloperMessage(SystemMessage):
+    """OpenAI's newer name for a system message; taken as `system`."""
+
+    role: Literal["developer"]
+
+
+class UserMessage(_Message):
+    """The user's turn. The last message of a request must be one."""
+
+    role: Literal["user"]
+    content: UserContent
+
+
+class AssistantMessage(_Message):
+    """An earlier answer. `content` may be null only with `tool_calls`."""
+
+    role: Literal["assistant"]
+    content: TextOnlyContent | None = None
+    tool_calls: list[Annotated[ToolCall, coded("invalid_type")]] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise PydanticCustomError(
+                "invalid_type", "`content` is required without `tool_calls`.", {"at": ("content",)}
+            )
+        return self
+
+
+class ToolMessage(_Message):
+    """A tool's result, answering the assistant's tool call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: TextOnlyContent
+    tool_call_id: Annotated[NonEmpty, coded("invalid_type")]
+
+
+ROLES = {
+    "role=system": SystemMessage,
+    "role=developer": DeveloperMessage,
+    "role=user": UserMessage,
+    "role=assistant": AssistantMessage,
+    "role=tool": ToolMessage,
+}
+Message = tagged(
+    ROLES,
+    by_key("role", "user"),
+    "invalid_value",
+    "`role` must be one of system, developer, user, assistant, tool.",
+    ("role",),
+)
+
+
+class FunctionDefinition(Body):
+    name: Annotated[
+        str,
+        Field(pattern=rf"^[A-Za-z0-9_-]{{1,{limits.MAX_TOOL_NAME_CHARS}}}$"),
+        coded("invalid_value"),
+    ] = Field(description=f"1-{limits.MAX_TOOL_NAME_CHARS} letters, digits, `_` or `-`.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema object.")
+
+
+class Tool(Body):
+    """A function the model may call (needs a model with the `agent` capability)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class StreamOptions(Body):
+    include_usage: bool = Field(
+        False, description="Send one last chunk with the `usage` (and `breezeweb` again)."
+    )
+
+
+class BreezeWebRequest(Body):
+    """BreezeWeb's extension of the request (openai client: `extra_body`).
+    Unknown fields are refused, so a typo does not silently turn RAG off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rag: bool | None = Field(
+        None,
+        description="Answer from the user's documents (retrieval-augmented). "
+        "Defaults to true when `collections` is given.",
+    )
+    collections: Annotated[list[PositiveInt], coded("invalid_type")] | None = Field(
+        None, description="Collection ids to search (default: all the user may read)."
+    )
+    save: bool = Field(
+        False,
+        description="Record the request's messages and the answer as a new conversation "
+        "(its id comes back in `breezeweb.conversation_id`).",
+    )
+    conversation_id: Annotated[PositiveInt, coded("invalid_type")] | None = Field(
+        None,
+        description="Append the last user message and the answer to this conversation of "
+        "yours. The model still sees exactly the `messages` sent.",
+    )
+
+    @model_validator(mode="after")
+    def _collections_need_rag(self) -> BreezeWebRequest:
+        if self.collections and self.rag is False:
+            raise PydanticCustomError(
+                "invalid_value", "`collections` needs `rag` true.", {"at": ("collections",)}
+            )
+        return self
+
+
+Tokens = Annotated[int, Field(ge=1, le=limits.MAX_API_TOKENS), coded("invalid_type")]
+Stop = Annotated[
+    list[NonEmpty],
+    Field(max_length=limits.MAX_STOP_SEQUENCES),
+    coded("invalid_value", list_type="invalid_type", string_type="invalid_type"),
+    BeforeValidator(
+        lambda v: [v] if isinstance(v, str) else v,
+        json_schema_input_type=NonEmpty
+        | Annotated[list[NonEmpty], Field(max_length=limits.MAX_STOP_SEQUENCES)],
+    ),
+]
+
+
+class ChatCompletionRequest(Body):
+    """OpenAI's request shape. Other OpenAI fields (`user`, `seed`,
+    `frequency_penalty`, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "auto", "messages": [{"role": "user", "content": "Hello!"}]}]
+        }
+    )
+
+    model: Annotated[str, Field(pattern=r"\S"), coded("invalid_type")] = Field(
+        description="A model id from `GET /v1/models`, or `auto` (the router)."
+    )
+    messages: list[Message] = Field(
+        min_length=1,
+        max_length=limits.MAX_MESSAGES,
+        description="The conversation so far; the last message must be the user's.",
+    )
+    temperature: (
+        Annotated[float, Field(ge=limits.TEMPERATURE_RANGE[0], le=limits.TEMPERATURE_RANGE[1])]
+        | None
+    ) = Field(None, description="Default: the runner's setting.")
+    top_p: Annotated[float, Field(ge=limits.TOP_P_RANGE[0], le=limits.TOP_P_RANGE[1])] | None = (
+        Field(None, description="Default: the runner's setting.")
+    )
+    max_tokens: Tokens | None = Field(None, description="Capped by the runner's own max_tokens.")
+    max_completion_tokens: Tokens | None = Field(
+        None, description="Same as `max_tokens`; wins when both are given."
+    )
+    stop: Stop | None = Field(None, description="A string or an array of strings.")
+    stream: bool | None = Field(
+        None, description="Answer as Server-Sent Events of ChatCompletionChunk objects."
+    )
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
+    n: Annotated[Literal[1], coded("unsupported_value")] | None = Field(None, description="Only 1.")
+    tools: list[Tool] | None = Field(None, max_length=limits.MAX_TOOLS)
+    tool_choice: Annotated[Literal["auto", "none"], coded("unsupported_value")] | None = Field(
+        None, description="Forcing a tool is not supported."
+    )
+    breezeweb: BreezeWebRequest | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent(cls, data: Any) -> Any:
+        """A null field is an absent one; `max_completion_tokens` wins over `max_tokens`."""
+        data = {k: v for k, v in data.items() if v is not None}
+        if "max_completion_tokens" in data:
+            data.pop("max_tokens", None)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        last = len(self.messages) - 1
+        if self.messages[last].role != "user":
+            raise PydanticCustomError(
+                "invalid_value",
+                "The last message must be the user's.",
+                {"at": ("messages", last, "role")},
+            )
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError(
+                "invalid_value",
+                "`stream_options` is only allowed with `stream: true`.",
+                {"at": ("stream_options",)},
+            )
+        return self
+
+
+# ---- /api request bodies (their error codes name the field: `bad_<field>`) ---------------
+
+
+class RenameRequest(Body):
+    """PATCH /api/conversations/{id}."""
+
+    title: str = Field(
+        description=f"The new title: control characters are removed, then it must be "
+        f"1-{limits.MAX_TITLE_CHARS} characters."
+    )
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+
+class OpenAIErrorDetail(Reply):
+    message: str = Field(description="What went wrong, for people.")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error, "
+        "not_found_error, rate_limit_error, server_error or api_error."
+    )
+    param: str | None = Field(description="The request field at fault, e.g. `messages[0].content`.")
+    code: str = Field(description="A stable machine-readable code (docs/http-api.md).")
+
+
+class OpenAIError(Reply):
+    """OpenAI's error shape, used by every /v1 endpoint."""
+
+    error: OpenAIErrorDetail
+
+
+class ErrorDetail(Reply):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="A stable machine-readable code (docs/http-api.md).")
+    message: str
+    param: str = Field("", description="The request field at fault, when there is one.")
+
+
+class Error(Reply):
+    """BreezeWeb's own error shape, used by the /api endpoints."""
+
+    error: ErrorDetail
+
+
+Capability = Literal["llm", "vlm", "agent"]
+
+
+class ModelMetadata(Reply):
+    kind: str = Field(description="`executorch`, `llamastack`, or `router` for auto.")
+    model_id: str = Field(description="The model the runner serves.")
+    capabilities: list[Capability] = Field(description="llm: text; vlm: images; agent: tools.")
+    priority: int = 0
+    context_tokens: int = 0
+    max_tokens: int = 0
+    runners: list[str] = Field([], description="auto only: the runners it chooses from.")
+    description: str = ""
+
+
+class Model(Reply):
+    id: str = Field(description="The runner config's name, or `auto`.")
+    object: Literal["model"]
+    created: int = Field(description="Unix time the runner was configured.")
+    owned_by: Literal["breezeweb"]
+    metadata: ModelMetadata
+
+
+class ModelList(Reply):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Usage(Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Source(Reply):
+    """A document chunk the answer drew on (`[n]` in the answer is `sources[n-1]`)."""
+
+    document_id: int
+    title: str
+    page: int | None
+    snippet: str
+    score: float
+    collection_id: int
+
+
+class BreezeWebResponse(Reply):
+    """BreezeWeb's extension of the response (openai client:
+    `completion.model_extra['breezeweb']`)."""
+
+    runner: str = Field(description="The runner that answered.")
+    model_id: str
+    fallback: bool = Field(description="True when a higher-priority runner failed first.")
+    sources: list[Source]
+    notices: list[dict[str, Any]] = Field(
+        description="e.g. `{code: trimmed}` when old turns were left out to fit the context, "
+        "`{code: fallback}` when a runner failed."
+    )
+    blocked: str = Field(
+        "", description="Set when an output rule stopped the answer (`content_filter`)."
+    )
+    conversation_id: int = Field(0, description="With `save` or `conversation_id`.")
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+class AnswerMessage(Reply):
+    role: Literal["assistant"]
+    content: str | None = Field(description="Null when the answer is `tool_calls`.")
+    refusal: None
+    tool_calls: list[ToolCall] = []
+
+
+class Choice(Reply):
+    index: int
+    message: AnswerMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Reply):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="The runner that answered.")
+    system_fingerprint: None
+    choices: list[Choice]
+    usage: Usage
+    breezeweb: BreezeWebResponse
+
+
+class Delta(Reply):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = []
+
+
+class ChunkChoice(Reply):
+    index: int
+    delta: Delta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(Reply):
+    """One `data:` event of a stream. The first carries `delta.role`; the one
+    with `finish_reason` carries `breezeweb`; with `stream_options.include_usage`
+    a last chunk has empty `choices` and `usage` (and `breezeweb` again). The
+    stream ends with `data: [DONE]`. An error after the stream began arrives as
+    a `data:` event holding an OpenAIError, then `[DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    breezeweb: BreezeWebResponse | None = None
+
+
+class ConversationSummary(Reply):
+    id: int
+    title: str
+    updated_at: datetime
+
+
+class ConversationList(Reply):
+    conversations: list[ConversationSummary]
+
+
+class StoredMessage(Reply):
+    id: int
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    images: list[str]
+    status: Literal["complete", "streaming", "stopped", "failed"]
+    runner: str
+    model: str
+    fallback: bool
+    finish_reason: str
+    usage: dict[str, Any]
+    timings: dict[str, Any]
+    sources: list[Source]
+    error_code: str
+    error: str
+    created_at: datetime
+
+
+class Conversation(Reply):
+    id: int
+    title: str
+    pinned_runner: str | None
+    rag: bool
+    collections: list[int]
+    messages: list[StoredMessage]
+
+
+class Runner(Reply):
+    name: str
+    kind: str
+    capabilities: list[Capability]
+    model_id: str
+    priority: int
+
+
+class RunnerList(Reply):
+    runners: list[Runner] = Field(description="Highest priority first; no secrets.")
+
+
+class Document(Reply):
+    id: int
+    title: str
+    status: Literal["queued", "processing", "ready", "failed"]
+    progress: float = Field(ge=0, le=1)
+    error: str = Field(description="Why ingestion failed.")
+    chunk_count: int
+    collection_id: int
+    size: int
+    mime: str
+    sha256: str
+    page_count: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DocumentList(Reply):
+    documents: list[Document] = Field(
+        description=f"The newest {limits.MAX_DOCUMENTS_LISTED}.",
+        max_length=limits.MAX_DOCUMENTS_LISTED,
+    )
+
+
+class OneDocument(Reply):
+    document: Document
+
+
+class Uploaded(Reply):
+    documents: list[Document]
+    errors: list[ErrorDetail] = Field(description="The files that were refused, and why.")
+
+
+class Upload(Body):
+    """multipart/form-data."""
+
+    file: list[bytes] = Field(
+        min_length=1,
+        max_length=limits.MAX_FILES_PER_REQUEST,
+        description="txt, md, pdf, html or docx files, each within UPLOAD_MAX_BYTES.",
+    )
+    collection: int | None = Field(None, description="Default: your personal collection.")
+
+
+class Deleted(Reply):
+    deleted: int
+
+
+class Collection(Reply):
+    id: int
+    name: str
+    personal: bool
+    shared: bool
+    owner: str | None
+    writable: bool
+    top_k: int
+    score_floor: float
+
+
+class CollectionList(Reply):
+    collections: list[Collection] = Field(description="Your personal collection first.")
+
+
+class Health(Reply):
+    status: Literal["ok"]
+
+
+class Readiness(Reply):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, Any] = Field(description="What was checked, and what failed.")
+
+
+class SearchRequest(Body):
+    """POST /api/search."""
+
+    query: str = Field(
+        pattern=r"\S", max_length=limits.MAX_QUERY_CHARS, description="What to look for."
+    )
+    collections: list[PositiveInt] | None = Field(
+        None, description="Collection ids to search (default: all you may read)."
+    )
+    k: int | None = Field(None, ge=1, le=limits.MAX_SEARCH_K, description="How many chunks.")
+    mode: Literal[MODES] | None = Field(  # type: ignore[valid-type]
+        None, description="Overrides each collection's search mode (default: hybrid)."
+    )
+
+
+class SearchResult(Source):
+    rank: int
+    text: str = Field(description="The whole chunk.")
+    section: str = Field(description="Its heading path.")
+    chunk_id: str
+    vector_score: float | None
+    keyword_score: float | None
+    fused_score: float | None
+    rerank_score: float | None
+
+
+class SearchResults(Reply):
+    query: str
+    results: list[SearchResult]
+
+
+# The request bodies of /api: their refusals are `bad_<field>` (or `bad_json`).
+FIELD_CODED = (SearchRequest, RenameRequest)
+
+
+def emitted_codes() -> set[str]:
+    """Every code `error_for` and `parse` can answer (docs/http-api.md lists them)."""
+    fields = {f"bad_{name}" for model in FIELD_CODED for name in model.model_fields}
+    return {*CODES.values(), DEFAULT_CODE, *CUSTOM_CODES, "bad_json", *fields}

@@ -1,0 +1,140 @@
+"""Every limit of chat/limits.py that bounds an HTTP request is in the OpenAPI
+document, at the field it bounds, with its value (the document is generated
+from the same pydantic models that enforce it); and every limit is accounted
+for, so a new one cannot be enforced without being documented."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from api import schemas
+from api.openapi import build_schema
+from chat import limits
+
+SCHEMA = build_schema()
+COMPONENTS = SCHEMA["components"]["schemas"]
+
+
+def values(node: Any, keyword: str) -> set:
+    """Every value of `keyword` anywhere in `node` (through anyOf, items, ...)."""
+    found = set()
+    if isinstance(node, dict):
+        for key, child in node.items():
+            if key == keyword and not isinstance(child, dict | list):
+                found.add(child)
+            found |= values(child, keyword)
+    elif isinstance(node, list):
+        for child in node:
+            found |= values(child, keyword)
+    return found
+
+
+def field(component: str, name: str) -> dict:
+    return COMPONENTS[component]["properties"][name]
+
+
+# limit name -> (component, field, keyword, value the schema holds)
+IN_SCHEMA = {
+    "MAX_MESSAGES": [("ChatCompletionRequest", "messages", "maxItems", limits.MAX_MESSAGES)],
+    "MAX_TEXT_CHARS": [
+        (role, "content", "maxLength", limits.MAX_TEXT_CHARS)
+        for role in ("SystemMessage", "UserMessage", "AssistantMessage", "ToolMessage")
+    ]
+    + [("TextPart", "text", "maxLength", limits.MAX_TEXT_CHARS)],
+    "MAX_STOP_SEQUENCES": [
+        ("ChatCompletionRequest", "stop", "maxItems", limits.MAX_STOP_SEQUENCES)
+    ],
+    "MAX_TOOLS": [("ChatCompletionRequest", "tools", "maxItems", limits.MAX_TOOLS)],
+    "MAX_API_TOKENS": [
+        ("ChatCompletionRequest", name, "maximum", limits.MAX_API_TOKENS)
+        for name in ("max_tokens", "max_completion_tokens")
+    ],
+    "TEMPERATURE_RANGE": [
+        ("ChatCompletionRequest", "temperature", "minimum", limits.TEMPERATURE_RANGE[0]),
+        ("ChatCompletionRequest", "temperature", "maximum", limits.TEMPERATURE_RANGE[1]),
+    ],
+    "TOP_P_RANGE": [
+        ("ChatCompletionRequest", "top_p", "minimum", limits.TOP_P_RANGE[0]),
+        ("ChatCompletionRequest", "top_p", "maximum", limits.TOP_P_RANGE[1]),
+    ],
+    "MAX_TOOL_NAME_CHARS": [
+        (
+            "FunctionDefinition",
+            "name",
+            "pattern",
+            f"^[A-Za-z0-9_-]{{1,{limits.MAX_TOOL_NAME_CHARS}}}$",
+        )
+    ],
+    "MAX_QUERY_CHARS": [("SearchRequest", "query", "maxLength", limits.MAX_QUERY_CHARS)],
+    "MAX_SEARCH_K": [("SearchRequest", "k", "maximum", limits.MAX_SEARCH_K)],
+    "MAX_FILES_PER_REQUEST": [("Upload", "file", "maxItems", limits.MAX_FILES_PER_REQUEST)],
+    "MAX_DOCUMENTS_LISTED": [
+        ("DocumentList", "documents", "maxItems", limits.MAX_DOCUMENTS_LISTED)
+    ],
+}
+# Limits stated in prose: (where, the text that must be there).
+IN_PROSE = {
+    "MAX_TITLE_CHARS": (field("RenameRequest", "title")["description"], "1-200 characters"),
+    "MAX_SMALL_BODY_BYTES": (SCHEMA["info"]["description"], "65536 (/api)"),
+    "MAX_JSON_DEPTH": (SCHEMA["info"]["description"], "64 (/v1)"),
+    "MAX_APP_JSON_DEPTH": (SCHEMA["info"]["description"], "32 (/api)"),
+}
+# Limits that bound no HTTP request body, and why.
+ELSEWHERE = {
+    "MAX_IMAGES": "the websocket's user turn (/v1 has never limited images per message)",
+    "MAX_TOKENS": "the websocket's max_tokens (/v1 takes up to MAX_API_TOKENS)",
+    "MAX_COLLECTIONS": "the websocket's collections",
+    "MAX_REQUEST_ID_CHARS": "the websocket's request_id",
+    "MAX_RUNNER_NAME_CHARS": "the websocket's runner name",
+    "TITLE_MAX_CHARS": "a title made from a first message, not a request field",
+    "MAX_ACTIVE_KEYS": "the API-keys page (an HTML form), not the HTTP API",
+}
+
+
+def test_max_messages_is_in_the_generated_schema():
+    messages = field("ChatCompletionRequest", "messages")
+    assert messages["maxItems"] == limits.MAX_MESSAGES == 1000
+    assert messages["minItems"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(IN_SCHEMA))
+def test_each_request_limit_is_in_the_schema_at_its_field(name):
+    for component, name_, keyword, value in IN_SCHEMA[name]:
+        assert value in values(field(component, name_), keyword), (component, name_, keyword)
+
+
+@pytest.mark.parametrize("name", sorted(IN_PROSE))
+def test_limits_without_a_keyword_are_stated_in_the_schema_text(name):
+    text, expected = IN_PROSE[name]
+    assert expected in text, (name, text)
+
+
+def test_every_limit_is_accounted_for():
+    """A new limit in chat/limits.py must be put in the schema (or said to be elsewhere)."""
+    names = {n for n, v in vars(limits).items() if n.isupper() and isinstance(v, int | tuple)}
+    accounted = set(IN_SCHEMA) | set(IN_PROSE) | set(ELSEWHERE)
+    assert names == accounted, (sorted(names - accounted), sorted(accounted - names))
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}] * (limits.MAX_MESSAGES + 1)}, "messages"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 129}, "tools"),
+    ],
+)
+def test_the_schema_limits_are_the_enforced_ones(body, param):
+    base = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(schemas.InputError) as info:
+        schemas.parse(schemas.ChatCompletionRequest, {**base, **body})
+    assert (info.value.code, info.value.param) == ("array_too_long", param)
+    at_limit = {k: v[:-1] for k, v in body.items()}
+    schemas.parse(schemas.ChatCompletionRequest, {**base, **at_limit})
+
+
+def test_the_schema_is_json_and_has_no_hand_written_titles():
+    text = json.dumps(SCHEMA)
+    assert '"title": "Messages"' not in text  # pydantic's field titles are dropped
