@@ -1,6 +1,7 @@
 """Benchmark: the local ExecuTorch runner vs the bare TextLLMRunner vs PyTorch eager.
 
     .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w,fp32] [--runs 3]
+    .venv/bin/python bench/executorch_runner.py --only overhead|sampling|multiturn --runs 6
 
 In one run, on the same prompts, each in its own subprocess (so peak RSS is
 its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
@@ -29,11 +30,31 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
 
+# The fixed answer-agreement set (issue 17): facts, arithmetic, short
+# instructions. Each variant's greedy answers are compared with fp32's.
 QUESTIONS = (
     "What is the capital of France?",
     "What is the capital of Japan?",
     "What is 2 plus 3?",
     "Which planet is the largest in the solar system?",
+    "What is the chemical symbol for gold?",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water in degrees Celsius?",
+    "How many days are there in a week?",
+    "What is 7 times 8?",
+    "What is 15 minus 4?",
+    "What is half of 50?",
+    "What is the square root of 81?",
+    "Translate 'good morning' into French.",
+    "Give me three colours of the rainbow.",
+    "Write one sentence about the sea.",
+    "List two fruits that are yellow.",
+    "What is the opposite of hot?",
+    "Spell the word 'cat' backwards.",
+    "What is the largest ocean on Earth?",
+    "How many legs does a spider have?",
+    "Name the first month of the year.",
+    "What gas do plants take in from the air?",
 )
 SPEED_PROMPT = (
     "Write a short story about a robot who learns to paint. Describe the colors, the "
@@ -65,8 +86,11 @@ def _render(template_path: Path, question: str) -> str:
 # ---- workers (each runs in its own process) ------------------------------------------
 
 
-def runner_session(model_dir: Path):
-    """(runner, async one(question, max_tokens) -> (text, sample)) through our runner."""
+def runner_session(model_dir: Path, **extra):
+    """(runner, async one(question, max_tokens) -> (text, sample)) through our
+    runner; `extra` adds extra_params (sampling, reuse_kv_cache). Greedy with
+    every sampling adjustment off unless `extra` says otherwise, like the bare
+    runner."""
     import django
 
     django.setup()
@@ -82,12 +106,20 @@ def runner_session(model_dir: Path):
         extra_params={
             "pte_path": str(model_dir / "model.pte"),
             "tokenizer_path": str(model_dir / "tokenizer.json"),
+            "repetition_penalty": 1.0,
+            # A repeated prompt would be served from the KV cache: not what
+            # the bare runner does.
+            "reuse_kv_cache": False,
+            **extra,
         },
     )
     runner = ExecuTorchRunner.from_config(config)
 
-    async def one(question: str, max_tokens: int) -> tuple[str, dict]:
-        request = ChatRequest(messages=(ChatMessage("user", question),), max_tokens=max_tokens)
+    async def one(question, max_tokens: int, **kwargs) -> tuple[str, dict]:
+        messages = (
+            (ChatMessage("user", question),) if isinstance(question, str) else tuple(question)
+        )
+        request = ChatRequest(messages=messages, max_tokens=max_tokens, **kwargs)
         started = time.perf_counter()
         first = last = None
         text = ""
@@ -225,6 +257,156 @@ def worker_overhead(model_dir: Path, runs: int) -> dict:
     }
 
 
+def worker_sampling(model_dir: Path, runs: int) -> dict:
+    """The per-token cost of full sampling (temperature 0.7, top_k 40, top_p
+    0.9, repetition penalty 1.1: the local runner's defaults) vs the bare
+    TextLLMRunner's greedy decode, interleaved in one process."""
+    runner, runner_one = runner_session(
+        model_dir, repetition_penalty=1.1, top_k=40, top_p=0.9, seed=1
+    )
+    _, bare_one = bare_session(model_dir)
+
+    async def main() -> list[tuple[dict, dict]]:
+        await runner.load()
+        await runner_one("Hi", 4)
+        rounds = []
+        for i in range(runs):
+            kwargs = {"temperature": 0.7}
+            if i % 2:
+                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
+                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS, **kwargs))[1]
+            else:
+                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS, **kwargs))[1]
+                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
+            rounds.append((r, b))
+        return rounds
+
+    rounds = asyncio.run(main())
+    # Per-token time difference: what sampling adds to each token.
+    return {
+        "rounds": len(rounds),
+        "decode_ratio": round(
+            statistics.median(r["decode_tps"] / b["decode_tps"] for r, b in rounds), 3
+        ),
+        "per_token_overhead_ms": round(
+            statistics.median(1000 / r["decode_tps"] - 1000 / b["decode_tps"] for r, b in rounds),
+            3,
+        ),
+        "runner_decode_tps": round(statistics.median(r["decode_tps"] for r, _ in rounds), 1),
+        "bare_decode_tps": round(statistics.median(b["decode_tps"] for _, b in rounds), 1),
+    }
+
+
+MULTITURN_SYSTEM = (
+    "You are a helpful assistant for the staff of a small public library. Answer briefly, "
+    "politely and accurately, and say when you do not know."
+)
+MULTITURN_QUESTIONS = (
+    "What is a library card?",
+    "How long can I borrow a book for?",
+    "What happens if I return a book late?",
+    "Can I renew a book online?",
+    "What is an e-book?",
+    "How do I find a book on a shelf?",
+    "What is the Dewey Decimal System?",
+    "Can children have their own library card?",
+    "What is interlibrary loan?",
+    "Can you summarise what we talked about?",
+)
+
+
+def worker_multiturn(model_dir: Path, runs: int) -> dict:
+    """TTFT of the 10th turn of a conversation, with the KV cache of the
+    previous turns reused vs a full prefill, alternating in one process."""
+    from runners.base import ChatMessage
+
+    reuse, reuse_one = runner_session(model_dir, reuse_kv_cache=True)
+    _, fresh_one = runner_session(model_dir, reuse_kv_cache=False)
+
+    async def main() -> dict:
+        await reuse.load()
+        # The conversation: nine answered turns (greedy, so always the same).
+        history = [ChatMessage("system", MULTITURN_SYSTEM)]
+        for question in MULTITURN_QUESTIONS[:-1]:
+            history.append(ChatMessage("user", question))
+            text, _ = await reuse_one(history, 64)
+            history.append(ChatMessage("assistant", text))
+        ninth = history[:-1]
+        tenth = [*history, ChatMessage("user", MULTITURN_QUESTIONS[-1])]
+        rounds = []
+        for i in range(runs):
+            order = ("reuse", "fresh") if i % 2 == 0 else ("fresh", "reuse")
+            sample = {}
+            for mode in order:
+                if mode == "reuse":
+                    await reuse_one(ninth, 64)  # the 9th turn, as the user saw it
+                    text, sample["reuse"] = await reuse_one(tenth, 16)
+                    sample["reused"] = reuse._engine.last_reused_tokens
+                else:
+                    text, sample["fresh"] = await fresh_one(tenth, 16)
+            rounds.append(sample)
+        return {
+            "rounds": len(rounds),
+            "prompt_tokens": rounds[0]["fresh"]["prompt_tokens"],
+            "reused_tokens": rounds[0]["reused"],
+            "ttft_reuse_ms": round(statistics.median(r["reuse"]["ttft_ms"] for r in rounds), 1),
+            "ttft_fresh_ms": round(statistics.median(r["fresh"]["ttft_ms"] for r in rounds), 1),
+            "speedup": round(
+                statistics.median(r["fresh"]["ttft_ms"] / r["reuse"]["ttft_ms"] for r in rounds),
+                2,
+            ),
+        }
+
+    return asyncio.run(main())
+
+
+def worker_llamacpp(model_dir: Path, runs: int, threads: int = 2) -> dict:
+    """llama.cpp (llama-cpp-python, installed for the benchmark only) on the
+    packaged Q4_1 GGUF, greedy, the same rendered prompts."""
+    from llama_cpp import Llama, llama_print_system_info
+
+    from runners.executorch.prepare import locate_gguf
+
+    gguf = locate_gguf()
+    started = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - started
+    template = model_dir / "chat_template.jinja"  # the same prompt as the runner's
+
+    def one(question: str, max_tokens: int) -> tuple[str, dict]:
+        prompt = _render(template, question)
+        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        llm.reset()
+        times: list[float] = []
+        pieces: list[bytes] = []
+        started = time.perf_counter()
+        for token in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if token == llm.token_eos() or len(times) > max_tokens:
+                break
+            pieces.append(llm.detokenize([token]))
+        text = b"".join(pieces).decode(errors="replace").replace("<|im_end|>", "")
+        n = len(times)
+        return text, {
+            "prompt_tokens": len(tokens),
+            "generated": n,
+            "ttft_ms": (times[0] - started) * 1000,
+            "prefill_tps": len(tokens) / (times[0] - started),
+            "decode_tps": (n - 1) / (times[-1] - times[0]) if n > 1 else 0.0,
+        }
+
+    one("Hi", 4)
+    answers = [one(q, ANSWER_TOKENS)[0].strip() for q in QUESTIONS]
+    samples = [one(SPEED_PROMPT, SPEED_TOKENS)[1] for _ in range(runs)]
+    return {
+        "load_s": round(load_s, 2),
+        "answers": answers,
+        "speed": _summary(samples),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "system_info": llama_print_system_info().decode(errors="replace").strip(),
+    }
+
+
 def worker_eager(runs: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -336,7 +518,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="8da8w,8da4w,fp32")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--worker", choices=["runner", "bare", "eager", "overhead"])
+    parser.add_argument(
+        "--worker",
+        choices=["runner", "bare", "eager", "overhead", "sampling", "multiturn", "llamacpp"],
+    )
+    parser.add_argument(
+        "--no-eager", action="store_true", help="skip PyTorch eager (slow: ~25 tok/s)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["overhead", "sampling", "multiturn"],
+        help="run just this measurement on the prepared default model and print it",
+    )
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
@@ -353,6 +546,20 @@ def main() -> None:
     if args.worker == "eager":
         print(json.dumps(worker_eager(args.runs)))
         return
+    if args.worker == "llamacpp":
+        print(json.dumps(worker_llamacpp(args.model_dir, args.runs)))
+        return
+    if args.worker == "sampling":
+        print(json.dumps(worker_sampling(args.model_dir, args.runs)))
+        return
+    if args.worker == "multiturn":
+        print(json.dumps(worker_multiturn(args.model_dir, args.runs)))
+        return
+    if args.only:
+        print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
+        print(json.dumps(_spawn(args.only, args.runs, _variant_dir("8da8w"))))
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
 
     from runners.executorch import prepare
 
@@ -360,16 +567,26 @@ def main() -> None:
     results: dict = {"variants": {}}
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
     print(f"speed prompt: {SPEED_TOKENS} new tokens, median of {args.runs} runs, greedy")
-    eager = _spawn("eager", args.runs)
+    eager = None if args.no_eager else _spawn("eager", args.runs)
     results["eager"] = eager
+    try:
+        llamacpp = _spawn("llamacpp", args.runs, _variant_dir(prepare.DEFAULT_VARIANT))
+    except SystemExit as exc:  # llama-cpp-python is for the benchmark only
+        print(f"llama.cpp skipped: {exc}")
+        llamacpp = None
+    results["llamacpp"] = llamacpp
     for variant in variants:
         model_dir = _variant_dir(variant)
         manifest = prepare.read_manifest(model_dir) or {}
         runner = _spawn("runner", args.runs, model_dir)
         bare = _spawn("bare", args.runs, model_dir)
         overhead = _spawn("overhead", args.runs * 2, model_dir)
+        sampling = _spawn("sampling", args.runs * 2, model_dir)
+        multiturn = _spawn("multiturn", args.runs, model_dir)
         results["variants"][variant] = {
             "overhead": overhead,
+            "sampling": sampling,
+            "multiturn": multiturn,
             "export_seconds": manifest.get("export_seconds"),
             "pte_mb": round((model_dir / prepare.PTE_NAME).stat().st_size / 1e6, 1),
             "runner": runner,
@@ -380,19 +597,32 @@ def main() -> None:
     print()
     print("| path | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | load s |")
     print("|---|---|---|---|---|---|")
-    print(_row("HF transformers eager (fp32 from GGUF)", eager))
+    if eager:
+        print(_row("HF transformers eager (fp32 from GGUF)", eager))
+    if llamacpp:
+        print(_row("llama.cpp (llama-cpp-python, Q4_1 GGUF, 2 threads)", llamacpp))
     for variant, r in results["variants"].items():
         print(_row(f"{variant}: ExecuTorchRunner.stream", r["runner"]))
         print(_row(f"{variant}: bare TextLLMRunner.generate", r["bare"]))
     print()
-    e = eager["speed"]
     for variant, r in results["variants"].items():
         rs, bs = r["runner"]["speed"], r["bare"]["speed"]
+        versus = []
+        if eager:
+            e = eager["speed"]
+            versus.append(
+                f"decode {rs['decode_tps'] / e['decode_tps']:.1f}x eager (bare "
+                f"{bs['decode_tps'] / e['decode_tps']:.1f}x)"
+            )
+        if llamacpp:
+            lc = llamacpp["speed"]
+            versus.append(
+                f"decode {rs['decode_tps'] / lc['decode_tps']:.2f}x llama.cpp (bare "
+                f"{bs['decode_tps'] / lc['decode_tps']:.2f}x), TTFT "
+                f"{rs['ttft_ms']:.0f} vs {lc['ttft_ms']:.0f} ms"
+            )
         print(
-            f"{variant}: decode {rs['decode_tps'] / e['decode_tps']:.1f}x eager "
-            f"(bare {bs['decode_tps'] / e['decode_tps']:.1f}x), prefill "
-            f"{rs['prefill_tps'] / e['prefill_tps']:.1f}x eager; "
-            f"export {r['export_seconds']} s, .pte {r['pte_mb']} MB"
+            f"{variant}: {'; '.join(versus)}; export {r['export_seconds']} s, .pte {r['pte_mb']} MB"
         )
         o = r["overhead"]
         print(
@@ -400,11 +630,41 @@ def main() -> None:
             f"decode ratio {o['decode_ratio']:.3f} ({o['runner_decode_tps']} vs "
             f"{o['bare_decode_tps']} tok/s), TTFT {o['ttft_delta_ms']:+.1f} ms"
         )
+        sm = r["sampling"]
+        print(
+            f"{variant}: default sampling vs bare greedy, interleaved ({sm['rounds']} rounds): "
+            f"decode ratio {sm['decode_ratio']:.3f}, +{sm['per_token_overhead_ms']} ms/token"
+        )
+        m = r["multiturn"]
+        print(
+            f"{variant}: 10th turn ({m['prompt_tokens']} prompt tokens, {m['reused_tokens']} "
+            f"reused): TTFT {m['ttft_reuse_ms']} ms with KV reuse vs {m['ttft_fresh_ms']} ms "
+            f"full prefill ({m['speedup']}x)"
+        )
+    reference = results["variants"].get("fp32")
+    if reference:
+        print()
+        print(f"Greedy answers identical to fp32's ({len(QUESTIONS)} questions):")
+        for variant, r in results["variants"].items():
+            same = sum(
+                a == b
+                for a, b in zip(r["runner"]["answers"], reference["runner"]["answers"], strict=True)
+            )
+            print(f"- {variant}: {same}/{len(QUESTIONS)}")
+        if llamacpp:
+            same = sum(
+                a == b
+                for a, b in zip(llamacpp["answers"], reference["runner"]["answers"], strict=True)
+            )
+            print(f"- llama.cpp Q4_1: {same}/{len(QUESTIONS)}")
     print()
     print("Greedy answers:")
     for i, question in enumerate(QUESTIONS):
         print(f"- {question}")
-        print(f"    eager: {eager['answers'][i]!r}")
+        if eager:
+            print(f"    eager: {eager['answers'][i]!r}")
+        if llamacpp:
+            print(f"    llama.cpp: {llamacpp['answers'][i]!r}")
         for variant, r in results["variants"].items():
             print(f"    {variant} runner: {r['runner']['answers'][i]!r}")
             if r["bare"]["answers"][i] != r["runner"]["answers"][i]:

