@@ -52,8 +52,9 @@ MODES = tuple(SearchMode.values)
 @dataclass(frozen=True)
 class Source:
     """One cited chunk. `page` is 1-based (None for formats without pages).
-    `score` is the score it was ranked by (re-ranked, fused, cosine or BM25
-    by mode); the per-signal scores are None where that signal did not find it."""
+    `score` (0-1) is what it was ranked by (re-ranked, fused, cosine or
+    relative BM25, by mode); the per-signal scores are None where that signal
+    did not find it or that stage did not run."""
 
     document_id: int
     title: str
@@ -106,10 +107,8 @@ class _Candidate:
     fused: float = 0.0
     rerank: float | None = None
     words: frozenset[str] = field(default_factory=frozenset)
-
-    @property
-    def score(self) -> float:
-        return self.rerank if self.rerank is not None else self.fused
+    mode: str = SearchMode.HYBRID
+    score: float = 0.0  # 0-1, what it was ranked by (see _display_scores)
 
 
 def _default_count_tokens(text: str) -> int:
@@ -294,6 +293,7 @@ def search(
         pool = max(POOL, (k or coll.top_k) * OVERFETCH)
         found = _collection_candidates(coll, query, query_vector, coll_mode, pool)
         for candidate in found:
+            candidate.mode = coll_mode
             if coll_mode == SearchMode.VECTOR and candidate.vector is not None:
                 candidate.fused = candidate.vector
             elif coll_mode == SearchMode.KEYWORD and candidate.keyword is not None:
@@ -314,7 +314,25 @@ def search(
         kept.append(candidate)
         if len(kept) >= limit:
             break
+    _display_scores(kept)
     return kept
+
+
+def _display_scores(candidates: list[_Candidate]) -> None:
+    """`score` on a 0-1 scale whatever the mode: the re-ranked score over its
+    maximum, the fused score over a double first place, the cosine, or BM25
+    relative to the best keyword hit."""
+    best_keyword = max((c.keyword or 0.0 for c in candidates), default=0.0) or 1.0
+    top = 1.0 + RERANK_COVERAGE + RERANK_IDENTIFIER
+    for c in candidates:
+        if c.rerank is not None:
+            c.score = c.rerank / top
+        elif c.mode == SearchMode.VECTOR:
+            c.score = c.vector or 0.0
+        elif c.mode == SearchMode.KEYWORD:
+            c.score = (c.keyword or 0.0) / best_keyword
+        else:
+            c.score = c.fused * (RRF_K + 1)
 
 
 def _round(value: float | None) -> float | None:
