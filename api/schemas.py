@@ -294,7 +294,17 @@ class UserMessage(_Message):
     """The user's turn. The last message of a request must be one."""
 
     role: Literal["user"]
-    content: UserContent
+    content: UserContent = Field(description=f"At most {limits.MAX_IMAGES} image parts.")
+
+    @field_validator("content")
+    @classmethod
+    def _image_count(cls, content: Any) -> Any:
+        images = sum(isinstance(p, ImagePart) for p in content) if isinstance(content, list) else 0
+        if images > limits.MAX_IMAGES:
+            raise PydanticCustomError(
+                "too_long", f"At most {limits.MAX_IMAGES} images per message; got {images}."
+            )
+        return content
 
 
 class AssistantMessage(_Message):
@@ -394,7 +404,7 @@ class BreezeWebRequest(Body):
         return self
 
 
-Tokens = Annotated[int, Field(ge=1, le=limits.MAX_API_TOKENS), coded("invalid_type")]
+Tokens = Annotated[int, Field(ge=1, le=limits.MAX_TOKENS), coded("invalid_type")]
 Stop = Annotated[
     list[NonEmpty],
     Field(max_length=limits.MAX_STOP_SEQUENCES),

@@ -12,13 +12,14 @@ MAX_TEXT_CHARS = 100_000
 """Characters in one message's text (a user turn, or any message sent to /v1)."""
 
 MAX_IMAGES = 4
-"""Images attached to one message."""
+"""Images attached to one message (a websocket user turn, a /v1 user message)."""
 
 MAX_MESSAGES = 1000
 """Messages in one /v1 request (the websocket sends one turn at a time)."""
 
 MAX_TOKENS = 32_768
-"""Largest `max_tokens` a caller may ask for; a runner may allow fewer."""
+"""Largest `max_tokens` a caller may ask for, on the websocket and on /v1 alike;
+a runner may allow fewer."""
 
 MAX_STOP_SEQUENCES = 4
 """Stop strings in one request."""
@@ -48,11 +49,6 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
 
 # ---- the HTTP APIs' request bodies (api/schemas.py declares them from these) ----
-
-MAX_API_TOKENS = 1_000_000
-"""Largest `max_tokens` /v1/chat/completions accepts (a runner still caps it at its
-own max_tokens). Larger than the websocket's MAX_TOKENS: issue 13 notes the two
-disagree; they are kept as they are until the interfaces share one turn."""
 
 MAX_TOOL_NAME_CHARS = 64
 """Length of a tool's function name (OpenAI's limit)."""

@@ -48,8 +48,8 @@ IN_SCHEMA = {
         ("ChatCompletionRequest", "stop", "maxItems", limits.MAX_STOP_SEQUENCES)
     ],
     "MAX_TOOLS": [("ChatCompletionRequest", "tools", "maxItems", limits.MAX_TOOLS)],
-    "MAX_API_TOKENS": [
-        ("ChatCompletionRequest", name, "maximum", limits.MAX_API_TOKENS)
+    "MAX_TOKENS": [
+        ("ChatCompletionRequest", name, "maximum", limits.MAX_TOKENS)
         for name in ("max_tokens", "max_completion_tokens")
     ],
     "TEMPERATURE_RANGE": [
@@ -77,6 +77,7 @@ IN_SCHEMA = {
 }
 # Limits stated in prose: (where, the text that must be there).
 IN_PROSE = {
+    "MAX_IMAGES": (field("UserMessage", "content")["description"], "At most 4 image parts"),
     "MAX_TITLE_CHARS": (field("RenameRequest", "title")["description"], "1-200 characters"),
     "MAX_SMALL_BODY_BYTES": (SCHEMA["info"]["description"], "65536 (/api)"),
     "MAX_JSON_DEPTH": (SCHEMA["info"]["description"], "64 (/v1)"),
@@ -84,8 +85,6 @@ IN_PROSE = {
 }
 # Limits that bound no HTTP request body, and why.
 ELSEWHERE = {
-    "MAX_IMAGES": "the websocket's user turn (/v1 has never limited images per message)",
-    "MAX_TOKENS": "the websocket's max_tokens (/v1 takes up to MAX_API_TOKENS)",
     "MAX_COLLECTIONS": "the websocket's collections",
     "MAX_REQUEST_ID_CHARS": "the websocket's request_id",
     "MAX_RUNNER_NAME_CHARS": "the websocket's runner name",
@@ -138,3 +137,33 @@ def test_the_schema_limits_are_the_enforced_ones(body, param):
 def test_the_schema_is_json_and_has_no_hand_written_titles():
     text = json.dumps(SCHEMA)
     assert '"title": "Messages"' not in text  # pydantic's field titles are dropped
+
+
+PIXEL = "data:image/png;base64,iVBORw0KGgo="
+
+
+def user_with_images(n: int) -> dict:
+    image = {"type": "image_url", "image_url": {"url": PIXEL}}
+    return {"role": "user", "content": [{"type": "text", "text": "x"}] + [image] * n}
+
+
+def test_v1_takes_as_many_images_per_message_as_the_websocket():
+    base = {"model": "auto"}
+    schemas.parse(
+        schemas.ChatCompletionRequest, {**base, "messages": [user_with_images(limits.MAX_IMAGES)]}
+    )
+    with pytest.raises(schemas.InputError) as info:
+        body = {**base, "messages": [user_with_images(limits.MAX_IMAGES + 1)]}
+        schemas.parse(schemas.ChatCompletionRequest, body)
+    assert (info.value.status, info.value.code) == (400, "array_too_long")
+    assert info.value.param == "messages[0].content"
+    assert f"At most {limits.MAX_IMAGES} images" in info.value.message
+
+
+def test_v1_caps_max_tokens_like_the_websocket():
+    base = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+    for name in ("max_tokens", "max_completion_tokens"):
+        schemas.parse(schemas.ChatCompletionRequest, {**base, name: limits.MAX_TOKENS})
+        with pytest.raises(schemas.InputError) as info:
+            schemas.parse(schemas.ChatCompletionRequest, {**base, name: limits.MAX_TOKENS + 1})
+        assert (info.value.code, info.value.param) == ("invalid_type", name)
