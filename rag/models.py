@@ -45,16 +45,19 @@ class Collection(models.Model):
         max_length=8,
         choices=SearchMode.choices,
         default=SearchMode.HYBRID,
+        db_default=SearchMode.HYBRID,
         help_text="How chunks are found: by meaning, by exact words, or both fused (default).",
     )
     keyword_weight = models.FloatField(
         default=0.5,
+        db_default=0.5,
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="Hybrid only: the keyword signal's share of the fused rank (0-1); "
         "the vector signal gets the rest.",
     )
     rerank = models.BooleanField(
         default=True,
+        db_default=True,
         help_text="Re-order the fused candidates by how fully they cover the question's "
         "terms and identifiers (see docs/rag.md).",
     )
@@ -135,11 +138,15 @@ class Document(models.Model):
     # The generation retrieval answers from: set in the same transaction that
     # marks the document ready and swaps its lexical rows, so both indexes
     # switch generations at once (a stale vector hit is dropped by this check).
-    live_generation = models.CharField(max_length=32, blank=True, editable=False)
+    live_generation = models.CharField(
+        max_length=32, blank=True, default="", db_default="", editable=False
+    )
     # What produced the live chunks (chunk format + embedding model); empty
     # for documents indexed before hybrid search. A different value means the
     # vectors would change: the document is re-indexed (rag.worker).
-    index_version = models.CharField(max_length=64, blank=True, editable=False)
+    index_version = models.CharField(
+        max_length=64, blank=True, default="", db_default="", editable=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
