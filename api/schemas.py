@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from datetime import datetime
 from functools import reduce
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,7 @@ from pydantic import (
     Tag,
     ValidationError,
     WrapValidator,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -37,8 +38,12 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from chat import limits
+from chat import models as chat_models
 from chat.inputs import InputError
+from rag import models as rag_models
+from rag import retrieval
 from rag.retrieval import MODES
+from runners.registry import RUNNER_KINDS
 
 # ---- from pydantic's errors to the documented codes -------------------------------------
 
@@ -497,279 +502,6 @@ class RenameRequest(Body):
     )
 
 
-# ---- responses ----------------------------------------------------------------------------
-
-
-class OpenAIErrorDetail(Reply):
-    message: str = Field(description="What went wrong, for people.")
-    type: str = Field(
-        description="invalid_request_error, authentication_error, permission_error, "
-        "not_found_error, rate_limit_error, server_error or api_error."
-    )
-    param: str | None = Field(description="The request field at fault, e.g. `messages[0].content`.")
-    code: str = Field(description="A stable machine-readable code (docs/http-api.md).")
-
-
-class OpenAIError(Reply):
-    """OpenAI's error shape, used by every /v1 endpoint."""
-
-    error: OpenAIErrorDetail
-
-
-class ErrorDetail(Reply):
-    model_config = ConfigDict(extra="allow")
-
-    code: str = Field(description="A stable machine-readable code (docs/http-api.md).")
-    message: str
-    param: str = Field("", description="The request field at fault, when there is one.")
-
-
-class Error(Reply):
-    """BreezeWeb's own error shape, used by the /api endpoints."""
-
-    error: ErrorDetail
-
-
-Capability = Literal["llm", "vlm", "agent"]
-
-
-class ModelMetadata(Reply):
-    kind: str = Field(description="`executorch`, `llamastack`, or `router` for auto.")
-    model_id: str = Field(description="The model the runner serves.")
-    capabilities: list[Capability] = Field(description="llm: text; vlm: images; agent: tools.")
-    priority: int = 0
-    context_tokens: int = 0
-    max_tokens: int = 0
-    runners: list[str] = Field([], description="auto only: the runners it chooses from.")
-    description: str = ""
-
-
-class Model(Reply):
-    id: str = Field(description="The runner config's name, or `auto`.")
-    object: Literal["model"]
-    created: int = Field(description="Unix time the runner was configured.")
-    owned_by: Literal["breezeweb"]
-    metadata: ModelMetadata
-
-
-class ModelList(Reply):
-    object: Literal["list"]
-    data: list[Model]
-
-
-class Usage(Reply):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class Source(Reply):
-    """A document chunk the answer drew on (`[n]` in the answer is `sources[n-1]`)."""
-
-    document_id: int
-    title: str
-    page: int | None
-    snippet: str
-    score: float
-    collection_id: int
-
-
-class BreezeWebResponse(Reply):
-    """BreezeWeb's extension of the response (openai client:
-    `completion.model_extra['breezeweb']`)."""
-
-    runner: str = Field(description="The runner that answered.")
-    model_id: str
-    fallback: bool = Field(description="True when a higher-priority runner failed first.")
-    sources: list[Source]
-    notices: list[dict[str, Any]] = Field(
-        description="e.g. `{code: trimmed}` when old turns were left out to fit the context, "
-        "`{code: fallback}` when a runner failed."
-    )
-    blocked: str = Field(
-        "", description="Set when an output rule stopped the answer (`content_filter`)."
-    )
-    conversation_id: int = Field(0, description="With `save` or `conversation_id`.")
-
-
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
-
-
-class AnswerMessage(Reply):
-    role: Literal["assistant"]
-    content: str | None = Field(description="Null when the answer is `tool_calls`.")
-    refusal: None
-    tool_calls: list[ToolCall] = []
-
-
-class Choice(Reply):
-    index: int
-    message: AnswerMessage
-    logprobs: None
-    finish_reason: FinishReason
-
-
-class ChatCompletion(Reply):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str = Field(description="The runner that answered.")
-    system_fingerprint: None
-    choices: list[Choice]
-    usage: Usage
-    breezeweb: BreezeWebResponse
-
-
-class Delta(Reply):
-    role: Literal["assistant"] = "assistant"
-    content: str = ""
-    tool_calls: list[dict[str, Any]] = []
-
-
-class ChunkChoice(Reply):
-    index: int
-    delta: Delta
-    logprobs: None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionChunk(Reply):
-    """One `data:` event of a stream. The first carries `delta.role`; the one
-    with `finish_reason` carries `breezeweb`; with `stream_options.include_usage`
-    a last chunk has empty `choices` and `usage` (and `breezeweb` again). The
-    stream ends with `data: [DONE]`. An error after the stream began arrives as
-    a `data:` event holding an OpenAIError, then `[DONE]`."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    breezeweb: BreezeWebResponse | None = None
-
-
-class ConversationSummary(Reply):
-    id: int
-    title: str
-    updated_at: datetime
-
-
-class ConversationList(Reply):
-    conversations: list[ConversationSummary]
-
-
-class StoredMessage(Reply):
-    id: int
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
-    images: list[str]
-    status: Literal["complete", "streaming", "stopped", "failed"]
-    runner: str
-    model: str
-    fallback: bool
-    finish_reason: str
-    usage: dict[str, Any]
-    timings: dict[str, Any]
-    sources: list[Source]
-    error_code: str
-    error: str
-    created_at: datetime
-
-
-class Conversation(Reply):
-    id: int
-    title: str
-    pinned_runner: str | None
-    rag: bool
-    collections: list[int]
-    messages: list[StoredMessage]
-
-
-class Runner(Reply):
-    name: str
-    kind: str
-    capabilities: list[Capability]
-    model_id: str
-    priority: int
-
-
-class RunnerList(Reply):
-    runners: list[Runner] = Field(description="Highest priority first; no secrets.")
-
-
-class Document(Reply):
-    id: int
-    title: str
-    status: Literal["queued", "processing", "ready", "failed"]
-    progress: float = Field(ge=0, le=1)
-    error: str = Field(description="Why ingestion failed.")
-    chunk_count: int
-    collection_id: int
-    size: int
-    mime: str
-    sha256: str
-    page_count: int | None
-    created_at: datetime
-    updated_at: datetime
-
-
-class DocumentList(Reply):
-    documents: list[Document] = Field(
-        description=f"The newest {limits.MAX_DOCUMENTS_LISTED}.",
-        max_length=limits.MAX_DOCUMENTS_LISTED,
-    )
-
-
-class OneDocument(Reply):
-    document: Document
-
-
-class Uploaded(Reply):
-    documents: list[Document]
-    errors: list[ErrorDetail] = Field(description="The files that were refused, and why.")
-
-
-class Upload(Body):
-    """multipart/form-data."""
-
-    file: list[bytes] = Field(
-        min_length=1,
-        max_length=limits.MAX_FILES_PER_REQUEST,
-        description="txt, md, pdf, html or docx files, each within UPLOAD_MAX_BYTES.",
-    )
-    collection: int | None = Field(None, description="Default: your personal collection.")
-
-
-class Deleted(Reply):
-    deleted: int
-
-
-class Collection(Reply):
-    id: int
-    name: str
-    personal: bool
-    shared: bool
-    owner: str | None
-    writable: bool
-    top_k: int
-    score_floor: float
-
-
-class CollectionList(Reply):
-    collections: list[Collection] = Field(description="Your personal collection first.")
-
-
-class Health(Reply):
-    status: Literal["ok"]
-
-
-class Readiness(Reply):
-    status: Literal["ready", "not ready"]
-    checks: dict[str, Any] = Field(description="What was checked, and what failed.")
-
-
 class SearchRequest(Body):
     """POST /api/search."""
 
@@ -785,20 +517,15 @@ class SearchRequest(Body):
     )
 
 
-class SearchResult(Source):
-    rank: int
-    text: str = Field(description="The whole chunk.")
-    section: str = Field(description="Its heading path.")
-    chunk_id: str
-    vector_score: float | None
-    keyword_score: float | None
-    fused_score: float | None
-    rerank_score: float | None
+class Upload(Body):
+    """multipart/form-data."""
 
-
-class SearchResults(Reply):
-    query: str
-    results: list[SearchResult]
+    file: list[bytes] = Field(
+        min_length=1,
+        max_length=limits.MAX_FILES_PER_REQUEST,
+        description="txt, md, pdf, html or docx files, each within UPLOAD_MAX_BYTES.",
+    )
+    collection: int | None = Field(None, description="Default: your personal collection.")
 
 
 # The request bodies of /api: their refusals are `bad_<field>` (or `bad_json`).
@@ -809,3 +536,224 @@ def emitted_codes() -> set[str]:
     """Every code `error_for` and `parse` can answer (docs/http-api.md lists them)."""
     fields = {f"bad_{name}" for model in FIELD_CODED for name in model.model_fields}
     return {*CODES.values(), DEFAULT_CODE, *CUSTOM_CODES, "bad_json", *fields}
+
+
+# ---- responses: the shapes the views build, generated (`name=type`, or `(type, default)`) ----
+
+
+def reply(name: str, doc: str | None = None, /, **fields: Any) -> type[Reply]:
+    spec = {key: kind if isinstance(kind, tuple) else (kind, ...) for key, kind in fields.items()}
+    return create_model(name, __base__=Reply, __doc__=doc, **spec)
+
+
+def about(kind: Any, description: str, default: Any = ...) -> tuple[Any, Any]:
+    """A field with a description."""
+    return kind, Field(default, description=description)
+
+
+def choices(model: Any) -> Any:
+    """A Django TextChoices' values as a Literal."""
+    return Literal[tuple(model.values)]
+
+
+CODE = about(str, "A stable machine-readable code (docs/http-api.md).")
+OpenAIErrorDetail = reply(
+    "OpenAIErrorDetail",
+    message=about(str, "What went wrong, for people."),
+    type=about(
+        str,
+        "invalid_request_error, authentication_error, permission_error, "
+        "not_found_error, rate_limit_error, server_error or api_error.",
+    ),
+    param=about(str | None, "The request field at fault, e.g. `messages[0].content`."),
+    code=CODE,
+)
+OpenAIError = reply(
+    "OpenAIError", "OpenAI's error shape, used by every /v1 endpoint.", error=OpenAIErrorDetail
+)
+
+
+class ErrorDetail(Reply):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description=CODE[1].description)
+    message: str
+    param: str = Field("", description="The request field at fault, when there is one.")
+
+
+Error = reply(
+    "Error", "BreezeWeb's own error shape, used by the /api endpoints.", error=ErrorDetail
+)
+
+Capability = Literal["llm", "vlm", "agent"]
+ModelMetadata = reply(
+    "ModelMetadata",
+    kind=about(str, f"`{'`, `'.join(RUNNER_KINDS)}`, or `router` for auto."),
+    model_id=about(str, "The model the runner serves."),
+    capabilities=about(list[Capability], "llm: text; vlm: images; agent: tools."),
+    priority=(int, 0),
+    context_tokens=(int, 0),
+    max_tokens=(int, 0),
+    runners=about(list[str], "auto only: the runners it chooses from.", []),
+    description=(str, ""),
+)
+Model = reply(
+    "Model",
+    id=about(str, "The runner config's name, or `auto`."),
+    object=Literal["model"],
+    created=about(int, "Unix time the runner was configured."),
+    owned_by=Literal["breezeweb"],
+    metadata=ModelMetadata,
+)
+ModelList = reply("ModelList", object=Literal["list"], data=list[Model])
+Usage = reply("Usage", prompt_tokens=int, completion_tokens=int, total_tokens=int)
+
+# A cited chunk, as rag.retrieval.Source declares it: a turn carries its first fields,
+# /api/search all of them.
+_CHUNK = get_type_hints(retrieval.Source)
+_CITED = ("document_id", "title", "page", "snippet", "score", "collection_id")
+Source = reply(
+    "Source",
+    "A document chunk the answer drew on (`[n]` in the answer is `sources[n-1]`).",
+    **{key: _CHUNK[key] for key in _CITED},
+)
+SearchResult = reply("SearchResult", retrieval.Source.__doc__, rank=int, **_CHUNK)
+SearchResults = reply("SearchResults", query=str, results=list[SearchResult])
+
+BreezeWebResponse = reply(
+    "BreezeWebResponse",
+    "BreezeWeb's extension of the response (openai client: `completion.model_extra['breezeweb']`).",
+    runner=about(str, "The runner that answered."),
+    model_id=str,
+    fallback=about(bool, "True when a higher-priority runner failed first."),
+    sources=list[Source],
+    notices=about(
+        list[dict[str, Any]],
+        "e.g. `{code: trimmed}` when old turns were left out to fit the context, "
+        "`{code: fallback}` when a runner failed.",
+    ),
+    blocked=about(str, "Set when an output rule stopped the answer (`content_filter`).", ""),
+    conversation_id=about(int, "With `save` or `conversation_id`.", 0),
+)
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+AnswerMessage = reply(
+    "AnswerMessage",
+    role=Literal["assistant"],
+    content=about(str | None, "Null when the answer is `tool_calls`."),
+    refusal=None,
+    tool_calls=(list[ToolCall], []),
+)
+Choice = reply(
+    "Choice", index=int, message=AnswerMessage, logprobs=None, finish_reason=FinishReason
+)
+_COMPLETION = {"id": str, "created": int, "system_fingerprint": None}
+ChatCompletion = reply(
+    "ChatCompletion",
+    **_COMPLETION,
+    object=Literal["chat.completion"],
+    model=about(str, "The runner that answered."),
+    choices=list[Choice],
+    usage=Usage,
+    breezeweb=BreezeWebResponse,
+)
+Delta = reply(
+    "Delta",
+    role=(Literal["assistant"], "assistant"),
+    content=(str, ""),
+    tool_calls=(list[dict[str, Any]], []),
+)
+ChunkChoice = reply(
+    "ChunkChoice", index=int, delta=Delta, logprobs=None, finish_reason=FinishReason | None
+)
+ChatCompletionChunk = reply(
+    "ChatCompletionChunk",
+    "One `data:` event of a stream. The first carries `delta.role`; the one with "
+    "`finish_reason` carries `breezeweb`; with `stream_options.include_usage` a last chunk "
+    "has empty `choices` and `usage` (and `breezeweb` again). The stream ends with "
+    "`data: [DONE]`. An error after the stream began arrives as a `data:` event holding an "
+    "OpenAIError, then `[DONE]`.",
+    **_COMPLETION,
+    object=Literal["chat.completion.chunk"],
+    model=str,
+    choices=list[ChunkChoice],
+    usage=(Usage | None, None),
+    breezeweb=(BreezeWebResponse | None, None),
+)
+
+ConversationSummary = reply("ConversationSummary", id=int, title=str, updated_at=datetime)
+StoredMessage = reply(
+    "StoredMessage",
+    id=int,
+    role=choices(chat_models.Message.Role),
+    content=str,
+    images=list[str],
+    status=choices(chat_models.Message.Status),
+    **dict.fromkeys(("runner", "model", "finish_reason", "error_code", "error"), str),
+    fallback=bool,
+    usage=dict[str, Any],
+    timings=dict[str, Any],
+    sources=list[Source],
+    created_at=datetime,
+)
+Conversation = reply(
+    "Conversation",
+    id=int,
+    title=str,
+    pinned_runner=str | None,
+    rag=bool,
+    collections=list[int],
+    messages=list[StoredMessage],
+)
+Runner = reply(
+    "Runner", name=str, kind=str, capabilities=list[Capability], model_id=str, priority=int
+)
+Document = reply(
+    "Document",
+    id=int,
+    title=str,
+    status=choices(rag_models.Document.Status),
+    progress=(float, Field(ge=0, le=1)),
+    error=about(str, "Why ingestion failed."),
+    **dict.fromkeys(("chunk_count", "collection_id", "size"), int),
+    **dict.fromkeys(("mime", "sha256"), str),
+    page_count=int | None,
+    **dict.fromkeys(("created_at", "updated_at"), datetime),
+)
+Collection = reply(
+    "Collection",
+    id=int,
+    name=str,
+    **dict.fromkeys(("personal", "shared"), bool),
+    owner=str | None,
+    writable=bool,
+    top_k=int,
+    score_floor=float,
+)
+ConversationList = reply("ConversationList", conversations=list[ConversationSummary])
+RunnerList = reply("RunnerList", runners=about(list[Runner], "Highest priority first; no secrets."))
+DocumentList = reply(
+    "DocumentList",
+    documents=(
+        list[Document],
+        Field(
+            description=f"The newest {limits.MAX_DOCUMENTS_LISTED}.",
+            max_length=limits.MAX_DOCUMENTS_LISTED,
+        ),
+    ),
+)
+OneDocument = reply("OneDocument", document=Document)
+Uploaded = reply(
+    "Uploaded",
+    documents=list[Document],
+    errors=about(list[ErrorDetail], "The files that were refused, and why."),
+)
+Deleted = reply("Deleted", deleted=int)
+CollectionList = reply(
+    "CollectionList", collections=about(list[Collection], "Your personal collection first.")
+)
+Health = reply("Health", status=Literal["ok"])
+Readiness = reply(
+    "Readiness",
+    status=Literal["ready", "not ready"],
+    checks=about(dict[str, Any], "What was checked, and what failed."),
+)
