@@ -50,6 +50,9 @@ def llamastack_server():
 def scripted_runner(scripted_server: ScriptedServer):
     from runners.models import RunnerConfig
 
+    # Scripted servers stream synthetic filler ("tick " * 400), a loop by
+    # construction: the loop guard (tested in tests/runners/test_loopguard.py)
+    # is off for them.
     return RunnerConfig.objects.create(
         name="scripted",
         kind="llamastack",
@@ -57,4 +60,5 @@ def scripted_runner(scripted_server: ScriptedServer):
         model_id="scripted-model",
         priority=10,
         timeout_seconds=10,
+        extra_params={"loop_guard": False},
     )
