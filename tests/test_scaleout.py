@@ -20,7 +20,7 @@ import websockets
 from accounts.models import ApiKey
 from chat.models import Message
 from rag.models import Collection, Document
-from runners.models import RunnerConfig
+from tests.support.fixtures import runner_config
 from tests.support.processes import Daphne, Worker
 from tests.support.scripted_server import Reply
 
@@ -75,13 +75,7 @@ def test_an_admin_edit_reaches_every_web_process_on_its_next_request(
 ):
     first, second = two_web_processes
     _, key = ApiKey.issue(user, "scaleout")
-    config = RunnerConfig.objects.create(
-        name="remote",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-    )
+    config = runner_config(scripted_server.url, "remote", priority=10)
     assert "remote" in _models(first, key) and "remote" in _models(second, key)
 
     config.enabled = False

@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import json
 
-from django.conf import settings
-from django.test import Client
-
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 
 from accounts.models import ApiKey
 from breezeweb.asgi import application
-from chat import services
 from chat.consumers import finish_detached
 from chat.models import Conversation, Message
-from runners import registry
 from runners.models import RunRecord
-from runners.router import circuits
+from tests.support.clients import connect
 from tests.support.scripted_server import Reply
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("user", "fresh_process_state"),
+]
 
 QUESTION = "What is the capital of France?"
 ANSWER = Reply(text="The capital of France is Paris.", usage=(12, 7))
@@ -64,32 +61,8 @@ RUN_FIELDS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh(user):
-    registry.forget_all()
-    circuits.reset()
-    services.reset_limits(user.pk)
-    yield
-    registry.forget_all()
-    circuits.reset()
-
-
-def _headers(user) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
-    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
-    return [
-        (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),
-        (b"origin", b"http://localhost"),
-        (b"host", b"localhost"),
-    ]
-
-
 async def _over_the_websocket(user) -> int:
-    ws = WebsocketCommunicator(
-        application, "/ws/chat/", headers=await sync_to_async(_headers)(user)
-    )
-    assert (await ws.connect(timeout=5))[0]
+    ws = await connect(user)
     await ws.send_json_to(
         {"type": "message", "request_id": "r1", "conversation_id": None, "text": QUESTION}
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 
-from django.conf import settings
 from django.test import Client
 
 import pytest
@@ -19,51 +18,21 @@ from channels.testing import WebsocketCommunicator
 
 from accounts.models import ApiKey
 from breezeweb.asgi import application
-from chat import services
-from chat.consumers import finish_detached
 from chat.models import Message
-from runners import registry
-from runners.router import circuits
+from tests.support.clients import connect, logged_in
 from tests.support.scripted_server import Reply
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.scaleout]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.scaleout,
+    pytest.mark.usefixtures("user", "fresh_process_state", "no_detached_answers"),
+]
 
 SLOW = Reply(text=" ".join(f"word{i}" for i in range(200)), token_delay=0.05)
 
 
-@pytest.fixture(autouse=True)
-def _clean(user):
-    registry.forget_all()
-    circuits.reset()
-    services.reset_limits(user.pk)
-    yield
-    registry.forget_all()
-    circuits.reset()
-
-
-@pytest.fixture(autouse=True)
-async def _no_generation_outlives_its_test():
-    yield
-    await finish_detached(cancel=True)
-
-
-def _logged_in(user) -> tuple[Client, list[tuple[bytes, bytes]]]:
-    client = Client()
-    client.force_login(user)
-    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
-    headers = [
-        (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),
-        (b"origin", b"http://localhost"),
-        (b"host", b"localhost"),
-    ]
-    return client, headers
-
-
 async def open_socket(headers) -> WebsocketCommunicator:
-    ws = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
-    connected, _ = await ws.connect(timeout=5)
-    assert connected
-    return ws
+    return await connect(headers=headers)
 
 
 async def start_answer(ws, request_id: str = "r1") -> dict:
@@ -132,7 +101,7 @@ async def test_revoking_a_key_stops_its_answer_and_closes_its_socket(
 
 
 async def test_revoking_on_the_settings_page_closes_an_idle_socket(user):
-    client, _ = await sync_to_async(_logged_in)(user)
+    client, _ = await sync_to_async(logged_in)(user)
     key, raw = await sync_to_async(ApiKey.issue)(user, "script")
     ws = await open_socket([(b"authorization", f"Bearer {raw}".encode())])
 
@@ -162,8 +131,8 @@ async def test_the_admin_revoke_action_closes_the_socket(user, admin_user):
 async def test_logging_out_stops_the_answer_and_closes_that_sessions_socket_only(
     user, scripted_runner, scripted_server
 ):
-    client, headers = await sync_to_async(_logged_in)(user)
-    _, other_headers = await sync_to_async(_logged_in)(user)  # another browser
+    client, headers = await sync_to_async(logged_in)(user)
+    _, other_headers = await sync_to_async(logged_in)(user)  # another browser
     ws = await open_socket(headers)
     other = await open_socket(other_headers)
     scripted_server.script(SLOW)
@@ -180,7 +149,7 @@ async def test_logging_out_stops_the_answer_and_closes_that_sessions_socket_only
 
 
 async def test_deactivating_the_user_closes_every_socket_of_theirs(user):
-    _, headers = await sync_to_async(_logged_in)(user)
+    _, headers = await sync_to_async(logged_in)(user)
     _, raw = await sync_to_async(ApiKey.issue)(user, "script")
     browser = await open_socket(headers)
     program = await open_socket([(b"authorization", f"Bearer {raw}".encode())])

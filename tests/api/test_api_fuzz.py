@@ -40,8 +40,8 @@ from api.openapi import build_schema
 from breezeweb.asgi import application
 from chat.models import Conversation, Message
 from runners import registry
-from runners.models import RunnerConfig
 from runners.router import circuits
+from tests.support.fixtures import runner_config
 from tests.support.jsonschema_strategies import from_schema
 
 SCHEMA = build_schema()
@@ -129,19 +129,10 @@ def check_success(response: httpx.Response) -> None:
 def test_generated_requests_never_cause_a_server_error(user, scripted_server):
     registry.forget_all()
     circuits.reset()
-    RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-    )
-    RunnerConfig.objects.create(
-        name="everything",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
+    runner_config(scripted_server.url, "scripted", priority=10, timeout_seconds=10)
+    runner_config(
+        scripted_server.url,
+        "everything",
         enable_vision=True,
         enable_agents=True,
         timeout_seconds=10,
@@ -376,14 +367,7 @@ def test_every_api_route_answers_hostile_requests_with_json_4xx(user, other_user
 
     registry.forget_all()
     circuits.reset()
-    RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-    )
+    runner_config(scripted_server.url, "scripted", priority=10, timeout_seconds=10)
     raw_key = ApiKey.issue(user, "fuzz")[1]
     # Someone else's things: ids that exist but are never the caller's.
     theirs = Conversation.objects.create(owner=other_user, title="Bob's")

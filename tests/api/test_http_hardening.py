@@ -23,57 +23,23 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from accounts.models import ApiKey
-from breezeweb.asgi import application
 from chat.models import Conversation, Message
 from rag import worker
 from rag.models import Document
-from runners import registry
 from runners.router import circuits
 from tests.support import documents as docs
+from tests.support.clients import call
 from tests.support.processes import ROOT
 
 db = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def _fresh(settings):
+def _fresh(settings, fresh_process_state):
     settings.RAG_INGEST_WORKER = "thread"
-    registry.forget_all()
-    circuits.reset()
     from django.core.cache import cache
 
     cache.clear()
-    yield
-    registry.forget_all()
-    circuits.reset()
-
-
-@pytest.fixture
-def api_key(user) -> str:
-    return ApiKey.issue(user, "tests")[1]
-
-
-async def call(
-    method: str,
-    path: str,
-    *,
-    key: str | None = None,
-    body=None,
-    content: bytes | None = None,
-    headers: dict | None = None,
-    cookies: dict | None = None,
-) -> httpx.Response:
-    all_headers = dict(headers or {})
-    if key:
-        all_headers["Authorization"] = f"Bearer {key}"
-    if body is not None:
-        content = json.dumps(body).encode()
-        all_headers.setdefault("Content-Type", "application/json")
-    transport = httpx.ASGITransport(app=application)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://localhost", cookies=cookies
-    ) as client:
-        return await client.request(method, path, content=content, headers=all_headers)
 
 
 def api_error(response: httpx.Response, status: int, code: str | None = None) -> dict:

@@ -28,11 +28,11 @@ from asgiref.sync import sync_to_async
 from PIL import Image
 
 from accounts.models import ApiKey
-from breezeweb.asgi import application
 from chat.models import Conversation, Message
-from runners import registry
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
+from tests.support.clients import call
+from tests.support.fixtures import runner_config
 from tests.support.processes import (
     ROOT,
     Daphne,
@@ -42,38 +42,7 @@ from tests.support.scripted_server import Reply, ScriptedToolCall
 db = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_runners():
-    registry.forget_all()
-    circuits.reset()
-    yield
-    registry.forget_all()
-    circuits.reset()
-
-
-@pytest.fixture
-def api_key(user) -> str:
-    return ApiKey.issue(user, "tests")[1]
-
-
-async def call(
-    method: str,
-    path: str,
-    *,
-    key: str | None = None,
-    body=None,
-    content: bytes | None = None,
-    headers: dict | None = None,
-) -> httpx.Response:
-    all_headers = dict(headers or {})
-    if key:
-        all_headers["Authorization"] = f"Bearer {key}"
-    if body is not None:
-        content = json.dumps(body).encode()
-        all_headers.setdefault("Content-Type", "application/json")
-    transport = httpx.ASGITransport(app=application)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        return await client.request(method, path, content=content, headers=all_headers)
+pytestmark = pytest.mark.usefixtures("fresh_process_state")
 
 
 def chat_body(text: str = "Hello?", **extra) -> dict:
@@ -243,13 +212,7 @@ async def test_a_stream_is_sse_chunks_with_usage_last_and_done(
 
 @db
 async def test_tool_calls_come_back_in_openai_shape(api_key, scripted_server):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="agent",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        enable_agents=True,
-    )
+    await sync_to_async(runner_config)(scripted_server.url, "agent", enable_agents=True)
     scripted_server.script(
         Reply(text="", tool_calls=(ScriptedToolCall("get_time", '{"tz": "UTC"}', "call_1"),))
     )
@@ -276,13 +239,7 @@ async def test_tool_calls_come_back_in_openai_shape(api_key, scripted_server):
 
 @db
 async def test_content_parts_and_a_valid_image_reach_a_vision_runner(api_key, scripted_server):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="vision",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        enable_vision=True,
-    )
+    await sync_to_async(runner_config)(scripted_server.url, "vision", enable_vision=True)
     scripted_server.script(Reply(text="A red square."))
     image = png_data_url()
     body = {
@@ -477,13 +434,7 @@ async def test_an_unknown_or_disabled_model_is_404_model_not_found(
 
 @db
 async def test_a_broken_image_is_a_400_naming_the_part(api_key, scripted_server):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="vision",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        enable_vision=True,
-    )
+    await sync_to_async(runner_config)(scripted_server.url, "vision", enable_vision=True)
     body = {
         "model": "vision",
         "messages": [
@@ -586,13 +537,8 @@ async def test_an_output_rule_ends_the_answer_with_content_filter(
 
 @db
 async def test_an_unavailable_runner_is_503_and_a_slow_one_504(api_key, scripted_server):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        timeout_seconds=1,
-        extra_params={"retries": 0},
+    await sync_to_async(runner_config)(
+        scripted_server.url, "scripted", timeout_seconds=1, extra_params={"retries": 0}
     )
     scripted_server.script(Reply(status=503, headers={"Retry-After": "3"}))
     response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body())
@@ -626,13 +572,7 @@ async def test_an_error_after_the_stream_began_is_an_error_event_then_done(
 async def test_an_upstream_failure_before_any_token_is_an_http_error_even_when_streaming(
     api_key, scripted_server
 ):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        extra_params={"retries": 0},
-    )
+    await sync_to_async(runner_config)(scripted_server.url, "scripted", extra_params={"retries": 0})
     scripted_server.script(Reply(status=500))
     response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True))
     assert response.status_code in (502, 503), response.text

@@ -11,8 +11,7 @@ import json
 import os
 import time
 
-from django.conf import settings
-from django.test import Client, override_settings
+from django.test import override_settings
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -22,58 +21,20 @@ from PIL import Image
 
 from accounts.models import ApiKey
 from breezeweb.asgi import application
-from chat import services
 from chat.consumers import finish_detached
 from chat.models import Conversation, Message
-from runners import registry
-from runners.models import RunnerConfig
-from runners.router import circuits
+from tests.support.clients import WS_PATH, connect, session_headers
+from tests.support.fixtures import runner_config
 from tests.support.scripted_server import Reply
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.scaleout]
-
-WS_PATH = "/ws/chat/"
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.scaleout,
+    pytest.mark.usefixtures("user", "other_user", "fresh_process_state", "no_detached_answers"),
+]
 
 
 # ---- helpers -----------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _clean_process_state(user, other_user):
-    registry.forget_all()
-    circuits.reset()
-    for u in (user, other_user):
-        services.reset_limits(u.pk)
-    yield
-    registry.forget_all()
-    circuits.reset()
-
-
-@pytest.fixture(autouse=True)
-async def _no_generation_outlives_its_test():
-    yield
-    # Answers outlive their socket by design; a test's must not outlive the test.
-    await finish_detached(cancel=True)
-
-
-def _session_headers(user) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
-    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
-    return [
-        (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),
-        (b"origin", b"http://localhost"),
-        (b"host", b"localhost"),
-    ]
-
-
-async def connect(user=None, headers=None) -> WebsocketCommunicator:
-    if headers is None:
-        headers = await sync_to_async(_session_headers)(user)
-    communicator = WebsocketCommunicator(application, WS_PATH, headers=headers)
-    connected, code = await communicator.connect(timeout=5)
-    assert connected, f"handshake refused with {code}"
-    return communicator
 
 
 async def frames_until(ws, predicate, timeout: float = 10.0) -> list[dict]:
@@ -169,7 +130,7 @@ async def test_a_wrong_api_key_is_closed_with_4401():
     ],
 )
 async def test_a_session_from_another_origin_is_closed_with_4403(user, origin):
-    headers = await sync_to_async(_session_headers)(user)
+    headers = await sync_to_async(session_headers)(user)
     headers = [(k, v) for k, v in headers if k != b"origin"]
     if origin:
         headers.append((b"origin", origin.encode()))
@@ -177,7 +138,7 @@ async def test_a_session_from_another_origin_is_closed_with_4403(user, origin):
 
 
 async def test_the_origin_is_compared_with_the_sites_own_scheme_host_and_port(user):
-    headers = await sync_to_async(_session_headers)(user)
+    headers = await sync_to_async(session_headers)(user)
     on_port = [(k, v) for k, v in headers if k not in (b"origin", b"host")]
     # The site served on port 8000: exactly that origin is its own.
     ws = await connect(
@@ -201,7 +162,7 @@ async def test_the_origin_is_compared_with_the_sites_own_scheme_host_and_port(us
 
 async def test_csrf_trusted_origins_are_accepted_exactly(user, settings):
     settings.CSRF_TRUSTED_ORIGINS = ["https://chat.example.com", "https://*.example.org"]
-    headers = [(k, v) for k, v in await sync_to_async(_session_headers)(user) if k != b"origin"]
+    headers = [(k, v) for k, v in await sync_to_async(session_headers)(user) if k != b"origin"]
     for good in ("https://chat.example.com", "https://a.example.org"):
         ws = await connect(headers=[*headers, (b"origin", good.encode())])
         await ws.disconnect()
@@ -211,7 +172,7 @@ async def test_csrf_trusted_origins_are_accepted_exactly(user, settings):
 
 async def test_behind_a_tls_proxy_the_https_origin_is_the_sites_own(user, settings):
     settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    headers = [(k, v) for k, v in await sync_to_async(_session_headers)(user) if k != b"origin"]
+    headers = [(k, v) for k, v in await sync_to_async(session_headers)(user) if k != b"origin"]
     proxied = [*headers, (b"x-forwarded-proto", b"https")]
     ws = await connect(headers=[*proxied, (b"origin", b"https://localhost")])
     await ws.disconnect()
@@ -292,13 +253,8 @@ async def test_the_history_of_the_conversation_reaches_the_runner(
 
 
 async def test_a_notice_frame_says_old_turns_were_trimmed(user, scripted_server):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="tiny",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        context_tokens=256,
-        max_tokens=64,
+    await sync_to_async(runner_config)(
+        scripted_server.url, "tiny", context_tokens=256, max_tokens=64
     )
     ws = await connect(user)
     long_text = "word " * 150  # ~190 tokens: fits alone, not with the next turn
@@ -330,13 +286,7 @@ async def test_sources_frame_and_rag_flag_reach_the_pipeline(
 async def test_a_tool_call_frame_carries_the_call(user, scripted_server):
     from tests.support.scripted_server import ScriptedToolCall
 
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="agentic",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        enable_agents=True,
-    )
+    await sync_to_async(runner_config)(scripted_server.url, "agentic", enable_agents=True)
     # The websocket offers no tools; a model that calls one anyway is still reported.
     scripted_server.script(
         Reply(text="", tool_calls=(ScriptedToolCall("lookup", '{"q": "x"}', "call_1"),))
@@ -774,13 +724,7 @@ async def test_an_image_over_the_size_limit_is_refused(user, scripted_runner, se
 async def test_an_image_goes_to_a_vision_runner_and_is_saved_with_the_message(
     user, scripted_server
 ):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="vision",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        enable_vision=True,
-    )
+    await sync_to_async(runner_config)(scripted_server.url, "vision", enable_vision=True)
     scripted_server.script(Reply(text="A red square."))
     ws = await connect(user)
     frames = await ask(ws, "what is this?", images=[png_data_url()])

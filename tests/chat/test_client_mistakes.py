@@ -15,17 +15,13 @@ import os
 from pathlib import Path
 
 from django.conf import settings
-from django.test import Client
 
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 
 from accounts.models import ApiKey
 from breezeweb.asgi import application
-from chat import services
-from chat.consumers import finish_detached
 from chat.models import Message
 from chat.pipeline import TurnInput, fit_to_budget, run_turn
 from runners import registry
@@ -33,31 +29,19 @@ from runners.base import ChatMessage, ChatRequest, Done, ErrorCode, RunnerError,
 from runners.executorch import prepare as prepare_model
 from runners.models import RunnerConfig, RunRecord
 from runners.router import circuits, route
+from tests.support.clients import connect
 from tests.support.scripted_server import Reply
 
-pytestmark = [pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("user", "fresh_process_state", "no_detached_answers"),
+]
 
 MODELS_DIR = Path(settings.MODELS_DIR)
 MODEL_READY = (MODELS_DIR / prepare_model.PTE_NAME).is_file() and (
     MODELS_DIR / prepare_model.TOKENIZER_NAME
 ).is_file()
 SURROGATE = "\ud800"
-
-
-@pytest.fixture(autouse=True)
-def _fresh(user):
-    registry.forget_all()
-    circuits.reset()
-    services.reset_limits(user.pk)
-    yield
-    registry.forget_all()
-    circuits.reset()
-
-
-@pytest.fixture(autouse=True)
-async def _no_generation_outlives_its_test():
-    yield
-    await finish_detached(cancel=True)
 
 
 @pytest.fixture
@@ -226,25 +210,11 @@ async def test_bad_v1_requests_leave_the_local_runner_closed_and_the_next_is_ans
     assert response.json()["model"] == "local"
 
 
-def _session_headers(user) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
-    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
-    return [
-        (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),
-        (b"origin", b"http://localhost"),
-        (b"host", b"localhost"),
-    ]
-
-
 @pytest.mark.parametrize("count", [3, 30])
 async def test_bad_websocket_messages_leave_the_local_runner_closed_and_the_next_is_answered(
     local_runner, user, count
 ):
-    ws = WebsocketCommunicator(
-        application, "/ws/chat/", headers=await sync_to_async(_session_headers)(user)
-    )
-    assert (await ws.connect(timeout=5))[0]
+    ws = await connect(user)
     for i in range(count):
         # A JSON escape is how a lone surrogate arrives: the frame itself is valid UTF-8.
         await ws.send_to(

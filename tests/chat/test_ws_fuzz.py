@@ -24,8 +24,7 @@ import dataclasses
 import json
 import os
 
-from django.conf import settings as django_settings
-from django.test import Client, override_settings
+from django.test import override_settings
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -38,8 +37,10 @@ from chat.consumers import finish_detached
 from chat.models import Conversation, Message
 from rag.models import Collection
 from runners import registry
-from runners.models import RunnerConfig, RunRecord
+from runners.models import RunRecord
 from runners.router import circuits
+from tests.support.clients import session_headers
+from tests.support.fixtures import runner_config
 
 EXAMPLES = int(os.environ.get("WS_FUZZ_EXAMPLES", "300"))
 KNOWN_FIELDS = (
@@ -225,17 +226,6 @@ def _circuits() -> dict:
     return {name: dataclasses.asdict(c) for name, c in circuits.circuits.items()}
 
 
-def _session_headers(user) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
-    cookie = client.cookies[django_settings.SESSION_COOKIE_NAME].value
-    return [
-        (b"cookie", f"{django_settings.SESSION_COOKIE_NAME}={cookie}".encode()),
-        (b"origin", b"http://localhost"),
-        (b"host", b"localhost"),
-    ]
-
-
 @pytest.mark.django_db(transaction=True)
 def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
     user, other_user, scripted_server
@@ -245,14 +235,7 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
     registry.forget_all()
     circuits.reset()
     services.reset_limits(user.pk)
-    RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-    )
+    runner_config(scripted_server.url, "scripted", priority=10, timeout_seconds=10)
     mine = Conversation.objects.create(owner=user, title="mine")
     Message.objects.create(conversation=mine, role="user", content="my question")
     Message.objects.create(conversation=mine, role="assistant", content="my answer")
@@ -261,7 +244,7 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
     anchors = {"foreign_conversation": foreign.pk, "foreign_message": foreign_message.pk}
     circuits.success("scripted", 5.0)  # a known, non-empty circuit state to compare
     before, circuits_before = _saved_data(), _circuits()
-    headers = _session_headers(user)
+    headers = session_headers(user)
     loop = asyncio.new_event_loop()
     seen: dict[str, int] = {}
 

@@ -13,10 +13,11 @@ import pytest
 from channels.db import database_sync_to_async
 from prometheus_client.parser import text_string_to_metric_families
 
-from runners import registry, views
+from runners import views
 from runners.base import ChatMessage, ChatRequest
 from runners.models import RunnerConfig
 from runners.router import circuits, route
+from tests.support.fixtures import runner_config
 from tests.support.processes import ROOT
 from tests.support.scripted_server import Reply
 
@@ -24,13 +25,7 @@ API_KEY = "sk-metrics-test-a1b2c3d4e5f6a7b8"
 TOKEN = "metrics-token-4f3e2d1c0b"
 
 
-@pytest.fixture(autouse=True)
-def fresh_runners():
-    circuits.reset()
-    registry.forget_all()
-    yield
-    circuits.reset()
-    registry.forget_all()
+pytestmark = pytest.mark.usefixtures("fresh_process_state")
 
 
 @database_sync_to_async
@@ -53,17 +48,7 @@ def value(body: bytes, name: str, **labels) -> float | None:
 
 
 def make_config(endpoint: str, name: str, **fields) -> RunnerConfig:
-    config = RunnerConfig(
-        name=name,
-        kind="llamastack",
-        endpoint=endpoint,
-        model_id="scripted-model",
-        timeout_seconds=5.0,
-        **fields,
-    )
-    config.api_key = API_KEY
-    config.save()
-    return config
+    return runner_config(endpoint, name, api_key=API_KEY, timeout_seconds=5.0, **fields)
 
 
 async def answer(pinned: str | None = None) -> str:

@@ -17,41 +17,26 @@ from django.utils import timezone
 
 import pytest
 
-from runners import crypto, registry
+from runners import crypto
 from runners.admin import shown_endpoint
 from runners.models import GuardianRule, RunnerConfig, RunRecord
-from runners.router import circuits
 from runners.stats import percentile, runner_stats
+from tests.support.fixtures import runner_config
 from tests.support.scripted_server import MODELS_ROUTE, Reply, free_port
 
-pytestmark = [pytest.mark.django_db, pytest.mark.scaleout]
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.scaleout,
+    pytest.mark.usefixtures("fresh_process_state"),
+]
 
 API_KEY = "sk-admin-test-0a1b2c3d4e5f6g7h8i9j"
 CHANGELIST = "admin:runners_runnerconfig_changelist"
 
 
-@pytest.fixture(autouse=True)
-def fresh_runners():
-    circuits.reset()
-    registry.forget_all()
-    yield
-    circuits.reset()
-    registry.forget_all()
-
-
 def make_config(endpoint: str, name: str = "remote", **fields) -> RunnerConfig:
-    config = RunnerConfig(
-        name=name,
-        kind="llamastack",
-        endpoint=endpoint,
-        model_id=fields.pop("model_id", "scripted-model"),
-        priority=fields.pop("priority", 10),
-        timeout_seconds=fields.pop("timeout_seconds", 5.0),
-        **fields,
-    )
-    config.api_key = API_KEY
-    config.save()
-    return config
+    fields = {"priority": 10, "timeout_seconds": 5.0} | fields
+    return runner_config(endpoint, name, api_key=API_KEY, **fields)
 
 
 def form_data(config: RunnerConfig, **changes) -> dict:

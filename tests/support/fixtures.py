@@ -8,6 +8,10 @@
 - `llamastack_server`: a real `llama stack run` server (session-wide, started on
   first use) whose upstream is its own ScriptedServer; see
   tests.support.llamastack_server.
+- `fresh_process_state`: runner instances, circuits and the users' limits reset.
+- `no_detached_answers`: no answer outlives the test.
+- `api_key`: a bearer key of `user`.
+- `runner_config(endpoint, name, **fields)`: the one runner-config factory.
 """
 
 from __future__ import annotations
@@ -48,17 +52,60 @@ def llamastack_server():
 
 @pytest.fixture
 def scripted_runner(scripted_server: ScriptedServer):
+    return runner_config(scripted_server.url, "scripted", priority=10, timeout_seconds=10)
+
+
+@pytest.fixture
+def fresh_process_state(request):
+    """The process' runner instances and circuits forgotten before and after the
+    test, and the rate and concurrency counters of its users (`user`,
+    `other_user`, when it has them) reset."""
+    from chat import services
+    from runners import registry
+    from runners.router import circuits
+
+    registry.forget_all()
+    circuits.reset()
+    for name in ("user", "other_user"):
+        if name in request.fixturenames:
+            services.reset_limits(request.getfixturevalue(name).pk)
+    yield
+    registry.forget_all()
+    circuits.reset()
+
+
+@pytest.fixture
+async def no_detached_answers():
+    """Answers outlive their socket by design; a test's must not outlive the test."""
+    yield
+    from chat.consumers import finish_detached
+
+    await finish_detached(cancel=True)
+
+
+@pytest.fixture
+def api_key(user) -> str:
+    """A bearer key of `user`."""
+    from accounts.models import ApiKey
+
+    return ApiKey.issue(user, "tests")[1]
+
+
+def runner_config(endpoint: str, name: str = "remote", *, api_key: str = "", **fields):
+    """A saved RunnerConfig of an OpenAI-compatible server at `endpoint`
+    (llamastack, model `scripted-model`, unless `fields` say otherwise)."""
     from runners.models import RunnerConfig
 
     # Scripted servers stream synthetic filler ("tick " * 400), a loop by
     # construction: the loop guard (tested in tests/runners/test_loopguard.py)
-    # is off for them.
-    return RunnerConfig.objects.create(
-        name="scripted",
-        kind="llamastack",
-        endpoint=scripted_server.url,
-        model_id="scripted-model",
-        priority=10,
-        timeout_seconds=10,
-        extra_params={"loop_guard": False},
-    )
+    # is off unless a test sets extra_params itself.
+    defaults = {
+        "kind": "llamastack",
+        "model_id": "scripted-model",
+        "extra_params": {"loop_guard": False},
+    }
+    config = RunnerConfig(name=name, endpoint=endpoint, **(defaults | fields))
+    if api_key:
+        config.api_key = api_key
+    config.save()
+    return config
