@@ -63,12 +63,38 @@ json_values = st.recursive(
 )
 
 
+MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id"}
+
+
+def _int64(value):
+    """JSON Schema's integers are unbounded; the API refuses any beyond 64 bits
+    (`number_too_large`, tested on its own above): keep generated ones inside."""
+    if isinstance(value, dict):
+        return {k: _int64(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_int64(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(-(2**63), min(2**63 - 1, value))
+    return value
+
+
+def _tidy(message: dict) -> dict:
+    message = {k: v for k, v in message.items() if k in MESSAGE_KEYS}
+    if message.get("role") == "assistant" and not message.get("tool_calls"):
+        message["content"] = message.get("content") or "ok"
+    return message
+
+
 @st.composite
 def schema_bodies(draw) -> dict:
     """Bodies from the schema, steered so that many are fully valid."""
     body = draw(from_schema(REQUEST_DOCUMENT))
+    body = _int64({k: v for k, v in body.items() if k in REQUEST_SCHEMA["properties"]})
+    # The schema leaves messages open to extra keys (clients send more than we
+    # read); keep the ones we read, so that most generated bodies are valid.
+    body["messages"] = [_tidy(message) for message in body["messages"]]
     body["model"] = draw(st.sampled_from(["auto", "scripted", "everything", body["model"]]))
-    if draw(st.integers(0, 3)):  # end with the user's turn, as a valid request must
+    if draw(st.integers(0, 3)) < 3:  # end with the user's turn, as a valid request must
         body["messages"] = [*body["messages"], {"role": "user", "content": draw(st.text())}]
     if "stream_options" in body and draw(st.booleans()):
         body["stream"] = True  # stream_options is only valid with streaming
