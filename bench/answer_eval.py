@@ -298,6 +298,23 @@ def _prompt_short(question: str, context: str) -> str:
     )
 
 
+_EXAMPLE = (
+    "Example.\nSources:\n[1] mill.md: The Blue Mill was built by Ada Lorne in 1820.\n"
+    "Question: Who built the Blue Mill?\nAnswer: Ada Lorne built the Blue Mill [1].\n"
+    "Question: What colour is the roof of the Blue Mill?\n"
+    "Answer: The documents do not contain the answer.\n\n"
+)
+
+
+def _prompt_fewshot(question: str, context: str) -> str:
+    from chat.pipeline import RAG_INSTRUCTIONS
+
+    return (
+        f"{_EXAMPLE}Now answer from these sources.\nSources:\n{context}\n\n"
+        f"{RAG_INSTRUCTIONS}\n\nQuestion: {question}\nAnswer:"
+    )
+
+
 CONFIGS = {
     "before": {
         "extra": {"repetition_penalty": 1.0, "top_k": 0, "top_p": 1.0, "loop_guard": False},
@@ -310,6 +327,7 @@ CONFIGS = {
     "after-k2": {"extra": {}, "k": 2},
     "after-q-first": {"extra": {}, "prompt": _prompt_after_question},
     "after-short": {"extra": {}, "prompt": _prompt_short},
+    "after-fewshot": {"extra": {}, "prompt": _prompt_fewshot},
 }
 
 

@@ -597,6 +597,11 @@ def _run_generation(
     or cancellation; then free the slot."""
     import torch
 
+    # Sampling runs small torch ops per token. With OpenMP this setting is per
+    # thread: this worker's ops stay on it (waking a second OpenMP thread for
+    # a 49k-element copy cost milliseconds per token on a busy machine), and
+    # the program itself runs on ExecuTorch's own threadpool.
+    torch.set_num_threads(1)
     gen.started_at = time.perf_counter()
     method = slot.method
     try:
