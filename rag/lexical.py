@@ -20,6 +20,8 @@ instead of scoring other collections' chunks).
 from __future__ import annotations
 
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 from django.db import connection as default_connection
@@ -43,6 +45,15 @@ _TOKEN = re.compile(r"\w+")
 # "os.path.join", "max_workers". Kept as a phrase so adjacency counts.
 _COMPOUND = re.compile(r"\w+(?:[._:-]\w+)+")
 MAX_TERMS = 32
+# Terms in more than this share of all chunks are left out of the FTS5 query
+# (the rarest two are always kept): their BM25 weight is small, and their long
+# posting lists made a query at 100k chunks ~100 ms. The re-ranking stage
+# still counts them. Document frequencies are cached per process for a while.
+COMMON_SHARE = 0.05
+KEEP_RAREST = 2
+_DF_TTL = 300.0
+_df_cache: dict[str, tuple[float, int]] = {}
+_df_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,43 @@ def query_terms(query: str) -> tuple[list[str], list[list[str]]]:
     return terms[:MAX_TERMS], phrases[:8]
 
 
+def _cached(key: str, compute) -> int:
+    now = time.monotonic()
+    with _df_lock:
+        hit = _df_cache.get(key)
+    if hit and now - hit[0] < _DF_TTL:
+        return hit[1]
+    value = int(compute())
+    with _df_lock:
+        if len(_df_cache) > 50_000:
+            _df_cache.clear()
+        _df_cache[key] = (now, value)
+    return value
+
+
+def _selective(cursor, terms: list[str], phrases: list[list[str]]):
+    """Drop the single terms that many chunks contain (phrases stay)."""
+
+    def count(expression: str) -> int:
+        cursor.execute(
+            "SELECT count(*) FROM rag_chunk_fts WHERE rag_chunk_fts MATCH %s", [expression]
+        )
+        return cursor.fetchone()[0]
+
+    total = _cached(
+        " total",
+        lambda: (cursor.execute("SELECT count(*) FROM rag_chunk"), cursor.fetchone()[0])[1],
+    )
+    if total < 2000:
+        return terms, phrases
+    df = {t: _cached(t, lambda t=t: count(f'"{t}"')) for t in terms}
+    ranked = sorted(terms, key=lambda t: df[t])
+    keep = set(ranked[:KEEP_RAREST]) | {t for t in terms if df[t] <= COMMON_SHARE * total}
+    # Identifiers and version numbers ("3.12") stay as phrases even when their
+    # parts are common: their adjacency is what tells near-duplicates apart.
+    return [t for t in terms if t in keep], phrases
+
+
 def _fts5_match(collection_id: int, terms: list[str], phrases: list[list[str]]) -> str:
     # Every token is quoted: FTS5 then never reads AND/OR/NEAR or punctuation
     # from the user's text as syntax (\w+ tokens hold no double quote).
@@ -95,6 +143,7 @@ def search(collection_id: int, query: str, limit: int, *, using=None) -> list[Ke
                 [" | ".join(terms), int(collection_id), int(limit)],
             )
         else:
+            terms, phrases = _selective(cursor, terms, phrases)
             cursor.execute(
                 "SELECT c.id, c.chroma_id, c.document_id, c.collection_id, c.page, c.section, "
                 "c.text, -bm25(rag_chunk_fts, 0.0, 1.0, 1.0) AS score FROM rag_chunk_fts "
