@@ -806,14 +806,25 @@ class ExecuTorchRunner:
                 engine = _engines.get(self.files.key())
             if engine is None:
                 return Health(
-                    ok=True, detail="ready (loads on first request)", models=(self.model_id,)
+                    ok=True,
+                    detail=f"{self.program_label()}ready (loads on first request)",
+                    models=(self.model_id,),
                 )
         pool = engine.pool
         return Health(
             ok=True,
-            detail=f"loaded; {pool.busy()}/{pool.size} busy, {pool.queued()} queued",
+            detail=f"{self.program_label()}loaded; {pool.busy()}/{pool.size} busy, "
+            f"{pool.queued()} queued",
             models=(self.model_id,),
         )
+
+    def program_label(self) -> str:
+        """Which prepared program this runner serves (model and variant, from
+        its manifest), for the admin's health column: "" when unknown."""
+        manifest = prepare.read_manifest(self.files.pte.parent) or {}
+        if not manifest.get("variant"):
+            return ""
+        return f"{manifest.get('model', 'model')} {manifest['variant']}; "
 
     async def close(self) -> None:
         """Nothing to release per config: the loaded model is shared by the

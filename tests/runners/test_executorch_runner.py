@@ -203,6 +203,10 @@ def test_it_answers_the_capital_of_france_with_paris_and_reports_usage(model_rea
     assert "Paris" in text
     assert "<|im_end|>" not in text
     assert notices == []
+    # The admin's health column names the prepared program.
+    health = asyncio.run(runner.health())
+    manifest = prepare.read_manifest(MODELS_DIR)
+    assert f"{manifest['model']} {manifest['variant']}; loaded" in health.detail
     assert done.finish_reason == "stop"
     assert done.usage.prompt_tokens > 10
     assert 0 < done.usage.completion_tokens < 48

@@ -172,4 +172,6 @@ async def test_every_kind_stops_a_looping_answer_with_a_notice(harness):
     registry.forget_all()
     text, notices, done = await _route(request, config)
     assert done.finish_reason in {"length", "stop"}
-    assert notices == []
+    # (A "queued" notice is possible: the stopped generation may still be
+    # freeing the local model's slot.)
+    assert "loop" not in [n.code for n in notices]
