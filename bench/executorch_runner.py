@@ -148,12 +148,27 @@ def runner_session(model_dir: Path, **extra):
 
 def bare_session(model_dir: Path):
     """(load seconds, one(question, max_tokens) -> (text, sample)) on TextLLMRunner."""
+    import tempfile
+
+    import django
+
     import executorch.extension.llm.custom_ops.custom_ops
     import executorch.kernels.quantized  # noqa: F401 (registers kernels)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
+    django.setup()
+    from runners.executorch.runner import PieceDecoder
+
+    # TextLLMRunner hands each piece to Python as str and raises
+    # UnicodeDecodeError on a token that ends inside a UTF-8 character (é,
+    # emoji): give it the tokenizer without its decoder (byte-level pieces,
+    # always valid) and decode them as the runner does.
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    data["decoder"] = None
+    raw_tokenizer = Path(tempfile.mkdtemp()) / "tokenizer.json"
+    raw_tokenizer.write_text(json.dumps(data))
     started = time.perf_counter()
-    native = TextLLMRunner(str(model_dir / "model.pte"), str(model_dir / "tokenizer.json"))
+    native = TextLLMRunner(str(model_dir / "model.pte"), str(raw_tokenizer))
     load_s = time.perf_counter() - started
     template = model_dir / "chat_template.jinja"
 
@@ -162,9 +177,11 @@ def bare_session(model_dir: Path):
         times: list[float] = []
         stats: dict = {}
 
+        decoder = PieceDecoder()
+
         def on_token(piece: str) -> None:
             times.append(time.perf_counter())
-            pieces.append(piece)
+            pieces.append(decoder.feed(piece))
 
         def on_stats(s) -> None:
             stats.update(
@@ -526,6 +543,12 @@ def main() -> None:
         "--no-eager", action="store_true", help="skip PyTorch eager (slow: ~25 tok/s)"
     )
     parser.add_argument(
+        "--speed-and-answers-only",
+        action="store_true",
+        help="per variant only the runner and the bare runner (no overhead, sampling or "
+        "multi-turn measurements)",
+    )
+    parser.add_argument(
         "--only",
         choices=["overhead", "sampling", "multiturn"],
         help="run just this measurement on the prepared default model and print it",
@@ -580,9 +603,11 @@ def main() -> None:
         manifest = prepare.read_manifest(model_dir) or {}
         runner = _spawn("runner", args.runs, model_dir)
         bare = _spawn("bare", args.runs, model_dir)
-        overhead = _spawn("overhead", args.runs * 2, model_dir)
-        sampling = _spawn("sampling", args.runs * 2, model_dir)
-        multiturn = _spawn("multiturn", args.runs, model_dir)
+        overhead = sampling = multiturn = None
+        if not args.speed_and_answers_only:
+            overhead = _spawn("overhead", args.runs * 2, model_dir)
+            sampling = _spawn("sampling", args.runs * 2, model_dir)
+            multiturn = _spawn("multiturn", args.runs, model_dir)
         results["variants"][variant] = {
             "overhead": overhead,
             "sampling": sampling,
@@ -624,6 +649,8 @@ def main() -> None:
         print(
             f"{variant}: {'; '.join(versus)}; export {r['export_seconds']} s, .pte {r['pte_mb']} MB"
         )
+        if r["overhead"] is None:
+            continue
         o = r["overhead"]
         print(
             f"{variant}: runner vs bare, interleaved in one process ({o['rounds']} rounds): "
