@@ -24,7 +24,7 @@ def bearer_key(request: HttpRequest) -> str:
     return ""
 
 
-def _normalized_origin(origin: str) -> tuple[str, str, int] | None:
+def normalized_origin(origin: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of an origin, default ports filled in; None when
     it is not an http(s) origin (`null`, garbage)."""
     try:
@@ -45,13 +45,13 @@ def allowed_origins(request: HttpRequest) -> set[tuple[str, str, int]]:
     origins = set()
     scheme = "https" if request.is_secure() else "http"
     try:
-        own = _normalized_origin(f"{scheme}://{request.get_host()}")
+        own = normalized_origin(f"{scheme}://{request.get_host()}")
     except DisallowedHost:
         own = None
     if own:
         origins.add(own)
     for trusted in settings.CSRF_TRUSTED_ORIGINS:
-        parsed = _normalized_origin(trusted)
+        parsed = normalized_origin(trusted)
         if parsed:
             origins.add(parsed)
     return origins
@@ -65,7 +65,7 @@ def origin_allowed(request: HttpRequest) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    parsed = _normalized_origin(origin)
+    parsed = normalized_origin(origin)
     return parsed is not None and parsed in allowed_origins(request)
 
 

@@ -18,14 +18,14 @@ from another origin). Nothing is read from a refused socket.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 from django.utils.http import is_same_domain
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
+
+from accounts.auth import normalized_origin
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN_ORIGIN = 4403
@@ -48,21 +48,6 @@ def bearer_token(scope) -> str:
 
 
 # ---- origins --------------------------------------------------------------------------
-
-
-def _origin_tuple(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) with the default port filled in, or None."""
-    try:
-        parts = urlsplit(origin.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
-        return None
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        return None
-    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
 
 
 def _is_secure(scope) -> bool:
@@ -89,21 +74,21 @@ def own_origin(scope) -> tuple[str, str, int] | None:
     if not domain or not validate_host(domain, allowed):
         return None
     scheme = "https" if _is_secure(scope) else "http"
-    return _origin_tuple(f"{scheme}://{host}")
+    return normalized_origin(f"{scheme}://{host}")
 
 
 def origin_allowed(scope) -> bool:
     """Whether the handshake's `Origin` is exactly the site's own origin or
     one of CSRF_TRUSTED_ORIGINS (whose host may start with `*.`, as in
     Django's CSRF check). A missing or malformed Origin is refused."""
-    origin = _origin_tuple(header(scope, b"origin"))
+    origin = normalized_origin(header(scope, b"origin"))
     if origin is None:
         return False
     if origin == own_origin(scope):
         return True
     for trusted in settings.CSRF_TRUSTED_ORIGINS:
         wildcard = "://*." in trusted
-        parsed = _origin_tuple(trusted.replace("://*.", "://", 1))
+        parsed = normalized_origin(trusted.replace("://*.", "://", 1))
         if parsed is None:
             continue
         scheme, host, port = parsed
