@@ -60,6 +60,7 @@ _pending: set[int] = set()  # ids queued or running in this process's thread
 _pending_lock = threading.Lock()
 _thread: threading.Thread | None = None
 _watchdog: threading.Thread | None = None
+_watchdog_stop = threading.Event()
 _start_lock = threading.Lock()
 _resumed = False
 
@@ -147,18 +148,7 @@ def requeue_outdated(*, force: bool = False) -> list[int]:
     now = timezone.now()
     queued = []
     for document in outdated_documents().order_by("created_at", "pk"):
-        if Document.objects.filter(
-            pk=document.pk, status=Document.Status.READY, index_version=document.index_version
-        ).update(
-            status=Document.Status.QUEUED,
-            progress=0.0,
-            error="",
-            ingest_token="",
-            heartbeat_at=now,
-            attempts=0,
-        ):
-            document.status, document.progress = Document.Status.QUEUED, 0.0
-            push_status(document)
+        if _queue_if_ready(document, now, index_version=document.index_version):
             queued.append(document.pk)
     if queued:
         log.info("re-indexing %d document(s) whose vectors would change", len(queued))
@@ -299,11 +289,10 @@ def _sweep_period() -> float:
     return max(0.25, settings.RAG_INGEST_STALL_SECONDS / 4)
 
 
-def _watch_forever() -> None:
+def _watch_forever(stop: threading.Event) -> None:
     last = time.monotonic()
-    while True:
-        # Short naps, so a changed setting takes effect at once.
-        time.sleep(min(1.0, _sweep_period()))
+    # Short naps, so a changed setting takes effect at once.
+    while not stop.wait(min(1.0, _sweep_period())):
         if time.monotonic() - last < _sweep_period():
             continue
         last = time.monotonic()
@@ -318,13 +307,44 @@ def _watch_forever() -> None:
 
 def start_watchdog() -> None:
     """Start this process's watchdog thread (once; again if it died)."""
-    global _watchdog
+    global _watchdog, _watchdog_stop
     with _start_lock:
         if _watchdog is None or not _watchdog.is_alive():
+            _watchdog_stop = threading.Event()
             _watchdog = threading.Thread(
-                target=_watch_forever, name="rag-ingest-watchdog", daemon=True
+                target=_watch_forever,
+                args=(_watchdog_stop,),
+                name="rag-ingest-watchdog",
+                daemon=True,
             )
             _watchdog.start()
+
+
+def stop_watchdog(timeout: float = 5.0) -> None:
+    """Stop the watchdog thread, if running, and wait for its sweep to end."""
+    global _watchdog
+    with _start_lock:
+        thread, _watchdog = _watchdog, None
+        _watchdog_stop.set()
+    if thread is not None:
+        thread.join(timeout)
+
+
+def _queue_if_ready(document, now, **still) -> bool:
+    """Queue a `ready` document for indexing again, if it is still ready (and
+    matches `still`) when the row is updated; tell its owner. Whether it was."""
+    if not Document.objects.filter(pk=document.pk, status=Document.Status.READY, **still).update(
+        status=Document.Status.QUEUED,
+        progress=0.0,
+        error="",
+        ingest_token="",
+        heartbeat_at=now,
+        attempts=0,
+    ):
+        return False
+    document.status, document.progress = Document.Status.QUEUED, 0.0
+    push_status(document)
+    return True
 
 
 # --- healing a lost Chroma collection ------------------------------------------------
@@ -359,16 +379,7 @@ def rebuild_collection(chroma_name: str) -> list[int]:
     for document in lost:
         # Not requeue(): that would also resume other work in this process,
         # which may be a command in the middle of its own run.
-        if Document.objects.filter(pk=document.pk, status=Document.Status.READY).update(
-            status=Document.Status.QUEUED,
-            progress=0.0,
-            error="",
-            ingest_token="",
-            heartbeat_at=now,
-            attempts=0,
-        ):
-            document.status, document.progress = Document.Status.QUEUED, 0.0
-            push_status(document)
+        if _queue_if_ready(document, now):
             transaction.on_commit(lambda i=document.pk: _dispatch(i))
             queued.append(document.pk)
     return queued

@@ -82,3 +82,13 @@ def admin_user(django_user_model):
     return django_user_model.objects.create_superuser(
         "admin", "admin@example.com", "admin-password-123"
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_watchdog_outlives_its_test():
+    """An upload starts this process's ingestion watchdog (as in a server); a
+    test's watchdog must not go on sweeping a database the next test owns."""
+    yield
+    from rag import worker
+
+    worker.stop_watchdog()
