@@ -28,7 +28,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from chat.inputs import MAX_ID, InputError, check_text, parse_id
+from chat.inputs import MAX_ID, InputError, check_text, json_path, parse_id
 from chat.limits import MAX_APP_JSON_DEPTH
 
 # Integers in JSON bodies: more digits than any id, count or limit needs
@@ -73,51 +73,39 @@ class _NotJson(Exception):
     pass
 
 
-def _param(path: tuple) -> str | None:
-    out = ""
-    for step in path:
-        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
-    return out or None
-
-
 def _walk(value: Any, max_depth: int, allow_nul: bool) -> None:
     """Check every value of a decoded JSON document, iteratively."""
     stack: list[tuple[Any, tuple, int]] = [(value, (), 1)]
     while stack:
         item, path, depth = stack.pop()
+        if isinstance(item, (dict, list)) and depth > max_depth:
+            raise InputError(
+                400,
+                "nesting_too_deep",
+                f"The JSON body is nested more than {max_depth} levels deep.",
+                json_path(path),
+            )
         if isinstance(item, dict):
-            if depth > max_depth:
-                raise InputError(
-                    400,
-                    "nesting_too_deep",
-                    f"The JSON body is nested more than {max_depth} levels deep.",
-                    _param(path),
-                )
             for key, child in item.items():
-                check_text(key, _param((*path, key)) or "", allow_nul=allow_nul, what="A key")
+                check_text(key, json_path((*path, key)) or "", allow_nul=allow_nul, what="A key")
                 stack.append((child, (*path, key), depth + 1))
         elif isinstance(item, list):
-            if depth > max_depth:
-                raise InputError(
-                    400,
-                    "nesting_too_deep",
-                    f"The JSON body is nested more than {max_depth} levels deep.",
-                    _param(path),
-                )
             stack.extend((child, (*path, i), depth + 1) for i, child in enumerate(item))
         elif isinstance(item, str):
-            check_text(item, _param(path), allow_nul=allow_nul)
+            check_text(item, json_path(path), allow_nul=allow_nul)
         elif isinstance(item, bool) or item is None:
             continue
         elif isinstance(item, float):
             if not math.isfinite(item):
-                raise InputError(400, "number_too_large", "Numbers must be finite.", _param(path))
+                raise InputError(
+                    400, "number_too_large", "Numbers must be finite.", json_path(path)
+                )
         elif isinstance(item, int) and not -MAX_ID - 1 <= item <= MAX_ID:
             raise InputError(
                 400,
                 "number_too_large",
                 "Integers must fit in 64 bits.",
-                _param(path),
+                json_path(path),
             )
 
 

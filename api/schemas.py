@@ -39,7 +39,7 @@ from pydantic_core import PydanticCustomError
 
 from chat import limits
 from chat import models as chat_models
-from chat.inputs import InputError
+from chat.inputs import InputError, json_path
 from rag import models as rag_models
 from rag import retrieval
 from rag.retrieval import MODES
@@ -66,14 +66,6 @@ DEFAULT_CODE = "invalid_type"
 CUSTOM_CODES = {"invalid_type", "invalid_value", "unsupported_value", "unsupported_content_type"}
 # Union members are tagged "<field>=<tag>"; such a step of an error's location is no JSON key.
 _TAG_MARK = "="
-
-
-def json_path(loc: tuple) -> str | None:
-    """`("messages", 0, "content")` -> `messages[0].content`; None for the body itself."""
-    out = ""
-    for step in loc:
-        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
-    return out or None
 
 
 def error_for(exc: ValidationError, *, field_codes: bool = False) -> InputError:

@@ -36,7 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from chat import limits
 from chat.errors import ChatError
-from chat.inputs import MAX_ID
+from chat.inputs import MAX_ID, json_path
 from runners.base import RunnerError, unencodable
 
 GENERATING_TYPES = ("message", "regenerate", "edit")
@@ -320,7 +320,7 @@ _KINDS = {
 def _frame_error(model: type[GenerateFrame], kind: str, error: dict) -> ChatError:
     loc = list(error["loc"])
     name = ".".join(str(part) for part in loc if not isinstance(part, int))
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    where = json_path(tuple(loc))
     code = error["type"]
     if code == "invalid_input":
         return ChatError(code, f"`{where}` contains {error['ctx']['problem']}; send valid text.")

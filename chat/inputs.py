@@ -32,6 +32,14 @@ class InputError(ChatError):
         super().__init__(code, message, status=status, param=param)
 
 
+def json_path(loc: tuple) -> str | None:
+    """`("messages", 0, "content")` -> `messages[0].content`; None for the document itself."""
+    out = ""
+    for step in loc:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out or None
+
+
 def check_text(
     value: str, param: str | None, *, allow_nul: bool = False, what: str = "Text"
 ) -> str:

@@ -24,6 +24,7 @@ from chat.limits import MAX_TITLE_CHARS, TITLE_MAX_CHARS
 from chat.models import Conversation, Message
 from rag.models import Collection
 from runners.base import ChatMessage
+from runners.collect import Outcome
 from runners.models import RunnerConfig
 
 __all__ = ["ChatError"]  # re-exported: the one error type (chat.errors)
@@ -49,24 +50,13 @@ class TurnStart:
     collection_ids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class TurnOutcome:
-    """How an answer ended, saved onto its assistant message."""
+@dataclass(frozen=True, kw_only=True)
+class TurnOutcome(Outcome):
+    """How an answer ended, saved onto its assistant message: the stream's
+    outcome plus its status and the sources retrieval found."""
 
-    content: str
     status: str  # Message.Status value: complete, stopped or failed
-    runner_name: str = ""
-    model_id: str = ""
-    fallback: bool = False
-    finish_reason: str = ""
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    time_to_first_token_ms: float | None = None
-    tokens_per_second: float | None = None
-    total_ms: float | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)
-    error_code: str = ""
-    error: str = ""
 
 
 def title_from(text: str) -> str:

@@ -37,25 +37,8 @@ class TurnRecorder(EventCollector):
         """The saved record of the answer. `finish_reason` is the runner's for a
         complete answer (`stop` when it gave none), `cancelled` for a stopped
         one and `error` for a failed one, unless given."""
-        self.finish()
-        if finish_reason is None:
-            if status == COMPLETE:
-                finish_reason = self.done.finish_reason if self.done else "stop"
-            else:
-                finish_reason = "cancelled" if status == STOPPED else "error"
-        return TurnOutcome(
-            content=self.content,
-            status=status,
-            runner_name=self.runner_name,
-            model_id=self.model_id,
-            fallback=self.fallback,
-            finish_reason=finish_reason,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            time_to_first_token_ms=self.time_to_first_token_ms,
-            tokens_per_second=self.tokens_per_second,
-            total_ms=self.total_ms,
-            sources=self.sources,
-            error_code=error.code if error else "",
-            error=error.message if error else "",
-        )
+        if finish_reason is None and status != COMPLETE:
+            finish_reason = "cancelled" if status == STOPPED else "error"
+        fields = self.fields(finish_reason=finish_reason, error=error)
+        fields["finish_reason"] = fields["finish_reason"] or "stop"
+        return TurnOutcome(**fields, status=status, sources=self.sources)

@@ -161,19 +161,20 @@ class DocumentAdmin(admin.ModelAdmin):
 
     @admin.action(description="Re-ingest selected documents")
     def reingest_selected(self, request, queryset):
-        count = 0
-        for document in queryset.select_related("collection"):
-            uploads.reingest(document)
-            count += 1
+        count = self._each(queryset, uploads.reingest)
         self.message_user(request, f"{count} document(s) queued for ingestion.")
 
     @admin.action(description="Delete selected documents (file and chunks)")
     def delete_with_chunks(self, request, queryset):
-        count = 0
-        for document in queryset.select_related("collection"):
-            uploads.delete_document(document)
-            count += 1
+        count = self._each(queryset, uploads.delete_document)
         self.message_user(request, f"{count} document(s) deleted with their chunks.")
+
+    @staticmethod
+    def _each(queryset, act) -> int:
+        documents = list(queryset.select_related("collection"))
+        for document in documents:
+            act(document)
+        return len(documents)
 
     def delete_model(self, request, obj):
         uploads.delete_document(obj)

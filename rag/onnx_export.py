@@ -1,7 +1,6 @@
 """Export the packaged all-MiniLM-L6-v2 to ONNX once, int8-quantized, cached by
-the hash of its inputs (the same scheme as the chat model in
-runners/executorch/prepare.py, which this module does not import: `rag` imports
-no other app).
+the hash of its inputs (core.buildcache, the scheme the chat model's build
+uses too).
 
 `prepare_embeddings(models_dir, cache_dir)` writes, in `models_dir/embeddings`:
 
@@ -21,22 +20,18 @@ fraction of a second. Nothing here touches Django.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
-import json
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import buildcache
+
 ONNX_NAME = "model.int8.onnx"
 TOKENIZER_NAME = "tokenizer.json"
-MANIFEST_NAME = "manifest.json"
 OUTPUT_FILES = (ONNX_NAME, TOKENIZER_NAME)
 SUBDIR = "embeddings"
 
@@ -78,14 +73,6 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_dir: Path) -> str:
     """What the vectors depend on in the model directory (weights, config,
     tokenizer, pooling): shared with rag.embeddings to tell stale vectors."""
@@ -93,7 +80,7 @@ def model_fingerprint(model_dir: Path) -> str:
     for name in ("model.safetensors", "config.json", "tokenizer.json", "modules.json"):
         path = model_dir / name
         digest.update(name.encode())
-        digest.update(sha256_file(path).encode() if path.is_file() else b"-")
+        digest.update(buildcache.sha256_file(path).encode() if path.is_file() else b"-")
     pooling = model_dir / "1_Pooling" / "config.json"
     if pooling.is_file():
         digest.update(pooling.read_bytes())
@@ -112,62 +99,9 @@ def build_inputs(model_dir: Path) -> dict:
     }
 
 
-def inputs_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-def read_manifest(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def complete(directory: Path, key: str | None = None) -> dict | None:
     """The manifest of `directory` if it holds a finished export (for `key`)."""
-    manifest = read_manifest(directory)
-    if not manifest or (key is not None and manifest.get("key") != key):
-        return None
-    for name in OUTPUT_FILES:
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != manifest.get("sizes", {}).get(name):
-            return None
-    return manifest
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _install(source: Path, target: Path, manifest: dict) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    (target / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until rewritten
-    for name in OUTPUT_FILES:
-        _link_or_copy(source / name, target / name)
-    _write_json(target / MANIFEST_NAME, manifest)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    return buildcache.complete(directory, OUTPUT_FILES, key)
 
 
 def prepare_embeddings(
@@ -183,53 +117,37 @@ def prepare_embeddings(
     started = time.perf_counter()
     model_dir, target = Path(model_dir), Path(models_dir) / SUBDIR
     inputs = build_inputs(model_dir)
-    key = inputs_key(inputs)
-    if not force and (manifest := complete(target, key)):
-        return PreparedEmbeddings(target, manifest, "up-to-date", time.perf_counter() - started)
-    cached = Path(cache_dir) / SUBDIR / key[:24]
-    with _locked(Path(cache_dir) / SUBDIR / f".{key[:24]}.lock"):
-        manifest = None if force else complete(cached, key)
-        action = "linked-from-cache"
-        if manifest is None:
-            progress(f"Exporting the embedding model to ONNX (int8) into {cached}")
-            manifest = _build(model_dir, inputs, key, cached, progress)
-            action = "exported"
-        _install(cached, target, manifest)
+    key = buildcache.inputs_key(inputs)
+
+    def build(work: Path) -> dict:
+        progress(f"Exporting the embedding model to ONNX (int8) into {work.parent}")
+        return _build(model_dir, inputs, work, progress)
+
+    manifest, action = buildcache.ensure(
+        target, Path(cache_dir) / SUBDIR, key, OUTPUT_FILES, build, force=force
+    )
     return PreparedEmbeddings(target, manifest, action, time.perf_counter() - started)
 
 
-def _build(model_dir: Path, inputs: dict, key: str, cached: Path, progress: Progress) -> dict:
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=cached.parent))
+def _build(model_dir: Path, inputs: dict, work: Path, progress: Progress) -> dict:
     started = time.perf_counter()
-    try:
-        fp32 = work / "model.fp32.onnx"
-        export_fp32(model_dir, fp32)
-        progress(f"  exported fp32 graph ({fp32.stat().st_size / 1e6:.0f} MB)")
-        quantize(fp32, work / ONNX_NAME)
-        fp32.unlink()
-        shutil.copy2(model_dir / TOKENIZER_NAME, work / TOKENIZER_NAME)
-        cosine = check_against_reference(model_dir, work)
-        progress(f"  int8 vs sentence-transformers: min cosine {cosine:.4f}")
-        if cosine < MIN_COSINE:
-            raise ExportError(
-                f"the int8 export drifts from the model (cosine {cosine:.3f} < {MIN_COSINE})"
-            )
-        manifest = {
-            "key": key,
-            "inputs": inputs,
-            "min_cosine": round(cosine, 5),
-            "export_seconds": round(time.perf_counter() - started, 1),
-            "sizes": {name: (work / name).stat().st_size for name in OUTPUT_FILES},
-        }
-        _write_json(work / MANIFEST_NAME, manifest)
-        if cached.exists():
-            shutil.rmtree(cached)
-        os.replace(work, cached)
-        return manifest
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    fp32 = work / "model.fp32.onnx"
+    export_fp32(model_dir, fp32)
+    progress(f"  exported fp32 graph ({fp32.stat().st_size / 1e6:.0f} MB)")
+    quantize(fp32, work / ONNX_NAME)
+    fp32.unlink()
+    shutil.copy2(model_dir / TOKENIZER_NAME, work / TOKENIZER_NAME)
+    cosine = check_against_reference(model_dir, work)
+    progress(f"  int8 vs sentence-transformers: min cosine {cosine:.4f}")
+    if cosine < MIN_COSINE:
+        raise ExportError(
+            f"the int8 export drifts from the model (cosine {cosine:.3f} < {MIN_COSINE})"
+        )
+    return {
+        "inputs": inputs,
+        "min_cosine": round(cosine, 5),
+        "export_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def export_fp32(model_dir: Path, out: Path) -> None:

@@ -14,6 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 EXTENSIONS: dict[str, str] = {
     ".txt": "text",
@@ -42,13 +43,16 @@ DAMAGED_PDF = "the PDF is damaged or truncated"
 
 
 class FileRejected(Exception):
-    """The file cannot be indexed. `code` is stable for APIs, `message` is for people."""
+    """A file that cannot be stored or indexed (the one refusal of rag, also
+    `rag.uploads.UploadRejected`): `code` is stable for APIs, `message` is for
+    people, `status` the HTTP status it means, `extra` details for the client."""
 
-    def __init__(self, code: str, message: str, status: int = 415) -> None:
+    def __init__(self, code: str, message: str, status: int = 415, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.extra = extra
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,8 @@ _UNSAFE = re.compile(
 MAX_NAME_CHARS = 200
 
 
-class UploadRejected(Exception):
-    """An upload that cannot be stored: HTTP `status`, stable `code`, human `message`."""
-
-    def __init__(self, status: int, code: str, message: str, **extra) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
+# An upload that cannot be stored: the same refusal as a file that cannot be indexed.
+UploadRejected = FileRejected
 
 
 @dataclass(frozen=True)
@@ -64,9 +57,9 @@ def max_upload_mb() -> str:
 
 def too_large(name: str) -> UploadRejected:
     return UploadRejected(
-        413,
         "file_too_large",
         f"{name} is larger than the upload limit of {max_upload_mb()} MB",
+        status=413,
         limit_bytes=settings.UPLOAD_MAX_BYTES,
     )
 
@@ -152,7 +145,7 @@ def check_staged(target: Collection, staged: StagedFile) -> str:
     try:
         kind = sniff(staged.path, staged.name)
     except FileRejected as exc:
-        raise UploadRejected(exc.status, exc.code, f"{staged.name}: {exc.message}") from None
+        raise UploadRejected(exc.code, f"{staged.name}: {exc.message}", status=exc.status) from None
     existing = Document.objects.filter(collection=target, sha256=staged.sha256).first()
     if existing is not None:
         raise _duplicate(existing)
@@ -200,9 +193,9 @@ def add_document(owner, target: Collection, staged: StagedFile, *, dispatch: boo
 
 def _duplicate(existing: Document) -> UploadRejected:
     return UploadRejected(
-        409,
         "duplicate",
         f"this file is already in the collection as “{existing.title}” (document {existing.pk})",
+        status=409,
         document={"id": existing.pk, "title": existing.title, "status": existing.status},
     )
 

@@ -24,8 +24,32 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runners.base import Done, Notice, TokenDelta, ToolCall
+from runners.base import Done, Notice, RunnerError, TokenDelta, ToolCall
 from runners.router import Routed
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What a stream amounted to: the answer, who gave it, its usage and
+    timings, and the error that ended it (if one did)."""
+
+    content: str = ""
+    runner_name: str = ""
+    model_id: str = ""
+    fallback: bool = False
+    finish_reason: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    time_to_first_token_ms: float | None = None
+    tokens_per_second: float | None = None
+    total_ms: float | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    error_code: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
 
 
 @dataclass
@@ -65,6 +89,33 @@ class EventCollector:
             self.ended_at = time.monotonic()
 
     # ---- what it amounts to --------------------------------------------------------------
+
+    def fields(self, *, finish_reason: str | None = None, error: Any = None) -> dict[str, Any]:
+        """The fields of an `Outcome` (stopping the clock): `finish_reason`
+        defaults to the runner's; `error` is anything with a code and a
+        message (a RunnerError, chat's ChatError)."""
+        self.finish()
+        if finish_reason is None:
+            finish_reason = self.done.finish_reason if self.done else ""
+        code = getattr(error, "code", "")
+        return {
+            "content": self.content,
+            "runner_name": self.runner_name,
+            "model_id": self.model_id,
+            "fallback": self.fallback,
+            "finish_reason": finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_token_ms": self.time_to_first_token_ms,
+            "tokens_per_second": self.tokens_per_second,
+            "total_ms": self.total_ms,
+            "tool_calls": tuple(self.tool_calls),
+            "error_code": getattr(code, "value", code) if error else "",
+            "error": error.message if error else "",
+        }
+
+    def outcome(self, error: RunnerError | None = None) -> Outcome:
+        return Outcome(**self.fields(error=error))
 
     @property
     def content(self) -> str:

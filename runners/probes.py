@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from django.core.exceptions import ImproperlyConfigured
 
 from runners.base import ChatMessage, ChatRequest, RunnerError
-from runners.collect import EventCollector
+from runners.collect import EventCollector, Outcome
 from runners.models import RunnerConfig
 from runners.registry import build_runner
 from runners.router import circuits, route
@@ -81,26 +81,8 @@ def _since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-@dataclass(frozen=True)
-class PromptTrial:
-    """The outcome of one admin test prompt through one pinned runner."""
-
-    runner: str
-    text: str = ""
-    model_id: str = ""
-    finish_reason: str = ""
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    ttft_ms: float | None = None
-    tokens_per_second: float | None = None
-    total_ms: float | None = None
-    error_code: str = ""
-    error: str = ""
-    tool_calls: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
+# The outcome of one admin test prompt through one pinned runner.
+PromptTrial = Outcome
 
 
 async def try_prompt(
@@ -135,18 +117,6 @@ async def try_prompt(
         log.warning("test prompt on runner %s failed: %s", name, type(exc).__name__)
         error = RunnerError("runtime", f"The test prompt failed ({type(exc).__name__}).")
 
-    collector.finish()
-    return PromptTrial(
-        runner=name,
-        text=collector.content,
-        model_id=collector.model_id,
-        finish_reason=collector.done.finish_reason if collector.done else "",
-        prompt_tokens=collector.prompt_tokens,
-        completion_tokens=collector.completion_tokens,
-        ttft_ms=collector.time_to_first_token_ms,
-        tokens_per_second=collector.tokens_per_second,
-        total_ms=collector.total_ms,
-        error_code=error.code.value if error else "",
-        error=error.message if error else "",
-        tool_calls=tuple(f"{c.name}({c.arguments})" for c in collector.tool_calls),
-    )
+    outcome = collector.outcome(error)
+    # Named after the runner asked for, even when it failed before routing.
+    return replace(outcome, runner_name=outcome.runner_name or name)

@@ -1,6 +1,7 @@
 """Dependencies run one way: the interfaces (chat, api) use the services
 (runners, rag) and accounts; runners and rag use neither each other nor the
-interfaces; chat never imports api; accounts imports no interface."""
+interfaces; chat never imports api; accounts imports no interface; core (small
+libraries for every app) imports no app."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ FORBIDDEN = {
     "rag": {"chat", "api", "accounts", "runners"},
     "accounts": {"chat", "api"},
     "chat": {"api"},
+    "core": {"breezeweb", "chat", "api", "accounts", "runners", "rag"},
 }
 
 

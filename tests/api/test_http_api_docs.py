@@ -27,7 +27,7 @@ CODE_ARG = {
     "error": 1,  # the `error=` callable api_view is given (json_error or openai_error)
     "ApiError": 1,
     "InputError": 1,
-    "UploadRejected": 1,
+    "UploadRejected": 0,
     "_status_error": None,  # maps statuses through STATUS_CODES
     "api_error": 2,
     "ChatError": 0,

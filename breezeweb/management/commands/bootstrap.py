@@ -13,10 +13,11 @@ from runners.models import RunnerConfig
 class Command(BaseCommand):
     help = "Create the default runner configs (and an admin from DJANGO_SUPERUSER_*)."
 
-    def handle(self, *args, **options):
-        local, created = RunnerConfig.objects.get_or_create(
-            name="local",
-            defaults={
+    @staticmethod
+    def default_runners() -> dict[str, dict]:
+        """The local model, enabled; a Llama Stack runner, off until configured."""
+        return {
+            "local": {
                 "kind": "executorch",
                 "enabled": True,
                 "priority": 100,
@@ -26,11 +27,7 @@ class Command(BaseCommand):
                 "context_tokens": 2048,
                 "timeout_seconds": 120,
             },
-        )
-        self.stdout.write(("Created" if created else "Kept") + f" runner config {local.name!r}")
-        remote, created = RunnerConfig.objects.get_or_create(
-            name="llamastack",
-            defaults={
+            "llamastack": {
                 "kind": "llamastack",
                 "enabled": False,
                 "priority": 50,
@@ -39,8 +36,12 @@ class Command(BaseCommand):
                 "enable_vision": True,
                 "context_tokens": 8192,
             },
-        )
-        self.stdout.write(("Created" if created else "Kept") + f" runner config {remote.name!r}")
+        }
+
+    def handle(self, *args, **options):
+        for name, defaults in self.default_runners().items():
+            _, created = RunnerConfig.objects.get_or_create(name=name, defaults=defaults)
+            self.stdout.write(("Created" if created else "Kept") + f" runner config {name!r}")
 
         username = os.environ.get("DJANGO_SUPERUSER_USERNAME")
         password = os.environ.get("DJANGO_SUPERUSER_PASSWORD")
