@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from django.db import connection as default_connection
 
+from rag.models import Chunk
+
 FTS_TABLE = "rag_chunk_fts"
 # BM25 column weights (coll, context, text): the title and section path count
 # as much as the text; the collection column only filters.
@@ -144,27 +146,37 @@ def search(collection_id: int, query: str, limit: int, *, using=None) -> list[Ke
             )
         else:
             terms, phrases = _selective(cursor, terms, phrases)
+            # The best ids first, then their rows: joining before the LIMIT
+            # would read the text of every match (1.4-1.7x slower at 100k).
             cursor.execute(
-                "SELECT c.id, c.chroma_id, c.document_id, c.collection_id, c.page, c.section, "
-                "c.text, -bm25(rag_chunk_fts, 0.0, 1.0, 1.0) AS score FROM rag_chunk_fts "
-                "JOIN rag_chunk c ON c.id = rag_chunk_fts.rowid "
+                "SELECT rowid, -bm25(rag_chunk_fts, 0.0, 1.0, 1.0) FROM rag_chunk_fts "
                 "WHERE rag_chunk_fts MATCH %s ORDER BY bm25(rag_chunk_fts, 0.0, 1.0, 1.0) LIMIT %s",
                 [_fts5_match(collection_id, terms, phrases), int(limit)],
             )
+            scores = dict(cursor.fetchall())
+            if not scores:
+                return []
+            rows = Chunk.objects.using(conn.alias).filter(pk__in=list(scores))
+            fields = ("pk", "chroma_id", "document_id", "collection_id", "page", "section", "text")
+            found = {row[0]: row for row in rows.values_list(*fields)}
+            # A chunk deleted between the two reads is simply left out.
+            return [_hit(found[pk], score) for pk, score in scores.items() if pk in found]
         rows = cursor.fetchall()
-    return [
-        KeywordHit(
-            chunk_pk=row[0],
-            chroma_id=row[1],
-            document_id=row[2],
-            collection_id=row[3],
-            page=row[4],
-            section=row[5] or "",
-            text=row[6],
-            score=float(row[7]),
-        )
-        for row in rows
-    ]
+    return [_hit(row[:7], row[7]) for row in rows]
+
+
+def _hit(row, score: float) -> KeywordHit:
+    pk, chroma_id, document_id, collection_id, page, section, text = row
+    return KeywordHit(
+        chunk_pk=pk,
+        chroma_id=chroma_id,
+        document_id=document_id,
+        collection_id=collection_id,
+        page=page,
+        section=section or "",
+        text=text,
+        score=float(score),
+    )
 
 
 # --- schema -------------------------------------------------------------------------
