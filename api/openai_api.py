@@ -37,6 +37,7 @@ from api.inputs import read_json
 from chat import services
 from chat.errors import ChatError
 from chat.errors import turn_error as chat_error
+from chat.frames import sampling_of
 from chat.inputs import InputError
 from chat.limits import MAX_JSON_DEPTH
 from chat.models import Conversation, Message
@@ -113,8 +114,7 @@ class CompletionRequest:
 
     model: str | None
     messages: tuple[ChatMessage, ...]
-    temperature: float | None = None
-    top_p: float | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
@@ -134,7 +134,7 @@ class CompletionRequest:
 def parse_completion_request(body: Any) -> CompletionRequest:
     """Check a decoded JSON body against api.schemas.ChatCompletionRequest;
     raises ApiError(400) naming the bad `param`. Fields OpenAI defines that
-    BreezeWeb cannot honour differently are ignored (e.g. `user`, `seed`)."""
+    BreezeWeb has no use for are ignored (e.g. `user`)."""
     try:
         checked = schemas.parse(schemas.ChatCompletionRequest, body)
     except InputError as exc:
@@ -165,8 +165,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     return CompletionRequest(
         model=None if checked.model == AUTO_MODEL else checked.model,
         messages=tuple(messages),
-        temperature=checked.temperature,
-        top_p=checked.top_p,
+        sampling=sampling_of(checked),
         max_tokens=max_tokens,
         stop=tuple(checked.stop or ()),
         stream=bool(checked.stream),
@@ -453,8 +452,7 @@ async def chat_completions(request: HttpRequest):
         rag=parsed.rag,
         collection_ids=parsed.collection_ids,
         pinned_runner=parsed.model,
-        temperature=parsed.temperature,
-        top_p=parsed.top_p,
+        sampling=parsed.sampling,
         max_tokens=parsed.max_tokens,
         stop=parsed.stop,
         tools=parsed.tools,

@@ -39,6 +39,7 @@ from pydantic_core import PydanticCustomError
 
 from chat import limits
 from chat import models as chat_models
+from chat.frames import Sampling
 from chat.inputs import InputError, json_path
 from rag import models as rag_models
 from rag import retrieval
@@ -414,9 +415,9 @@ Stop = Annotated[
 ]
 
 
-class ChatCompletionRequest(Body):
-    """OpenAI's request shape. Other OpenAI fields (`user`, `seed`,
-    `frequency_penalty`, ...) are accepted and ignored."""
+class ChatCompletionRequest(Body, Sampling):
+    """OpenAI's request shape, with vLLM's `top_k` and `repetition_penalty`.
+    Other OpenAI fields (`user`, `logprobs`, ...) are accepted and ignored."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -431,13 +432,6 @@ class ChatCompletionRequest(Body):
         min_length=1,
         max_length=limits.MAX_MESSAGES,
         description="The conversation so far; the last message must be the user's.",
-    )
-    temperature: (
-        Annotated[float, Field(ge=limits.TEMPERATURE_RANGE[0], le=limits.TEMPERATURE_RANGE[1])]
-        | None
-    ) = Field(None, description="Default: the runner's setting.")
-    top_p: Annotated[float, Field(ge=limits.TOP_P_RANGE[0], le=limits.TOP_P_RANGE[1])] | None = (
-        Field(None, description="Default: the runner's setting.")
     )
     max_tokens: Tokens | None = Field(None, description="Capped by the runner's own max_tokens.")
     max_completion_tokens: Tokens | None = Field(

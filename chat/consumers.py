@@ -26,7 +26,7 @@ from accounts.revocation import credential_still_valid, groups_for
 from accounts.ws_auth import CLOSE_UNAUTHENTICATED
 from chat import services
 from chat.errors import TURN_ERRORS, ChatError, error_frame, websocket_error
-from chat.frames import GenerateFrame, Ping, Stop, decode, validate_images
+from chat.frames import GenerateFrame, Ping, Stop, decode, sampling_of, validate_images
 from chat.outbox import TOKEN_FRAME_INTERVAL_SECONDS, FrameOutbox
 from chat.pipeline import Routed, Sources, TurnInput, run_turn
 from chat.saver import detach, finish_detached, streaming_saver
@@ -272,8 +272,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             rag=start.rag if frame.rag is None else frame.rag,
             collection_ids=start.collection_ids,
             pinned_runner=pinned,
-            temperature=frame.params.temperature,
-            top_p=frame.params.top_p,
+            sampling=sampling_of(frame.params),
             max_tokens=frame.params.max_tokens,
             source="chat",
             message_id=message_id,

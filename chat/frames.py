@@ -28,8 +28,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
+    create_model,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -37,7 +39,14 @@ from pydantic_core import PydanticCustomError
 from chat import limits
 from chat.errors import ChatError
 from chat.inputs import MAX_ID, json_path
-from runners.base import RunnerError, unencodable
+from runners.base import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    SAMPLING_BOUNDS,
+    SAMPLING_PARAMS,
+    RunnerError,
+    unencodable,
+)
 
 GENERATING_TYPES = ("message", "regenerate", "edit")
 FRAME_TYPES = (*GENERATING_TYPES, "stop", "ping")
@@ -128,15 +137,61 @@ class _Frame(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore", allow_inf_nan=False)
 
 
-class Params(_Frame):
+_SAMPLING_MEANING = {
+    "temperature": "0 is greedy; higher is more varied.",
+    "top_p": "Nucleus sampling: draw from the smallest set of tokens this likely.",
+    "top_k": "Draw from the k likeliest tokens only (0: no limit).",
+    "repetition_penalty": "llama.cpp's: above 1 discourages tokens already in the answer.",
+    "frequency_penalty": "OpenAI's: lowers a token's logit by this much per use so far.",
+    "presence_penalty": "OpenAI's: lowers a token's logit by this much once it was used.",
+    "seed": "The same seed (and the same request) gives the same answer.",
+}
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]
+Bias = Annotated[float, Field(ge=LOGIT_BIAS_RANGE[0], le=LOGIT_BIAS_RANGE[1])]
+
+# The sampling parameters, declared once from runners.base.SAMPLING_BOUNDS for
+# the websocket's `params` and /v1's request body (api.schemas) alike. Absent
+# or null: the runner's own setting.
+Sampling = create_model(
+    "Sampling",
+    __doc__="Sampling parameters; each one absent or null takes the runner's setting.",
+    **{
+        name: (
+            kind | None,
+            Field(
+                None,
+                ge=low,
+                le=high,
+                description=f"{_SAMPLING_MEANING[name]} Default: the runner's setting.",
+            ),
+        )
+        for name, (kind, low, high) in SAMPLING_BOUNDS.items()
+    },
+    logit_bias=(
+        dict[TokenId, Bias] | None,
+        Field(
+            None,
+            max_length=MAX_LOGIT_BIAS,
+            description="Token id (as a string) -> a bias added to its logit: -100 bans "
+            "the token, 100 all but forces it.",
+        ),
+    ),
+)
+
+
+def sampling_of(model: BaseModel) -> dict[str, Any]:
+    """The sampling parameters `model` sets, as runners.base.ChatRequest takes them."""
+    given = {name: getattr(model, name) for name in SAMPLING_PARAMS}
+    if given["logit_bias"] is not None:
+        given["logit_bias"] = {int(token): bias for token, bias in given["logit_bias"].items()}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+class Params(_Frame, Sampling):
     """Generation parameters; an unknown one is refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float | None = Field(
-        None, ge=limits.TEMPERATURE_RANGE[0], le=limits.TEMPERATURE_RANGE[1]
-    )
-    top_p: float | None = Field(None, ge=limits.TOP_P_RANGE[0], le=limits.TOP_P_RANGE[1])
     max_tokens: int | None = Field(None, ge=1, le=limits.MAX_TOKENS)
 
 
@@ -335,8 +390,15 @@ def _frame_error(model: type[GenerateFrame], kind: str, error: dict) -> ChatErro
             return ChatError(
                 "bad_field", f"Unknown generation parameter `params.{str(loc[-1])[:40]}`."
             )
+        if len(loc) > 1 and loc[1] == "logit_bias":
+            low, high = LOGIT_BIAS_RANGE
+            return ChatError(
+                "bad_field",
+                "`params.logit_bias` must map token ids (strings of digits) to numbers "
+                f"from {low:g} to {high:g}, at most {MAX_LOGIT_BIAS} of them.",
+            )
         if len(loc) > 1:
-            return ChatError("bad_field", f"`{name}` must be {_range(loc[-1])}.")
+            return ChatError("bad_field", f"`{name}` must be {_range(loc[1])}.")
     if loc[0] == "collections":
         return ChatError("bad_field", "`collections` must be a list of collection ids.")
     if loc[0] == "images":
@@ -353,8 +415,9 @@ def _range(param: str | int) -> str:
     field = Params.model_fields[str(param)]
     low = next(m.ge for m in field.metadata if hasattr(m, "ge"))
     high = next(m.le for m in field.metadata if hasattr(m, "le"))
-    kind = "an integer" if field.annotation == int | None else "a number"
-    return f"{kind} from {low} to {high}"
+    if field.annotation == int | None:
+        return f"an integer from {low:,} to {high:,}"
+    return f"a number from {low:g} to {high:g}"
 
 
 def validate_images(images: tuple[str, ...]) -> tuple[str, ...]:

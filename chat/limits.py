@@ -8,6 +8,8 @@ read here from django.conf.settings, so there is still one name for each.
 
 from __future__ import annotations
 
+from runners.base import SAMPLING_BOUNDS as SAMPLING_BOUNDS  # re-exported: a limit too
+
 MAX_TEXT_CHARS = 100_000
 """Characters in one message's text (a user turn, or any message sent to /v1)."""
 
@@ -45,8 +47,9 @@ MAX_TITLE_CHARS = 200
 MAX_JSON_DEPTH = 64
 """Nesting depth of a JSON body or frame; deeper is refused before any work."""
 
-TEMPERATURE_RANGE = (0.0, 2.0)
-TOP_P_RANGE = (0.0, 1.0)
+# The sampling parameters' bounds (temperature, top_p, top_k, penalties, seed)
+# are the runners' own, SAMPLING_BOUNDS (runners.base), which the websocket's
+# `params` and /v1's request body both declare through chat.frames.Sampling.
 
 # ---- the HTTP APIs' request bodies (api/schemas.py declares them from these) ----
 

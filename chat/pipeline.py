@@ -9,8 +9,8 @@ and the OpenAI-compatible HTTP API; persistence is the caller's business.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.conf import settings
@@ -80,8 +80,9 @@ class TurnInput:
     rag: bool = False
     collection_ids: tuple[int, ...] = ()
     pinned_runner: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    # Sampling parameters the caller set (runners.base.SAMPLING_PARAMS; the
+    # rest take the runner's settings), as chat.frames.sampling_of gives them.
+    sampling: Mapping[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     tools: tuple[dict, ...] = ()
@@ -231,8 +232,7 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         raise RunnerError(ErrorCode.INVALID_INPUT, "The last message must be the user's.")
     request = ChatRequest(
         messages=turn.messages,
-        temperature=turn.temperature,
-        top_p=turn.top_p,
+        **turn.sampling,
         max_tokens=turn.max_tokens,
         stop=turn.stop,
         tools=turn.tools,

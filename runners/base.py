@@ -31,6 +31,23 @@ class ChatMessage:
     tool_call_id: str = ""
 
 
+# The sampling parameters a request may set, each interface's declaration of
+# them reads these: name -> (type, minimum, maximum). Plus `logit_bias`:
+# token id -> a bias within LOGIT_BIAS_RANGE, at most MAX_LOGIT_BIAS entries.
+SAMPLING_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "top_k": (int, 0, 1_000_000),
+    "repetition_penalty": (float, 0.5, 2.0),
+    "frequency_penalty": (float, -2.0, 2.0),
+    "presence_penalty": (float, -2.0, 2.0),
+    "seed": (int, 0, 2**63 - 1),
+}
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS = 300
+SAMPLING_PARAMS = (*SAMPLING_BOUNDS, "logit_bias")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """What a runner is asked to do. None means "use the runner config's value".

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from runners.base import LOGIT_BIAS_RANGE, SAMPLING_BOUNDS
+
 # Sorting all 49k logits for top_p costs ~40 ms here; the nucleus almost
 # always lies within the top few hundred, so look there first (exactly: a
 # wider set, then the full sort, whenever these do not reach top_p).
@@ -52,16 +54,11 @@ class SamplingParams:
         )
 
 
-# name -> (type, minimum, maximum) for the numeric parameters.
+# name -> (type, minimum, maximum) for the numeric parameters: a request's,
+# plus the runner's own penalty window.
 BOUNDS: dict[str, tuple[type, float, float]] = {
-    "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.0, 1.0),
-    "top_k": (int, 0, 1_000_000),
-    "repetition_penalty": (float, 0.5, 2.0),
-    "frequency_penalty": (float, -2.0, 2.0),
-    "presence_penalty": (float, -2.0, 2.0),
+    **SAMPLING_BOUNDS,
     "penalty_window": (int, 1, 4096),
-    "seed": (int, 0, 2**63 - 1),
 }
 
 
@@ -91,8 +88,9 @@ def check_logit_bias(value: Any) -> str | None:
             return f"logit_bias keys must be token ids, got {key!r}"
         if token < 0:
             return f"logit_bias keys must be token ids, got {key!r}"
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            return f"logit_bias values must be numbers from -100 to 100, got {bias!r}"
+        low, high = LOGIT_BIAS_RANGE
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not low <= bias <= high:
+            return f"logit_bias values must be numbers from {low:g} to {high:g}, got {bias!r}"
     return None
 
 

@@ -318,16 +318,25 @@ class LlamaStackRunner:
         max_tokens = request.max_tokens if request.max_tokens is not None else self.max_tokens
         if temperature is not None:
             params["temperature"] = temperature
-        if request.top_p is not None:
-            params["top_p"] = request.top_p
+        for name in ("top_p", "frequency_penalty", "presence_penalty", "seed"):
+            if getattr(request, name) is not None:
+                params[name] = getattr(request, name)
+        if request.logit_bias is not None:
+            params["logit_bias"] = {str(token): bias for token, bias in request.logit_bias.items()}
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
         if request.stop:
             params["stop"] = list(request.stop)
         if request.tools:
             params["tools"] = list(request.tools)
+        # Not OpenAI's but vLLM's and llama.cpp's server's: in the body as they are.
+        beyond = {
+            name: getattr(request, name)
+            for name in ("top_k", "repetition_penalty")
+            if getattr(request, name) is not None
+        }
         # extra_body wins over keyword params in the SDK: drop what we set.
-        extra = {k: v for k, v in self.extra_body.items() if k not in params}
+        extra = {k: v for k, v in {**self.extra_body, **beyond}.items() if k not in params}
         if extra:
             params["extra_body"] = extra
         return params

@@ -155,7 +155,17 @@ async def test_a_completion_answers_in_openai_shape_with_usage_and_the_runner(
         "/v1/chat/completions",
         key=api_key,
         body=chat_body(
-            "Capital of France?", temperature=0.2, top_p=0.9, max_tokens=40, stop=["\n\n"]
+            "Capital of France?",
+            temperature=0.2,
+            top_p=0.9,
+            max_tokens=40,
+            stop=["\n\n"],
+            seed=11,
+            frequency_penalty=0.4,
+            presence_penalty=0.1,
+            top_k=20,
+            repetition_penalty=1.15,
+            logit_bias={"50256": -100},
         ),
     )
     assert response.status_code == 200, response.text
@@ -176,6 +186,10 @@ async def test_a_completion_answers_in_openai_shape_with_usage_and_the_runner(
     assert "conversation_id" not in body["breezeweb"]
     sent = scripted_server.chat_requests()[-1].json
     assert sent["temperature"] == 0.2 and sent["top_p"] == 0.9
+    # Every sampling parameter reaches the runner (OpenAI's and vLLM's names).
+    assert (sent["seed"], sent["frequency_penalty"], sent["presence_penalty"]) == (11, 0.4, 0.1)
+    assert (sent["top_k"], sent["repetition_penalty"]) == (20, 1.15)
+    assert sent["logit_bias"] == {"50256": -100}
     assert sent["max_tokens"] == 40 and sent["stop"] == ["\n\n"]
     assert sent["messages"][-1] == {"role": "user", "content": "Capital of France?"}
     assert await sync_to_async(nothing_saved)()  # stateless by default
@@ -328,6 +342,16 @@ BAD_BODIES = [
     ),
     ("temperature a string", chat_body(temperature="hot"), "invalid_type", "temperature"),
     ("temperature too high", chat_body(temperature=3), "invalid_value", "temperature"),
+    ("seed negative", chat_body(seed=-1), "invalid_value", "seed"),
+    ("top_k a float", chat_body(top_k=2.5), "invalid_type", "top_k"),
+    ("penalty too high", chat_body(frequency_penalty=2.5), "invalid_value", "frequency_penalty"),
+    (
+        "logit_bias not a token id",
+        chat_body(logit_bias={"the": 1}),
+        "invalid_value",
+        "logit_bias.the.[key]",
+    ),
+    ("logit_bias out of range", chat_body(logit_bias={"5": 101}), "invalid_value", "logit_bias.5"),
     ("max_tokens a bool", chat_body(max_tokens=True), "invalid_type", "max_tokens"),
     (
         "max_tokens zero",

@@ -52,13 +52,10 @@ IN_SCHEMA = {
         ("ChatCompletionRequest", name, "maximum", limits.MAX_TOKENS)
         for name in ("max_tokens", "max_completion_tokens")
     ],
-    "TEMPERATURE_RANGE": [
-        ("ChatCompletionRequest", "temperature", "minimum", limits.TEMPERATURE_RANGE[0]),
-        ("ChatCompletionRequest", "temperature", "maximum", limits.TEMPERATURE_RANGE[1]),
-    ],
-    "TOP_P_RANGE": [
-        ("ChatCompletionRequest", "top_p", "minimum", limits.TOP_P_RANGE[0]),
-        ("ChatCompletionRequest", "top_p", "maximum", limits.TOP_P_RANGE[1]),
+    "SAMPLING_BOUNDS": [
+        ("ChatCompletionRequest", name, keyword, value)
+        for name, (_, low, high) in limits.SAMPLING_BOUNDS.items()
+        for keyword, value in (("minimum", low), ("maximum", high))
     ],
     "MAX_TOOL_NAME_CHARS": [
         (
@@ -113,7 +110,9 @@ def test_limits_without_a_keyword_are_stated_in_the_schema_text(name):
 
 def test_every_limit_is_accounted_for():
     """A new limit in chat/limits.py must be put in the schema (or said to be elsewhere)."""
-    names = {n for n, v in vars(limits).items() if n.isupper() and isinstance(v, int | tuple)}
+    names = {
+        n for n, v in vars(limits).items() if n.isupper() and isinstance(v, int | tuple | dict)
+    }
     accounted = set(IN_SCHEMA) | set(IN_PROSE) | set(ELSEWHERE)
     assert names == accounted, (sorted(names - accounted), sorted(accounted - names))
 

@@ -252,6 +252,29 @@ async def test_the_history_of_the_conversation_reaches_the_runner(
     ]
 
 
+async def test_every_sampling_parameter_in_params_reaches_the_runner(
+    user, scripted_runner, scripted_server
+):
+    ws = await connect(user)
+    scripted_server.script(Reply(text="Seeded."))
+    params = {
+        "temperature": 0.3,
+        "top_p": 0.95,
+        "top_k": 8,
+        "repetition_penalty": 1.3,
+        "frequency_penalty": 0.2,
+        "presence_penalty": 0.6,
+        "seed": 1234,
+        "logit_bias": {"13": -100},
+        "max_tokens": 33,
+    }
+    frames = await ask(ws, "Hello", params=params)
+    await ws.disconnect()
+    assert of(frames, "done")
+    sent = scripted_server.chat_requests()[-1].json
+    assert {name: sent[name] for name in params} == params
+
+
 async def test_a_notice_frame_says_old_turns_were_trimmed(user, scripted_server):
     await sync_to_async(runner_config)(
         scripted_server.url, "tiny", context_tokens=256, max_tokens=64
@@ -648,6 +671,17 @@ async def test_a_pinned_runner_that_does_not_exist_is_refused(user, scripted_run
             '{"type": "message", "request_id": "x", "text": "hi", "params": {"temperature": 9}}',
             "bad_field",
             "temperature",
+        ),
+        (
+            '{"type": "message", "request_id": "x", "text": "hi", "params": {"seed": "7"}}',
+            "bad_field",
+            "seed",
+        ),
+        (
+            '{"type": "message", "request_id": "x", "text": "hi", '
+            '"params": {"logit_bias": {"word": 1}}}',
+            "bad_field",
+            "token ids",
         ),
         ('{"type": "regenerate", "request_id": "x"}', "missing_field", "conversation_id"),
         (

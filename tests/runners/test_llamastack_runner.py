@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from runners.base import (
+    SAMPLING_PARAMS,
     Capability,
     ChatMessage,
     ChatRequest,
@@ -171,6 +172,35 @@ async def test_it_sends_the_bearer_key_the_model_and_the_params(scripted_server)
     assert body["stop"] == ["\n\n"]
     assert (body["seed"], body["repetition_penalty"]) == (7, 1.1)
     assert "retries" not in body  # a runner option, not a request parameter
+
+
+async def test_every_sampling_parameter_of_the_request_reaches_the_upstream(scripted_server):
+    # The config's extra params are defaults: the request's own values win.
+    runner = make_runner(scripted_server.url, extra_params={"seed": 7, "top_k": 5, "retries": 0})
+    request = ChatRequest(
+        messages=(ChatMessage("user", "Hi"),),
+        top_p=0.8,
+        top_k=12,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=-0.5,
+        seed=42,
+        logit_bias={198: -100.0, 7: 2.5},
+    )
+    events, error = await collect(runner, request)
+    await runner.close()
+    assert error is None and isinstance(events[-1], Done)
+    body = scripted_server.chat_requests()[0].json
+    sent = {name: body[name] for name in SAMPLING_PARAMS if name in body and name != "temperature"}
+    assert sent == {
+        "top_p": 0.8,
+        "top_k": 12,
+        "repetition_penalty": 1.2,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "seed": 42,
+        "logit_bias": {"198": -100.0, "7": 2.5},  # JSON keys: token ids as strings
+    }
 
 
 async def test_config_values_apply_when_the_request_leaves_them_out(scripted_server, runner):

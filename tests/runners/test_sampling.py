@@ -102,10 +102,13 @@ def test_top_p_on_a_full_vocabulary_matches_a_plain_sort():
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.9), 49152)
     _kept, ids = s._nucleus(logits, None, 0.9)
     values, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(values, -1)
-    expected = int(((torch.cumsum(probs, -1) - probs) < 0.9).sum())
-    assert len(ids) == expected
-    assert torch.equal(ids, order[:expected])
+    mass = torch.cumsum(torch.softmax(values, -1), -1)
+    kept = len(ids)
+    assert torch.equal(ids, order[:kept])  # the likeliest tokens, in order
+    # The smallest such set reaching 0.9: without its last token it falls short.
+    # (Up to float rounding at the boundary: sums run in another order, and
+    # on another number of threads, than a plain sort's.)
+    assert mass[kept - 1] >= 0.9 - 1e-5 and mass[kept - 2] < 0.9 + 1e-5
     # A flat distribution: the nucleus is wider than the pre-filter.
     flat = Sampler(SamplingParams(temperature=1.0, top_p=0.99), 49152)
     _, wide = flat._nucleus(torch.zeros(49152), None, 0.99)
