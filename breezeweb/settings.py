@@ -108,6 +108,7 @@ INSTALLED_APPS = [
     "accounts",
     "runners",
     "rag",
+    "agents",
     "chat",
     "api",
 ]

@@ -24,9 +24,19 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from accounts.limits import SlotLease
 from accounts.revocation import credential_still_valid, groups_for
 from accounts.ws_auth import CLOSE_UNAUTHENTICATED
+from agents.loop import ApprovalRequested, StepFinished, StepStarted
+from agents.steps import decide
 from chat import services
 from chat.errors import TURN_ERRORS, ChatError, error_frame, websocket_error
-from chat.frames import GenerateFrame, Ping, Stop, decode, sampling_of, validate_images
+from chat.frames import (
+    ApproveFrame,
+    GenerateFrame,
+    Ping,
+    Stop,
+    decode,
+    sampling_of,
+    validate_images,
+)
 from chat.outbox import TOKEN_FRAME_INTERVAL_SECONDS, FrameOutbox
 from chat.pipeline import Routed, Sources, TurnInput, run_turn
 from chat.saver import detach, finish_detached, streaming_saver
@@ -124,6 +134,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_frame({"type": "pong", "request_id": request_id})
             elif isinstance(frame, Stop):
                 await self.stop(request_id)
+            elif isinstance(frame, ApproveFrame):
+                await self.approve(frame)
             else:
                 await self.start(frame)
         except ChatError as exc:
@@ -138,6 +150,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if generation is None:
             raise ChatError("not_running", f"No answer is being generated for {request_id!r}.")
         generation.task.cancel()
+
+    async def approve(self, frame: ApproveFrame) -> None:
+        """Record the decision on a paused step; the turn (on whichever socket
+        or process runs it) reads it from the database and goes on."""
+        if not await database_sync_to_async(decide)(self.user, frame.step_id, frame.approved):
+            raise ChatError(
+                "not_found", f"Step {frame.step_id} of yours is not waiting for approval."
+            )
+        await self.send_frame(
+            {
+                "type": "approval",
+                "request_id": frame.request_id,
+                "step_id": frame.step_id,
+                "approved": frame.approved,
+            }
+        )
 
     async def start(self, frame: GenerateFrame) -> None:
         if frame.request_id in self.generations:
@@ -195,16 +223,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 runner=frame.runner,
                 rag=frame.rag,
                 collection_ids=tuple(frame.collections) if frame.collections is not None else None,
+                agent=frame.agent,
             )
         if frame.type == "regenerate":
             return await database_sync_to_async(services.begin_regenerate)(
-                self.user, conversation_id=frame.conversation_id
+                self.user, conversation_id=frame.conversation_id, agent=frame.agent
             )
         return await database_sync_to_async(services.begin_edit)(
             self.user,
             conversation_id=frame.conversation_id,
             message_id=frame.message_id,
             text=frame.text,
+            agent=frame.agent,
         )
 
     async def _generate(
@@ -277,6 +307,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             source="chat",
             message_id=message_id,
             request_id=rid,
+            agent=start.agent,
+            timezone=frame.timezone or "",
         )
         try:
             if cancelled:
@@ -385,6 +417,30 @@ def _frame_of(request_id: str, event) -> dict | None:
             "name": event.name,
             "arguments": event.arguments,
         }
+    if isinstance(event, StepStarted):
+        step = event.step
+        return {
+            "type": "tool_call",
+            "request_id": request_id,
+            "id": step.call_id,
+            "name": step.name,
+            "arguments": step.arguments,
+            "step_id": step.id,
+            "round": step.round,
+        }
+    if isinstance(event, ApprovalRequested):
+        step = event.step
+        return {
+            "type": "approval_request",
+            "request_id": request_id,
+            "step_id": step.id,
+            "id": step.call_id,
+            "name": step.name,
+            "arguments": step.arguments,
+            "timeout_s": event.timeout_seconds,
+        }
+    if isinstance(event, StepFinished):
+        return {"type": "tool_result", "request_id": request_id, **event.step.as_dict()}
     return None
 
 

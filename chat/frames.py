@@ -49,7 +49,7 @@ from runners.base import (
 )
 
 GENERATING_TYPES = ("message", "regenerate", "edit")
-FRAME_TYPES = (*GENERATING_TYPES, "stop", "ping")
+FRAME_TYPES = (*GENERATING_TYPES, "approve", "stop", "ping")
 
 
 def max_frame_bytes() -> int:
@@ -121,12 +121,23 @@ def _collection_count(ids: Any) -> Any:
     return ids
 
 
+def _timezone(name: str) -> str:
+    if len(name) > limits.MAX_TIMEZONE_CHARS:
+        raise PydanticCustomError(
+            "bad_field",
+            f"`timezone` is an IANA name of at most {limits.MAX_TIMEZONE_CHARS} characters.",
+        )
+    return name
+
+
 Text = Annotated[str, AfterValidator(_storable)]
 MessageText = Annotated[Text, AfterValidator(_text_length)]
 ConversationId = Annotated[int, AfterValidator(_exists("Conversation"))]
 MessageId = Annotated[int, AfterValidator(_exists("Message"))]
 CollectionId = Annotated[int, AfterValidator(_exists("Collection"))]
 RunnerName = Annotated[Text, AfterValidator(_runner_name)]
+StepId = Annotated[int, AfterValidator(_exists("Step"))]
+TimeZoneName = Annotated[Text, AfterValidator(_timezone)]
 
 
 # ---- the frames ------------------------------------------------------------------------------
@@ -203,6 +214,8 @@ class GenerateFrame(_Frame):
     runner: RunnerName | None = None
     rag: bool | None = None
     collections: Annotated[list[CollectionId], BeforeValidator(_collection_count)] | None = None
+    agent: bool | None = None
+    timezone: TimeZoneName | None = None
     params: Params = Params()
 
     # Fields of the subclasses, so the consumer reads any frame the same way.
@@ -262,6 +275,16 @@ GENERATE_FRAMES: dict[str, type[GenerateFrame]] = {
 }
 
 
+class ApproveFrame(_Frame):
+    """`approve`: the user's decision on a step that awaits approval
+    (`approval_request`), from any socket of theirs, even after a reload."""
+
+    type: Literal["approve"]
+    request_id: str
+    step_id: StepId
+    approved: bool
+
+
 class Ping:
     """`ping`: answered by `pong`."""
 
@@ -283,7 +306,7 @@ class Stop:
 # ---- decoding ---------------------------------------------------------------------------------
 
 
-def decode(text_data: str | None) -> Ping | Stop | GenerateFrame:
+def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | GenerateFrame:
     """One websocket frame, checked. Raises ChatError (its `request_id`
     attribute set when the frame named a usable one)."""
     request_id = None
@@ -305,7 +328,7 @@ def decode(text_data: str | None) -> Ping | Stop | GenerateFrame:
             raise ChatError(
                 "unknown_type",
                 f"Unknown frame type {kind[:40]!r}; expected message, stop, "
-                "regenerate, edit or ping.",
+                "regenerate, edit, approve or ping.",
             )
         if request_id is None:
             raise ChatError(
@@ -315,6 +338,8 @@ def decode(text_data: str | None) -> Ping | Stop | GenerateFrame:
             )
         if kind == "stop":
             return Stop(request_id)
+        if kind == "approve":
+            return _validate(ApproveFrame, frame)
         return _validate(GENERATE_FRAMES[kind], frame)
     except ChatError as exc:
         exc.request_id = request_id
@@ -352,7 +377,7 @@ def _without_nulls(frame: dict) -> dict:
     return clean
 
 
-def _validate(model: type[GenerateFrame], frame: dict) -> GenerateFrame:
+def _validate(model: type[_Frame], frame: dict) -> Any:
     try:
         return model.model_validate(_without_nulls(frame))
     except ValidationError as exc:
@@ -372,7 +397,7 @@ _KINDS = {
 }
 
 
-def _frame_error(model: type[GenerateFrame], kind: str, error: dict) -> ChatError:
+def _frame_error(model: type[_Frame], kind: str, error: dict) -> ChatError:
     loc = list(error["loc"])
     name = ".".join(str(part) for part in loc if not isinstance(part, int))
     where = json_path(tuple(loc))

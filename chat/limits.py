@@ -35,6 +35,9 @@ MAX_COLLECTIONS = 100
 MAX_REQUEST_ID_CHARS = 128
 """Length of a websocket frame's `request_id`."""
 
+MAX_TIMEZONE_CHARS = 64
+"""Length of a frame's `timezone` (an IANA name such as Europe/Paris)."""
+
 MAX_RUNNER_NAME_CHARS = 100
 """Length of a runner name (RunnerConfig.name is a slug of at most 100)."""
 

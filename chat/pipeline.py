@@ -4,6 +4,10 @@ guardian (input) -> RAG retrieval (when on) -> router (capability, priority,
 fallback) -> prompt fitted to the chosen runner's context budget -> runner
 events -> guardian (output, streaming-safe). Shared by the websocket consumer
 and the OpenAI-compatible HTTP API; persistence is the caller's business.
+
+In agent mode (`TurnInput.agent`) the same guarded router answers each round
+of `agents.loop.run_agent`, which executes the model's tool calls and feeds
+their results back (docs/agents.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from django.conf import settings
 from channels.db import database_sync_to_async
 
 from runners.base import (
+    Capability,
     ChatMessage,
     ChatRequest,
     Done,
@@ -89,6 +94,8 @@ class TurnInput:
     source: str = "chat"
     message_id: int | None = None
     request_id: str = ""
+    agent: bool = False
+    timezone: str = ""
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,10 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         request_id=turn.request_id,
     )
     check_encodable(request)
+    if turn.agent:
+        async for event in _agent_turn(turn, request):
+            yield event
+        return
     rules, candidates, no_runner = await _turn_settings(
         request.needed_capabilities(), turn.pinned_runner, turn.rag
     )
@@ -257,11 +268,19 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
 
     if context and request.temperature is None:
         request = replace(request, temperature=GROUNDED_TEMPERATURE)
+    async for event in _guarded(turn, request, rules, candidates, context):
+        yield event
+
+
+async def _guarded(
+    turn: TurnInput, request: ChatRequest, rules, candidates, context: str = ""
+) -> AsyncIterator[Any]:
+    """One model answer: routed, fitted to the runner, output rules applied."""
     output = OutputFilter(rules)
     events = route(
         request,
         pinned=turn.pinned_runner,
-        need_rag=turn.rag,
+        need_rag=bool(context),
         prepare=lambda req, runner: fit_to_budget(req, runner, context),
         source=turn.source,
         message_id=turn.message_id,
@@ -290,3 +309,48 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         raise
     finally:
         await events.aclose()
+
+
+async def _agent_turn(turn: TurnInput, request: ChatRequest) -> AsyncIterator[Any]:
+    """An agent turn: the tools this user may use are offered to a runner with
+    the `agent` capability, and `agents.loop.run_agent` runs the rounds.
+    Documents are searched by the model itself (the search_documents tool,
+    limited to the conversation's collections) rather than retrieved up front."""
+    from agents.loop import AGENT_INSTRUCTIONS, StepFinished, run_agent
+    from agents.steps import DatabaseSteps, MemorySteps
+    from agents.tools import ToolContext, available_tools
+
+    # The built-in tools are always offered: an agent turn needs the `agent` capability.
+    needed = request.needed_capabilities() | {Capability.AGENT}
+    rules, candidates, no_runner = await _turn_settings(needed, turn.pinned_runner, False)
+    check_input(turn.messages[-1].content, rules)
+    if no_runner is not None:
+        raise no_runner
+    interactive = turn.message_id is not None
+    context = ToolContext(
+        user=turn.user, timezone=turn.timezone, collection_ids=turn.collection_ids
+    )
+    tools = await available_tools(context, interactive=interactive)
+    client_names = frozenset(
+        str((t.get("function") or {}).get("name", "")) for t in turn.tools if isinstance(t, dict)
+    )
+    # A client's tool of the same name wins: the client asked for it explicitly.
+    tools = {name: tool for name, tool in tools.items() if name not in client_names}
+    specs = (*turn.tools, *(tool.spec() for tool in tools.values()))
+    instructions = ChatMessage(role="system", content=AGENT_INSTRUCTIONS)
+    request = replace(request, messages=(instructions, *request.messages), tools=specs)
+    store = DatabaseSteps(turn.message_id) if interactive else MemorySteps()
+    cited: list[dict] = []
+    async for event in run_agent(
+        request,
+        lambda req: _guarded(turn, req, rules, candidates),
+        tools,
+        context,
+        store,
+        rules=rules,
+        client_tools=client_names,
+    ):
+        yield event
+        if isinstance(event, StepFinished) and event.step.sources:
+            cited.extend(event.step.sources)
+            yield Sources(tuple(cited))

@@ -18,6 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts import limits
+from agents import steps as agent_steps
 from chat.errors import ChatError
 from chat.inputs import clean_name
 from chat.limits import MAX_TITLE_CHARS, TITLE_MAX_CHARS
@@ -48,6 +49,7 @@ class TurnStart:
     pinned_runner: str | None = None
     rag: bool = False
     collection_ids: tuple[int, ...] = ()
+    agent: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +140,7 @@ def _start(conversation: Conversation, user_message: Message, *, new: bool = Fal
         pinned_runner=pinned,
         rag=conversation.rag_enabled,
         collection_ids=collection_ids,
+        agent=agent_steps.agent_mode(conversation.pk),
     )
 
 
@@ -150,11 +153,12 @@ def begin_message(
     runner: str | None = None,
     rag: bool | None = None,
     collection_ids: tuple[int, ...] | None = None,
+    agent: bool | None = None,
 ) -> TurnStart:
     """Save a new user turn (creating the conversation when `conversation_id`
     is None) and the assistant message that will stream its answer.
-    `runner`, `rag` and `collection_ids` update the conversation's settings
-    when given. Raises ChatError(not_found | unknown_runner)."""
+    `runner`, `rag`, `collection_ids` and `agent` (agent mode) update the
+    conversation's settings when given. Raises ChatError(not_found | unknown_runner)."""
     with transaction.atomic():
         config = _resolve_runner(runner)
         collections = _readable_collections(user, collection_ids) if collection_ids else None
@@ -175,17 +179,21 @@ def begin_message(
         if collections is not None:
             conversation.collections.set(collections)
             new = False  # read the collections back
+        if agent is not None:
+            agent_steps.set_agent_mode(conversation.pk, agent)
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, images=list(images)
         )
         return _start(conversation, user_message, new=new)
 
 
-def begin_regenerate(user, *, conversation_id: int) -> TurnStart:
+def begin_regenerate(user, *, conversation_id: int, agent: bool | None = None) -> TurnStart:
     """Answer the last user turn again: the answers after it are deleted and a
     new assistant message is started. Raises ChatError(not_found | nothing_to_regenerate)."""
     with transaction.atomic():
         conversation = _owned_conversation(user, conversation_id)
+        if agent is not None:
+            agent_steps.set_agent_mode(conversation.pk, agent)
         users_turns = conversation.messages.filter(role=Message.Role.USER)
         last_user = users_turns.order_by("-created_at", "-id").first()
         if last_user is None:
@@ -194,11 +202,15 @@ def begin_regenerate(user, *, conversation_id: int) -> TurnStart:
         return _start(conversation, last_user)
 
 
-def begin_edit(user, *, conversation_id: int, message_id: int, text: str) -> TurnStart:
+def begin_edit(
+    user, *, conversation_id: int, message_id: int, text: str, agent: bool | None = None
+) -> TurnStart:
     """Edit one of the user's own messages and answer it again: every message
     after it is deleted. Raises ChatError(not_found | not_editable)."""
     with transaction.atomic():
         conversation = _owned_conversation(user, conversation_id)
+        if agent is not None:
+            agent_steps.set_agent_mode(conversation.pk, agent)
         message = conversation.messages.filter(pk=message_id).first()
         if message is None:
             raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
@@ -223,7 +235,9 @@ def flush_contents(contents: dict[int, str]) -> None:
 
 
 def finish_message(message_id: int, outcome: TurnOutcome) -> None:
-    """Save the final state of an assistant message."""
+    """Save the final state of an assistant message (and settle any of its
+    agent steps the end cut short)."""
+    agent_steps.settle_unfinished(message_id)
     Message.objects.filter(pk=message_id).update(
         content=outcome.content,
         status=outcome.status,
@@ -318,7 +332,7 @@ def delete_conversation(user, conversation_id: int) -> None:
     _owned_conversation(user, conversation_id).delete()
 
 
-def message_dict(m: Message) -> dict[str, Any]:
+def message_dict(m: Message, steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "id": m.pk,
         "role": m.role,
@@ -338,6 +352,7 @@ def message_dict(m: Message) -> dict[str, Any]:
         "sources": m.sources,
         "error_code": m.error_code,
         "error": m.error,
+        "steps": steps or [],
         "created_at": m.created_at.isoformat(),
     }
 
@@ -362,13 +377,16 @@ def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
     after a reconnect. Raises ChatError(not_found)."""
     conversation = _owned_conversation(user, conversation_id)
     settle_interrupted(conversation.pk)
+    messages = list(conversation.messages.order_by("created_at", "id"))
+    steps = agent_steps.steps_of([m.pk for m in messages if m.role == Message.Role.ASSISTANT])
     return {
         "id": conversation.pk,
         "title": conversation.title,
         "pinned_runner": conversation.pinned_runner.name if conversation.pinned_runner_id else None,
         "rag": conversation.rag_enabled,
+        "agent": agent_steps.agent_mode(conversation.pk),
         "collections": list(conversation.collections.values_list("pk", flat=True)),
-        "messages": [message_dict(m) for m in conversation.messages.order_by("created_at", "id")],
+        "messages": [message_dict(m, steps.get(m.pk)) for m in messages],
     }
 
 

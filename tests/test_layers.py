@@ -1,7 +1,8 @@
 """Dependencies run one way: the interfaces (chat, api) use the services
-(runners, rag) and accounts; runners and rag use neither each other nor the
-interfaces; chat never imports api; accounts imports no interface; core (small
-libraries for every app) imports no app."""
+(runners, rag, agents) and accounts; runners and rag use neither each other
+nor the interfaces; agents (tools over runners and rag) uses no interface;
+chat never imports api; accounts imports no interface; core (small libraries
+for every app) imports no app."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 from tests.support.processes import ROOT
 
 FORBIDDEN = {
-    "runners": {"chat", "api", "accounts", "rag"},
-    "rag": {"chat", "api", "accounts", "runners"},
-    "accounts": {"chat", "api"},
+    "runners": {"chat", "api", "accounts", "rag", "agents"},
+    "rag": {"chat", "api", "accounts", "runners", "agents"},
+    "accounts": {"chat", "api", "agents"},
+    "agents": {"chat", "api"},
     "chat": {"api"},
-    "core": {"breezeweb", "chat", "api", "accounts", "runners", "rag"},
+    "core": {"breezeweb", "chat", "api", "accounts", "runners", "rag", "agents"},
 }
 
 

@@ -1,0 +1,300 @@
+"""The built-in tools: search my documents, read a document, a calculator,
+the current date and time, and (off by default) fetch a URL from hosts the
+admin allows. Each is a `Tool` (agents/tools.py); failures raise `ToolFailed`
+with a message the model is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import zoneinfo
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from django.conf import settings as django_settings
+
+from channels.db import database_sync_to_async
+
+from agents import limits
+from agents.calculator import CalculatorError, evaluate, format_number
+from agents.models import AgentSettings
+from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput
+
+SEARCH_RESULTS = 5
+SEARCH_BUDGET_TOKENS = 1200
+
+
+def _string(args: dict[str, Any], name: str, *, required: bool = True) -> str:
+    value = args.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ToolFailed(f"`{name}` must be a non-empty string.")
+    return value
+
+
+def _integer(args: dict[str, Any], name: str, *, required: bool = True) -> int | None:
+    value = args.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**63 - 1:
+        raise ToolFailed(f"`{name}` must be a positive integer.")
+    return value
+
+
+# ---- search my documents ---------------------------------------------------------------------
+
+
+def _search(user, query: str, collection_ids: tuple[int, ...], first_number: int) -> ToolOutput:
+    from rag.retrieval import retrieve
+
+    found = retrieve(
+        user,
+        query,
+        list(collection_ids) or None,
+        k=SEARCH_RESULTS,
+        budget_tokens=SEARCH_BUDGET_TOKENS,
+    )
+    if not found.sources:
+        return ToolOutput("No passage of your documents matches this query.")
+    lines = []
+    for offset, source in enumerate(found.sources):
+        where = f", page {source.page}" if source.page is not None else ""
+        text = " ".join(source.text.split())
+        number = first_number + offset
+        lines.append(f"[{number}] {source.title} (document {source.document_id}{where}): {text}")
+    lines.append("Cite the passages you use by their number, like [1].")
+    return ToolOutput("\n".join(lines), tuple(s.as_dict() for s in found.sources))
+
+
+async def search_documents(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+    query = _string(args, "query")
+    return await database_sync_to_async(_search, thread_sensitive=False)(
+        context.user, query, context.collection_ids, len(context.sources) + 1
+    )
+
+
+# ---- read a document -------------------------------------------------------------------------
+
+
+def _read(user, document_id: int, page: int | None) -> ToolOutput:
+    from rag.models import Chunk, Collection, Document
+
+    document = (
+        Document.objects.filter(
+            pk=document_id,
+            status=Document.Status.READY,
+            collection__in=Collection.objects.readable_by(user),
+        )
+        .only("pk", "title", "live_generation", "page_count")
+        .first()
+    )
+    if document is None:
+        # Same answer for "not yours" and "does not exist".
+        raise ToolFailed(f"Document {document_id} was not found among your documents.")
+    chunks = Chunk.objects.filter(document=document, generation=document.live_generation)
+    if page is not None:
+        chunks = chunks.filter(page=page)
+    texts = list(chunks.order_by("chunk_index").values_list("text", flat=True))
+    if not texts:
+        where = f" has no page {page}" if page is not None else " has no text"
+        raise ToolFailed(f"Document {document_id}{where}.")
+    pages = f" of {document.page_count} pages" if document.page_count else ""
+    where = f", page {page}{pages}" if page is not None else pages
+    body = "\n\n".join(texts)
+    if len(body) > limits.MAX_RESULT_CHARS:
+        body = body[: limits.MAX_RESULT_CHARS] + "… (cut; read one page at a time)"
+    return ToolOutput(f"{document.title}{where}:\n{body}")
+
+
+async def read_document(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+    document_id = _integer(args, "document_id")
+    page = _integer(args, "page", required=False)
+    return await database_sync_to_async(_read, thread_sensitive=False)(
+        context.user, document_id, page
+    )
+
+
+# ---- calculator ------------------------------------------------------------------------------
+
+
+async def calculator(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+    expression = _string(args, "expression")
+    try:
+        value = evaluate(expression)
+    except CalculatorError as exc:
+        raise ToolFailed(str(exc)) from None
+    return ToolOutput(f"{expression.strip()} = {format_number(value)}")
+
+
+# ---- current date and time -------------------------------------------------------------------
+
+
+def zone(name: str) -> zoneinfo.ZoneInfo | None:
+    """The IANA time zone `name`, or None when there is no such zone."""
+    if not name or len(name) > 64:
+        return None
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+async def current_time(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+    asked = _string(args, "timezone", required=False)
+    tz = zone(asked) if asked else None
+    if asked and tz is None:
+        raise ToolFailed(f"Unknown time zone {asked[:64]!r}; use an IANA name like Europe/Paris.")
+    tz = tz or zone(context.timezone) or zone(django_settings.TIME_ZONE) or dt.UTC
+    now = dt.datetime.now(tz)
+    return ToolOutput(
+        f"{now:%A %d %B %Y, %H:%M:%S} ({tz.key if hasattr(tz, 'key') else 'UTC'}, "
+        f"UTC{now:%z}); ISO 8601: {now.isoformat(timespec='seconds')}"
+    )
+
+
+# ---- fetch a URL (off by default) ------------------------------------------------------------
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Whether `host` is on the admin's list (exact, or `*.example.com` for subdomains)."""
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]) and host != entry[2:]:
+                return True
+        elif host == entry:
+            return True
+    return False
+
+
+def _checked_url(url: str, allowed: list[str]) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ToolFailed("Only http:// and https:// URLs can be fetched.")
+    if parts.username or parts.password:
+        raise ToolFailed("URLs with a user name or password cannot be fetched.")
+    if not host_allowed(parts.hostname, allowed):
+        raise ToolFailed(
+            f"The host {parts.hostname[:100]!r} is not on the list of hosts agents may read."
+        )
+    return url
+
+
+async def fetch_url(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+    import httpx
+
+    from rag.parsing import html_to_text
+
+    conf = context.settings
+    url = _checked_url(_string(args, "url"), conf.allowed_hosts)
+    timeout = httpx.Timeout(conf.fetch_timeout_seconds)
+    async with httpx.AsyncClient(
+        timeout=timeout, follow_redirects=False, trust_env=False
+    ) as client:
+        for _ in range(limits.FETCH_MAX_REDIRECTS + 1):
+            try:
+                async with asyncio.timeout(conf.fetch_timeout_seconds):
+                    async with client.stream("GET", url, headers={"Accept": "text/*"}) as response:
+                        if response.is_redirect:
+                            target = urljoin(url, response.headers.get("location", ""))
+                            url = _checked_url(target, conf.allowed_hosts)
+                            continue
+                        if response.status_code >= 400:
+                            raise ToolFailed(f"The server answered HTTP {response.status_code}.")
+                        body = bytearray()
+                        cut = False
+                        async for piece in response.aiter_bytes():
+                            body.extend(piece)
+                            if len(body) > conf.fetch_max_bytes:
+                                del body[conf.fetch_max_bytes :]
+                                cut = True
+                                break
+                        kind = response.headers.get("content-type", "").split(";")[0].strip()
+                        charset = response.charset_encoding or "utf-8"
+            except (TimeoutError, httpx.TimeoutException):
+                raise ToolFailed(
+                    f"The page did not load within {conf.fetch_timeout_seconds:g} s."
+                ) from None
+            except httpx.HTTPError as exc:
+                raise ToolFailed(f"The page could not be read ({type(exc).__name__}).") from None
+            if kind and not (
+                kind.startswith("text/") or kind in ("application/json", "application/xhtml+xml")
+            ):
+                raise ToolFailed(f"The page is {kind[:60]}, not text.")
+            text = bytes(body).decode(charset, errors="replace")
+            if "html" in kind:
+                text = html_to_text(text)
+            text = text.strip()
+            if len(text) > limits.MAX_RESULT_CHARS:
+                text, cut = text[: limits.MAX_RESULT_CHARS], True
+            return ToolOutput(f"{url}\n\n{text}" + ("\n… (cut)" if cut else ""))
+    raise ToolFailed(f"More than {limits.FETCH_MAX_REDIRECTS} redirects.")
+
+
+# ---- the list --------------------------------------------------------------------------------
+
+SEARCH = Tool(
+    "search_documents",
+    "Search the user's uploaded documents. Returns numbered passages with their document id "
+    "and page; cite them by number.",
+    {
+        "type": "object",
+        "properties": {"query": {"type": "string", "description": "What to look for."}},
+        "required": ["query"],
+    },
+    search_documents,
+)
+READ = Tool(
+    "read_document",
+    "Read one of the user's documents (by the id search_documents gives), one page at a time.",
+    {
+        "type": "object",
+        "properties": {
+            "document_id": {"type": "integer"},
+            "page": {"type": "integer", "description": "1-based page; omit for the whole text."},
+        },
+        "required": ["document_id"],
+    },
+    read_document,
+)
+CALCULATOR = Tool(
+    "calculator",
+    "Evaluate an arithmetic expression exactly: + - * / // % ** ( ), sqrt, log, sin, pi...",
+    {
+        "type": "object",
+        "properties": {"expression": {"type": "string", "description": "e.g. (17 * 23) / 4"}},
+        "required": ["expression"],
+    },
+    calculator,
+)
+CURRENT_TIME = Tool(
+    "current_time",
+    "The current date and time in the user's time zone (or another IANA zone).",
+    {
+        "type": "object",
+        "properties": {"timezone": {"type": "string", "description": "e.g. Europe/Paris"}},
+    },
+    current_time,
+)
+FETCH_URL = Tool(
+    "fetch_url",
+    "Read a web page (text only) from a host the administrator allows.",
+    {
+        "type": "object",
+        "properties": {"url": {"type": "string"}},
+        "required": ["url"],
+    },
+    fetch_url,
+)
+
+BUILTIN_NAMES = ("search_documents", "read_document", "calculator", "current_time", "fetch_url")
+
+
+def tools(conf: AgentSettings) -> list[Tool]:
+    """The built-in tools offered under `conf` (fetch_url only when enabled with hosts)."""
+    offered = [SEARCH, READ, CALCULATOR, CURRENT_TIME]
+    if conf.fetch_enabled and conf.allowed_hosts:
+        offered.append(FETCH_URL)
+    return offered

@@ -1,0 +1,209 @@
+"""MCP servers' tools, through the maintained `mcp` Python SDK (1.x).
+
+A server is listed (its tools read with `tools/list`) at most every
+MCP_STATUS_TTL_SECONDS per process, and again as soon as an admin changes it
+(its `version`); the outcome is saved on the `McpServer` row (status, detail,
+tools) for the admin. A server that does not answer within
+MCP_LIST_TIMEOUT_SECONDS is *down*: its tools are left out of the turn,
+which goes on with the others.
+
+Each tool call opens its own session (a stdio server is started for it and
+ends with it), so a call never depends on a connection another turn left in
+some state, and a server that died is simply started again next time.
+Tools are offered to the model as `<server>__<tool>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from django.utils import timezone
+
+import httpx
+from channels.db import database_sync_to_async
+
+from agents import limits
+from agents.models import McpServer
+from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "__"
+# OpenAI's rule for function names; a tool whose full name breaks it is left out.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class _Listing:
+    version: int
+    at: float
+    tools: tuple[Tool, ...]
+    ok: bool
+
+
+_listings: dict[int, _Listing] = {}
+
+
+def forget_listings() -> None:
+    """Forget every cached tool list (tests; the admin's "check now")."""
+    _listings.clear()
+
+
+@dataclass(frozen=True)
+class _Server:
+    """What a call needs of an `McpServer` row, read once (secrets decrypted)."""
+
+    name: str
+    transport: str
+    url: str
+    headers: dict[str, str]
+    command: str
+    args: tuple[str, ...]
+    timeout: float
+
+    @classmethod
+    def of(cls, row: McpServer) -> _Server:
+        return cls(
+            row.name,
+            row.transport,
+            row.url,
+            row.headers,
+            row.command,
+            tuple(row.args or ()),
+            row.timeout_seconds,
+        )
+
+
+@asynccontextmanager
+async def session(server: _Server):
+    """An initialised `mcp.ClientSession` with the server, closed on exit."""
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with AsyncExitStack() as stack:
+        if server.transport == McpServer.Transport.STDIO:
+            # The SDK passes the child only a safe environment (PATH, HOME...),
+            # never this process' secrets.
+            params = StdioServerParameters(command=server.command, args=list(server.args))
+            streams = await stack.enter_async_context(stdio_client(params))
+        else:
+            http = await stack.enter_async_context(
+                create_mcp_http_client(
+                    headers=server.headers or None, timeout=httpx.Timeout(server.timeout)
+                )
+            )
+            streams = await stack.enter_async_context(
+                streamable_http_client(server.url, http_client=http)
+            )
+        client = await stack.enter_async_context(ClientSession(streams[0], streams[1]))
+        await client.initialize()
+        yield client
+
+
+def _text_of(result: Any) -> str:
+    parts = []
+    for item in getattr(result, "content", None) or []:
+        kind = getattr(item, "type", "")
+        if kind == "text":
+            parts.append(item.text)
+        else:
+            parts.append(f"[{kind or 'content'} not shown]")
+    if not parts and getattr(result, "structuredContent", None) is not None:
+        import json
+
+        parts.append(json.dumps(result.structuredContent, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+def _tool(server: _Server, listed: Any) -> Tool | None:
+    name = f"{server.name}{SEPARATOR}{listed.name}"
+    if not _NAME.match(name):
+        return None
+    remote_name = listed.name
+    schema = listed.inputSchema if isinstance(listed.inputSchema, dict) else {}
+    schema = schema or {"type": "object", "properties": {}}
+
+    async def run(arguments: dict[str, Any], context: ToolContext) -> ToolOutput:
+        async with session(server) as client:
+            result = await client.call_tool(remote_name, arguments)
+        text = _text_of(result)
+        if getattr(result, "isError", False):
+            raise ToolFailed(text or "The MCP tool reported an error.")
+        return ToolOutput(text)
+
+    description = (listed.description or "").strip()[:1000] or f"{listed.name} ({server.name})"
+    return Tool(name, description, schema, run, server=server.name)
+
+
+async def list_server(row: McpServer) -> tuple[bool, str, list[Tool]]:
+    """List one server's tools: (up, detail, tools). Never raises."""
+    server = _Server.of(row)
+    try:
+        async with asyncio.timeout(min(limits.MCP_LIST_TIMEOUT_SECONDS, server.timeout)):
+            async with session(server) as client:
+                listed = await client.list_tools()
+    except Exception as exc:
+        detail = _failure(exc)
+        log.warning("MCP server %s is down: %s", server.name, detail)
+        return False, detail, []
+    tools = [t for t in (_tool(server, item) for item in listed.tools) if t is not None]
+    return True, f"{len(tools)} tools", tools
+
+
+def _failure(exc: BaseException) -> str:
+    """A short reason without secrets (headers never appear in exception text we keep)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {limits.MCP_LIST_TIMEOUT_SECONDS:g} s"
+    inner = exc
+    while isinstance(inner, BaseExceptionGroup) and inner.exceptions:
+        inner = inner.exceptions[0]
+    message = str(inner).split("\n")[0][:200]
+    return f"{type(inner).__name__}: {message}" if message else type(inner).__name__
+
+
+def _save_status(pk: int, ok: bool, detail: str, tools: list[Tool]) -> None:
+    McpServer.objects.filter(pk=pk).update(
+        status="up" if ok else "down",
+        status_detail=detail,
+        checked_at=timezone.now(),
+        tools=[
+            {"name": t.name.split(SEPARATOR, 1)[1], "description": t.description} for t in tools
+        ],
+    )
+
+
+async def check(row: McpServer) -> tuple[bool, str, list[Tool]]:
+    """List `row` now, remember the result and save it for the admin."""
+    ok, detail, tools = await list_server(row)
+    _listings[row.pk] = _Listing(row.version, time.monotonic(), tuple(tools), ok)
+    await database_sync_to_async(_save_status)(row.pk, ok, detail, tools)
+    return ok, detail, tools
+
+
+async def server_tools(rows: list[McpServer]) -> list[Tool]:
+    """The tools of the enabled servers that answer (listed concurrently,
+    cached for MCP_STATUS_TTL_SECONDS; a down server contributes none)."""
+    now = time.monotonic()
+    stale = [
+        row
+        for row in rows
+        if (cached := _listings.get(row.pk)) is None
+        or cached.version != row.version
+        or now - cached.at > limits.MCP_STATUS_TTL_SECONDS
+    ]
+    if stale:
+        await asyncio.gather(*(check(row) for row in stale))
+    tools: list[Tool] = []
+    for row in rows:
+        listing = _listings.get(row.pk)
+        if listing is not None and listing.ok:
+            tools.extend(listing.tools)
+    return tools
