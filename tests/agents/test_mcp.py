@@ -1,0 +1,154 @@
+"""MCP servers through the `mcp` SDK, against real servers started here
+(tests/support/mcp_server.py): one over stdio, one over streamable HTTP with
+an auth header, one that dies mid-call; a server that is down is shown as
+such and its tools left out, never a failed turn; per-tool policies."""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import Group
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from agents import mcp
+from agents.models import AgentSettings, McpServer, ToolPolicy
+from agents.tools import ToolContext, available_tools
+from tests.agents.test_loop import agent, calls, finished, text
+from tests.support.mcp_server import McpHttpServer, stdio_command
+from tests.support.scripted_server import Reply
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("fresh_process_state", "agent_runner"),
+]
+
+TOKEN = "mcp-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = McpHttpServer(TOKEN).start()
+    yield server
+    server.stop()
+
+
+@sync_to_async
+def stdio_server(name: str = "local") -> McpServer:
+    command, args = stdio_command()
+    return McpServer.objects.create(
+        name=name, transport="stdio", command=command, args=args, timeout_seconds=20
+    )
+
+
+@sync_to_async
+def http_row(url: str, token: str, name: str = "remote") -> McpServer:
+    row = McpServer(name=name, transport="http", url=url, timeout_seconds=20)
+    row.headers = {"Authorization": f"Bearer {token}"}
+    row.save()
+    return row
+
+
+async def tools_for(user) -> dict:
+    return await available_tools(ToolContext(user=user))
+
+
+async def test_a_stdio_server_lists_its_tools_and_runs_one(user, scripted_server):
+    await stdio_server()
+    tools = await tools_for(user)
+    assert {"local__echo", "local__add", "local__fail", "calculator"} <= set(tools)
+
+    scripted_server.script(calls(("local__add", '{"a": 2, "b": 3}')))
+    scripted_server.script(Reply(text="Five."))
+    events = await agent(user, tools)
+    [step] = finished(events)
+    assert (step.status, step.result) == ("ok", "5.0")
+    assert text(events) == "Five."
+    row = await sync_to_async(McpServer.objects.get)(name="local")
+    assert row.status == "up" and "echo" in {t["name"] for t in row.tools}
+
+
+async def test_an_http_server_with_an_auth_header(user, scripted_server, http_server):
+    row = await http_row(http_server.url, TOKEN)
+    assert TOKEN not in row.headers_encrypted  # encrypted at rest, like runner keys
+    tools = await tools_for(user)
+    assert "remote__echo" in tools
+
+    scripted_server.script(calls(("remote__echo", '{"text": "hi"}'), ("remote__fail", "{}")))
+    scripted_server.script(Reply(text="Echoed."))
+    events = await agent(user, tools)
+    by_name = {s.name: s for s in finished(events)}
+    assert by_name["remote__echo"].result == "echo: hi"
+    assert by_name["remote__fail"].status == "error"
+    assert "failed on purpose" in by_name["remote__fail"].error
+
+
+async def test_a_server_that_refuses_the_credentials_is_down_and_left_out(
+    user, scripted_server, http_server
+):
+    await http_row(http_server.url, "wrong-token")
+    tools = await tools_for(user)
+    assert not any(name.startswith("remote__") for name in tools)
+    assert "calculator" in tools  # the turn goes on with the other tools
+    row = await sync_to_async(McpServer.objects.get)(name="remote")
+    assert row.status == "down" and row.status_detail
+    assert "wrong-token" not in row.status_detail
+
+
+async def test_a_server_that_is_not_there_is_down(user):
+    await http_row("http://127.0.0.1:9/mcp", TOKEN, name="gone")
+    tools = await tools_for(user)
+    assert not any(name.startswith("gone__") for name in tools)
+    row = await sync_to_async(McpServer.objects.get)(name="gone")
+    assert row.status == "down"
+
+
+async def test_a_server_that_dies_mid_call_is_an_error_result(user, scripted_server):
+    await stdio_server()
+    tools = await tools_for(user)
+    scripted_server.script(calls(("local__die", "{}")))
+    scripted_server.script(Reply(text="It died."))
+    events = await agent(user, tools, AgentSettings(step_timeout_seconds=20))
+    [step] = finished(events)
+    assert step.status == "error" and step.error
+    assert text(events) == "It died."
+    # The next call starts the server again.
+    scripted_server.script(calls(("local__echo", '{"text": "back"}')))
+    scripted_server.script(Reply(text="Back."))
+    events = await agent(user, tools)
+    assert finished(events)[0].result == "echo: back"
+
+
+async def test_policies_deny_ask_and_groups(user, other_user):
+    server = await stdio_server()
+
+    @sync_to_async
+    def set_policies():
+        ToolPolicy.objects.create(server=server, tool="die", policy="deny")
+        ToolPolicy.objects.create(server=server, tool="sleep", policy="ask")
+        ToolPolicy.objects.create(tool="calculator", policy="deny")
+        staff = Group.objects.create(name="staff")
+        policy = ToolPolicy.objects.create(server=server, tool="echo", policy="allow")
+        policy.groups.add(staff)
+        user.groups.add(staff)
+
+    await set_policies()
+    mine = await tools_for(user)
+    theirs = await tools_for(other_user)
+    assert "local__die" not in mine and "calculator" not in mine
+    assert mine["local__sleep"].policy == "ask"
+    assert "local__echo" in mine and "local__echo" not in theirs
+    # No one to ask on the HTTP API: ask tools are left out there.
+    api_tools = await available_tools(ToolContext(user=user), interactive=False)
+    assert "local__sleep" not in api_tools
+
+
+async def test_listings_are_reused_until_the_server_changes(user):
+    server = await stdio_server()
+    await tools_for(user)
+    first = mcp._listings[server.pk]
+    await tools_for(user)
+    assert mcp._listings[server.pk] is first
+    server.timeout_seconds = 15
+    await sync_to_async(server.save)()
+    await tools_for(user)
+    assert mcp._listings[server.pk] is not first
