@@ -29,6 +29,7 @@ from django.views.decorators.csrf import csrf_exempt
 from asgiref.sync import sync_to_async
 
 from accounts import limits
+from agents.loop import StepFinished, StepStarted
 from api import schemas
 from api.decorators import api_view, rate_limited
 from api.errors import http_error, openai_error, openai_error_body
@@ -125,6 +126,8 @@ class CompletionRequest:
     conversation_id: int | None = None
     save: bool = False
     images: tuple[ImageRef, ...] = field(default=(), repr=False)
+    agent: bool = False
+    timezone: str = ""
 
     @property
     def records(self) -> bool:
@@ -176,6 +179,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         conversation_id=ext.conversation_id,
         save=ext.save,
         images=tuple(images),
+        agent=ext.agent,
+        timezone=ext.timezone or "",
     )
 
 
@@ -301,6 +306,8 @@ def _breezeweb(turn: TurnRecorder, blocked: str, conversation_id: int | None) ->
         ext["blocked"] = blocked
     if conversation_id is not None:
         ext["conversation_id"] = conversation_id
+    if turn.steps:
+        ext["steps"] = turn.steps
     return ext
 
 
@@ -458,6 +465,8 @@ async def chat_completions(request: HttpRequest):
         tools=parsed.tools,
         source="api",
         request_id=completion_id,
+        agent=parsed.agent,
+        timezone=parsed.timezone,
     )
     completion = Completion(completion_id, request.user, parsed, turn, started=arrived)
     if not parsed.stream:
@@ -593,7 +602,7 @@ class Completion:
                     continue
                 self.state.take(event)
                 self.buffered.append(event)
-                if isinstance(event, TokenDelta | ToolCall | Done):
+                if isinstance(event, TokenDelta | ToolCall | Done | StepStarted):
                     return None
         except GuardianBlocked as exc:
             await self.events.aclose()
@@ -632,6 +641,12 @@ class Completion:
         if isinstance(event, ToolCall):
             index = self.state.tool_calls.index(event)
             return self._chunk({"tool_calls": [{"index": index, **_tool_call_dict(event)}]})
+        if isinstance(event, StepStarted | StepFinished):
+            # A chunk with an empty delta (OpenAI clients skip it) under its own
+            # event name, carrying the step in `breezeweb`.
+            kind = "tool_call" if isinstance(event, StepStarted) else "tool_result"
+            step = {"event": kind, "step": event.step.as_dict()}
+            return b"event: breezeweb.step\n" + self._chunk({}, breezeweb=step)
         return None
 
     async def sse(self, lease: limits.SlotLease) -> AsyncIterator[bytes]:

@@ -392,6 +392,17 @@ class BreezeWebRequest(Body):
         description="Append the last user message and the answer to this conversation of "
         "yours. The model still sees exactly the `messages` sent.",
     )
+    agent: bool = Field(
+        False,
+        description="Agent mode: BreezeWeb runs its server-side tools (built-in and MCP, "
+        "those you may use that need no approval) round after round until the answer; "
+        "the steps come back in `breezeweb.steps` (streamed as `breezeweb.step` events). "
+        "Your own `tools` still come back to you as `tool_calls`. Needs a runner with the "
+        "`agent` capability.",
+    )
+    timezone: Annotated[str, Field(min_length=1, max_length=limits.MAX_TIMEZONE_CHARS)] | None = (
+        Field(None, description="Your IANA time zone (e.g. Europe/Paris), for the time tool.")
+    )
 
     @model_validator(mode="after")
     def _collections_need_rag(self) -> BreezeWebRequest:
@@ -606,6 +617,31 @@ Source = reply(
 SearchResult = reply("SearchResult", retrieval.Source.__doc__, rank=int, **_CHUNK)
 SearchResults = reply("SearchResults", query=str, results=list[SearchResult])
 
+AgentStep = reply(
+    "AgentStep",
+    "One server-side tool call of an agent turn (`breezeweb.agent`), as agents.loop.Step "
+    "describes it.",
+    step_id=about(int | None, "Its saved id (websocket turns); null on /v1."),
+    round=about(int, "The model round that asked for it (1-based)."),
+    id=about(str, "The model's tool-call id."),
+    name=str,
+    arguments=about(str, "The model's arguments, a JSON string (possibly malformed)."),
+    status=about(
+        Literal["running", "awaiting_approval", "ok", "error", "denied", "cancelled"],
+        "`running` only in a `tool_call` event.",
+    ),
+    result=about(str, "What the model was told (status ok)."),
+    error=about(str, "Why it failed, as told to the model."),
+    duration_ms=float | None,
+    sources=list[dict[str, Any]],
+)
+BreezeWebStep = reply(
+    "BreezeWebStep",
+    "The `breezeweb` field of a `breezeweb.step` SSE event (agent mode): a chunk with an "
+    "empty delta that other clients can ignore.",
+    event=about(Literal["tool_call", "tool_result"], "A call started, or its result."),
+    step=AgentStep,
+)
 BreezeWebResponse = reply(
     "BreezeWebResponse",
     "BreezeWeb's extension of the response (openai client: `completion.model_extra['breezeweb']`).",
@@ -620,6 +656,7 @@ BreezeWebResponse = reply(
     ),
     blocked=about(str, "Set when an output rule stopped the answer (`content_filter`).", ""),
     conversation_id=about(int, "With `save` or `conversation_id`.", 0),
+    steps=about(list[AgentStep], "Agent mode: the server-side tool calls, in order.", []),
 )
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 AnswerMessage = reply(
@@ -663,7 +700,7 @@ ChatCompletionChunk = reply(
     model=str,
     choices=list[ChunkChoice],
     usage=(Usage | None, None),
-    breezeweb=(BreezeWebResponse | None, None),
+    breezeweb=(BreezeWebResponse | BreezeWebStep | None, None),
 )
 
 ConversationSummary = reply("ConversationSummary", id=int, title=str, updated_at=datetime)
@@ -679,6 +716,7 @@ StoredMessage = reply(
     usage=dict[str, Any],
     timings=dict[str, Any],
     sources=list[Source],
+    steps=about(list[AgentStep], "Agent mode: the tool calls of this answer.", []),
     created_at=datetime,
 )
 Conversation = reply(
@@ -687,6 +725,7 @@ Conversation = reply(
     title=str,
     pinned_runner=str | None,
     rag=bool,
+    agent=about(bool, "Agent mode (the chat's toggle beside Documents)."),
     collections=list[int],
     messages=list[StoredMessage],
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.loop import StepFinished
 from chat.errors import ChatError
 from chat.pipeline import Sources
 from chat.services import TurnOutcome
@@ -24,10 +25,14 @@ COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
 @dataclass
 class TurnRecorder(EventCollector):
     sources: list[dict[str, Any]] = field(default_factory=list)
+    # Agent mode: the finished tool calls (the websocket also saves them as they happen).
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     def take(self, event: Any) -> None:
         if isinstance(event, Sources):
             self.sources = [dict(s) for s in event.sources]
+        elif isinstance(event, StepFinished):
+            self.steps.append(event.step.as_dict())
         else:
             super().take(event)
 

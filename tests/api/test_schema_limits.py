@@ -71,6 +71,9 @@ IN_SCHEMA = {
     "MAX_DOCUMENTS_LISTED": [
         ("DocumentList", "documents", "maxItems", limits.MAX_DOCUMENTS_LISTED)
     ],
+    "MAX_TIMEZONE_CHARS": [
+        ("BreezeWebRequest", "timezone", "maxLength", limits.MAX_TIMEZONE_CHARS)
+    ],
 }
 # Limits stated in prose: (where, the text that must be there).
 IN_PROSE = {
