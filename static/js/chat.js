@@ -6,6 +6,7 @@
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
+import { renderStep, renderSteps } from "./agent.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -13,7 +14,7 @@ const $ = (id) => document.getElementById(id);
 const els = {
   list: $("conversation-list"), search: $("search"), newChat: $("new-chat"),
   title: $("chat-title"), messages: $("messages"), empty: $("empty-chat"),
-  runner: $("runner-select"), caps: $("runner-caps"), rag: $("rag-toggle"),
+  runner: $("runner-select"), caps: $("runner-caps"), rag: $("rag-toggle"), agent: $("agent-toggle"),
   conn: $("conn-status"), banner: $("banner"), bannerText: $("banner-text"),
   bannerRetry: $("banner-retry"), bannerClose: $("banner-close"),
   composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
@@ -133,6 +134,7 @@ function messageNode(m) {
     renderMarkdown(body, m.content);
   }
   node.append(el("div", "msg-sources"), el("div", "msg-meta"), el("div", "msg-actions"));
+  if (m.steps && m.steps.length) renderSteps(node, m.steps, decide);
   decorate(node, m);
   return node;
 }
@@ -221,6 +223,7 @@ function renderConversation(conversation) {
   if (conversation) {
     els.runner.value = conversation.pinned_runner || "auto";
     els.rag.checked = !!conversation.rag;
+    els.agent.checked = !!conversation.agent;
     updateCaps();
   }
   // Re-attach answers still streaming on this socket.
@@ -472,11 +475,22 @@ function handleFrame(f) {
     case "sources": if (p) { p.sources = f.sources; } break;
     case "notice": if (p && p.node) showNotice(p, f); break;
     case "token": if (p) { p.text += f.text; scheduleRender(p); } break;
-    case "tool_call": if (p) { p.text += `\n\n\`tool call: ${f.name}(${f.arguments})\`\n`; scheduleRender(p); } break;
+    case "tool_call":
+      if (p && f.step_id != null) { if (p.node) renderStep(p.node, { ...f, status: "running" }, decide); }
+      else if (p) { p.text += `\n\n\`tool call: ${f.name}(${f.arguments})\`\n`; scheduleRender(p); }
+      break;
+    case "approval_request": if (p && p.node) renderStep(p.node, { ...f, status: "awaiting_approval" }, decide); break;
+    case "tool_result": if (p && p.node) renderStep(p.node, f, decide); break;
+    case "approval": break;
     case "error": frameError(p, f); break;
     case "done": if (p) finishPending(p, f); break;
     default: break;
   }
+}
+
+// The answer to an approval card (agent.js), from this socket whichever turn it belongs to.
+function decide(stepId, approved) {
+  send({ type: "approve", request_id: requestId(), step_id: stepId, approved });
 }
 
 function accepted(p, f) {
@@ -581,6 +595,16 @@ function startRequest(frame, showUser) {
   scrollDown(true);
 }
 
+// Agent mode and the user's time zone (for the time tool), sent with every answering frame.
+function agentFields() {
+  const fields = { agent: els.agent.checked };
+  try {
+    const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (zone && zone.length <= 64) fields.timezone = zone;
+  } catch { /* no Intl time zones: the server's is used */ }
+  return fields;
+}
+
 function sendMessage() {
   const text = els.prompt.value;
   if (!text.trim() && !state.images.length) return;
@@ -592,6 +616,7 @@ function sendMessage() {
     text,
     runner: els.runner.value,
     rag: els.rag.checked,
+    ...agentFields(),
   };
   if (state.images.length) frame.images = state.images.slice();
   startRequest(frame, true);
@@ -608,7 +633,7 @@ function regenerate() {
   // Drop the last answer from view; the server replaces it.
   const answers = els.messages.querySelectorAll(".msg-assistant");
   const last = answers[answers.length - 1];
-  const frame = { type: "regenerate", request_id: requestId(), conversation_id: state.conversationId, runner: els.runner.value, rag: els.rag.checked };
+  const frame = { type: "regenerate", request_id: requestId(), conversation_id: state.conversationId, runner: els.runner.value, rag: els.rag.checked, ...agentFields() };
   if (send(frame)) {
     if (last) last.remove();
     state.pending.set(frame.request_id, { requestId: frame.request_id, frame, text: "", conversationId: state.conversationId });
@@ -633,7 +658,7 @@ function startEdit(node, m) {
   save.addEventListener("click", () => {
     const text = area.value;
     if (!text.trim()) return;
-    const frame = { type: "edit", request_id: requestId(), conversation_id: state.conversationId, message_id: Number(m.id), text, runner: els.runner.value, rag: els.rag.checked };
+    const frame = { type: "edit", request_id: requestId(), conversation_id: state.conversationId, message_id: Number(m.id), text, runner: els.runner.value, rag: els.rag.checked, ...agentFields() };
     if (!send(frame)) return;
     // Everything after the edited message goes, on the server and here.
     let next = node.nextElementSibling;

@@ -1,0 +1,128 @@
+"""Agent mode in a real browser (Debian Chromium through Playwright) against a
+real Daphne process whose Llama Stack runner answers from the scripted
+server: steps appear live, an approval card is approved and another denied,
+and the steps are still there after a reload."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.chat.test_browser import PASSWORD, LiveSite, _login, _manage, _site_env
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.scripted_server import Reply, ScriptedToolCall
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def agent_site(tmp_path_factory, _scripted_server_session):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
+    data = tmp_path_factory.mktemp("agent-site")
+    env = _site_env(data) | {"PRELOAD_LOCAL_RUNNERS": "false"}
+    _manage(env, "migrate", "--noinput", "-v0")
+    _manage(
+        env,
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User;"
+        "from runners.models import RunnerConfig;"
+        "from agents.models import ToolPolicy;"
+        f"User.objects.create_user('alice', password='{PASSWORD}');"
+        "RunnerConfig.objects.create(name='scripted', kind='llamastack', model_id='scripted-model',"
+        f" endpoint='{_scripted_server_session.url}', enable_agents=True, timeout_seconds=20,"
+        " extra_params={'loop_guard': False});"
+        "ToolPolicy.objects.create(tool='current_time', policy='ask')",
+    )
+    live = LiveSite(data, env)
+    live.start()
+    yield live
+    live.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+def time_call(call_id: str) -> Reply:
+    return Reply(
+        text="", tool_calls=(ScriptedToolCall("current_time", '{"timezone": "UTC"}', call_id),)
+    )
+
+
+def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
+    page = chromium.new_context(viewport={"width": 1280, "height": 820}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    _login(page, agent_site)
+    page.check("#agent-toggle")
+
+    # 1. A step appears while the answer is still streaming.
+    scripted_server.script(
+        Reply(
+            text="Computing. ",
+            tool_calls=(ScriptedToolCall("calculator", '{"expression": "6 * 7"}', "c1"),),
+        )
+    )
+    scripted_server.script(
+        Reply(text="The answer is forty two " + "indeed " * 40, token_delay=0.05)
+    )
+    page.fill("#prompt", "What is 6 * 7?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(
+        ".msg-assistant[data-status=streaming] .step[data-status=ok]", timeout=30_000
+    )
+    step = page.locator(".step").first
+    assert "calculator" in step.locator(".step-name").inner_text()
+    step.locator("summary").click()  # collapsible: open it
+    assert "6 * 7 = 42" in step.locator(".step-result").inner_text()
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=60_000)
+
+    # 2. An ask tool: the approval card, approved.
+    scripted_server.script(time_call("t1"))
+    scripted_server.script(Reply(text="It is now known."))
+    page.fill("#prompt", "What time is it?")
+    page.keyboard.press("Enter")
+    card = page.locator(".approval-card")
+    card.wait_for(timeout=30_000)
+    assert (
+        "UTC" in page.locator(".step[data-status=awaiting_approval] .step-arguments").inner_text()
+    )
+    card.locator(".approve").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.msg-assistant')].pop()"
+        ".querySelector('.step[data-status=ok] .step-name')?.textContent === 'current_time'",
+        timeout=30_000,
+    )
+    page.wait_for_selector(".msg-assistant:last-child[data-status=complete]", timeout=30_000)
+    assert page.locator(".approval-card").count() == 0
+
+    # 3. Another, denied: the model is told and answers anyway.
+    scripted_server.script(time_call("t2"))
+    scripted_server.script(Reply(text="I was not allowed to look."))
+    page.fill("#prompt", "And now?")
+    page.keyboard.press("Enter")
+    page.locator(".approval-card .deny").click(timeout=30_000)
+    page.wait_for_selector(".msg-assistant:last-child .step[data-status=denied]", timeout=30_000)
+    page.wait_for_selector(".msg-assistant:last-child[data-status=complete]", timeout=30_000)
+    assert "not allowed" in page.locator(".msg-assistant").last.locator(".msg-body").inner_text()
+
+    # 4. After a reload the steps are still there, and agent mode is still on.
+    page.reload()
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+    statuses = page.locator(".step").evaluate_all("(nodes) => nodes.map((n) => n.dataset.status)")
+    assert statuses == ["ok", "ok", "denied"]
+    assert page.is_checked("#agent-toggle")
+    assert errors == []
