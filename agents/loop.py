@@ -208,6 +208,7 @@ class _Turn:
         if not decision:
             raise _Denied("The user denied this call; it was not run.")
         step.status = "running"
+        await self.store.started(step)  # saved: a reloaded page shows no card any more
 
 
 class _Denied(Exception):

@@ -24,6 +24,21 @@ from agents.models import AgentStep
 Status = AgentStep.Status
 
 
+# While a turn waits (for a tool, or for the user's approval) no text is saved;
+# its message is touched this often so that it never looks like an answer a
+# dead server left behind (chat.services.settle_interrupted: 120 s).
+KEEPALIVE_SECONDS = 10.0
+
+
+def _touch(message_id: int) -> None:
+    """Mark the answer's message as alive (`chat.Message`, reached through the
+    step's foreign key: agents does not import chat)."""
+    from django.utils import timezone
+
+    message_model = AgentStep._meta.get_field("message").related_model
+    message_model.objects.filter(pk=message_id).update(updated_at=timezone.now())
+
+
 class DatabaseSteps:
     def __init__(self, message_id: int) -> None:
         self.message_id = message_id
@@ -55,14 +70,20 @@ class DatabaseSteps:
             step.id = row.pk
         else:
             AgentStep.objects.filter(pk=step.id).update(**fields)
+        _touch(self.message_id)
 
     async def decision(self, step: Step, wait_seconds: float) -> bool | None:
-        deadline = asyncio.get_running_loop().time() + wait_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        touched = loop.time()
         while True:
             approved = await database_sync_to_async(_decision_of)(step.id)
             if approved is not None:
                 return approved
-            left = deadline - asyncio.get_running_loop().time()
+            if loop.time() - touched >= KEEPALIVE_SECONDS:
+                await database_sync_to_async(_touch)(self.message_id)
+                touched = loop.time()
+            left = deadline - loop.time()
             if left <= 0:
                 # Expired: a late click finds the step no longer awaiting.
                 await database_sync_to_async(_expire)(step.id)

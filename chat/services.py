@@ -362,9 +362,12 @@ def settle_interrupted(conversation_id: int) -> int:
     STALE_STREAMING_SECONDS; a live answer saves every ~0.5 s while tokens
     flow) as stopped, keeping their text. Returns how many were settled."""
     cutoff = timezone.now() - timedelta(seconds=STALE_STREAMING_SECONDS)
-    return Message.objects.filter(
+    stale = Message.objects.filter(
         conversation_id=conversation_id, status=Message.Status.STREAMING, updated_at__lt=cutoff
-    ).update(
+    )
+    for message_id in stale.values_list("pk", flat=True):
+        agent_steps.settle_unfinished(message_id)  # no approval card for a dead turn
+    return stale.update(
         status=Message.Status.STOPPED,
         finish_reason="interrupted",
         error_code="interrupted",

@@ -738,14 +738,22 @@ class ExecuTorchRunner:
     @classmethod
     def validate_config(cls, config: Any) -> dict[str, str]:
         """Nothing is required (the model `prepare_model` built is the
-        default); the sampling defaults in extra_params must be valid."""
+        default); the sampling defaults in extra_params must be valid; agents
+        stay off (this runner does not parse tool calls out of its model's text,
+        so the router must never send it an agent turn: docs/agents.md)."""
         extra = config.extra_params if isinstance(config.extra_params, dict) else {}
         problems = [
             problem
             for name in SAMPLING_DEFAULTS
             if name in extra and (problem := _sampling_problem(name, extra[name]))
         ]
-        return {"extra_params": "; ".join(problems)} if problems else {}
+        found = {"extra_params": "; ".join(problems)} if problems else {}
+        if getattr(config, "enable_agents", False):
+            found["enable_agents"] = (
+                "The local runner cannot call tools: leave agents off (use a Llama Stack "
+                "runner whose model calls tools)."
+            )
+        return found
 
     @classmethod
     def from_config(cls, config: Any) -> ExecuTorchRunner:

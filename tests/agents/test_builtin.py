@@ -198,3 +198,15 @@ def test_search_and_read_see_only_the_users_documents(user, other_user):
         run(builtin.READ, {"document_id": document.pk}, theirs)
     with pytest.raises(ToolFailed, match="positive integer"):
         run(builtin.READ, {"document_id": "1"}, mine)
+
+
+def test_the_local_runner_keeps_agents_off():
+    from django.core.exceptions import ValidationError
+
+    from runners.models import RunnerConfig
+
+    config = RunnerConfig(name="local", kind="executorch", enable_agents=True)
+    with pytest.raises(ValidationError) as refused:
+        config.clean()
+    assert "cannot call tools" in str(refused.value.message_dict["enable_agents"])
+    RunnerConfig(name="local", kind="executorch").clean()  # agents off: fine

@@ -142,7 +142,10 @@ def check_success(response: httpx.Response) -> None:
         blocks = [b for b in response.text.split("\n\n") if b]
         assert blocks[-1] == "data: [DONE]"
         for block in blocks[:-1]:
-            event = json.loads(block.removeprefix("data: "))
+            # Agent mode's steps are named events (`event: breezeweb.step`), chunks too.
+            name, _, data = block.rpartition("\n")
+            assert name in ("", "event: breezeweb.step"), block
+            event = json.loads(data.removeprefix("data: "))
             assert event.get("object") == "chat.completion.chunk" or "error" in event
         return
     body = response.json()

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the chat websocket (issue 12, class 3).
 
 Hypothesis builds frames of every type (`message`, `regenerate`, `edit`,
-`stop`, `ping`, unknown types, non-objects, non-JSON, binary) as raw JSON
+`approve`, `stop`, `ping`, unknown types, non-objects, non-JSON, binary) as raw JSON
 text, so it can say what `json.dumps` cannot: nesting 100 000 deep, integers
 of thousands of digits, `1e309`, `NaN`, lone surrogates as `\\ud800` escapes,
 NUL, oversized strings, wrong types, unknown fields. Each frame goes through
@@ -11,7 +11,8 @@ behind it (the scripted Llama Stack server).
 
 Every frame is built to be refused: the generating frames keep at least one
 anchor that cannot succeed (another user's conversation, a runner that does
-not exist, a collection that does not exist) besides whatever Hypothesis
+not exist, a collection that does not exist; for `approve`, another user's
+step that awaits approval) besides whatever Hypothesis
 breaks. The properties, for every frame: the answer is an `error` frame with
 a code (`pong` for a ping), the socket still answers a ping afterwards, the
 saved data is unchanged, no runner was asked and every circuit is untouched.
@@ -31,6 +32,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import ApiKey
+from agents.models import AgentStep
 from breezeweb.asgi import application
 from chat import services
 from chat.consumers import finish_detached
@@ -54,8 +56,12 @@ KNOWN_FIELDS = (
     "rag",
     "collections",
     "params",
+    "agent",
+    "timezone",
+    "step_id",
+    "approved",
 )
-TYPES = ("message", "regenerate", "edit", "stop", "ping")
+TYPES = ("message", "regenerate", "edit", "approve", "stop", "ping")
 RUNNER_NAMES = ("auto", "scripted")
 MISSING_COLLECTION = 10**12
 
@@ -197,6 +203,10 @@ def frames(draw, anchors: dict) -> tuple[str, str | bytes]:
             "message_id": str(anchors["foreign_message"]),
             "text": _string("changed"),
         }
+    elif kind == "approve":
+        fields |= {"step_id": str(anchors["foreign_step"]), "approved": "true"}
+    if kind in ("message", "regenerate", "edit") and draw(st.booleans()):
+        fields |= {"agent": "true", "timezone": _string("Europe/Paris")}
     # Break up to two fields (the generating frames keep an anchor) ...
     broken = draw(st.lists(st.sampled_from(KNOWN_FIELDS[1:]), max_size=2, unique=True))
     for name in broken:
@@ -219,6 +229,7 @@ def _saved_data() -> dict:
         "collections": list(Collection.objects.order_by("pk").values()),
         "keys": list(ApiKey.objects.order_by("pk").values("pk", "revoked_at")),
         "runs": RunRecord.objects.count(),
+        "steps": list(AgentStep.objects.order_by("pk").values()),
     }
 
 
@@ -241,7 +252,20 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
     Message.objects.create(conversation=mine, role="assistant", content="my answer")
     foreign = Conversation.objects.create(owner=other_user, title="theirs")
     foreign_message = Message.objects.create(conversation=foreign, role="user", content="theirs")
-    anchors = {"foreign_conversation": foreign.pk, "foreign_message": foreign_message.pk}
+    foreign_answer = Message.objects.create(conversation=foreign, role="assistant", content="")
+    foreign_step = AgentStep.objects.create(
+        message=foreign_answer,
+        round=1,
+        position=0,
+        call_id="c",
+        tool="calculator",
+        status=AgentStep.Status.AWAITING_APPROVAL,
+    )
+    anchors = {
+        "foreign_conversation": foreign.pk,
+        "foreign_message": foreign_message.pk,
+        "foreign_step": foreign_step.pk,
+    }
     circuits.success("scripted", 5.0)  # a known, non-empty circuit state to compare
     before, circuits_before = _saved_data(), _circuits()
     headers = session_headers(user)
