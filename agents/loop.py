@@ -171,7 +171,10 @@ class _Turn:
             step.error = f"The tool failed: {type(exc).__name__}: {str(exc)[:300]}"
         step.result = _cut(step.result)
         step.duration_ms = round((time.monotonic() - started) * 1000, 1)
-        await self.store.finished(step)
+        try:
+            await self.store.finished(step)
+        except Exception:  # the model still gets its result; the round must not wait forever
+            log.exception("could not save the result of tool call %s", step.call_id)
         self.events.put_nowait(StepFinished(step))
 
     async def _run(self, step: Step) -> tuple[str, list[dict[str, Any]]]:

@@ -152,3 +152,39 @@ async def test_listings_are_reused_until_the_server_changes(user):
     await sync_to_async(server.save)()
     await tools_for(user)
     assert mcp._listings[server.pk] is not first
+
+
+def test_the_admin_shows_status_and_never_the_headers(admin_client, user):
+    from asgiref.sync import async_to_sync
+
+    row = McpServer(name="gone", transport="http", url="http://127.0.0.1:9/mcp")
+    row.headers = {"Authorization": f"Bearer {TOKEN}"}
+    row.save()
+    async_to_sync(tools_for)(user)  # lists it: down
+
+    listing = admin_client.get("/admin/agents/mcpserver/").content.decode()
+    assert "down" in listing
+    page = admin_client.get(f"/admin/agents/mcpserver/{row.pk}/change/").content.decode()
+    assert TOKEN not in page and row.headers_encrypted not in page
+    assert "Stored, encrypted: Authorization" in page
+
+    # A blank headers field keeps them; new ones replace them, encrypted.
+    form = {
+        "name": "gone",
+        "transport": "http",
+        "enabled": "on",
+        "url": "http://127.0.0.1:9/mcp",
+        "command": "",
+        "args": "[]",
+        "timeout_seconds": "30",
+        "headers": "",
+    }
+    response = admin_client.post(f"/admin/agents/mcpserver/{row.pk}/change/", form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    row.refresh_from_db()
+    assert row.headers == {"Authorization": f"Bearer {TOKEN}"}
+    response = admin_client.post(
+        f"/admin/agents/mcpserver/{row.pk}/change/", form | {"headers": "not json"}
+    )
+    assert response.status_code == 200 and "JSON object" in response.content.decode()
+    assert "not json" not in response.content.decode()
