@@ -109,11 +109,15 @@ def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
     page.wait_for_selector(".msg-assistant:last-child[data-status=complete]", timeout=30_000)
     assert page.locator(".approval-card").count() == 0
 
-    # 3. Another, denied: the model is told and answers anyway.
+    # 3. Another, denied after a reload: the pause survives it, the card is
+    # drawn again from the saved step, and the model is told and answers anyway.
     scripted_server.script(time_call("t2"))
     scripted_server.script(Reply(text="I was not allowed to look."))
     page.fill("#prompt", "And now?")
     page.keyboard.press("Enter")
+    page.locator(".approval-card").wait_for(timeout=30_000)
+    page.reload()
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
     page.locator(".approval-card .deny").click(timeout=30_000)
     page.wait_for_selector(".msg-assistant:last-child .step[data-status=denied]", timeout=30_000)
     page.wait_for_selector(".msg-assistant:last-child[data-status=complete]", timeout=30_000)
