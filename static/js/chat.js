@@ -476,11 +476,12 @@ function handleFrame(f) {
     case "notice": if (p && p.node) showNotice(p, f); break;
     case "token": if (p) { p.text += f.text; scheduleRender(p); } break;
     case "tool_call":
-      if (p && f.step_id != null) { if (p.node) renderStep(p.node, { ...f, status: "running" }, decide); }
+      if (p && f.step_id != null) { if (p.node) { renderStep(p.node, { ...f, status: "running" }, decide); scrollDown(); } }
       else if (p) { p.text += `\n\n\`tool call: ${f.name}(${f.arguments})\`\n`; scheduleRender(p); }
       break;
-    case "approval_request": if (p && p.node) renderStep(p.node, { ...f, status: "awaiting_approval" }, decide); break;
-    case "tool_result": if (p && p.node) renderStep(p.node, f, decide); break;
+    // The approval card must be seen: scrolled into view whatever the position.
+    case "approval_request": if (p && p.node) { renderStep(p.node, { ...f, status: "awaiting_approval" }, decide); scrollDown(true); } break;
+    case "tool_result": if (p && p.node) { renderStep(p.node, f, decide); scrollDown(); } break;
     case "approval": break;
     case "error": frameError(p, f); break;
     case "done": if (p) finishPending(p, f); break;

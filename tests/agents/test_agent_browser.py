@@ -12,6 +12,7 @@ import pytest
 
 from tests.chat.test_browser import PASSWORD, LiveSite, _login, _manage, _site_env
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -89,6 +90,7 @@ def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
     step.locator("summary").click()  # collapsible: open it
     assert "6 * 7 = 42" in step.locator(".step-result").inner_text()
     page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=60_000)
+    page.screenshot(path=str(screenshot_dir() / "agent-steps.png"))
 
     # 2. An ask tool: the approval card, approved.
     scripted_server.script(time_call("t1"))
@@ -97,6 +99,7 @@ def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
     page.keyboard.press("Enter")
     card = page.locator(".approval-card")
     card.wait_for(timeout=30_000)
+    page.screenshot(path=str(screenshot_dir() / "agent-approval.png"))
     assert (
         "UTC" in page.locator(".step[data-status=awaiting_approval] .step-arguments").inner_text()
     )
