@@ -7,6 +7,8 @@ references, not imports, so `agents` stays a service that `chat` uses.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
@@ -155,6 +157,10 @@ class McpServer(models.Model):
                 URLValidator(schemes=["http", "https"])(self.url)
             except ValidationError:
                 errors["url"] = "Enter the server's http:// or https:// MCP URL."
+            else:
+                if urlsplit(self.url).username is not None:
+                    # Shown in the admin's list and in errors: secrets go in the headers.
+                    errors["url"] = "Do not put credentials in the URL; use the headers field."
         if self.transport == self.Transport.STDIO and not self.command.strip():
             errors["command"] = "Enter the command that starts the server."
         if not isinstance(self.args, list) or not all(isinstance(a, str) for a in self.args):

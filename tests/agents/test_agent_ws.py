@@ -244,3 +244,34 @@ async def test_stop_while_a_call_waits_cancels_it(user, scripted_server):
     assert step.status == "cancelled"
     assert len(scripted_server.chat_requests()) == 1
     await ws.disconnect()
+
+
+async def test_document_search_citations_are_kept_with_the_answer(user, scripted_server):
+    from tests.support.documents import add_and_ingest, drop_all_chroma_collections, lighthouse_pdf
+
+    await sync_to_async(drop_all_chroma_collections)()
+    document = await sync_to_async(add_and_ingest)(user, "aldermoor.pdf", lighthouse_pdf())
+    scripted_server.script(
+        Reply(
+            text="",
+            tool_calls=(
+                ScriptedToolCall(
+                    "search_documents", '{"query": "Who built the Aldermoor lighthouse?"}', "s1"
+                ),
+            ),
+        )
+    )
+    scripted_server.script(Reply(text="Thomas Vell built it in 1887 [1]."))
+    ws = await connect(user)
+    frames = await ask(ws, "Who built the lighthouse?", agent=True)
+
+    [result] = of(frames, "tool_result")
+    assert result["status"] == "ok" and result["result"].startswith("[1] aldermoor.pdf")
+    [sources] = of(frames, "sources")
+    assert sources["sources"][0]["document_id"] == document.pk
+    assert sources["sources"][0]["page"] == 1
+    done = of(frames, "done")[0]
+    saved = await sync_to_async(Message.objects.get)(pk=done["message_id"])
+    assert saved.sources[0]["document_id"] == document.pk
+    assert "Thomas Vell" in saved.content
+    await ws.disconnect()
