@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agents import limits
-from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput
+from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput, innermost
 from runners.base import ChatMessage, ChatRequest, Done, Notice, TokenDelta, ToolCall, Usage
 from runners.guardian import GuardianBlocked, OutputFilter, Rule, check_input
 from runners.router import Routed
@@ -161,14 +161,19 @@ class _Turn:
             step.status = "error"
             step.error = "The tool did not finish in time and was stopped."
         except asyncio.CancelledError:
-            step.status, step.error = "cancelled", "Stopped by the user."
-            step.duration_ms = round((time.monotonic() - started) * 1000, 1)
-            await asyncio.shield(self.store.finished(step))
+            await self._cancelled(step, started)
             raise
         except Exception as exc:  # a tool's own bug or a lost MCP server: the model is told
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Stop, seen through a library that turned the cancellation
+                # into its own error (anyio's task groups in the MCP SDK).
+                await self._cancelled(step, started)
+                raise asyncio.CancelledError from None
             log.warning("tool %s failed", step.name, exc_info=True)
+            leaf = innermost(exc)
             step.status = "error"
-            step.error = f"The tool failed: {type(exc).__name__}: {str(exc)[:300]}"
+            step.error = f"The tool failed: {type(leaf).__name__}: {str(leaf)[:300]}"
         step.result = _cut(step.result)
         step.duration_ms = round((time.monotonic() - started) * 1000, 1)
         try:
@@ -176,6 +181,11 @@ class _Turn:
         except Exception:  # the model still gets its result; the round must not wait forever
             log.exception("could not save the result of tool call %s", step.call_id)
         self.events.put_nowait(StepFinished(step))
+
+    async def _cancelled(self, step: Step, started: float) -> None:
+        step.status, step.error = "cancelled", "Stopped by the user."
+        step.duration_ms = round((time.monotonic() - started) * 1000, 1)
+        await asyncio.shield(self.store.finished(step))
 
     async def _run(self, step: Step) -> tuple[str, list[dict[str, Any]]]:
         tool = self.tools.get(step.name)
@@ -189,9 +199,15 @@ class _Turn:
             raise ToolFailed(f"The arguments were refused: {exc.message}") from None
         if tool.policy == "ask":
             await self._approval(step)
-        limit = min(self.context.settings.step_timeout_seconds, self.remaining())
-        async with asyncio.timeout(limit):
-            output: ToolOutput = await tool.run(arguments, self.context)
+        timer = asyncio.timeout(min(self.context.settings.step_timeout_seconds, self.remaining()))
+        try:
+            async with timer:
+                output: ToolOutput = await tool.run(arguments, self.context)
+        except Exception:
+            if timer.expired():
+                # Whatever the tool's libraries made of the cancellation.
+                raise TimeoutError from None
+            raise
         try:
             text = _filtered(output.text, self.rules)
         except GuardianBlocked as exc:

@@ -30,7 +30,7 @@ from channels.db import database_sync_to_async
 
 from agents import limits
 from agents.models import McpServer
-from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput
+from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput, innermost
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ def _failure(exc: BaseException) -> str:
     """A short reason without secrets (headers never appear in exception text we keep)."""
     if isinstance(exc, TimeoutError):
         return f"no answer within {limits.MCP_LIST_TIMEOUT_SECONDS:g} s"
-    inner = exc
-    while isinstance(inner, BaseExceptionGroup) and inner.exceptions:
-        inner = inner.exceptions[0]
+    inner = innermost(exc)
     message = str(inner).split("\n")[0][:200]
     return f"{type(inner).__name__}: {message}" if message else type(inner).__name__
 

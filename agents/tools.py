@@ -41,6 +41,14 @@ class ToolFailed(Exception):
     """A tool could not do what was asked; the message is told to the model."""
 
 
+def innermost(exc: BaseException) -> BaseException:
+    """The first real error inside exception groups (the MCP SDK's anyio task
+    groups wrap what went wrong)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str

@@ -188,3 +188,47 @@ def test_the_admin_shows_status_and_never_the_headers(admin_client, user):
     )
     assert response.status_code == 200 and "JSON object" in response.content.decode()
     assert "not json" not in response.content.decode()
+
+
+async def test_stop_during_an_mcp_call_and_a_hanging_one(user, scripted_server):
+    import asyncio
+
+    from agents.loop import StepStarted, run_agent
+    from agents.steps import MemorySteps
+    from runners.base import ChatMessage, ChatRequest
+    from runners.router import route
+
+    await stdio_server()
+    tools = await tools_for(user)
+    # A call that hangs past the step limit is stopped and told to the model.
+    scripted_server.script(calls(("local__sleep", '{"seconds": 60}')))
+    scripted_server.script(Reply(text="Too slow."))
+    events = await agent(user, tools, AgentSettings(step_timeout_seconds=3))
+    [step] = finished(events)
+    assert step.status == "error" and "in time" in step.error
+    assert text(events) == "Too slow."
+
+    # Stop while the MCP server is working: the call is cancelled promptly.
+    scripted_server.script(calls(("local__sleep", '{"seconds": 60}')))
+    request = ChatRequest(
+        messages=(ChatMessage(role="user", content="wait"),),
+        tools=tuple(t.spec() for t in tools.values()),
+    )
+    store = MemorySteps()
+    started = asyncio.Event()
+
+    async def consume():
+        async for event in run_agent(
+            request, lambda r: route(r), tools, ToolContext(user=user), store
+        ):
+            if isinstance(event, StepStarted):
+                started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 30)
+    await asyncio.sleep(1.5)  # the server is started and the call under way
+    task.cancel()
+    async with asyncio.timeout(10):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [s.status for s in store.steps] == ["cancelled"]
