@@ -86,16 +86,54 @@ OPERATIONS = [
     Op("GET /v1/models", s.ModelList, "The models: `auto` (the router) and each enabled runner"),
     Op("GET /v1/models/{model_id}", s.Model, "One model", (404,)),
     Op("POST /v1/chat/completions", s.ChatCompletion, CHAT, CHAT_ERRORS, s.ChatCompletionRequest),
-    Op("GET /api/conversations", s.ConversationList, "Your conversations, newest first"),
+    Op(
+        "GET /api/conversations",
+        s.ConversationList,
+        "Your conversations: Pinned first, then newest first; with `q`, search results, "
+        "best match first.",
+    ),
+    Op(
+        "POST /api/conversations",
+        s.Conversation,
+        "Start an empty conversation: In a project, it takes the project's defaults.",
+        (400, 404),
+        s.NewConversation,
+        status=201,
+    ),
     Op("GET /api/conversations/{conversation_id}", s.Conversation, "One conversation", (404,)),
     Op(
         "PATCH /api/conversations/{conversation_id}",
         s.ConversationSummary,
-        "Rename it",
+        "Rename, move to a project, or pin it",
         (400, 404),
-        s.RenameRequest,
+        s.ConversationPatch,
     ),
     Op("DELETE /api/conversations/{conversation_id}", None, "Delete it", (404,), status=204),
+    Op("GET /api/projects", s.ProjectList, "Your projects"),
+    Op(
+        "POST /api/projects",
+        s.Project,
+        "Create a project: A folder of conversations with instructions (a system prompt) "
+        "and defaults for its new chats (runner, documents, parameters).",
+        (400, 404),
+        s.ProjectRequest,
+        status=201,
+    ),
+    Op("GET /api/projects/{project_id}", s.Project, "One project", (404,)),
+    Op(
+        "PATCH /api/projects/{project_id}",
+        s.Project,
+        "Change it: Only the fields sent change.",
+        (400, 404),
+        s.ProjectRequest,
+    ),
+    Op(
+        "DELETE /api/projects/{project_id}",
+        None,
+        "Delete it: Its conversations stay, outside any project.",
+        (404,),
+        status=204,
+    ),
     Op("GET /api/runners", s.RunnerList, "The enabled runners (for a runner picker)"),
     Op("GET /api/documents", s.DocumentList, "The documents you may read", (400,)),
     Op("POST /api/documents", s.Uploaded, UPLOAD, (400, 404, 413), s.Upload, status=201),
@@ -134,7 +172,13 @@ class _Schema(GenerateJsonSchema):
 
 
 QUERY = {
-    "GET /api/conversations": {"q": "Only titles containing these words."},
+    "GET /api/conversations": {
+        "q": "Search: only conversations whose messages or title contain all these words "
+        f"(stemmed; the last one may be the start of a word), best match first, at most "
+        f"{limits.MAX_SEARCH_HITS}; at most {limits.MAX_CONVERSATION_QUERY_CHARS} characters "
+        "are read.",
+        "project": "Only this project's conversations (an id).",
+    },
     "GET /api/documents": {"collection": "Only this collection's documents (an id)."},
 }
 

@@ -479,13 +479,86 @@ class ChatCompletionRequest(Body, Sampling):
 # ---- /api request bodies (their error codes name the field: `bad_<field>`) ---------------
 
 
-class RenameRequest(Body):
-    """PATCH /api/conversations/{id}."""
+class ConversationPatch(Body):
+    """PATCH /api/conversations/{id}: any of its fields, at least one."""
 
-    title: str = Field(
+    title: str | None = Field(
+        None,
         description=f"The new title: control characters are removed, then it must be "
-        f"1-{limits.MAX_TITLE_CHARS} characters."
+        f"1-{limits.MAX_TITLE_CHARS} characters.",
     )
+    project_id: PositiveInt | None = Field(
+        None,
+        description="Move it into this project of yours; null takes it out of its project. "
+        "Its own runner, documents and parameters stay.",
+    )
+    pinned: bool | None = Field(None, description="Pinned conversations are listed first.")
+
+    @model_validator(mode="after")
+    def _something(self) -> ConversationPatch:
+        if not self.model_fields_set & {"title", "project_id", "pinned"}:
+            raise PydanticCustomError(
+                "missing", "Send `title`, `project_id` or `pinned`.", {"at": ("title",)}
+            )
+        if "title" in self.model_fields_set and self.title is None:
+            raise PydanticCustomError("invalid_type", "A title cannot be null.", {"at": ("title",)})
+        if "pinned" in self.model_fields_set and self.pinned is None:
+            raise PydanticCustomError(
+                "invalid_type", "`pinned` is true or false.", {"at": ("pinned",)}
+            )
+        return self
+
+
+class NewConversation(Body):
+    """POST /api/conversations: an empty conversation, to be answered over the
+    websocket (`conversation_id`) or /v1 (`breezeweb.conversation_id`)."""
+
+    title: str | None = Field(None, description="Default: `New chat`.")
+    project_id: PositiveInt | None = Field(
+        None,
+        description="Start it in this project of yours: it takes the project's runner, "
+        "documents and parameters, and follows its instructions.",
+    )
+
+
+Temperature = Annotated[
+    float, Field(ge=limits.TEMPERATURE_RANGE[0], le=limits.TEMPERATURE_RANGE[1])
+]
+TopP = Annotated[float, Field(ge=limits.TOP_P_RANGE[0], le=limits.TOP_P_RANGE[1])]
+
+
+class ProjectRequest(Body):
+    """POST /api/projects (`name` required) and PATCH /api/projects/{id} (the
+    fields sent change; null resets a default)."""
+
+    name: str | None = Field(
+        None,
+        description=f"Control characters are removed, then 1-{limits.MAX_TITLE_CHARS} characters.",
+    )
+    instructions: str | None = Field(
+        None,
+        max_length=limits.MAX_INSTRUCTIONS_CHARS,
+        description="A system prompt given to the model before every turn of the project's "
+        "conversations (read at each turn: edits apply to existing chats too).",
+    )
+    runner: str | None = Field(
+        None, description="New chats answer with this enabled runner; null or `auto`: the router."
+    )
+    rag: bool | None = Field(None, description="New chats answer from documents.")
+    collections: list[PositiveInt] | None = Field(
+        None,
+        max_length=limits.MAX_COLLECTIONS,
+        description="Collection ids new chats search (default: all you may read).",
+    )
+    temperature: Temperature | None = Field(None, description="Null: the runner's setting.")
+    top_p: TopP | None = Field(None, description="Null: the runner's setting.")
+    max_tokens: Annotated[int, Field(ge=1, le=limits.MAX_TOKENS)] | None = Field(
+        None, description="Null: the runner's setting."
+    )
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the client sent (an absent field is left as it is)."""
+        return {key: getattr(self, key) for key in self.model_fields_set}
 
 
 class SearchRequest(Body):
@@ -515,7 +588,7 @@ class Upload(Body):
 
 
 # The request bodies of /api: their refusals are `bad_<field>` (or `bad_json`).
-FIELD_CODED = (SearchRequest, RenameRequest)
+FIELD_CODED = (SearchRequest, ConversationPatch, NewConversation, ProjectRequest)
 
 
 def emitted_codes() -> set[str]:
@@ -666,7 +739,50 @@ ChatCompletionChunk = reply(
     breezeweb=(BreezeWebResponse | None, None),
 )
 
-ConversationSummary = reply("ConversationSummary", id=int, title=str, updated_at=datetime)
+SearchMatch = reply(
+    "SearchMatch",
+    "Why a conversation matched a search (`?q=`).",
+    message_id=about(
+        int | None, "The best-matching message (open the conversation there); null: the title."
+    ),
+    snippet=about(str, "Text around the match (plain text, never HTML)."),
+    highlights=about(
+        list[tuple[int, int]], "[start, end) character ranges of `snippet` that matched."
+    ),
+    score=about(float, "Higher is better (BM25 on SQLite, ts_rank_cd on PostgreSQL)."),
+)
+ConversationSummary = reply(
+    "ConversationSummary",
+    id=int,
+    title=str,
+    updated_at=datetime,
+    project_id=about(int | None, "The project it is in."),
+    pinned=about(bool, "Pinned conversations are listed first."),
+    match=about(SearchMatch | None, "Only in search results.", None),
+)
+Params = reply(
+    "Params",
+    "Generation parameters (null: the runner's setting).",
+    temperature=float | None,
+    top_p=float | None,
+    max_tokens=int | None,
+)
+Project = reply(
+    "Project",
+    "A folder of conversations with its own instructions and defaults for new chats.",
+    id=int,
+    name=str,
+    instructions=str,
+    runner=about(str | None, "Null: the router chooses."),
+    rag=bool,
+    collections=list[int],
+    temperature=float | None,
+    top_p=float | None,
+    max_tokens=int | None,
+    conversation_count=int,
+    updated_at=datetime,
+)
+ProjectList = reply("ProjectList", projects=about(list[Project], "By name."))
 StoredMessage = reply(
     "StoredMessage",
     id=int,
@@ -685,7 +801,10 @@ Conversation = reply(
     "Conversation",
     id=int,
     title=str,
+    project_id=int | None,
+    pinned=bool,
     pinned_runner=str | None,
+    params=Params,
     rag=bool,
     collections=list[int],
     messages=list[StoredMessage],

@@ -1,5 +1,6 @@
-"""The JSON endpoints behind the conversation list (/api/conversations, /api/runners).
-Views stay thin: they check access, parse the request and call chat.services."""
+"""The JSON endpoints behind the conversation list (/api/conversations,
+/api/projects, /api/runners). Views stay thin: they check access, parse the
+request and call chat.services."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from api.decorators import api_view
 from api.errors import json_error
 from api.inputs import read_json
 from chat import services
-from chat.inputs import clean_name
-from chat.limits import MAX_SMALL_BODY_BYTES, MAX_TITLE_CHARS
+from chat.inputs import clean_name, parse_id
+from chat.limits import MAX_CONVERSATION_QUERY_CHARS, MAX_SMALL_BODY_BYTES
 from chat.services import ChatError
 
 LIMIT = "APP_API_REQUESTS_PER_MINUTE"
@@ -22,29 +23,82 @@ def _chat_error(exc: ChatError) -> JsonResponse:
     return json_error(exc.status, exc.code, exc.message)
 
 
+def _body(request: HttpRequest, model, *, allow_nul: bool = False):
+    body = read_json(request, max_bytes=MAX_SMALL_BODY_BYTES, allow_nul=allow_nul, empty={})
+    body = body if isinstance(body, dict) else {}  # anything else lacks every field
+    return schemas.parse(model, body, field_codes=True)
+
+
 @api_view(limit=LIMIT)
-@require_GET
+@require_http_methods(["GET", "POST"])
 def conversations(request: HttpRequest) -> JsonResponse:
-    """GET /api/conversations?q=title words: the user's conversations, newest first."""
-    query = clean_name(request.GET.get("q", ""))[:MAX_TITLE_CHARS]
-    return JsonResponse({"conversations": services.list_conversations(request.user, query=query)})
+    """GET /api/conversations: the user's conversations, pinned then newest first;
+    `?q=words`: those whose messages or title say them, best match first.
+    POST {"title"?, "project_id"?}: a new, empty conversation."""
+    if request.method == "POST":
+        try:
+            # NUL and other control characters are allowed here: the title drops them.
+            new = _body(request, schemas.NewConversation, allow_nul=True)
+            created = services.create_conversation(
+                request.user, title=new.title or "", project_id=new.project_id
+            )
+        except ChatError as exc:
+            return _chat_error(exc)
+        return JsonResponse(created, status=201)
+    query = clean_name(request.GET.get("q", ""))[:MAX_CONVERSATION_QUERY_CHARS]
+    project_id = None
+    if raw := request.GET.get("project"):
+        project_id = parse_id(raw)
+        if project_id is None:
+            return json_error(400, "bad_project", "project must be a project id")
+    listed = services.list_conversations(request.user, query=query, project_id=project_id)
+    return JsonResponse({"conversations": listed})
 
 
 @api_view(limit=LIMIT)
 @require_http_methods(["GET", "PATCH", "DELETE"])
 def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
-    """GET: the conversation with its messages; PATCH {"title"}: rename; DELETE."""
+    """GET: the conversation with its messages; PATCH {"title"?, "project_id"?,
+    "pinned"?}: rename, move, pin; DELETE."""
     try:
         if request.method == "GET":
             return JsonResponse(services.conversation_messages(request.user, conversation_id))
         if request.method == "DELETE":
             services.delete_conversation(request.user, conversation_id)
             return HttpResponse(status=204)
-        # NUL and other control characters are allowed here: the title drops them.
-        body = read_json(request, max_bytes=MAX_SMALL_BODY_BYTES, allow_nul=True, empty={})
-        body = body if isinstance(body, dict) else {}  # anything else lacks a title
-        title = schemas.parse(schemas.RenameRequest, body, field_codes=True).title
-        return JsonResponse(services.rename_conversation(request.user, conversation_id, title))
+        patch = _body(request, schemas.ConversationPatch, allow_nul=True)
+        changes = {key: getattr(patch, key) for key in patch.model_fields_set}
+        return JsonResponse(services.update_conversation(request.user, conversation_id, changes))
+    except ChatError as exc:
+        return _chat_error(exc)
+
+
+@api_view(limit=LIMIT)
+@require_http_methods(["GET", "POST"])
+def projects(request: HttpRequest) -> JsonResponse:
+    """GET /api/projects: the user's projects; POST: create one."""
+    if request.method == "GET":
+        return JsonResponse({"projects": services.list_projects(request.user)})
+    try:
+        changes = _body(request, schemas.ProjectRequest).changes()
+        return JsonResponse(services.save_project(request.user, None, changes), status=201)
+    except ChatError as exc:
+        return _chat_error(exc)
+
+
+@api_view(limit=LIMIT)
+@require_http_methods(["GET", "PATCH", "DELETE"])
+def project(request: HttpRequest, project_id: int) -> HttpResponse:
+    """GET: one project; PATCH: change it; DELETE: delete it (its
+    conversations stay, outside any project)."""
+    try:
+        if request.method == "GET":
+            return JsonResponse(services.get_project(request.user, project_id))
+        if request.method == "DELETE":
+            services.delete_project(request.user, project_id)
+            return HttpResponse(status=204)
+        changes = _body(request, schemas.ProjectRequest).changes()
+        return JsonResponse(services.save_project(request.user, project_id, changes))
     except ChatError as exc:
         return _chat_error(exc)
 

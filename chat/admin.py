@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Project
 
 
 class MessageInline(admin.TabularInline):
@@ -13,11 +13,19 @@ class MessageInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("title", "owner", "pinned_runner", "updated_at")
-    list_filter = ("pinned_runner",)
+    list_display = ("title", "owner", "project", "pinned", "pinned_runner", "updated_at")
+    list_filter = ("pinned_runner", "pinned")
     search_fields = ("title", "owner__username")
-    raw_id_fields = ("owner",)
+    raw_id_fields = ("owner", "project")
     inlines = [MessageInline]
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "runner", "rag_enabled", "updated_at")
+    search_fields = ("name", "owner__username")
+    raw_id_fields = ("owner",)
+    filter_horizontal = ("collections",)
 
 
 @admin.register(Message)

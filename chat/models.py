@@ -1,9 +1,73 @@
-"""Chat data: conversations and their messages."""
+"""Chat data: projects, conversations and their messages."""
 
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+from chat import limits
+
+
+class Project(models.Model):
+    """A folder of conversations with its own defaults. Its instructions are
+    read at every turn of its conversations (edit them and the next answer
+    follows them); its runner, documents and parameters are copied onto a
+    conversation when it is started in the project, and remain the
+    conversation's own afterwards (the user may change them per chat)."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="projects"
+    )
+    name = models.CharField(max_length=limits.MAX_TITLE_CHARS)
+    instructions = models.TextField(
+        blank=True,
+        max_length=limits.MAX_INSTRUCTIONS_CHARS,
+        help_text="A system prompt given to the model before every turn of its conversations.",
+    )
+    runner = models.ForeignKey(
+        "runners.RunnerConfig",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="New chats answer with this runner; empty means the router chooses.",
+    )
+    rag_enabled = models.BooleanField(default=False, help_text="New chats answer from documents.")
+    collections = models.ManyToManyField(
+        "rag.Collection",
+        blank=True,
+        related_name="+",
+        help_text="The documents new chats search (default: all the user may read).",
+    )
+    temperature = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[
+            MinValueValidator(limits.TEMPERATURE_RANGE[0]),
+            MaxValueValidator(limits.TEMPERATURE_RANGE[1]),
+        ],
+    )
+    top_p = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[
+            MinValueValidator(limits.TOP_P_RANGE[0]),
+            MaxValueValidator(limits.TOP_P_RANGE[1]),
+        ],
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(limits.MAX_TOKENS)]
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        indexes = [models.Index(fields=["owner", "name"])]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class Conversation(models.Model):
@@ -21,6 +85,18 @@ class Conversation(models.Model):
     )
     rag_enabled = models.BooleanField(default=False)
     collections = models.ManyToManyField("rag.Collection", blank=True, related_name="+")
+    project = models.ForeignKey(
+        Project,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="conversations",
+        help_text="Deleting a project keeps its conversations, outside any project.",
+    )
+    pinned = models.BooleanField(default=False, help_text="Listed first.")
+    temperature = models.FloatField(null=True, blank=True)
+    top_p = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

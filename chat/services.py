@@ -18,10 +18,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts import limits
+from chat import search
 from chat.errors import ChatError
 from chat.inputs import clean_name
-from chat.limits import MAX_TITLE_CHARS, TITLE_MAX_CHARS
-from chat.models import Conversation, Message
+from chat.limits import MAX_SEARCH_HITS, MAX_TITLE_CHARS, TITLE_MAX_CHARS
+from chat.models import Conversation, Message, Project
 from rag.models import Collection
 from runners.base import ChatMessage
 from runners.collect import Outcome
@@ -48,6 +49,16 @@ class TurnStart:
     pinned_runner: str | None = None
     rag: bool = False
     collection_ids: tuple[int, ...] = ()
+    # The conversation's own parameters (copied from its project when it was
+    # started there); a frame's `params` win over them.
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+    def sampling(self) -> dict[str, float]:
+        """The conversation's sampling parameters that are set, as runners take them."""
+        given = {"temperature": self.temperature, "top_p": self.top_p}
+        return {name: value for name, value in given.items() if value is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +94,16 @@ def _history(conversation: Conversation, before_message_id: int) -> tuple[ChatMe
     answers stay, as the user saw them."""
     rows = conversation.messages.filter(pk__lt=before_message_id).order_by("created_at", "id")
     return _as_history(rows.only("role", "content", "images", "status"))
+
+
+def _instructions(conversation: Conversation) -> tuple[ChatMessage, ...]:
+    """The project's instructions as they are now, as a leading system message
+    (the pipeline puts it before its own system prompt)."""
+    if conversation.project_id is None:
+        return ()
+    text = Project.objects.filter(pk=conversation.project_id).values_list("instructions", flat=True)
+    text = (text.first() or "").strip()
+    return (ChatMessage(role="system", content=text),) if text else ()
 
 
 def _as_history(messages) -> tuple[ChatMessage, ...]:
@@ -128,16 +149,20 @@ def _start(conversation: Conversation, user_message: Message, *, new: bool = Fal
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     pinned = conversation.pinned_runner.name if conversation.pinned_runner_id else None
     collection_ids = () if new else tuple(conversation.collections.values_list("pk", flat=True))
+    # A new conversation's history is its first message: no need to read it back.
+    history = _as_history([user_message]) if new else _history(conversation, assistant.pk)
     return TurnStart(
         conversation_id=conversation.pk,
         title=conversation.title,
         user_message_id=user_message.pk,
         assistant_message_id=assistant.pk,
-        # A new conversation's history is its first message: no need to read it back.
-        history=_as_history([user_message]) if new else _history(conversation, assistant.pk),
+        history=_instructions(conversation) + history,
         pinned_runner=pinned,
         rag=conversation.rag_enabled,
         collection_ids=collection_ids,
+        temperature=conversation.temperature,
+        top_p=conversation.top_p,
+        max_tokens=conversation.max_tokens,
     )
 
 
@@ -150,17 +175,21 @@ def begin_message(
     runner: str | None = None,
     rag: bool | None = None,
     collection_ids: tuple[int, ...] | None = None,
+    project_id: int | None = None,
 ) -> TurnStart:
     """Save a new user turn (creating the conversation when `conversation_id`
-    is None) and the assistant message that will stream its answer.
-    `runner`, `rag` and `collection_ids` update the conversation's settings
-    when given. Raises ChatError(not_found | unknown_runner)."""
+    is None, in project `project_id` with its defaults when given) and the
+    assistant message that will stream its answer. `runner`, `rag` and
+    `collection_ids` update the conversation's settings when given.
+    Raises ChatError(not_found | unknown_runner)."""
     with transaction.atomic():
         config = _resolve_runner(runner)
         collections = _readable_collections(user, collection_ids) if collection_ids else None
         new = conversation_id is None
         if new:
-            conversation = Conversation.objects.create(owner=user, title=title_from(text))
+            project = _owned_project(user, project_id) if project_id is not None else None
+            conversation = _new_conversation(user, title_from(text), project)
+            new = project is None  # else read its inherited collections back
         else:
             conversation = _owned_conversation(user, conversation_id)
         changed = []
@@ -286,31 +315,200 @@ def record_exchange(
         return conversation.pk
 
 
+# ---- projects ------------------------------------------------------------------------
+
+PROJECT_FIELDS = ("instructions", "rag_enabled", "temperature", "top_p", "max_tokens")
+
+
+def _owned_project(user, project_id: int) -> Project:
+    project = Project.objects.filter(pk=project_id, owner=user).first()
+    if project is None:
+        raise ChatError("not_found", f"Project {project_id} was not found.", status=404)
+    return project
+
+
+def _new_conversation(user, title: str, project: Project | None) -> Conversation:
+    """A new conversation; in a project it starts with the project's runner,
+    documents and parameters (its instructions are read at every turn)."""
+    conversation = Conversation.objects.create(owner=user, title=title, project=project)
+    if project is None:
+        return conversation
+    conversation.pinned_runner_id = (
+        project.runner_id if project.runner_id and project.runner.enabled else None
+    )
+    conversation.rag_enabled = project.rag_enabled
+    conversation.temperature = project.temperature
+    conversation.top_p = project.top_p
+    conversation.max_tokens = project.max_tokens
+    conversation.save()
+    # Only the collections the user may still read (one may have been unshared since).
+    readable = Collection.objects.readable_by(user).filter(
+        pk__in=project.collections.values_list("pk", flat=True)
+    )
+    conversation.collections.set(readable)
+    return conversation
+
+
+def project_dict(project: Project) -> dict[str, Any]:
+    return {
+        "id": project.pk,
+        "name": project.name,
+        "instructions": project.instructions,
+        "runner": project.runner.name if project.runner_id else None,
+        "rag": project.rag_enabled,
+        "collections": sorted(project.collections.values_list("pk", flat=True)),
+        "temperature": project.temperature,
+        "top_p": project.top_p,
+        "max_tokens": project.max_tokens,
+        "conversation_count": project.conversations.count(),
+        "updated_at": project.updated_at.isoformat(),
+    }
+
+
+def list_projects(user) -> list[dict[str, Any]]:
+    return [
+        project_dict(p)
+        for p in Project.objects.filter(owner=user).select_related("runner").order_by("name", "id")
+    ]
+
+
+def get_project(user, project_id: int) -> dict[str, Any]:
+    return project_dict(_owned_project(user, project_id))
+
+
+def save_project(user, project_id: int | None, changes: dict[str, Any]) -> dict[str, Any]:
+    """Create (`project_id` None) or update one of the user's projects with
+    `changes` (already shape-checked: name, instructions, runner, rag,
+    collections, temperature, top_p, max_tokens; a missing key is left as it
+    is). Raises ChatError(not_found | unknown_runner | bad_name)."""
+    with transaction.atomic():
+        if project_id is None:
+            project = Project(owner=user)
+            if "name" not in changes:
+                raise ChatError("bad_name", "A project needs a name.")
+        else:
+            project = _owned_project(user, project_id)
+        if "name" in changes:
+            name = clean_name(changes["name"])
+            if not name:
+                raise ChatError("bad_name", "A project name cannot be empty.")
+            project.name = name[:MAX_TITLE_CHARS]
+        if "runner" in changes:
+            project.runner = _resolve_runner(changes["runner"])
+        if "rag" in changes:
+            project.rag_enabled = changes["rag"]
+        for key in PROJECT_FIELDS:
+            if key in changes:
+                setattr(project, key, changes[key])
+        project.save()
+        if "collections" in changes:
+            ids = tuple(dict.fromkeys(changes["collections"] or ()))
+            project.collections.set(_readable_collections(user, ids))
+        return project_dict(project)
+
+
+def delete_project(user, project_id: int) -> None:
+    """Delete a project; its conversations stay, outside any project."""
+    _owned_project(user, project_id).delete()
+
+
+def create_conversation(user, *, title: str = "", project_id: int | None = None) -> dict:
+    """An empty conversation (in a project, with its defaults): the API's way
+    to start a chat whose first message then comes over the websocket or /v1."""
+    title = clean_name(title)[:MAX_TITLE_CHARS] or "New chat"
+    with transaction.atomic():
+        project = _owned_project(user, project_id) if project_id is not None else None
+        conversation = _new_conversation(user, title, project)
+    return conversation_messages(user, conversation.pk)
+
+
 # ---- the conversation list (pages and JSON endpoints) ------------------------------
 
 
-def list_conversations(user, *, query: str = "", limit: int = 200) -> list[dict[str, Any]]:
-    """The user's conversations, most recent first, optionally filtered by title."""
+def _summary(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.pk,
+        "title": c.title,
+        "updated_at": c.updated_at.isoformat(),
+        "project_id": c.project_id,
+        "pinned": c.pinned,
+    }
+
+
+def list_conversations(
+    user, *, query: str = "", project_id: int | None = None, limit: int = 200
+) -> list[dict[str, Any]]:
+    """The user's conversations (those of one project with `project_id`),
+    pinned first, then most recent first; with `query`, those whose
+    messages or title contain its words (chat.search), best match first, each
+    with a `match`: the message to open, a snippet and the matched ranges.
+    A query without a searchable word (stop words, punctuation) filters titles
+    by substring instead."""
     rows = Conversation.objects.filter(owner=user)
-    if query:
-        rows = rows.filter(title__icontains=query)
+    if project_id is not None:
+        rows = rows.filter(project_id=project_id)
+    hits = search.search(user.pk, query, limit=min(limit, MAX_SEARCH_HITS)) if query else None
+    if hits is None:
+        if query:
+            rows = rows.filter(title__icontains=query)
+        return [_summary(c) for c in rows.order_by("-pinned", "-updated_at", "-id")[:limit]]
+    found = rows.in_bulk([hit.conversation_id for hit in hits])
     return [
-        {"id": c.pk, "title": c.title, "updated_at": c.updated_at.isoformat()}
-        for c in rows.order_by("-updated_at", "-id")[:limit]
+        _summary(found[hit.conversation_id])
+        | {
+            "match": {
+                "message_id": hit.message_id,
+                "snippet": hit.snippet,
+                "highlights": [list(r) for r in hit.highlights],
+                "score": hit.score,
+            }
+        }
+        for hit in hits
+        if hit.conversation_id in found
     ]
 
 
 def rename_conversation(user, conversation_id: int, title: str) -> dict[str, Any]:
     """Rename one of the user's conversations. Raises ChatError(not_found | bad_title)."""
-    title = clean_name(title)
-    if not title:
-        raise ChatError("bad_title", "A title cannot be empty.")
-    if len(title) > MAX_TITLE_CHARS:
-        raise ChatError("bad_title", f"A title can be at most {MAX_TITLE_CHARS} characters long.")
-    conversation = _owned_conversation(user, conversation_id)
-    conversation.title = title
-    conversation.save(update_fields=["title", "updated_at"])
-    return {"id": conversation.pk, "title": conversation.title}
+    return update_conversation(user, conversation_id, {"title": title})
+
+
+def update_conversation(user, conversation_id: int, changes: dict[str, Any]) -> dict[str, Any]:
+    """Change one of the user's conversations: `title`, `project_id` (move it
+    into one of the user's projects, or out with None), `pinned`. Moving
+    changes only where it is listed and whose instructions it follows; its own
+    runner, documents and parameters stay. Pinning does not reorder it by date.
+    Raises ChatError(not_found | bad_title)."""
+    with transaction.atomic():
+        conversation = _owned_conversation(user, conversation_id)
+        fields = []
+        if "title" in changes:
+            title = clean_name(changes["title"])
+            if not title:
+                raise ChatError("bad_title", "A title cannot be empty.")
+            if len(title) > MAX_TITLE_CHARS:
+                raise ChatError(
+                    "bad_title", f"A title can be at most {MAX_TITLE_CHARS} characters long."
+                )
+            conversation.title = title
+            fields += ["title", "updated_at"]
+        if "project_id" in changes:
+            project_id = changes["project_id"]
+            conversation.project = (
+                _owned_project(user, project_id) if project_id is not None else None
+            )
+            fields.append("project")
+        if "pinned" in changes:
+            conversation.pinned = changes["pinned"]
+            fields.append("pinned")
+        if fields:
+            # .update(): a move or a pin must not bump updated_at (auto_now) either.
+            values = {f: getattr(conversation, f) for f in fields if f != "updated_at"}
+            if "updated_at" in fields:
+                values["updated_at"] = timezone.now()
+            Conversation.objects.filter(pk=conversation.pk).update(**values)
+            conversation.refresh_from_db()
+        return _summary(conversation)
 
 
 def delete_conversation(user, conversation_id: int) -> None:
@@ -365,7 +563,14 @@ def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
     return {
         "id": conversation.pk,
         "title": conversation.title,
+        "project_id": conversation.project_id,
+        "pinned": conversation.pinned,
         "pinned_runner": conversation.pinned_runner.name if conversation.pinned_runner_id else None,
+        "params": {
+            "temperature": conversation.temperature,
+            "top_p": conversation.top_p,
+            "max_tokens": conversation.max_tokens,
+        },
         "rag": conversation.rag_enabled,
         "collections": list(conversation.collections.values_list("pk", flat=True)),
         "messages": [message_dict(m) for m in conversation.messages.order_by("created_at", "id")],

@@ -9,7 +9,7 @@ from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
-from chat import services
+from chat import limits, services
 from chat.services import ChatError
 
 
@@ -35,7 +35,8 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
         item["active"] = item["id"] == conversation_id
     context = {
         "conversations": listed,
-        "blank_item": {"id": 0, "title": ""},
+        "blank_item": {"id": 0, "title": "", "project_id": None, "pinned": False},
+        "limits": limits,
         "conversation": conversation,
         "boot": boot,
     }

@@ -6,6 +6,7 @@
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
+import { Projects, revealMessage, snippetNode } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -25,6 +26,7 @@ const els = {
 
 const state = {
   conversationId: boot.conversation ? boot.conversation.id : null,
+  projectId: boot.conversation ? boot.conversation.project_id : null, // the open chat's project
   runners: boot.runners || [],
   images: [],               // data URLs attached to the next message
   pending: new Map(),       // request_id -> live answer
@@ -271,19 +273,32 @@ function listItem(c) {
   // Cloned from the server-rendered <template>, so both lists look the same.
   const li = $("tpl-conversation").content.firstElementChild.cloneNode(true);
   li.dataset.id = c.id;
+  li.dataset.project = c.project_id || "";
   li.classList.toggle("active", c.id === state.conversationId);
+  li.classList.toggle("pinned", !!c.pinned);
   const a = li.querySelector(".conversation-link");
   a.textContent = c.title;
   a.href = `/c/${c.id}/`;
   li.querySelector('[data-action="rename"]').setAttribute("aria-label", `Rename ${c.title}`);
   li.querySelector('[data-action="delete"]').setAttribute("aria-label", `Delete ${c.title}`);
+  li.querySelector('[data-action="move"]').setAttribute("aria-label", `Move ${c.title}`);
+  const pin = li.querySelector('[data-action="pin"]');
+  pin.setAttribute("aria-pressed", String(!!c.pinned));
+  if (c.match) {
+    // A search result: the snippet, and the message to open the conversation at.
+    li.append(snippetNode(c.match));
+    if (c.match.message_id) li.dataset.message = c.match.message_id;
+  }
   return li;
 }
 
 async function refreshList() {
   const q = els.search.value.trim();
+  const params = new URLSearchParams();
+  if (q) params.set("q", q);
+  if (projects.current !== null) params.set("project", projects.current);
   try {
-    const body = await api(`/api/conversations${q ? `?q=${encodeURIComponent(q)}` : ""}`);
+    const body = await api(`/api/conversations${params.size ? `?${params}` : ""}`);
     els.list.textContent = "";
     for (const c of body.conversations) els.list.append(listItem(c));
     if (!body.conversations.length) els.list.append(el("li", "muted empty-list", q ? "No matching conversations." : "No conversations yet."));
@@ -298,12 +313,14 @@ function markActive() {
   });
 }
 
-async function openConversation(id, push = true) {
+async function openConversation(id, push = true, messageId = null) {
   try {
     const conversation = await api(`/api/conversations/${id}`);
     state.conversationId = conversation.id;
-    if (push) history.pushState({ id }, "", `/c/${id}/`);
+    state.projectId = conversation.project_id;
+    if (push) history.pushState({ id }, "", `/c/${id}/${messageId ? `#m${messageId}` : ""}`);
     renderConversation(conversation);
+    if (messageId) revealMessage(els.messages, messageId);
     markActive();
     closeSidebar();
     return conversation;
@@ -316,9 +333,14 @@ async function openConversation(id, push = true) {
 
 function newChat(push = true) {
   state.conversationId = null;
+  // A new chat starts in the selected project, with its runner and documents.
+  state.projectId = projects.current;
   if (push) history.pushState({ id: null }, "", "/");
   renderConversation(null);
-  els.runner.value = "auto";
+  const project = projects.byId(state.projectId);
+  els.runner.value = project && project.runner && state.runners.some((r) => r.name === project.runner) ? project.runner : "auto";
+  els.rag.checked = project ? project.rag : false;
+  els.title.textContent = project ? `${project.name} · New chat` : "New chat";
   updateCaps();
   markActive();
   closeSidebar();
@@ -369,11 +391,33 @@ els.list.addEventListener("click", (e) => {
   const action = e.target.closest("[data-action]")?.dataset.action;
   if (action === "rename") { e.preventDefault(); startRename(li); return; }
   if (action === "delete") { e.preventDefault(); deleteConversation(li); return; }
+  if (action === "pin") { e.preventDefault(); togglePin(li); return; }
+  if (action === "move") { e.preventDefault(); projects.chooseFor(li, Number(li.dataset.project) || null); return; }
   const link = e.target.closest(".conversation-link");
   if (link && !e.ctrlKey && !e.metaKey && !e.shiftKey) {
     e.preventDefault();
-    openConversation(Number(li.dataset.id));
+    openConversation(Number(li.dataset.id), true, Number(li.dataset.message) || null);
   }
+});
+// Drag a conversation onto a project (or "All chats", out of its project).
+els.list.addEventListener("dragstart", (e) => {
+  const li = e.target.closest(".conversation-item");
+  if (li) e.dataTransfer.setData("application/x-conversation", li.dataset.id);
+});
+
+async function togglePin(li) {
+  const pinned = !li.classList.contains("pinned");
+  try {
+    await api(`/api/conversations/${li.dataset.id}`, { method: "PATCH", json: { pinned } });
+    refreshList();
+  } catch (error) { showBanner(`Could not pin: ${error.message}`); }
+}
+
+const projects = new Projects({
+  api,
+  runners: state.runners,
+  onChange: ({ selected }) => { refreshList(); if (selected && state.conversationId === null) newChat(false); },
+  onError: (message) => showBanner(message),
 });
 
 let searchTimer = null;
@@ -490,6 +534,7 @@ function accepted(p, f) {
     els.title.textContent = f.title;
     document.title = `${f.title} · BreezeWeb`;
     refreshList();
+    if (state.projectId) projects.load(); // its count of conversations
   }
   if (state.conversationId !== f.conversation_id) return;
   if (p.userNode) {
@@ -593,6 +638,7 @@ function sendMessage() {
     runner: els.runner.value,
     rag: els.rag.checked,
   };
+  if (state.conversationId === null && state.projectId) frame.project_id = state.projectId;
   if (state.images.length) frame.images = state.images.slice();
   startRequest(frame, true);
   if (state.pending.has(frame.request_id)) {
@@ -835,5 +881,7 @@ function documentStatus(doc, live = false) {
 
 updateCaps();
 if (boot.conversation) renderConversation(boot.conversation);
+if (boot.conversation && location.hash.startsWith("#m")) revealMessage(els.messages, Number(location.hash.slice(2)));
+projects.load();
 connect();
 els.prompt.focus();

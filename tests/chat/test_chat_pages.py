@@ -121,7 +121,13 @@ def test_rename_changes_the_title(alice, conversation):
         content_type="application/json",
     )
     assert response.status_code == 200
-    assert response.json() == {"id": conversation.pk, "title": "Lisbon, May"}
+    assert response.json() | {"updated_at": None} == {
+        "id": conversation.pk,
+        "title": "Lisbon, May",
+        "project_id": None,
+        "pinned": False,
+        "updated_at": None,
+    }
     conversation.refresh_from_db()
     assert conversation.title == "Lisbon, May"
 

@@ -54,6 +54,7 @@ KNOWN_FIELDS = (
     "rag",
     "collections",
     "params",
+    "project_id",
 )
 TYPES = ("message", "regenerate", "edit", "stop", "ping")
 RUNNER_NAMES = ("auto", "scripted")

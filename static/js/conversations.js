@@ -1,0 +1,212 @@
+// The conversation list's own parts (docs/conversations.md): search results
+// with highlighted snippets, projects (a folder with instructions and defaults
+// for new chats), moving chats between projects (drag, or the Move action) and
+// pinning. chat.js owns the list itself and calls in here.
+// Everything the server sends is shown as text, never as HTML.
+
+const gettext = window.gettext || ((s) => s);
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// A search match: the snippet as text, with <mark> around the ranges that matched.
+export function snippetNode(match) {
+  const node = el("div", "snippet");
+  const text = match.snippet || "";
+  let at = 0;
+  for (const [start, end] of match.highlights || []) {
+    if (start < at || end > text.length) continue;
+    node.append(document.createTextNode(text.slice(at, start)), el("mark", "", text.slice(start, end)));
+    at = end;
+  }
+  node.append(document.createTextNode(text.slice(at)));
+  return node;
+}
+
+// Scroll a message into view and flash it (a search result opened "at the message").
+export function revealMessage(container, messageId) {
+  const node = container.querySelector(`.msg[data-id="${Number(messageId)}"]`);
+  if (!node) return false;
+  node.scrollIntoView({ block: "center" });
+  node.classList.add("found");
+  setTimeout(() => node.classList.remove("found"), 2500);
+  return true;
+}
+
+export class Projects {
+  // api(path, options): chat.js's fetch helper; onChange(): the list must be reloaded.
+  constructor({ api, runners, onChange, onError }) {
+    this.api = api;
+    this.runners = runners;
+    this.onChange = onChange;
+    this.onError = onError;
+    this.projects = [];
+    this.current = null;            // the selected project's id; null: all chats
+    this.list = document.getElementById("project-list");
+    this.dialog = document.getElementById("project-dialog");
+    this.form = document.getElementById("project-form");
+    document.getElementById("new-project").addEventListener("click", () => this.edit(null));
+    this.list.addEventListener("click", (e) => this.clicked(e));
+    this.form.addEventListener("submit", (e) => { e.preventDefault(); this.save(); });
+    document.getElementById("project-cancel").addEventListener("click", () => this.dialog.close());
+    document.getElementById("project-delete").addEventListener("click", () => this.remove());
+    const runner = this.form.elements.runner;
+    for (const r of runners) runner.append(new Option(`${r.name} · ${r.kind}`, r.name));
+    for (const type of ["dragover", "dragenter"]) {
+      this.list.addEventListener(type, (e) => {
+        const target = e.target.closest("[data-project]");
+        if (target && e.dataTransfer.types.includes("application/x-conversation")) {
+          e.preventDefault();
+          target.classList.add("drop");
+        }
+      });
+    }
+    this.list.addEventListener("dragleave", (e) => e.target.closest("[data-project]")?.classList.remove("drop"));
+    this.list.addEventListener("drop", (e) => {
+      const target = e.target.closest("[data-project]");
+      const id = Number(e.dataTransfer.getData("application/x-conversation"));
+      if (!target || !id) return;
+      e.preventDefault();
+      target.classList.remove("drop");
+      this.move(id, target.dataset.project ? Number(target.dataset.project) : null);
+    });
+  }
+
+  byId(id) { return this.projects.find((p) => p.id === id) || null; }
+
+  async load() {
+    try {
+      this.projects = (await this.api("/api/projects")).projects;
+    } catch (error) {
+      this.onError(`${gettext("Could not load projects:")} ${error.message}`);
+    }
+    if (this.current !== null && !this.byId(this.current)) this.current = null;
+    this.render();
+  }
+
+  render() {
+    this.list.textContent = "";
+    const all = this.item(null, gettext("All chats"));
+    this.list.append(all);
+    for (const p of this.projects) this.list.append(this.item(p, p.name));
+  }
+
+  item(project, label) {
+    const li = el("li", "project-item");
+    li.dataset.project = project ? project.id : "";
+    li.classList.toggle("active", (project ? project.id : null) === this.current);
+    const open = el("button", "project-link link-btn", label);
+    open.type = "button";
+    open.dataset.action = "open";
+    open.setAttribute("aria-pressed", String(li.classList.contains("active")));
+    li.append(open);
+    if (project) {
+      const count = el("span", "muted project-count", String(project.conversation_count));
+      const settings = el("button", "icon-btn", "⚙");
+      settings.type = "button";
+      settings.dataset.action = "settings";
+      settings.title = gettext("Project settings");
+      settings.setAttribute("aria-label", `${gettext("Settings of")} ${project.name}`);
+      li.append(count, settings);
+    }
+    return li;
+  }
+
+  clicked(e) {
+    const li = e.target.closest("[data-project]");
+    if (!li) return;
+    const id = li.dataset.project ? Number(li.dataset.project) : null;
+    const action = e.target.closest("[data-action]")?.dataset.action;
+    if (action === "settings") { this.edit(this.byId(id)); return; }
+    if (action === "open") { this.current = id; this.render(); this.onChange({ selected: true }); }
+  }
+
+  edit(project) {
+    const f = this.form.elements;
+    this.editing = project;
+    f.name.value = project ? project.name : "";
+    f.instructions.value = project ? project.instructions : "";
+    f.runner.value = project && project.runner ? project.runner : "auto";
+    f.rag.checked = project ? project.rag : false;
+    f.temperature.value = project && project.temperature != null ? project.temperature : "";
+    f.max_tokens.value = project && project.max_tokens != null ? project.max_tokens : "";
+    document.getElementById("project-delete").hidden = !project;
+    document.getElementById("project-dialog-title").textContent = project ? gettext("Project settings") : gettext("New project");
+    document.getElementById("project-error").textContent = "";
+    this.dialog.showModal();
+    f.name.focus();
+  }
+
+  async save() {
+    const f = this.form.elements;
+    const body = {
+      name: f.name.value,
+      instructions: f.instructions.value,
+      runner: f.runner.value === "auto" ? null : f.runner.value,
+      rag: f.rag.checked,
+      temperature: f.temperature.value === "" ? null : Number(f.temperature.value),
+      max_tokens: f.max_tokens.value === "" ? null : Number(f.max_tokens.value),
+    };
+    const editing = this.editing;
+    try {
+      const saved = await this.api(editing ? `/api/projects/${editing.id}` : "/api/projects", { method: editing ? "PATCH" : "POST", json: body });
+      this.dialog.close();
+      if (!editing) this.current = saved.id;
+      await this.load();
+      this.onChange({ selected: !editing });
+    } catch (error) {
+      document.getElementById("project-error").textContent = error.message;
+    }
+  }
+
+  async remove() {
+    const project = this.editing;
+    if (!project || !confirm(`${gettext("Delete the project")} “${project.name}”? ${gettext("Its conversations are kept.")}`)) return;
+    try {
+      await this.api(`/api/projects/${project.id}`, { method: "DELETE" });
+      this.dialog.close();
+      if (this.current === project.id) this.current = null;
+      await this.load();
+      this.onChange({ selected: true });
+    } catch (error) {
+      document.getElementById("project-error").textContent = error.message;
+    }
+  }
+
+  async move(conversationId, projectId) {
+    try {
+      await this.api(`/api/conversations/${conversationId}`, { method: "PATCH", json: { project_id: projectId } });
+      await this.load();
+      this.onChange({ selected: false });
+    } catch (error) {
+      this.onError(`${gettext("Could not move the conversation:")} ${error.message}`);
+    }
+  }
+
+  // The Move action of a conversation: a select of the projects, in place of its link.
+  chooseFor(li, currentProjectId) {
+    const select = el("select", "move-select");
+    select.setAttribute("aria-label", gettext("Move to project"));
+    select.append(new Option(gettext("No project"), ""));
+    for (const p of this.projects) select.append(new Option(p.name, String(p.id)));
+    select.value = currentProjectId ? String(currentProjectId) : "";
+    const link = li.querySelector(".conversation-link");
+    link.replaceWith(select);
+    select.focus();
+    let done = false;
+    const finish = (apply) => {
+      if (done) return;
+      done = true;
+      select.replaceWith(link);
+      const chosen = select.value ? Number(select.value) : null;
+      if (apply && chosen !== (currentProjectId || null)) this.move(Number(li.dataset.id), chosen);
+    };
+    select.addEventListener("change", () => finish(true));
+    select.addEventListener("keydown", (e) => { if (e.key === "Escape") { e.preventDefault(); finish(false); } });
+    select.addEventListener("blur", () => finish(false));
+  }
+}
