@@ -104,11 +104,20 @@ OPERATIONS = [
     Op(
         "PATCH /api/conversations/{conversation_id}",
         s.ConversationSummary,
-        "Rename, move to a project, or pin it",
+        "Rename, move to a project, pin it, or switch its branch",
         (400, 404),
         s.ConversationPatch,
     ),
     Op("DELETE /api/conversations/{conversation_id}", None, "Delete it", (404,), status=204),
+    Op(
+        "POST /api/conversations/{conversation_id}/fork",
+        s.Conversation,
+        "Fork it from a message: A new conversation with a copy of the branch up to that "
+        "message, its settings and project.",
+        (400, 404),
+        s.ForkRequest,
+        status=201,
+    ),
     Op("GET /api/projects", s.ProjectList, "Your projects"),
     Op(
         "POST /api/projects",

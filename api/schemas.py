@@ -493,12 +493,25 @@ class ConversationPatch(Body):
         "Its own runner, documents and parameters stay.",
     )
     pinned: bool | None = Field(None, description="Pinned conversations are listed first.")
+    active_message_id: PositiveInt | None = Field(
+        None,
+        description="Show and answer the branch through this message of the conversation "
+        "(the newest answers below it); e.g. one of a message's `siblings`.",
+    )
 
     @model_validator(mode="after")
     def _something(self) -> ConversationPatch:
-        if not self.model_fields_set & {"title", "project_id", "pinned"}:
+        if not self.model_fields_set & {"title", "project_id", "pinned", "active_message_id"}:
             raise PydanticCustomError(
-                "missing", "Send `title`, `project_id` or `pinned`.", {"at": ("title",)}
+                "missing",
+                "Send `title`, `project_id`, `pinned` or `active_message_id`.",
+                {"at": ("title",)},
+            )
+        if "active_message_id" in self.model_fields_set and self.active_message_id is None:
+            raise PydanticCustomError(
+                "invalid_type",
+                "`active_message_id` is a message id.",
+                {"at": ("active_message_id",)},
             )
         if "title" in self.model_fields_set and self.title is None:
             raise PydanticCustomError("invalid_type", "A title cannot be null.", {"at": ("title",)})
@@ -507,6 +520,14 @@ class ConversationPatch(Body):
                 "invalid_type", "`pinned` is true or false.", {"at": ("pinned",)}
             )
         return self
+
+
+class ForkRequest(Body):
+    """POST /api/conversations/{id}/fork."""
+
+    message_id: PositiveInt = Field(
+        description="The copy holds the branch from the first message to this one."
+    )
 
 
 class NewConversation(Body):
@@ -588,7 +609,7 @@ class Upload(Body):
 
 
 # The request bodies of /api: their refusals are `bad_<field>` (or `bad_json`).
-FIELD_CODED = (SearchRequest, ConversationPatch, NewConversation, ProjectRequest)
+FIELD_CODED = (SearchRequest, ConversationPatch, NewConversation, ProjectRequest, ForkRequest)
 
 
 def emitted_codes() -> set[str]:
@@ -786,6 +807,12 @@ ProjectList = reply("ProjectList", projects=about(list[Project], "By name."))
 StoredMessage = reply(
     "StoredMessage",
     id=int,
+    parent_id=about(int | None, "The message this one follows (null: a first message)."),
+    siblings=about(
+        list[int],
+        "The ids of the messages with the same parent, oldest first, this one among them: "
+        "the branches at this point (show `2 / 3`).",
+    ),
     role=choices(chat_models.Message.Role),
     content=str,
     images=list[str],
@@ -797,6 +824,7 @@ StoredMessage = reply(
     sources=list[Source],
     created_at=datetime,
 )
+TreeNode = reply("TreeNode", id=int, parent_id=int | None, role=choices(chat_models.Message.Role))
 Conversation = reply(
     "Conversation",
     id=int,
@@ -807,7 +835,10 @@ Conversation = reply(
     params=Params,
     rag=bool,
     collections=list[int],
-    messages=list[StoredMessage],
+    messages=about(list[StoredMessage], "The active branch, oldest first."),
+    tree=about(
+        list[TreeNode], "Every message of every branch, by id: the shape of the message tree."
+    ),
 )
 Runner = reply(
     "Runner", name=str, kind=str, capabilities=list[Capability], model_id=str, priority=int

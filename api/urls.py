@@ -12,6 +12,11 @@ urlpatterns = [
         views.conversation,
         name="api-conversation",
     ),
+    path(
+        "api/conversations/<id:conversation_id>/fork",
+        views.fork,
+        name="api-conversation-fork",
+    ),
     path("api/projects", views.projects, name="api-projects"),
     path("api/projects/<id:project_id>", views.project, name="api-project"),
     path("api/runners", views.runners, name="api-runners"),

@@ -5,7 +5,7 @@ request and call chat.services."""
 from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from api import schemas
 from api.decorators import api_view
@@ -58,8 +58,9 @@ def conversations(request: HttpRequest) -> JsonResponse:
 @api_view(limit=LIMIT)
 @require_http_methods(["GET", "PATCH", "DELETE"])
 def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
-    """GET: the conversation with its messages; PATCH {"title"?, "project_id"?,
-    "pinned"?}: rename, move, pin; DELETE."""
+    """GET: the conversation with its active branch and tree; PATCH {"title"?,
+    "project_id"?, "pinned"?, "active_message_id"?}: rename, move, pin, switch
+    branch; DELETE."""
     try:
         if request.method == "GET":
             return JsonResponse(services.conversation_messages(request.user, conversation_id))
@@ -71,6 +72,18 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
         return JsonResponse(services.update_conversation(request.user, conversation_id, changes))
     except ChatError as exc:
         return _chat_error(exc)
+
+
+@api_view(limit=LIMIT)
+@require_POST
+def fork(request: HttpRequest, conversation_id: int) -> JsonResponse:
+    """POST {"message_id"}: a new conversation with a copy of the branch up to that message."""
+    try:
+        message_id = _body(request, schemas.ForkRequest).message_id
+        forked = services.fork_conversation(request.user, conversation_id, message_id)
+    except ChatError as exc:
+        return _chat_error(exc)
+    return JsonResponse(forked, status=201)
 
 
 @api_view(limit=LIMIT)

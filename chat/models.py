@@ -94,6 +94,14 @@ class Conversation(models.Model):
         help_text="Deleting a project keeps its conversations, outside any project.",
     )
     pinned = models.BooleanField(default=False, help_text="Listed first.")
+    active_leaf = models.ForeignKey(
+        "Message",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The last message of the branch shown and answered (the active path ends here).",
+    )
     temperature = models.FloatField(null=True, blank=True)
     top_p = models.FloatField(null=True, blank=True)
     max_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -125,6 +133,14 @@ class Message(models.Model):
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="children",
+        help_text="The message this one follows; siblings (same parent) are branches.",
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     images = models.JSONField(default=list, blank=True, help_text="Attached images as data URLs.")
@@ -152,3 +168,28 @@ class Message(models.Model):
     def __str__(self) -> str:
         preview = self.content[:40].replace("\n", " ")
         return f"{self.role}: {preview}"
+
+    # Set to True on an unsaved message to make it a root (the first message of
+    # a conversation has no parent anyway; an edit of it is a second root).
+    root = False
+
+    def save(self, *args, **kwargs) -> None:
+        """A new message follows its conversation's active path unless given a
+        parent (a regenerated answer, an edited message: a sibling, i.e. a new
+        branch), and becomes the end of that path: a conversation is a tree of
+        messages, and what the page shows and the model reads is one path of it."""
+        adding = self._state.adding
+        if adding and self.parent_id is None and not self.root:
+            self.parent_id = (
+                Conversation.objects.filter(pk=self.conversation_id)
+                .values_list("active_leaf_id", flat=True)
+                .first()
+            ) or (
+                Message.objects.filter(conversation_id=self.conversation_id)
+                .order_by("-id")
+                .values_list("id", flat=True)
+                .first()
+            )
+        super().save(*args, **kwargs)
+        if adding:
+            Conversation.objects.filter(pk=self.conversation_id).update(active_leaf_id=self.pk)

@@ -88,12 +88,36 @@ def _owned_conversation(user, conversation_id: int) -> Conversation:
     return conversation
 
 
-def _history(conversation: Conversation, before_message_id: int) -> tuple[ChatMessage, ...]:
-    """The turns to send the model, oldest first. Failed or empty assistant
-    answers are left out (they would teach the model nothing); stopped partial
-    answers stay, as the user saw them."""
-    rows = conversation.messages.filter(pk__lt=before_message_id).order_by("created_at", "id")
-    return _as_history(rows.only("role", "content", "images", "status"))
+def _parents(conversation_id: int) -> dict[int, int | None]:
+    """Every message of the conversation -> its parent (one query: the tree's shape)."""
+    return dict(Message.objects.filter(conversation_id=conversation_id).values_list("id", "parent"))
+
+
+def path_ids(conversation_id: int, leaf_id: int | None) -> list[int]:
+    """The ids from the root to `leaf_id`, oldest first: one branch of the tree.
+    Without a leaf, the newest message ends the path."""
+    parents = _parents(conversation_id)
+    if leaf_id not in parents:
+        leaf_id = max(parents, default=None)
+    path: list[int] = []
+    while leaf_id is not None and leaf_id not in path:  # `not in`: a cycle cannot hang us
+        path.append(leaf_id)
+        leaf_id = parents.get(leaf_id)
+    return path[::-1]
+
+
+def _path(conversation_id: int, leaf_id: int | None) -> list[Message]:
+    ids = path_ids(conversation_id, leaf_id)
+    rows = Message.objects.in_bulk(ids)
+    return [rows[i] for i in ids if i in rows]
+
+
+def _history(conversation: Conversation, user_message: Message) -> tuple[ChatMessage, ...]:
+    """The turns to send the model, oldest first: the branch that ends with
+    the user's message (the other branches are not the model's business).
+    Failed or empty assistant answers are left out (they would teach the model
+    nothing); stopped partial answers stay, as the user saw them."""
+    return _as_history(_path(conversation.pk, user_message.pk))
 
 
 def _instructions(conversation: Conversation) -> tuple[ChatMessage, ...]:
@@ -139,18 +163,25 @@ def _readable_collections(user, ids: tuple[int, ...]) -> list[int]:
     return sorted(found)
 
 
-def _start(conversation: Conversation, user_message: Message, *, new: bool = False) -> TurnStart:
+def _start(
+    conversation: Conversation,
+    user_message: Message,
+    *,
+    new: bool = False,
+    answer_parent: Message | None = None,
+) -> TurnStart:
     assistant = Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
+        parent=answer_parent or user_message,
     )
     # Bump updated_at so the conversation moves to the top of the list.
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     pinned = conversation.pinned_runner.name if conversation.pinned_runner_id else None
     collection_ids = () if new else tuple(conversation.collections.values_list("pk", flat=True))
     # A new conversation's history is its first message: no need to read it back.
-    history = _as_history([user_message]) if new else _history(conversation, assistant.pk)
+    history = _as_history([user_message]) if new else _history(conversation, user_message)
     return TurnStart(
         conversation_id=conversation.pk,
         title=conversation.title,
@@ -211,21 +242,23 @@ def begin_message(
 
 
 def begin_regenerate(user, *, conversation_id: int) -> TurnStart:
-    """Answer the last user turn again: the answers after it are deleted and a
-    new assistant message is started. Raises ChatError(not_found | nothing_to_regenerate)."""
+    """Answer the last user turn of the active branch again: the new answer is
+    a sibling of the earlier ones (a new branch), which are all kept.
+    Raises ChatError(not_found | nothing_to_regenerate)."""
     with transaction.atomic():
         conversation = _owned_conversation(user, conversation_id)
-        users_turns = conversation.messages.filter(role=Message.Role.USER)
-        last_user = users_turns.order_by("-created_at", "-id").first()
+        path = _path(conversation.pk, conversation.active_leaf_id)
+        last_user = next((m for m in reversed(path) if m.role == Message.Role.USER), None)
         if last_user is None:
             raise ChatError("nothing_to_regenerate", "This conversation has no message to answer.")
-        conversation.messages.filter(pk__gt=last_user.pk).delete()
-        return _start(conversation, last_user)
+        return _start(conversation, last_user, answer_parent=last_user)
 
 
 def begin_edit(user, *, conversation_id: int, message_id: int, text: str) -> TurnStart:
-    """Edit one of the user's own messages and answer it again: every message
-    after it is deleted. Raises ChatError(not_found | not_editable)."""
+    """Edit one of the user's own messages and answer it again: the edited
+    text is a new message beside the original (a new branch from the same
+    point); the original and everything after it are kept.
+    Raises ChatError(not_found | not_editable)."""
     with transaction.atomic():
         conversation = _owned_conversation(user, conversation_id)
         message = conversation.messages.filter(pk=message_id).first()
@@ -233,10 +266,16 @@ def begin_edit(user, *, conversation_id: int, message_id: int, text: str) -> Tur
             raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
         if message.role != Message.Role.USER:
             raise ChatError("not_editable", "Only your own messages can be edited.")
-        conversation.messages.filter(pk__gt=message.pk).delete()
-        message.content = text
-        message.save(update_fields=["content", "updated_at"])
-        return _start(conversation, message)
+        edited = Message(
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=text,
+            images=message.images,
+            parent_id=message.parent_id,
+        )
+        edited.root = message.parent_id is None
+        edited.save()
+        return _start(conversation, edited)
 
 
 def flush_contents(contents: dict[int, str]) -> None:
@@ -301,12 +340,11 @@ def record_exchange(
                     "not_found", f"Conversation {conversation_id} was not found.", status=404
                 )
             to_save = messages[-1:]
-        Message.objects.bulk_create(
-            Message(
+        # One by one: each message follows the one before it (Message.save).
+        for m in to_save:
+            Message.objects.create(
                 conversation=conversation, role=m.role, content=m.content, images=list(m.images)
             )
-            for m in to_save
-        )
         answer = Message.objects.create(
             conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
         )
@@ -475,7 +513,8 @@ def rename_conversation(user, conversation_id: int, title: str) -> dict[str, Any
 
 def update_conversation(user, conversation_id: int, changes: dict[str, Any]) -> dict[str, Any]:
     """Change one of the user's conversations: `title`, `project_id` (move it
-    into one of the user's projects, or out with None), `pinned`. Moving
+    into one of the user's projects, or out with None), `pinned`,
+    `active_message_id` (show and answer the branch through that message). Moving
     changes only where it is listed and whose instructions it follows; its own
     runner, documents and parameters stay. Pinning does not reorder it by date.
     Raises ChatError(not_found | bad_title)."""
@@ -501,6 +540,12 @@ def update_conversation(user, conversation_id: int, changes: dict[str, Any]) -> 
         if "pinned" in changes:
             conversation.pinned = changes["pinned"]
             fields.append("pinned")
+        if "active_message_id" in changes:
+            message_id = changes["active_message_id"]
+            if not conversation.messages.filter(pk=message_id).exists():
+                raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
+            conversation.active_leaf_id = _newest_leaf_under(conversation.pk, message_id)
+            fields.append("active_leaf")
         if fields:
             # .update(): a move or a pin must not bump updated_at (auto_now) either.
             values = {f: getattr(conversation, f) for f in fields if f != "updated_at"}
@@ -516,9 +561,11 @@ def delete_conversation(user, conversation_id: int) -> None:
     _owned_conversation(user, conversation_id).delete()
 
 
-def message_dict(m: Message) -> dict[str, Any]:
+def message_dict(m: Message, siblings: list[int] | None = None) -> dict[str, Any]:
     return {
         "id": m.pk,
+        "parent_id": m.parent_id,
+        "siblings": siblings or [m.pk],
         "role": m.role,
         "content": m.content,
         "images": m.images,
@@ -556,10 +603,18 @@ def settle_interrupted(conversation_id: int) -> int:
 
 
 def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
-    """A conversation with all its messages, for the page and for resuming
-    after a reconnect. Raises ChatError(not_found)."""
+    """A conversation for the page and for resuming after a reconnect: the
+    messages of its active branch (each with its siblings, the branches at that
+    point) and the shape of the whole tree. Raises ChatError(not_found)."""
     conversation = _owned_conversation(user, conversation_id)
     settle_interrupted(conversation.pk)
+    tree = list(
+        conversation.messages.order_by("id").values_list("id", "parent_id", "role", named=True)
+    )
+    children: dict[int | None, list[int]] = {}
+    for row in tree:
+        children.setdefault(row.parent_id, []).append(row.id)
+    path = _path(conversation.pk, conversation.active_leaf_id)
     return {
         "id": conversation.pk,
         "title": conversation.title,
@@ -573,8 +628,49 @@ def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
         },
         "rag": conversation.rag_enabled,
         "collections": list(conversation.collections.values_list("pk", flat=True)),
-        "messages": [message_dict(m) for m in conversation.messages.order_by("created_at", "id")],
+        "messages": [message_dict(m, children.get(m.parent_id)) for m in path],
+        "tree": [{"id": r.id, "parent_id": r.parent_id, "role": r.role} for r in tree],
     }
+
+
+def _newest_leaf_under(conversation_id: int, message_id: int) -> int:
+    """The end of the branch through `message_id`: its newest child, that
+    one's newest child, and so on (where the user left that branch)."""
+    newest: dict[int, int] = {}
+    for message, parent in _parents(conversation_id).items():
+        if parent is not None and message > newest.get(parent, 0):
+            newest[parent] = message
+    seen = {message_id}
+    while message_id in newest and newest[message_id] not in seen:
+        message_id = newest[message_id]
+        seen.add(message_id)
+    return message_id
+
+
+def fork_conversation(user, conversation_id: int, message_id: int) -> dict[str, Any]:
+    """A new conversation holding a copy of the branch from the first message
+    to `message_id` (its settings and project too), to go on from there.
+    Raises ChatError(not_found)."""
+    with transaction.atomic():
+        source = _owned_conversation(user, conversation_id)
+        if not source.messages.filter(pk=message_id).exists():
+            raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
+        fork = Conversation.objects.create(
+            owner=user,
+            title=source.title,
+            project_id=source.project_id,
+            pinned_runner_id=source.pinned_runner_id,
+            rag_enabled=source.rag_enabled,
+            temperature=source.temperature,
+            top_p=source.top_p,
+            max_tokens=source.max_tokens,
+        )
+        fork.collections.set(source.collections.all())
+        for m in _path(source.pk, message_id):
+            m.pk, m.id, m.conversation, m.parent_id = None, None, fork, None
+            m._state.adding = True  # saved as a new row, following the one before it
+            m.save()
+    return conversation_messages(user, fork.pk)
 
 
 def enabled_runners() -> list[dict[str, Any]]:

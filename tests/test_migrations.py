@@ -101,6 +101,11 @@ def test_rows_written_before_the_app_split_survive_the_migration(django_user_mod
     assert RunRecord.objects.get().message == answer
     assert ApiKey.objects.get().user == conversation.owner
     assert not executor.loader.detect_conflicts()
+    # Linear conversations became one branch each (chat 0004): every message
+    # follows the one before it, and the last ends the active path.
+    question = Message.objects.get(role="user")
+    assert (question.parent_id, answer.parent_id) == (None, question.pk)
+    assert conversation.active_leaf_id == answer.pk
     # Rows written before the search index are found by it (chat 0002 indexed them).
     from chat import services
 

@@ -6,7 +6,7 @@
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
-import { Projects, revealMessage, snippetNode } from "./conversations.js";
+import { Projects, branchNav, revealMessage, snippetNode } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -170,10 +170,19 @@ function decorate(node, m) {
   const actions = node.querySelector(".msg-actions");
   actions.textContent = "";
   if (m.status === "streaming") return;
+  const nav = branchNav(m, switchBranch);
+  if (nav) actions.append(nav);
   const copy = el("button", "link-btn", "Copy");
   copy.type = "button";
   copy.addEventListener("click", () => copyText(m.content, copy));
   actions.append(copy);
+  if (m.id && state.conversationId) {
+    const fork = el("button", "link-btn fork", "Fork");
+    fork.type = "button";
+    fork.title = "A new conversation with this branch up to here";
+    fork.addEventListener("click", () => forkAt(m.id));
+    actions.append(fork);
+  }
   if (m.role === "assistant") {
     const again = el("button", "link-btn regen", "Regenerate");
     again.type = "button";
@@ -186,6 +195,23 @@ function decorate(node, m) {
     actions.append(edit);
   }
   node._message = m;
+}
+
+// Show another branch: the server remembers it, the page shows it.
+async function switchBranch(messageId) {
+  if (busyHere()) return;
+  try {
+    await api(`/api/conversations/${state.conversationId}`, { method: "PATCH", json: { active_message_id: messageId } });
+    await openConversation(state.conversationId, false);
+  } catch (error) { showBanner(`Could not switch versions: ${error.message}`); }
+}
+
+async function forkAt(messageId) {
+  try {
+    const fork = await api(`/api/conversations/${state.conversationId}/fork`, { method: "POST", json: { message_id: Number(messageId) } });
+    await openConversation(fork.id);
+    refreshList();
+  } catch (error) { showBanner(`Could not fork: ${error.message}`); }
 }
 
 async function copyText(text, button) {
@@ -320,7 +346,12 @@ async function openConversation(id, push = true, messageId = null) {
     state.projectId = conversation.project_id;
     if (push) history.pushState({ id }, "", `/c/${id}/${messageId ? `#m${messageId}` : ""}`);
     renderConversation(conversation);
-    if (messageId) revealMessage(els.messages, messageId);
+    if (messageId && !revealMessage(els.messages, messageId)) {
+      // A search hit on another branch: show that branch, then the message.
+      await api(`/api/conversations/${id}`, { method: "PATCH", json: { active_message_id: messageId } });
+      renderConversation(await api(`/api/conversations/${id}`));
+      revealMessage(els.messages, messageId);
+    }
     markActive();
     closeSidebar();
     return conversation;
@@ -597,6 +628,10 @@ function finishPending(p, f) {
   }
   updateComposer();
   refreshRegenerate();
+  // A regenerated or edited turn made a new branch: reload to show its "n / m".
+  if (p.frame && p.frame.type !== "message" && p.conversationId === state.conversationId) {
+    openConversation(state.conversationId, false);
+  }
 }
 
 function resend(frame) {

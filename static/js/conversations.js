@@ -37,6 +37,28 @@ export function revealMessage(container, messageId) {
   return true;
 }
 
+// "‹ 2 / 3 ›" under a message that has siblings (other versions at the same
+// point of the tree: regenerated answers, edited messages); null without any.
+export function branchNav(m, onSwitch) {
+  const siblings = m.siblings || [];
+  if (siblings.length < 2 || !m.id) return null;
+  const at = siblings.indexOf(Number(m.id));
+  const nav = el("span", "branch-nav");
+  const prev = el("button", "link-btn branch-prev", "‹");
+  const next = el("button", "link-btn branch-next", "›");
+  prev.type = next.type = "button";
+  prev.setAttribute("aria-label", gettext("Previous version"));
+  next.setAttribute("aria-label", gettext("Next version"));
+  prev.disabled = at <= 0;
+  next.disabled = at >= siblings.length - 1;
+  prev.addEventListener("click", () => onSwitch(siblings[at - 1]));
+  next.addEventListener("click", () => onSwitch(siblings[at + 1]));
+  const label = el("span", "branch-count", `${at + 1} / ${siblings.length}`);
+  label.setAttribute("aria-label", `${gettext("Version")} ${at + 1} / ${siblings.length}`);
+  nav.append(prev, label, next);
+  return nav;
+}
+
 export class Projects {
   // api(path, options): chat.js's fetch helper; onChange(): the list must be reloaded.
   constructor({ api, runners, onChange, onError }) {

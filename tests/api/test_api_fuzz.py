@@ -228,7 +228,7 @@ def api_routes() -> list[str]:
 
 
 ROUTES = api_routes()
-CREATING = {"api/conversations", "api/projects"}
+CREATING = {"api/conversations", "api/projects", "api/conversations/<id:conversation_id>/fork"}
 
 
 def _quote(text: str) -> str:
@@ -322,6 +322,8 @@ bodies = st.one_of(
             "name": hostile_values,
             "project_id": hostile_values,
             "pinned": hostile_values,
+            "message_id": hostile_values,
+            "active_message_id": hostile_values,
             "instructions": hostile_values,
             "unknown_field": hostile_values,
         },
@@ -384,6 +386,7 @@ def test_the_route_list_comes_from_the_urlconf():
     expected = {
         "api/conversations",
         "api/conversations/<id:conversation_id>",
+        "api/conversations/<id:conversation_id>/fork",
         "api/projects",
         "api/projects/<id:project_id>",
         "api/documents",
