@@ -118,6 +118,23 @@ OPERATIONS = [
         s.ForkRequest,
         status=201,
     ),
+    Op(
+        "GET /api/conversations/{conversation_id}/shares",
+        s.ShareList,
+        "Its share links",
+        (404,),
+    ),
+    Op(
+        "POST /api/conversations/{conversation_id}/shares",
+        s.NewShare,
+        "Share it: A read-only link to a snapshot of its active branch as it is now, opened "
+        "without a login unless SHARE_LINKS_REQUIRE_LOGIN; the URL is shown only in this answer.",
+        (400, 404),
+        s.ShareRequest,
+        status=201,
+    ),
+    Op("GET /api/shares", s.ShareList, "All your share links"),
+    Op("DELETE /api/shares/{share_id}", s.Share, "Revoke a share link: It stops at once.", (404,)),
     Op("GET /api/projects", s.ProjectList, "Your projects"),
     Op(
         "POST /api/projects",

@@ -530,6 +530,14 @@ class ForkRequest(Body):
     )
 
 
+class ShareRequest(Body):
+    """POST /api/conversations/{id}/shares."""
+
+    expires_in_days: Annotated[int, Field(ge=1, le=limits.MAX_SHARE_DAYS)] | None = Field(
+        None, description="The link stops working after this many days; null: until revoked."
+    )
+
+
 class NewConversation(Body):
     """POST /api/conversations: an empty conversation, to be answered over the
     websocket (`conversation_id`) or /v1 (`breezeweb.conversation_id`)."""
@@ -609,7 +617,14 @@ class Upload(Body):
 
 
 # The request bodies of /api: their refusals are `bad_<field>` (or `bad_json`).
-FIELD_CODED = (SearchRequest, ConversationPatch, NewConversation, ProjectRequest, ForkRequest)
+FIELD_CODED = (
+    SearchRequest,
+    ConversationPatch,
+    NewConversation,
+    ProjectRequest,
+    ForkRequest,
+    ShareRequest,
+)
 
 
 def emitted_codes() -> set[str]:
@@ -804,6 +819,26 @@ Project = reply(
     updated_at=datetime,
 )
 ProjectList = reply("ProjectList", projects=about(list[Project], "By name."))
+Share = reply(
+    "Share",
+    "A read-only link to a snapshot of a conversation's active branch.",
+    id=int,
+    conversation_id=int,
+    title=about(str, "The conversation's title when it was shared."),
+    prefix=about(str, "The start of the link's token, to recognise it."),
+    created_at=datetime,
+    expires_at=datetime | None,
+    revoked=bool,
+    active=about(bool, "Neither revoked nor expired: the link opens."),
+    views=int,
+)
+NewShare = create_model(
+    "NewShare",
+    __base__=Share,
+    __doc__="A new link; its `url` (a path, `/s/<token>/`) is shown only this once.",
+    url=(str, ...),
+)
+ShareList = reply("ShareList", shares=about(list[Share], "Newest first."))
 StoredMessage = reply(
     "StoredMessage",
     id=int,

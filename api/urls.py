@@ -17,6 +17,13 @@ urlpatterns = [
         views.fork,
         name="api-conversation-fork",
     ),
+    path(
+        "api/conversations/<id:conversation_id>/shares",
+        views.conversation_shares,
+        name="api-conversation-shares",
+    ),
+    path("api/shares", views.shares, name="api-shares"),
+    path("api/shares/<id:share_id>", views.share, name="api-share"),
     path("api/projects", views.projects, name="api-projects"),
     path("api/projects/<id:project_id>", views.project, name="api-project"),
     path("api/runners", views.runners, name="api-runners"),

@@ -11,7 +11,7 @@ from api import schemas
 from api.decorators import api_view
 from api.errors import json_error
 from api.inputs import read_json
-from chat import services
+from chat import services, sharing
 from chat.inputs import clean_name, parse_id
 from chat.limits import MAX_CONVERSATION_QUERY_CHARS, MAX_SMALL_BODY_BYTES
 from chat.services import ChatError
@@ -84,6 +84,39 @@ def fork(request: HttpRequest, conversation_id: int) -> JsonResponse:
     except ChatError as exc:
         return _chat_error(exc)
     return JsonResponse(forked, status=201)
+
+
+@api_view(limit=LIMIT)
+@require_http_methods(["GET", "POST"])
+def conversation_shares(request: HttpRequest, conversation_id: int) -> JsonResponse:
+    """GET: the conversation's share links; POST {"expires_in_days"?}: a new one."""
+    try:
+        if request.method == "GET":
+            services.conversation_messages(request.user, conversation_id)  # yours, or 404
+            shares = sharing.list_shares(request.user, conversation_id=conversation_id)
+            return JsonResponse({"shares": shares})
+        days = _body(request, schemas.ShareRequest).expires_in_days
+        created = sharing.create_share(request.user, conversation_id, expires_in_days=days)
+    except ChatError as exc:
+        return _chat_error(exc)
+    return JsonResponse(created, status=201)
+
+
+@api_view(limit=LIMIT)
+@require_GET
+def shares(request: HttpRequest) -> JsonResponse:
+    """GET /api/shares: every share link of the user's conversations."""
+    return JsonResponse({"shares": sharing.list_shares(request.user)})
+
+
+@api_view(limit=LIMIT)
+@require_http_methods(["DELETE"])
+def share(request: HttpRequest, share_id: int) -> JsonResponse:
+    """DELETE /api/shares/{id}: revoke the link (it is kept, marked revoked)."""
+    try:
+        return JsonResponse(sharing.revoke_share(request.user, share_id))
+    except ChatError as exc:
+        return _chat_error(exc)
 
 
 @api_view(limit=LIMIT)

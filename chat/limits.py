@@ -47,6 +47,9 @@ MAX_TITLE_CHARS = 200
 MAX_INSTRUCTIONS_CHARS = 20_000
 """A project's instructions (its system prompt)."""
 
+MAX_SHARE_DAYS = 365
+"""Days a share link may be set to live (`expires_in_days`); without it, until revoked."""
+
 MAX_CONVERSATION_QUERY_CHARS = 200
 """Characters of a conversation search (`GET /api/conversations?q=`); more are cut."""
 

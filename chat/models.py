@@ -193,3 +193,27 @@ class Message(models.Model):
         super().save(*args, **kwargs)
         if adding:
             Conversation.objects.filter(pk=self.conversation_id).update(active_leaf_id=self.pk)
+
+
+class ShareLink(models.Model):
+    """A read-only link to a snapshot of one conversation's active branch, as
+    it was when the link was made. Only a hash of its token is kept (the URL
+    is shown once); revoking or expiry ends it at once."""
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="share_links"
+    )
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=12, editable=False, help_text="To recognise it.")
+    title = models.CharField(max_length=limits.MAX_TITLE_CHARS)
+    snapshot = models.JSONField(help_text="The shared messages, frozen when the link was made.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    views = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.title})"

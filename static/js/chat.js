@@ -6,7 +6,7 @@
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
-import { Projects, branchNav, revealMessage, snippetNode } from "./conversations.js";
+import { Projects, Sharing, branchNav, revealMessage, snippetNode } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -246,6 +246,7 @@ function renderConversation(conversation) {
   els.empty.hidden = messages.length > 0;
   els.title.textContent = conversation ? conversation.title : "New chat";
   document.title = `${conversation ? conversation.title + " · " : ""}BreezeWeb`;
+  sharing.update();
   if (conversation) {
     els.runner.value = conversation.pinned_runner || "auto";
     els.rag.checked = !!conversation.rag;
@@ -444,6 +445,8 @@ async function togglePin(li) {
   } catch (error) { showBanner(`Could not pin: ${error.message}`); }
 }
 
+const sharing = new Sharing({ api, conversationId: () => state.conversationId });
+
 const projects = new Projects({
   api,
   runners: state.runners,
@@ -562,6 +565,7 @@ function accepted(p, f) {
   if (isNew) {
     state.conversationId = f.conversation_id;
     history.replaceState({ id: f.conversation_id }, "", `/c/${f.conversation_id}/`);
+    sharing.update();
     els.title.textContent = f.title;
     document.title = `${f.title} · BreezeWeb`;
     refreshList();

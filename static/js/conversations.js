@@ -232,3 +232,70 @@ export class Projects {
     select.addEventListener("blur", () => finish(false));
   }
 }
+
+// The Share dialog: create a read-only link to the open conversation, list its
+// links and revoke them.
+export class Sharing {
+  constructor({ api, conversationId }) {
+    this.api = api;
+    this.conversationId = conversationId; // () => the open conversation's id, or null
+    this.dialog = document.getElementById("share-dialog");
+    this.form = document.getElementById("share-form");
+    this.list = document.getElementById("share-list");
+    this.error = document.getElementById("share-error");
+    this.button = document.getElementById("share-open");
+    this.button.addEventListener("click", () => this.open());
+    document.getElementById("share-close").addEventListener("click", () => this.dialog.close());
+    this.form.addEventListener("submit", (e) => { e.preventDefault(); this.create(); });
+  }
+
+  update() { this.button.hidden = !this.conversationId(); }
+
+  async open() {
+    document.getElementById("share-new").hidden = true;
+    this.error.textContent = "";
+    this.dialog.showModal();
+    await this.load();
+  }
+
+  async load() {
+    try {
+      const body = await this.api(`/api/conversations/${this.conversationId()}/shares`);
+      this.list.textContent = "";
+      if (!body.shares.length) this.list.append(el("li", "muted", gettext("None yet.")));
+      for (const share of body.shares) this.list.append(this.item(share));
+    } catch (error) { this.error.textContent = error.message; }
+  }
+
+  item(share) {
+    const li = el("li");
+    li.dataset.active = String(share.active);
+    const state = share.revoked ? gettext("revoked") : share.active ? gettext("active") : gettext("expired");
+    const until = share.expires_at ? ` · ${gettext("until")} ${new Date(share.expires_at).toLocaleString()}` : "";
+    li.append(el("code", "", `${share.prefix}…`), el("span", "", `${state}${until} · ${share.views} ${gettext("views")}`));
+    if (!share.revoked) {
+      const revoke = el("button", "link-btn danger", gettext("Revoke"));
+      revoke.type = "button";
+      revoke.addEventListener("click", async () => {
+        try { await this.api(`/api/shares/${share.id}`, { method: "DELETE" }); await this.load(); }
+        catch (error) { this.error.textContent = error.message; }
+      });
+      li.append(revoke);
+    }
+    return li;
+  }
+
+  async create() {
+    const days = this.form.elements.expires_in_days.value;
+    try {
+      const share = await this.api(`/api/conversations/${this.conversationId()}/shares`, {
+        method: "POST", json: { expires_in_days: days ? Number(days) : null },
+      });
+      const input = document.getElementById("share-url");
+      input.value = new URL(share.url, location.origin).href;
+      document.getElementById("share-new").hidden = false;
+      input.select();
+      await this.load();
+    } catch (error) { this.error.textContent = error.message; }
+  }
+}

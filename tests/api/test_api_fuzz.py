@@ -228,7 +228,12 @@ def api_routes() -> list[str]:
 
 
 ROUTES = api_routes()
-CREATING = {"api/conversations", "api/projects", "api/conversations/<id:conversation_id>/fork"}
+CREATING = {
+    "api/conversations",
+    "api/projects",
+    "api/conversations/<id:conversation_id>/fork",
+    "api/conversations/<id:conversation_id>/shares",
+}
 
 
 def _quote(text: str) -> str:
@@ -324,6 +329,7 @@ bodies = st.one_of(
             "pinned": hostile_values,
             "message_id": hostile_values,
             "active_message_id": hostile_values,
+            "expires_in_days": hostile_values,
             "instructions": hostile_values,
             "unknown_field": hostile_values,
         },
@@ -387,6 +393,9 @@ def test_the_route_list_comes_from_the_urlconf():
         "api/conversations",
         "api/conversations/<id:conversation_id>",
         "api/conversations/<id:conversation_id>/fork",
+        "api/conversations/<id:conversation_id>/shares",
+        "api/shares",
+        "api/shares/<id:share_id>",
         "api/projects",
         "api/projects/<id:project_id>",
         "api/documents",

@@ -66,6 +66,7 @@ IN_SCHEMA = {
         )
     ],
     "MAX_QUERY_CHARS": [("SearchRequest", "query", "maxLength", limits.MAX_QUERY_CHARS)],
+    "MAX_SHARE_DAYS": [("ShareRequest", "expires_in_days", "maximum", limits.MAX_SHARE_DAYS)],
     "MAX_INSTRUCTIONS_CHARS": [
         ("ProjectRequest", "instructions", "maxLength", limits.MAX_INSTRUCTIONS_CHARS)
     ],

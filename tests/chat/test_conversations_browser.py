@@ -216,3 +216,33 @@ def test_projects_branches_search_pins_and_forks(page, upstream):
     )
     assert page.locator(".msg-user .msg-body").inner_text() == "Where is the treasure?"
     assert page.problems == []
+
+
+def test_a_share_link_opens_logged_out_and_stops_when_revoked(page, site, upstream):
+    upstream.script(Reply(text="Use **bold** moves. <img src=x onerror=alert(1)>"))
+    page.click("#new-chat")
+    _send(page, "Any chess advice?")
+    _answers_done(page, 1)
+    page.click("#share-open")
+    page.click("#share-create")
+    page.wait_for_function("() => document.getElementById('share-url').value.includes('/s/')")
+    link = page.input_value("#share-url")
+
+    # Another browser context: no session at all.
+    visitor = page.context.browser.new_context()
+    shared = visitor.new_page()
+    alerts: list[str] = []
+    shared.on("dialog", lambda d: (alerts.append(d.message), d.dismiss()))
+    shared.goto(link)
+    shared.wait_for_selector(".msg-assistant strong:text('bold')")
+    assert shared.locator(".msg-user").inner_text() == "Any chess advice?"
+    assert shared.locator(".msg img").count() == 0 and alerts == []
+    _shot(shared, "conversation-shared.png")
+
+    page.click("#share-list button:text('Revoke')")
+    page.wait_for_selector("#share-list li[data-active=false]")
+    response = shared.goto(link)
+    assert response.status == 404
+    assert shared.locator(".msg").count() == 0
+    visitor.close()
+    page.click("#share-close")
