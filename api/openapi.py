@@ -135,6 +135,28 @@ OPERATIONS = [
     ),
     Op("GET /api/shares", s.ShareList, "All your share links"),
     Op("DELETE /api/shares/{share_id}", s.Share, "Revoke a share link: It stops at once.", (404,)),
+    Op(
+        "GET /api/conversations/export",
+        s.Export,
+        "Export all your conversations: As a download, BreezeWeb JSON or (`format=md`) Markdown.",
+        (400,),
+    ),
+    Op(
+        "GET /api/conversations/{conversation_id}/export",
+        s.Export,
+        "Export one conversation: As a download, BreezeWeb JSON or (`format=md`) Markdown.",
+        (400, 404),
+    ),
+    Op(
+        "POST /api/imports",
+        s.ImportJob,
+        "Import conversations: The body is a BreezeWeb JSON export or ChatGPT's "
+        "conversations.json (at most DATA_UPLOAD_MAX_MEMORY_SIZE bytes); it is imported "
+        "in the background with branches, and the job reports what was imported and skipped.",
+        (400, 413),
+        status=202,
+    ),
+    Op("GET /api/imports/{job_id}", s.ImportJob, "An import's progress and report", (404,)),
     Op("GET /api/projects", s.ProjectList, "Your projects"),
     Op(
         "POST /api/projects",
@@ -206,6 +228,8 @@ QUERY = {
         "project": "Only this project's conversations (an id).",
     },
     "GET /api/documents": {"collection": "Only this collection's documents (an id)."},
+    "GET /api/conversations/export": {"format": "`json` (default) or `md`."},
+    "GET /api/conversations/{conversation_id}/export": {"format": "`json` (default) or `md`."},
 }
 
 

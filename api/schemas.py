@@ -839,6 +839,48 @@ NewShare = create_model(
     url=(str, ...),
 )
 ShareList = reply("ShareList", shares=about(list[Share], "Newest first."))
+ExportedConversation = reply(
+    "ExportedConversation",
+    title=str,
+    created_at=datetime,
+    updated_at=datetime,
+    project=str | None,
+    active=about(int | None, "The last message of the branch shown."),
+    messages=about(
+        list[dict[str, Any]],
+        "Every message of every branch by id: id, parent, role, content, status, runner, "
+        "model, fallback, finish_reason, usage, timings, sources, created_at.",
+    ),
+)
+Export = reply(
+    "Export",
+    "BreezeWeb JSON, which `POST /api/imports` reads back (`format=md`: Markdown of each "
+    "conversation's active branch with runner, timings and sources).",
+    format=Literal["breezeweb.conversations"],
+    version=Literal[1],
+    exported_at=datetime,
+    conversations=list[ExportedConversation],
+)
+ImportReport = reply(
+    "ImportReport",
+    imported=about(
+        list[dict[str, Any]],
+        "index, conversation_id, title, messages, skipped_messages (why each was left out).",
+    ),
+    skipped=about(list[dict[str, Any]], "index, title, reasons: conversations not imported."),
+)
+ImportJob = reply(
+    "ImportJob",
+    "An import, worked through off the request; poll it until `status` is done or failed.",
+    id=int,
+    status=choices(chat_models.ImportJob.Status),
+    format=about(str, "`breezeweb` or `chatgpt`, once read."),
+    total=about(int, "Conversations in the file."),
+    done=int,
+    progress=(float, Field(ge=0, le=1)),
+    report=ImportReport | dict[str, Any],
+    error=about(str, "Why the file could not be imported."),
+)
 StoredMessage = reply(
     "StoredMessage",
     id=int,

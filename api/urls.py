@@ -7,6 +7,14 @@ from api import apikeys, documents, openai_api, openapi, views
 
 urlpatterns = [
     path("api/conversations", views.conversations, name="api-conversations"),
+    path("api/conversations/export", views.export_all, name="api-conversations-export"),
+    path(
+        "api/conversations/<id:conversation_id>/export",
+        views.export_one,
+        name="api-conversation-export",
+    ),
+    path("api/imports", views.imports, name="api-imports"),
+    path("api/imports/<id:job_id>", views.import_job, name="api-import"),
     path(
         "api/conversations/<id:conversation_id>",
         views.conversation,

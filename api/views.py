@@ -4,14 +4,18 @@ request and call chat.services."""
 
 from __future__ import annotations
 
+import json
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from api import schemas
 from api.decorators import api_view
 from api.errors import json_error
-from api.inputs import read_json
-from chat import services, sharing
+from api.inputs import declared_length, read_json, too_large
+from chat import services, sharing, transfer
 from chat.inputs import clean_name, parse_id
 from chat.limits import MAX_CONVERSATION_QUERY_CHARS, MAX_SMALL_BODY_BYTES
 from chat.services import ChatError
@@ -117,6 +121,68 @@ def share(request: HttpRequest, share_id: int) -> JsonResponse:
         return JsonResponse(sharing.revoke_share(request.user, share_id))
     except ChatError as exc:
         return _chat_error(exc)
+
+
+EXPORT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
+
+
+def _export(request: HttpRequest, conversation_id: int | None) -> HttpResponse:
+    kind = request.GET.get("format", "json")
+    if kind not in EXPORT_TYPES:
+        return json_error(400, "bad_format", "format must be `json` or `md`")
+    data = transfer.export_json(request.user, conversation_id)
+    if conversation_id is not None and not data["conversations"]:
+        return json_error(404, "not_found", f"Conversation {conversation_id} was not found.")
+    if kind == "md":
+        body = transfer.export_markdown(data).encode()
+    else:
+        body = json.dumps(data, ensure_ascii=False, indent=1).encode()
+    name = f"conversation-{conversation_id}" if conversation_id else "conversations"
+    response = HttpResponse(body, content_type=EXPORT_TYPES[kind])
+    response["Content-Disposition"] = f'attachment; filename="breezeweb-{name}.{kind}"'
+    return response
+
+
+@api_view(limit=LIMIT)
+@require_GET
+def export_all(request: HttpRequest) -> HttpResponse:
+    """GET /api/conversations/export?format=json|md: all the user's conversations."""
+    return _export(request, None)
+
+
+@api_view(limit=LIMIT)
+@require_GET
+def export_one(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """GET /api/conversations/{id}/export?format=json|md: one conversation."""
+    return _export(request, conversation_id)
+
+
+@api_view(limit=LIMIT)
+@require_POST
+def imports(request: HttpRequest) -> JsonResponse:
+    """POST /api/imports, the body a BreezeWeb export or ChatGPT's
+    conversations.json: queued, answered at once with the job to poll."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise too_large(limit)
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise too_large(limit) from None
+    if not raw.strip():
+        return json_error(400, "bad_json", "The request body is empty; send the file's JSON.")
+    return JsonResponse(transfer.start_import(request.user, raw), status=202)
+
+
+@api_view(limit=LIMIT)
+@require_GET
+def import_job(request: HttpRequest, job_id: int) -> JsonResponse:
+    """GET /api/imports/{id}: the import's progress, then its report."""
+    job = transfer.get_job(request.user, job_id)
+    if job is None:
+        return json_error(404, "not_found", f"Import {job_id} was not found.")
+    return JsonResponse(job)
 
 
 @api_view(limit=LIMIT)

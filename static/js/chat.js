@@ -6,7 +6,7 @@
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
-import { Projects, Sharing, branchNav, revealMessage, snippetNode } from "./conversations.js";
+import { Projects, Sharing, branchNav, initImport, revealMessage, snippetNode } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -446,6 +446,7 @@ async function togglePin(li) {
 }
 
 const sharing = new Sharing({ api, conversationId: () => state.conversationId });
+initImport({ api, onDone: () => { refreshList(); projects.load(); }, say: (message) => showBanner(message) });
 
 const projects = new Projects({
   api,

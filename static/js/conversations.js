@@ -252,6 +252,9 @@ export class Sharing {
   update() { this.button.hidden = !this.conversationId(); }
 
   async open() {
+    const base = `/api/conversations/${this.conversationId()}/export`;
+    document.getElementById("export-md").href = `${base}?format=md`;
+    document.getElementById("export-json").href = `${base}?format=json`;
     document.getElementById("share-new").hidden = true;
     this.error.textContent = "";
     this.dialog.showModal();
@@ -298,4 +301,31 @@ export class Sharing {
       await this.load();
     } catch (error) { this.error.textContent = error.message; }
   }
+}
+
+// Import a BreezeWeb export or ChatGPT's conversations.json: the server works
+// through it in the background; the banner shows its progress, then its report.
+export function initImport({ api, onDone, say }) {
+  const input = document.getElementById("import-input");
+  document.getElementById("import-open").addEventListener("click", () => input.click());
+  input.addEventListener("change", async () => {
+    const file = input.files[0];
+    input.value = "";
+    if (!file) return;
+    try {
+      let job = await api("/api/imports", { method: "POST", body: file, headers: { "Content-Type": "application/json" } });
+      while (job.status === "queued" || job.status === "running") {
+        say(`${gettext("Importing")} ${file.name}: ${job.done} / ${job.total || "?"}`);
+        await new Promise((resolve) => setTimeout(resolve, 700));
+        job = await api(`/api/imports/${job.id}`);
+      }
+      if (job.status === "failed") { say(`${gettext("Import failed:")} ${job.error}`); return; }
+      const imported = job.report.imported.length;
+      const skipped = job.report.skipped.length;
+      const partly = job.report.imported.filter((c) => c.skipped_messages.length).length;
+      say(`${gettext("Imported")} ${imported}, ${gettext("skipped")} ${skipped}` +
+        (partly ? ` (${partly} ${gettext("with messages left out")})` : "") + ".");
+      onDone();
+    } catch (error) { say(`${gettext("Import failed:")} ${error.message}`); }
+  });
 }

@@ -218,7 +218,7 @@ def test_projects_branches_search_pins_and_forks(page, upstream):
     assert page.problems == []
 
 
-def test_a_share_link_opens_logged_out_and_stops_when_revoked(page, site, upstream):
+def test_share_link_and_export_from_the_share_dialog(page, site, upstream):
     upstream.script(Reply(text="Use **bold** moves. <img src=x onerror=alert(1)>"))
     page.click("#new-chat")
     _send(page, "Any chess advice?")
@@ -245,4 +245,11 @@ def test_a_share_link_opens_logged_out_and_stops_when_revoked(page, site, upstre
     assert response.status == 404
     assert shared.locator(".msg").count() == 0
     visitor.close()
+
+    # Export from the same dialog: the Markdown download holds the answer and its runner.
+    with page.expect_download() as download:
+        page.click("#export-md")
+    text = Path(download.value.path()).read_text()
+    assert text.startswith("# Any chess advice?") and "Use **bold** moves." in text
+    assert "## Assistant (remote · scripted-model" in text
     page.click("#share-close")
