@@ -881,6 +881,11 @@ ImportJob = reply(
     report=ImportReport | dict[str, Any],
     error=about(str, "Why the file could not be imported."),
 )
+Cost = reply(
+    "Cost",
+    amount=about(float, "Prompt and answer tokens at the runner's prices."),
+    currency=str,
+)
 StoredMessage = reply(
     "StoredMessage",
     id=int,
@@ -897,6 +902,7 @@ StoredMessage = reply(
     **dict.fromkeys(("runner", "model", "finish_reason", "error_code", "error"), str),
     fallback=bool,
     usage=dict[str, Any],
+    cost=about(Cost | None, "What the answer cost, when the admin set a price for its runner."),
     timings=dict[str, Any],
     sources=list[Source],
     created_at=datetime,
@@ -918,7 +924,13 @@ Conversation = reply(
     ),
 )
 Runner = reply(
-    "Runner", name=str, kind=str, capabilities=list[Capability], model_id=str, priority=int
+    "Runner",
+    name=str,
+    kind=str,
+    capabilities=list[Capability],
+    model_id=str,
+    priority=int,
+    context_tokens=about(int, "Its context budget in tokens: prompt + answer."),
 )
 Document = reply(
     "Document",

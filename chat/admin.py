@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from chat.models import Conversation, Message, Project
+from chat.models import Conversation, Message, Project, RunnerPrice
 
 
 class MessageInline(admin.TabularInline):
@@ -34,3 +34,10 @@ class MessageAdmin(admin.ModelAdmin):
     list_filter = ("role", "status", "runner_name")
     search_fields = ("content",)
     raw_id_fields = ("conversation",)
+
+
+@admin.register(RunnerPrice)
+class RunnerPriceAdmin(admin.ModelAdmin):
+    """Prices per runner: each answer of a priced runner shows its cost to the user."""
+
+    list_display = ("runner", "currency", "prompt_per_million", "completion_per_million")

@@ -245,3 +245,39 @@ class ImportJob(models.Model):
 
     def __str__(self) -> str:
         return f"import {self.pk} ({self.status}, {self.done}/{self.total})"
+
+
+class RunnerPrice(models.Model):
+    """What the admin says one runner's tokens cost, so each answer can show
+    its cost (chat.services.message_dict). Prices are per million tokens."""
+
+    runner = models.OneToOneField(
+        "runners.RunnerConfig", on_delete=models.CASCADE, related_name="price"
+    )
+    currency = models.CharField(max_length=3, default="USD", help_text="ISO 4217, e.g. USD, EUR.")
+    prompt_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        default=0,
+        validators=[MinValueValidator(0)],
+        help_text="Price of one million prompt (input) tokens.",
+    )
+    completion_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        default=0,
+        validators=[MinValueValidator(0)],
+        help_text="Price of one million answer (output) tokens.",
+    )
+
+    class Meta:
+        verbose_name = "runner price"
+
+    def __str__(self) -> str:
+        return f"{self.runner} ({self.currency})"
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        per_token = (prompt_tokens or 0) * self.prompt_per_million + (
+            completion_tokens or 0
+        ) * self.completion_per_million
+        return float(per_token / 1_000_000)

@@ -22,7 +22,7 @@ from chat import search
 from chat.errors import ChatError
 from chat.inputs import clean_name
 from chat.limits import MAX_SEARCH_HITS, MAX_TITLE_CHARS, TITLE_MAX_CHARS
-from chat.models import Conversation, Message, Project
+from chat.models import Conversation, Message, Project, RunnerPrice
 from rag.models import Collection
 from runners.base import ChatMessage
 from runners.collect import Outcome
@@ -561,7 +561,17 @@ def delete_conversation(user, conversation_id: int) -> None:
     _owned_conversation(user, conversation_id).delete()
 
 
-def message_dict(m: Message, siblings: list[int] | None = None) -> dict[str, Any]:
+def prices() -> dict[str, RunnerPrice]:
+    """Runner name -> its price, for the runners the admin priced."""
+    return {p.runner.name: p for p in RunnerPrice.objects.select_related("runner")}
+
+
+def message_dict(
+    m: Message, siblings: list[int] | None = None, priced: dict[str, RunnerPrice] | None = None
+) -> dict[str, Any]:
+    price = (priced or {}).get(m.runner_name)
+    usage = {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens}
+    has_usage = m.prompt_tokens is not None or m.completion_tokens is not None
     return {
         "id": m.pk,
         "parent_id": m.parent_id,
@@ -574,7 +584,12 @@ def message_dict(m: Message, siblings: list[int] | None = None) -> dict[str, Any
         "model": m.model_id,
         "fallback": m.fallback,
         "finish_reason": m.finish_reason,
-        "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens},
+        "usage": usage,
+        "cost": (
+            {"amount": price.cost(m.prompt_tokens, m.completion_tokens), "currency": price.currency}
+            if price and has_usage
+            else None
+        ),
         "timings": {
             "time_to_first_token_ms": m.time_to_first_token_ms,
             "tokens_per_second": m.tokens_per_second,
@@ -615,6 +630,7 @@ def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
     for row in tree:
         children.setdefault(row.parent_id, []).append(row.id)
     path = _path(conversation.pk, conversation.active_leaf_id)
+    priced = prices()
     return {
         "id": conversation.pk,
         "title": conversation.title,
@@ -628,7 +644,7 @@ def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
         },
         "rag": conversation.rag_enabled,
         "collections": list(conversation.collections.values_list("pk", flat=True)),
-        "messages": [message_dict(m, children.get(m.parent_id)) for m in path],
+        "messages": [message_dict(m, children.get(m.parent_id), priced) for m in path],
         "tree": [{"id": r.id, "parent_id": r.parent_id, "role": r.role} for r in tree],
     }
 
@@ -682,6 +698,7 @@ def enabled_runners() -> list[dict[str, Any]]:
             "capabilities": c.capabilities,
             "model_id": c.model_id,
             "priority": c.priority,
+            "context_tokens": c.context_tokens,
         }
         for c in RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name")
     ]

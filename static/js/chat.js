@@ -6,7 +6,7 @@
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
-import { Projects, Sharing, branchNav, initImport, revealMessage, snippetNode } from "./conversations.js";
+import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -158,7 +158,10 @@ function decorate(node, m) {
     const t = m.timings || {};
     if (t.tokens_per_second) parts.push(`${fmt(t.tokens_per_second, 1)} tok/s`);
     if (t.time_to_first_token_ms != null) parts.push(`TTFT ${fmt(t.time_to_first_token_ms)} ms`);
-    if (m.usage && m.usage.completion_tokens != null) parts.push(`${m.usage.completion_tokens} tokens`);
+    if (m.usage && m.usage.completion_tokens != null) {
+      parts.push(m.usage.prompt_tokens != null ? `${m.usage.prompt_tokens} + ${m.usage.completion_tokens} tokens` : `${m.usage.completion_tokens} tokens`);
+    }
+    if (m.cost) parts.push(costText(m.cost));
     if (m.status === "stopped") parts.push("stopped");
     const details = el("span", "details", parts.join(" · "));
     details.title = "runner · model · throughput · time to first token";
@@ -247,6 +250,7 @@ function renderConversation(conversation) {
   els.title.textContent = conversation ? conversation.title : "New chat";
   document.title = `${conversation ? conversation.title + " · " : ""}BreezeWeb`;
   sharing.update();
+  updateGauge(messages, state.runners);
   if (conversation) {
     els.runner.value = conversation.pinned_runner || "auto";
     els.rag.checked = !!conversation.rag;
@@ -630,6 +634,7 @@ function finishPending(p, f) {
     };
     renderMarkdown(p.body, p.text);
     decorate(p.node, m);
+    updateGauge([m], state.runners);
   }
   updateComposer();
   refreshRegenerate();

@@ -329,3 +329,31 @@ export function initImport({ api, onDone, say }) {
     } catch (error) { say(`${gettext("Import failed:")} ${error.message}`); }
   });
 }
+
+// How full the runner's context is after the last answer: its prompt and answer
+// tokens against the context budget of the runner that answered.
+export function updateGauge(messages, runners) {
+  const gauge = document.getElementById("context-gauge");
+  if (!gauge) return;
+  const last = [...(messages || [])].reverse().find((m) => m.role === "assistant" && m.usage && m.usage.prompt_tokens != null);
+  const runner = last && runners.find((r) => r.name === last.runner);
+  if (!last || !runner || !runner.context_tokens) { gauge.hidden = true; return; }
+  const used = (last.usage.prompt_tokens || 0) + (last.usage.completion_tokens || 0);
+  const meter = gauge.querySelector("meter");
+  meter.max = runner.context_tokens;
+  meter.value = Math.min(used, runner.context_tokens);
+  meter.low = runner.context_tokens * 0.7;
+  meter.high = runner.context_tokens * 0.9;
+  meter.optimum = 0;
+  const label = `${gettext("Context")}: ${used.toLocaleString()} / ${runner.context_tokens.toLocaleString()} ${gettext("tokens")}`;
+  gauge.querySelector(".gauge-label").textContent = label;
+  meter.setAttribute("aria-label", label);
+  gauge.hidden = false;
+}
+
+// "≈ 0.0012 USD" for an answer of a priced runner.
+export function costText(cost) {
+  if (!cost || typeof cost.amount !== "number") return "";
+  const digits = cost.amount >= 1 ? 2 : 4;
+  return `≈ ${cost.amount.toFixed(digits)} ${cost.currency}`;
+}

@@ -392,6 +392,10 @@ def test_the_route_list_comes_from_the_urlconf():
     expected = {
         "api/conversations",
         "api/conversations/<id:conversation_id>",
+        "api/conversations/export",
+        "api/conversations/<id:conversation_id>/export",
+        "api/imports",
+        "api/imports/<id:job_id>",
         "api/conversations/<id:conversation_id>/fork",
         "api/conversations/<id:conversation_id>/shares",
         "api/shares",

@@ -197,6 +197,7 @@ def test_runners_lists_enabled_runners_with_capabilities_and_no_secrets(alice):
                 "capabilities": ["llm", "vlm"],
                 "model_id": "llava",
                 "priority": 5,
+                "context_tokens": 2048,
             }
         ]
     }

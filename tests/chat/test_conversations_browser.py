@@ -170,9 +170,16 @@ def test_projects_branches_search_pins_and_forks(page, upstream):
     page.wait_for_selector(".project-item.active:has-text('Harbour')")
     assert page.input_value("#runner-select") == "remote"
 
-    upstream.script(Reply(text="Arr, the treasure lies under the palm."), Reply(text="Ahoy again."))
+    upstream.script(
+        Reply(text="Arr, the treasure lies under the palm.", usage=(30, 8)),
+        Reply(text="Ahoy again."),
+    )
     _send(page, "Where is the treasure?")
     _answers_done(page, 1)
+    # The context gauge: the answer's prompt + answer tokens of the runner's budget.
+    page.wait_for_selector("#context-gauge:not([hidden])")
+    assert "38 / 2,048" in page.inner_text("#context-gauge")
+    assert "30 + 8 tokens" in page.locator(".msg-assistant .msg-meta").last.inner_text()
     system = [m for m in upstream.chat_requests()[-1].json["messages"] if m["role"] == "system"]
     assert INSTRUCTIONS in system[0]["content"]
     page.wait_for_selector(".conversation-item:has-text('Where is the treasure?')")
