@@ -44,6 +44,7 @@ from chat.inputs import InputError, json_path
 from rag import models as rag_models
 from rag import retrieval
 from rag.retrieval import MODES
+from runners.base import SAMPLING_BOUNDS
 from runners.registry import RUNNER_KINDS
 
 # ---- from pydantic's errors to the documented codes -------------------------------------
@@ -550,10 +551,14 @@ class NewConversation(Body):
     )
 
 
-Temperature = Annotated[
-    float, Field(ge=limits.TEMPERATURE_RANGE[0], le=limits.TEMPERATURE_RANGE[1])
-]
-TopP = Annotated[float, Field(ge=limits.TOP_P_RANGE[0], le=limits.TOP_P_RANGE[1])]
+def _bounded(name: str) -> Any:
+    """A sampling parameter within runners.base.SAMPLING_BOUNDS (as /v1 and the websocket)."""
+    _, low, high = SAMPLING_BOUNDS[name]
+    return Annotated[float, Field(ge=low, le=high)]
+
+
+Temperature = _bounded("temperature")
+TopP = _bounded("top_p")
 
 
 class ProjectRequest(Body):

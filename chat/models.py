@@ -7,6 +7,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from chat import limits
+from runners.base import SAMPLING_BOUNDS
 
 
 class Project(models.Model):
@@ -44,16 +45,16 @@ class Project(models.Model):
         null=True,
         blank=True,
         validators=[
-            MinValueValidator(limits.TEMPERATURE_RANGE[0]),
-            MaxValueValidator(limits.TEMPERATURE_RANGE[1]),
+            MinValueValidator(SAMPLING_BOUNDS["temperature"][1]),
+            MaxValueValidator(SAMPLING_BOUNDS["temperature"][2]),
         ],
     )
     top_p = models.FloatField(
         null=True,
         blank=True,
         validators=[
-            MinValueValidator(limits.TOP_P_RANGE[0]),
-            MaxValueValidator(limits.TOP_P_RANGE[1]),
+            MinValueValidator(SAMPLING_BOUNDS["top_p"][1]),
+            MaxValueValidator(SAMPLING_BOUNDS["top_p"][2]),
         ],
     )
     max_tokens = models.PositiveIntegerField(

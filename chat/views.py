@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET
 
 from chat import limits, services, sharing
 from chat.services import ChatError
+from runners.base import SAMPLING_BOUNDS
 
 
 @login_required
@@ -38,6 +39,7 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
         "conversations": listed,
         "blank_item": {"id": 0, "title": "", "project_id": None, "pinned": False},
         "limits": limits,
+        "temperature_range": SAMPLING_BOUNDS["temperature"][1:],
         "conversation": conversation,
         "boot": boot,
     }
