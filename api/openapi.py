@@ -86,16 +86,102 @@ OPERATIONS = [
     Op("GET /v1/models", s.ModelList, "The models: `auto` (the router) and each enabled runner"),
     Op("GET /v1/models/{model_id}", s.Model, "One model", (404,)),
     Op("POST /v1/chat/completions", s.ChatCompletion, CHAT, CHAT_ERRORS, s.ChatCompletionRequest),
-    Op("GET /api/conversations", s.ConversationList, "Your conversations, newest first"),
+    Op(
+        "GET /api/conversations",
+        s.ConversationList,
+        "Your conversations: Pinned first, then newest first; with `q`, search results, "
+        "best match first.",
+    ),
+    Op(
+        "POST /api/conversations",
+        s.Conversation,
+        "Start an empty conversation: In a project, it takes the project's defaults.",
+        (400, 404),
+        s.NewConversation,
+        status=201,
+    ),
     Op("GET /api/conversations/{conversation_id}", s.Conversation, "One conversation", (404,)),
     Op(
         "PATCH /api/conversations/{conversation_id}",
         s.ConversationSummary,
-        "Rename it",
+        "Rename, move to a project, pin it, or switch its branch",
         (400, 404),
-        s.RenameRequest,
+        s.ConversationPatch,
     ),
     Op("DELETE /api/conversations/{conversation_id}", None, "Delete it", (404,), status=204),
+    Op(
+        "POST /api/conversations/{conversation_id}/fork",
+        s.Conversation,
+        "Fork it from a message: A new conversation with a copy of the branch up to that "
+        "message, its settings and project.",
+        (400, 404),
+        s.ForkRequest,
+        status=201,
+    ),
+    Op(
+        "GET /api/conversations/{conversation_id}/shares",
+        s.ShareList,
+        "Its share links",
+        (404,),
+    ),
+    Op(
+        "POST /api/conversations/{conversation_id}/shares",
+        s.NewShare,
+        "Share it: A read-only link to a snapshot of its active branch as it is now, opened "
+        "without a login unless SHARE_LINKS_REQUIRE_LOGIN; the URL is shown only in this answer.",
+        (400, 404),
+        s.ShareRequest,
+        status=201,
+    ),
+    Op("GET /api/shares", s.ShareList, "All your share links"),
+    Op("DELETE /api/shares/{share_id}", s.Share, "Revoke a share link: It stops at once.", (404,)),
+    Op(
+        "GET /api/conversations/export",
+        s.Export,
+        "Export all your conversations: As a download, BreezeWeb JSON or (`format=md`) Markdown.",
+        (400,),
+    ),
+    Op(
+        "GET /api/conversations/{conversation_id}/export",
+        s.Export,
+        "Export one conversation: As a download, BreezeWeb JSON or (`format=md`) Markdown.",
+        (400, 404),
+    ),
+    Op(
+        "POST /api/imports",
+        s.ImportJob,
+        "Import conversations: The body is a BreezeWeb JSON export or ChatGPT's "
+        "conversations.json (at most DATA_UPLOAD_MAX_MEMORY_SIZE bytes); it is imported "
+        "in the background with branches, and the job reports what was imported and skipped.",
+        (400, 413),
+        status=202,
+    ),
+    Op("GET /api/imports/{job_id}", s.ImportJob, "An import's progress and report", (404,)),
+    Op("GET /api/projects", s.ProjectList, "Your projects"),
+    Op(
+        "POST /api/projects",
+        s.Project,
+        "Create a project: A folder of conversations with instructions (a system prompt) "
+        "and defaults for its new chats (runner, documents, parameters).",
+        (400, 404),
+        s.ProjectRequest,
+        status=201,
+    ),
+    Op("GET /api/projects/{project_id}", s.Project, "One project", (404,)),
+    Op(
+        "PATCH /api/projects/{project_id}",
+        s.Project,
+        "Change it: Only the fields sent change.",
+        (400, 404),
+        s.ProjectRequest,
+    ),
+    Op(
+        "DELETE /api/projects/{project_id}",
+        None,
+        "Delete it: Its conversations stay, outside any project.",
+        (404,),
+        status=204,
+    ),
     Op("GET /api/runners", s.RunnerList, "The enabled runners (for a runner picker)"),
     Op("GET /api/documents", s.DocumentList, "The documents you may read", (400,)),
     Op("POST /api/documents", s.Uploaded, UPLOAD, (400, 404, 413), s.Upload, status=201),
@@ -134,8 +220,16 @@ class _Schema(GenerateJsonSchema):
 
 
 QUERY = {
-    "GET /api/conversations": {"q": "Only titles containing these words."},
+    "GET /api/conversations": {
+        "q": "Search: only conversations whose messages or title contain all these words "
+        f"(stemmed; the last one may be the start of a word), best match first, at most "
+        f"{limits.MAX_SEARCH_HITS}; at most {limits.MAX_CONVERSATION_QUERY_CHARS} characters "
+        "are read.",
+        "project": "Only this project's conversations (an id).",
+    },
     "GET /api/documents": {"collection": "Only this collection's documents (an id)."},
+    "GET /api/conversations/export": {"format": "`json` (default) or `md`."},
+    "GET /api/conversations/{conversation_id}/export": {"format": "`json` (default) or `md`."},
 }
 
 

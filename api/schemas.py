@@ -44,6 +44,7 @@ from chat.inputs import InputError, json_path
 from rag import models as rag_models
 from rag import retrieval
 from rag.retrieval import MODES
+from runners.base import SAMPLING_BOUNDS
 from runners.registry import RUNNER_KINDS
 
 # ---- from pydantic's errors to the documented codes -------------------------------------
@@ -490,13 +491,119 @@ class ChatCompletionRequest(Body, Sampling):
 # ---- /api request bodies (their error codes name the field: `bad_<field>`) ---------------
 
 
-class RenameRequest(Body):
-    """PATCH /api/conversations/{id}."""
+class ConversationPatch(Body):
+    """PATCH /api/conversations/{id}: any of its fields, at least one."""
 
-    title: str = Field(
+    title: str | None = Field(
+        None,
         description=f"The new title: control characters are removed, then it must be "
-        f"1-{limits.MAX_TITLE_CHARS} characters."
+        f"1-{limits.MAX_TITLE_CHARS} characters.",
     )
+    project_id: PositiveInt | None = Field(
+        None,
+        description="Move it into this project of yours; null takes it out of its project. "
+        "Its own runner, documents and parameters stay.",
+    )
+    pinned: bool | None = Field(None, description="Pinned conversations are listed first.")
+    active_message_id: PositiveInt | None = Field(
+        None,
+        description="Show and answer the branch through this message of the conversation "
+        "(the newest answers below it); e.g. one of a message's `siblings`.",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> ConversationPatch:
+        if not self.model_fields_set & {"title", "project_id", "pinned", "active_message_id"}:
+            raise PydanticCustomError(
+                "missing",
+                "Send `title`, `project_id`, `pinned` or `active_message_id`.",
+                {"at": ("title",)},
+            )
+        if "active_message_id" in self.model_fields_set and self.active_message_id is None:
+            raise PydanticCustomError(
+                "invalid_type",
+                "`active_message_id` is a message id.",
+                {"at": ("active_message_id",)},
+            )
+        if "title" in self.model_fields_set and self.title is None:
+            raise PydanticCustomError("invalid_type", "A title cannot be null.", {"at": ("title",)})
+        if "pinned" in self.model_fields_set and self.pinned is None:
+            raise PydanticCustomError(
+                "invalid_type", "`pinned` is true or false.", {"at": ("pinned",)}
+            )
+        return self
+
+
+class ForkRequest(Body):
+    """POST /api/conversations/{id}/fork."""
+
+    message_id: PositiveInt = Field(
+        description="The copy holds the branch from the first message to this one."
+    )
+
+
+class ShareRequest(Body):
+    """POST /api/conversations/{id}/shares."""
+
+    expires_in_days: Annotated[int, Field(ge=1, le=limits.MAX_SHARE_DAYS)] | None = Field(
+        None, description="The link stops working after this many days; null: until revoked."
+    )
+
+
+class NewConversation(Body):
+    """POST /api/conversations: an empty conversation, to be answered over the
+    websocket (`conversation_id`) or /v1 (`breezeweb.conversation_id`)."""
+
+    title: str | None = Field(None, description="Default: `New chat`.")
+    project_id: PositiveInt | None = Field(
+        None,
+        description="Start it in this project of yours: it takes the project's runner, "
+        "documents and parameters, and follows its instructions.",
+    )
+
+
+def _bounded(name: str) -> Any:
+    """A sampling parameter within runners.base.SAMPLING_BOUNDS (as /v1 and the websocket)."""
+    _, low, high = SAMPLING_BOUNDS[name]
+    return Annotated[float, Field(ge=low, le=high)]
+
+
+Temperature = _bounded("temperature")
+TopP = _bounded("top_p")
+
+
+class ProjectRequest(Body):
+    """POST /api/projects (`name` required) and PATCH /api/projects/{id} (the
+    fields sent change; null resets a default)."""
+
+    name: str | None = Field(
+        None,
+        description=f"Control characters are removed, then 1-{limits.MAX_TITLE_CHARS} characters.",
+    )
+    instructions: str | None = Field(
+        None,
+        max_length=limits.MAX_INSTRUCTIONS_CHARS,
+        description="A system prompt given to the model before every turn of the project's "
+        "conversations (read at each turn: edits apply to existing chats too).",
+    )
+    runner: str | None = Field(
+        None, description="New chats answer with this enabled runner; null or `auto`: the router."
+    )
+    rag: bool | None = Field(None, description="New chats answer from documents.")
+    collections: list[PositiveInt] | None = Field(
+        None,
+        max_length=limits.MAX_COLLECTIONS,
+        description="Collection ids new chats search (default: all you may read).",
+    )
+    temperature: Temperature | None = Field(None, description="Null: the runner's setting.")
+    top_p: TopP | None = Field(None, description="Null: the runner's setting.")
+    max_tokens: Annotated[int, Field(ge=1, le=limits.MAX_TOKENS)] | None = Field(
+        None, description="Null: the runner's setting."
+    )
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the client sent (an absent field is left as it is)."""
+        return {key: getattr(self, key) for key in self.model_fields_set}
 
 
 class SearchRequest(Body):
@@ -526,7 +633,14 @@ class Upload(Body):
 
 
 # The request bodies of /api: their refusals are `bad_<field>` (or `bad_json`).
-FIELD_CODED = (SearchRequest, RenameRequest)
+FIELD_CODED = (
+    SearchRequest,
+    ConversationPatch,
+    NewConversation,
+    ProjectRequest,
+    ForkRequest,
+    ShareRequest,
+)
 
 
 def emitted_codes() -> set[str]:
@@ -703,10 +817,126 @@ ChatCompletionChunk = reply(
     breezeweb=(BreezeWebResponse | BreezeWebStep | None, None),
 )
 
-ConversationSummary = reply("ConversationSummary", id=int, title=str, updated_at=datetime)
+SearchMatch = reply(
+    "SearchMatch",
+    "Why a conversation matched a search (`?q=`).",
+    message_id=about(
+        int | None, "The best-matching message (open the conversation there); null: the title."
+    ),
+    snippet=about(str, "Text around the match (plain text, never HTML)."),
+    highlights=about(
+        list[tuple[int, int]], "[start, end) character ranges of `snippet` that matched."
+    ),
+    score=about(float, "Higher is better (BM25 on SQLite, ts_rank_cd on PostgreSQL)."),
+)
+ConversationSummary = reply(
+    "ConversationSummary",
+    id=int,
+    title=str,
+    updated_at=datetime,
+    project_id=about(int | None, "The project it is in."),
+    pinned=about(bool, "Pinned conversations are listed first."),
+    match=about(SearchMatch | None, "Only in search results.", None),
+)
+Params = reply(
+    "Params",
+    "Generation parameters (null: the runner's setting).",
+    temperature=float | None,
+    top_p=float | None,
+    max_tokens=int | None,
+)
+Project = reply(
+    "Project",
+    "A folder of conversations with its own instructions and defaults for new chats.",
+    id=int,
+    name=str,
+    instructions=str,
+    runner=about(str | None, "Null: the router chooses."),
+    rag=bool,
+    collections=list[int],
+    temperature=float | None,
+    top_p=float | None,
+    max_tokens=int | None,
+    conversation_count=int,
+    updated_at=datetime,
+)
+ProjectList = reply("ProjectList", projects=about(list[Project], "By name."))
+Share = reply(
+    "Share",
+    "A read-only link to a snapshot of a conversation's active branch.",
+    id=int,
+    conversation_id=int,
+    title=about(str, "The conversation's title when it was shared."),
+    prefix=about(str, "The start of the link's token, to recognise it."),
+    created_at=datetime,
+    expires_at=datetime | None,
+    revoked=bool,
+    active=about(bool, "Neither revoked nor expired: the link opens."),
+    views=int,
+)
+NewShare = create_model(
+    "NewShare",
+    __base__=Share,
+    __doc__="A new link; its `url` (a path, `/s/<token>/`) is shown only this once.",
+    url=(str, ...),
+)
+ShareList = reply("ShareList", shares=about(list[Share], "Newest first."))
+ExportedConversation = reply(
+    "ExportedConversation",
+    title=str,
+    created_at=datetime,
+    updated_at=datetime,
+    project=str | None,
+    active=about(int | None, "The last message of the branch shown."),
+    messages=about(
+        list[dict[str, Any]],
+        "Every message of every branch by id: id, parent, role, content, status, runner, "
+        "model, fallback, finish_reason, usage, timings, sources, created_at.",
+    ),
+)
+Export = reply(
+    "Export",
+    "BreezeWeb JSON, which `POST /api/imports` reads back (`format=md`: Markdown of each "
+    "conversation's active branch with runner, timings and sources).",
+    format=Literal["breezeweb.conversations"],
+    version=Literal[1],
+    exported_at=datetime,
+    conversations=list[ExportedConversation],
+)
+ImportReport = reply(
+    "ImportReport",
+    imported=about(
+        list[dict[str, Any]],
+        "index, conversation_id, title, messages, skipped_messages (why each was left out).",
+    ),
+    skipped=about(list[dict[str, Any]], "index, title, reasons: conversations not imported."),
+)
+ImportJob = reply(
+    "ImportJob",
+    "An import, worked through off the request; poll it until `status` is done or failed.",
+    id=int,
+    status=choices(chat_models.ImportJob.Status),
+    format=about(str, "`breezeweb` or `chatgpt`, once read."),
+    total=about(int, "Conversations in the file."),
+    done=int,
+    progress=(float, Field(ge=0, le=1)),
+    report=ImportReport | dict[str, Any],
+    error=about(str, "Why the file could not be imported."),
+)
+Cost = reply(
+    "Cost",
+    amount=about(float, "Prompt and answer tokens at the runner's prices."),
+    currency=str,
+)
 StoredMessage = reply(
     "StoredMessage",
     id=int,
+    parent_id=about(int | None, "The message this one follows (null: a first message)."),
+    siblings=about(
+        list[int],
+        "The ids of the messages with the same parent, oldest first, this one among them: "
+        "the branches at this point (show `2 / 3`).",
+    ),
     role=choices(chat_models.Message.Role),
     content=str,
     images=list[str],
@@ -714,23 +944,37 @@ StoredMessage = reply(
     **dict.fromkeys(("runner", "model", "finish_reason", "error_code", "error"), str),
     fallback=bool,
     usage=dict[str, Any],
+    cost=about(Cost | None, "What the answer cost, when the admin set a price for its runner."),
     timings=dict[str, Any],
     sources=list[Source],
     steps=about(list[AgentStep], "Agent mode: the tool calls of this answer.", []),
     created_at=datetime,
 )
+TreeNode = reply("TreeNode", id=int, parent_id=int | None, role=choices(chat_models.Message.Role))
 Conversation = reply(
     "Conversation",
     id=int,
     title=str,
+    project_id=int | None,
+    pinned=bool,
     pinned_runner=str | None,
+    params=Params,
     rag=bool,
     agent=about(bool, "Agent mode (the chat's toggle beside Documents)."),
     collections=list[int],
-    messages=list[StoredMessage],
+    messages=about(list[StoredMessage], "The active branch, oldest first."),
+    tree=about(
+        list[TreeNode], "Every message of every branch, by id: the shape of the message tree."
+    ),
 )
 Runner = reply(
-    "Runner", name=str, kind=str, capabilities=list[Capability], model_id=str, priority=int
+    "Runner",
+    name=str,
+    kind=str,
+    capabilities=list[Capability],
+    model_id=str,
+    priority=int,
+    context_tokens=about(int, "Its context budget in tokens: prompt + answer."),
 )
 Document = reply(
     "Document",

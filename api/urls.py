@@ -7,11 +7,33 @@ from api import apikeys, documents, openai_api, openapi, views
 
 urlpatterns = [
     path("api/conversations", views.conversations, name="api-conversations"),
+    path("api/conversations/export", views.export_all, name="api-conversations-export"),
+    path(
+        "api/conversations/<id:conversation_id>/export",
+        views.export_one,
+        name="api-conversation-export",
+    ),
+    path("api/imports", views.imports, name="api-imports"),
+    path("api/imports/<id:job_id>", views.import_job, name="api-import"),
     path(
         "api/conversations/<id:conversation_id>",
         views.conversation,
         name="api-conversation",
     ),
+    path(
+        "api/conversations/<id:conversation_id>/fork",
+        views.fork,
+        name="api-conversation-fork",
+    ),
+    path(
+        "api/conversations/<id:conversation_id>/shares",
+        views.conversation_shares,
+        name="api-conversation-shares",
+    ),
+    path("api/shares", views.shares, name="api-shares"),
+    path("api/shares/<id:share_id>", views.share, name="api-share"),
+    path("api/projects", views.projects, name="api-projects"),
+    path("api/projects/<id:project_id>", views.project, name="api-project"),
     path("api/runners", views.runners, name="api-runners"),
     path("api/documents", documents.documents, name="rag-documents"),
     path("api/documents/<id:pk>", documents.document_detail, name="rag-document"),

@@ -257,6 +257,8 @@ API_RATE_LIMIT_PER_KEY = _bool("API_RATE_LIMIT_PER_KEY", False)
 # A closed socket (reload, proxy timeout) lets the answer finish and be saved;
 # false: it stops the answer and saves the partial text as `stopped`.
 CHAT_CONTINUE_AFTER_DISCONNECT = _bool("CHAT_CONTINUE_AFTER_DISCONNECT", True)
+# Share links (/s/<token>/) open only for signed-in users of this site when true.
+SHARE_LINKS_REQUIRE_LOGIN = _bool("SHARE_LINKS_REQUIRE_LOGIN", False)
 CHAT_MAX_FRAME_BYTES = _int("CHAT_MAX_FRAME_BYTES", 12 * 1024 * 1024, minimum=64 * 1024)
 CHAT_TOKEN_FRAME_INTERVAL_MS = _int("CHAT_TOKEN_FRAME_INTERVAL_MS", 25, minimum=0)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

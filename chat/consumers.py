@@ -224,6 +224,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 rag=frame.rag,
                 collection_ids=tuple(frame.collections) if frame.collections is not None else None,
                 agent=frame.agent,
+                project_id=frame.project_id,
             )
         if frame.type == "regenerate":
             return await database_sync_to_async(services.begin_regenerate)(
@@ -302,8 +303,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             rag=start.rag if frame.rag is None else frame.rag,
             collection_ids=start.collection_ids,
             pinned_runner=pinned,
-            sampling=sampling_of(frame.params),
-            max_tokens=frame.params.max_tokens,
+            # The frame's parameters win over the conversation's own (its project's).
+            sampling=start.sampling() | sampling_of(frame.params),
+            max_tokens=_first(frame.params.max_tokens, start.max_tokens),
             source="chat",
             message_id=message_id,
             request_id=rid,
@@ -449,3 +451,8 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
+
+
+def _first(*values):
+    """The first value that is not None (a frame's parameter, else the conversation's)."""
+    return next((v for v in values if v is not None), None)

@@ -133,6 +133,7 @@ def _timezone(name: str) -> str:
 Text = Annotated[str, AfterValidator(_storable)]
 MessageText = Annotated[Text, AfterValidator(_text_length)]
 ConversationId = Annotated[int, AfterValidator(_exists("Conversation"))]
+ProjectId = Annotated[int, AfterValidator(_exists("Project"))]
 MessageId = Annotated[int, AfterValidator(_exists("Message"))]
 CollectionId = Annotated[int, AfterValidator(_exists("Collection"))]
 RunnerName = Annotated[Text, AfterValidator(_runner_name)]
@@ -220,6 +221,7 @@ class GenerateFrame(_Frame):
 
     # Fields of the subclasses, so the consumer reads any frame the same way.
     conversation_id: int | None = None
+    project_id: int | None = None
     message_id: int | None = None
     text: str = ""
     images: list[str] = []
@@ -231,6 +233,12 @@ class MessageFrame(GenerateFrame):
     type: Literal["message"]
     images: Annotated[list[Text], BeforeValidator(_image_count)] = []
     conversation_id: ConversationId | None = None
+    project_id: ProjectId | None = Field(
+        None,
+        description="A new conversation (`conversation_id` null) starts in this project of "
+        "yours, with its instructions, runner, documents and parameters; the frame's own "
+        "`runner`, `rag`, `collections` and `params` win over them. Ignored otherwise.",
+    )
     text: MessageText = ""
 
     @model_validator(mode="after")

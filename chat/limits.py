@@ -47,6 +47,18 @@ TITLE_MAX_CHARS = 60
 MAX_TITLE_CHARS = 200
 """Longest title a caller may set (Conversation.title)."""
 
+MAX_INSTRUCTIONS_CHARS = 20_000
+"""A project's instructions (its system prompt)."""
+
+MAX_SHARE_DAYS = 365
+"""Days a share link may be set to live (`expires_in_days`); without it, until revoked."""
+
+MAX_CONVERSATION_QUERY_CHARS = 200
+"""Characters of a conversation search (`GET /api/conversations?q=`); more are cut."""
+
+MAX_SEARCH_HITS = 50
+"""Conversations a conversation search answers (the best-ranked)."""
+
 MAX_JSON_DEPTH = 64
 """Nesting depth of a JSON body or frame; deeper is refused before any work."""
 

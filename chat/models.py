@@ -1,9 +1,74 @@
-"""Chat data: conversations and their messages."""
+"""Chat data: projects, conversations and their messages."""
 
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+from chat import limits
+from runners.base import SAMPLING_BOUNDS
+
+
+class Project(models.Model):
+    """A folder of conversations with its own defaults. Its instructions are
+    read at every turn of its conversations (edit them and the next answer
+    follows them); its runner, documents and parameters are copied onto a
+    conversation when it is started in the project, and remain the
+    conversation's own afterwards (the user may change them per chat)."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="projects"
+    )
+    name = models.CharField(max_length=limits.MAX_TITLE_CHARS)
+    instructions = models.TextField(
+        blank=True,
+        max_length=limits.MAX_INSTRUCTIONS_CHARS,
+        help_text="A system prompt given to the model before every turn of its conversations.",
+    )
+    runner = models.ForeignKey(
+        "runners.RunnerConfig",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="New chats answer with this runner; empty means the router chooses.",
+    )
+    rag_enabled = models.BooleanField(default=False, help_text="New chats answer from documents.")
+    collections = models.ManyToManyField(
+        "rag.Collection",
+        blank=True,
+        related_name="+",
+        help_text="The documents new chats search (default: all the user may read).",
+    )
+    temperature = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[
+            MinValueValidator(SAMPLING_BOUNDS["temperature"][1]),
+            MaxValueValidator(SAMPLING_BOUNDS["temperature"][2]),
+        ],
+    )
+    top_p = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[
+            MinValueValidator(SAMPLING_BOUNDS["top_p"][1]),
+            MaxValueValidator(SAMPLING_BOUNDS["top_p"][2]),
+        ],
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(limits.MAX_TOKENS)]
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        indexes = [models.Index(fields=["owner", "name"])]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class Conversation(models.Model):
@@ -21,6 +86,26 @@ class Conversation(models.Model):
     )
     rag_enabled = models.BooleanField(default=False)
     collections = models.ManyToManyField("rag.Collection", blank=True, related_name="+")
+    project = models.ForeignKey(
+        Project,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="conversations",
+        help_text="Deleting a project keeps its conversations, outside any project.",
+    )
+    pinned = models.BooleanField(default=False, help_text="Listed first.")
+    active_leaf = models.ForeignKey(
+        "Message",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The last message of the branch shown and answered (the active path ends here).",
+    )
+    temperature = models.FloatField(null=True, blank=True)
+    top_p = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -49,6 +134,14 @@ class Message(models.Model):
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="children",
+        help_text="The message this one follows; siblings (same parent) are branches.",
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     images = models.JSONField(default=list, blank=True, help_text="Attached images as data URLs.")
@@ -76,3 +169,116 @@ class Message(models.Model):
     def __str__(self) -> str:
         preview = self.content[:40].replace("\n", " ")
         return f"{self.role}: {preview}"
+
+    # Set to True on an unsaved message to make it a root (the first message of
+    # a conversation has no parent anyway; an edit of it is a second root).
+    root = False
+
+    def save(self, *args, **kwargs) -> None:
+        """A new message follows its conversation's active path unless given a
+        parent (a regenerated answer, an edited message: a sibling, i.e. a new
+        branch), and becomes the end of that path: a conversation is a tree of
+        messages, and what the page shows and the model reads is one path of it."""
+        adding = self._state.adding
+        if adding and self.parent_id is None and not self.root:
+            self.parent_id = (
+                Conversation.objects.filter(pk=self.conversation_id)
+                .values_list("active_leaf_id", flat=True)
+                .first()
+            ) or (
+                Message.objects.filter(conversation_id=self.conversation_id)
+                .order_by("-id")
+                .values_list("id", flat=True)
+                .first()
+            )
+        super().save(*args, **kwargs)
+        if adding:
+            Conversation.objects.filter(pk=self.conversation_id).update(active_leaf_id=self.pk)
+
+
+class ShareLink(models.Model):
+    """A read-only link to a snapshot of one conversation's active branch, as
+    it was when the link was made. Only a hash of its token is kept (the URL
+    is shown once); revoking or expiry ends it at once."""
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="share_links"
+    )
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=12, editable=False, help_text="To recognise it.")
+    title = models.CharField(max_length=limits.MAX_TITLE_CHARS)
+    snapshot = models.JSONField(help_text="The shared messages, frozen when the link was made.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    views = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.title})"
+
+
+class ImportJob(models.Model):
+    """One upload of conversations to import, worked through off the request
+    (chat.transfer): its progress and, once done, what was imported and what
+    was skipped, and why."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.QUEUED)
+    source_format = models.CharField(max_length=16, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    done = models.PositiveIntegerField(default=0)
+    report = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"import {self.pk} ({self.status}, {self.done}/{self.total})"
+
+
+class RunnerPrice(models.Model):
+    """What the admin says one runner's tokens cost, so each answer can show
+    its cost (chat.services.message_dict). Prices are per million tokens."""
+
+    runner = models.OneToOneField(
+        "runners.RunnerConfig", on_delete=models.CASCADE, related_name="price"
+    )
+    currency = models.CharField(max_length=3, default="USD", help_text="ISO 4217, e.g. USD, EUR.")
+    prompt_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        default=0,
+        validators=[MinValueValidator(0)],
+        help_text="Price of one million prompt (input) tokens.",
+    )
+    completion_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        default=0,
+        validators=[MinValueValidator(0)],
+        help_text="Price of one million answer (output) tokens.",
+    )
+
+    class Meta:
+        verbose_name = "runner price"
+
+    def __str__(self) -> str:
+        return f"{self.runner} ({self.currency})"
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        per_token = (prompt_tokens or 0) * self.prompt_per_million + (
+            completion_tokens or 0
+        ) * self.completion_per_million
+        return float(per_token / 1_000_000)

@@ -19,10 +19,11 @@ from django.utils import timezone
 
 from accounts import limits
 from agents import steps as agent_steps
+from chat import search
 from chat.errors import ChatError
 from chat.inputs import clean_name
-from chat.limits import MAX_TITLE_CHARS, TITLE_MAX_CHARS
-from chat.models import Conversation, Message
+from chat.limits import MAX_SEARCH_HITS, MAX_TITLE_CHARS, TITLE_MAX_CHARS
+from chat.models import Conversation, Message, Project, RunnerPrice
 from rag.models import Collection
 from runners.base import ChatMessage
 from runners.collect import Outcome
@@ -50,6 +51,16 @@ class TurnStart:
     rag: bool = False
     collection_ids: tuple[int, ...] = ()
     agent: bool = False
+    # The conversation's own parameters (copied from its project when it was
+    # started there); a frame's `params` win over them.
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+    def sampling(self) -> dict[str, float]:
+        """The conversation's sampling parameters that are set, as runners take them."""
+        given = {"temperature": self.temperature, "top_p": self.top_p}
+        return {name: value for name, value in given.items() if value is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,12 +90,46 @@ def _owned_conversation(user, conversation_id: int) -> Conversation:
     return conversation
 
 
-def _history(conversation: Conversation, before_message_id: int) -> tuple[ChatMessage, ...]:
-    """The turns to send the model, oldest first. Failed or empty assistant
-    answers are left out (they would teach the model nothing); stopped partial
-    answers stay, as the user saw them."""
-    rows = conversation.messages.filter(pk__lt=before_message_id).order_by("created_at", "id")
-    return _as_history(rows.only("role", "content", "images", "status"))
+def _parents(conversation_id: int) -> dict[int, int | None]:
+    """Every message of the conversation -> its parent (one query: the tree's shape)."""
+    return dict(Message.objects.filter(conversation_id=conversation_id).values_list("id", "parent"))
+
+
+def path_ids(conversation_id: int, leaf_id: int | None) -> list[int]:
+    """The ids from the root to `leaf_id`, oldest first: one branch of the tree.
+    Without a leaf, the newest message ends the path."""
+    parents = _parents(conversation_id)
+    if leaf_id not in parents:
+        leaf_id = max(parents, default=None)
+    path: list[int] = []
+    while leaf_id is not None and leaf_id not in path:  # `not in`: a cycle cannot hang us
+        path.append(leaf_id)
+        leaf_id = parents.get(leaf_id)
+    return path[::-1]
+
+
+def _path(conversation_id: int, leaf_id: int | None) -> list[Message]:
+    ids = path_ids(conversation_id, leaf_id)
+    rows = Message.objects.in_bulk(ids)
+    return [rows[i] for i in ids if i in rows]
+
+
+def _history(conversation: Conversation, user_message: Message) -> tuple[ChatMessage, ...]:
+    """The turns to send the model, oldest first: the branch that ends with
+    the user's message (the other branches are not the model's business).
+    Failed or empty assistant answers are left out (they would teach the model
+    nothing); stopped partial answers stay, as the user saw them."""
+    return _as_history(_path(conversation.pk, user_message.pk))
+
+
+def _instructions(conversation: Conversation) -> tuple[ChatMessage, ...]:
+    """The project's instructions as they are now, as a leading system message
+    (the pipeline puts it before its own system prompt)."""
+    if conversation.project_id is None:
+        return ()
+    text = Project.objects.filter(pk=conversation.project_id).values_list("instructions", flat=True)
+    text = (text.first() or "").strip()
+    return (ChatMessage(role="system", content=text),) if text else ()
 
 
 def _as_history(messages) -> tuple[ChatMessage, ...]:
@@ -120,27 +165,38 @@ def _readable_collections(user, ids: tuple[int, ...]) -> list[int]:
     return sorted(found)
 
 
-def _start(conversation: Conversation, user_message: Message, *, new: bool = False) -> TurnStart:
+def _start(
+    conversation: Conversation,
+    user_message: Message,
+    *,
+    new: bool = False,
+    answer_parent: Message | None = None,
+) -> TurnStart:
     assistant = Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
+        parent=answer_parent or user_message,
     )
     # Bump updated_at so the conversation moves to the top of the list.
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     pinned = conversation.pinned_runner.name if conversation.pinned_runner_id else None
     collection_ids = () if new else tuple(conversation.collections.values_list("pk", flat=True))
+    # A new conversation's history is its first message: no need to read it back.
+    history = _as_history([user_message]) if new else _history(conversation, user_message)
     return TurnStart(
         conversation_id=conversation.pk,
         title=conversation.title,
         user_message_id=user_message.pk,
         assistant_message_id=assistant.pk,
-        # A new conversation's history is its first message: no need to read it back.
-        history=_as_history([user_message]) if new else _history(conversation, assistant.pk),
+        history=_instructions(conversation) + history,
         pinned_runner=pinned,
         rag=conversation.rag_enabled,
         collection_ids=collection_ids,
         agent=agent_steps.agent_mode(conversation.pk),
+        temperature=conversation.temperature,
+        top_p=conversation.top_p,
+        max_tokens=conversation.max_tokens,
     )
 
 
@@ -154,17 +210,21 @@ def begin_message(
     rag: bool | None = None,
     collection_ids: tuple[int, ...] | None = None,
     agent: bool | None = None,
+    project_id: int | None = None,
 ) -> TurnStart:
     """Save a new user turn (creating the conversation when `conversation_id`
-    is None) and the assistant message that will stream its answer.
-    `runner`, `rag`, `collection_ids` and `agent` (agent mode) update the
-    conversation's settings when given. Raises ChatError(not_found | unknown_runner)."""
+    is None, in project `project_id` with its defaults when given) and the
+    assistant message that will stream its answer. `runner`, `rag`,
+    `collection_ids` and `agent` (agent mode) update the conversation's
+    settings when given. Raises ChatError(not_found | unknown_runner)."""
     with transaction.atomic():
         config = _resolve_runner(runner)
         collections = _readable_collections(user, collection_ids) if collection_ids else None
         new = conversation_id is None
         if new:
-            conversation = Conversation.objects.create(owner=user, title=title_from(text))
+            project = _owned_project(user, project_id) if project_id is not None else None
+            conversation = _new_conversation(user, title_from(text), project)
+            new = project is None  # else read its inherited collections back
         else:
             conversation = _owned_conversation(user, conversation_id)
         changed = []
@@ -188,25 +248,27 @@ def begin_message(
 
 
 def begin_regenerate(user, *, conversation_id: int, agent: bool | None = None) -> TurnStart:
-    """Answer the last user turn again: the answers after it are deleted and a
-    new assistant message is started. Raises ChatError(not_found | nothing_to_regenerate)."""
+    """Answer the last user turn of the active branch again: the new answer is
+    a sibling of the earlier ones (a new branch), which are all kept.
+    Raises ChatError(not_found | nothing_to_regenerate)."""
     with transaction.atomic():
         conversation = _owned_conversation(user, conversation_id)
         if agent is not None:
             agent_steps.set_agent_mode(conversation.pk, agent)
-        users_turns = conversation.messages.filter(role=Message.Role.USER)
-        last_user = users_turns.order_by("-created_at", "-id").first()
+        path = _path(conversation.pk, conversation.active_leaf_id)
+        last_user = next((m for m in reversed(path) if m.role == Message.Role.USER), None)
         if last_user is None:
             raise ChatError("nothing_to_regenerate", "This conversation has no message to answer.")
-        conversation.messages.filter(pk__gt=last_user.pk).delete()
-        return _start(conversation, last_user)
+        return _start(conversation, last_user, answer_parent=last_user)
 
 
 def begin_edit(
     user, *, conversation_id: int, message_id: int, text: str, agent: bool | None = None
 ) -> TurnStart:
-    """Edit one of the user's own messages and answer it again: every message
-    after it is deleted. Raises ChatError(not_found | not_editable)."""
+    """Edit one of the user's own messages and answer it again: the edited
+    text is a new message beside the original (a new branch from the same
+    point); the original and everything after it are kept.
+    Raises ChatError(not_found | not_editable)."""
     with transaction.atomic():
         conversation = _owned_conversation(user, conversation_id)
         if agent is not None:
@@ -216,10 +278,16 @@ def begin_edit(
             raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
         if message.role != Message.Role.USER:
             raise ChatError("not_editable", "Only your own messages can be edited.")
-        conversation.messages.filter(pk__gt=message.pk).delete()
-        message.content = text
-        message.save(update_fields=["content", "updated_at"])
-        return _start(conversation, message)
+        edited = Message(
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=text,
+            images=message.images,
+            parent_id=message.parent_id,
+        )
+        edited.root = message.parent_id is None
+        edited.save()
+        return _start(conversation, edited)
 
 
 def flush_contents(contents: dict[int, str]) -> None:
@@ -286,12 +354,11 @@ def record_exchange(
                     "not_found", f"Conversation {conversation_id} was not found.", status=404
                 )
             to_save = messages[-1:]
-        Message.objects.bulk_create(
-            Message(
+        # One by one: each message follows the one before it (Message.save).
+        for m in to_save:
+            Message.objects.create(
                 conversation=conversation, role=m.role, content=m.content, images=list(m.images)
             )
-            for m in to_save
-        )
         answer = Message.objects.create(
             conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
         )
@@ -300,31 +367,207 @@ def record_exchange(
         return conversation.pk
 
 
+# ---- projects ------------------------------------------------------------------------
+
+PROJECT_FIELDS = ("instructions", "rag_enabled", "temperature", "top_p", "max_tokens")
+
+
+def _owned_project(user, project_id: int) -> Project:
+    project = Project.objects.filter(pk=project_id, owner=user).first()
+    if project is None:
+        raise ChatError("not_found", f"Project {project_id} was not found.", status=404)
+    return project
+
+
+def _new_conversation(user, title: str, project: Project | None) -> Conversation:
+    """A new conversation; in a project it starts with the project's runner,
+    documents and parameters (its instructions are read at every turn)."""
+    conversation = Conversation.objects.create(owner=user, title=title, project=project)
+    if project is None:
+        return conversation
+    conversation.pinned_runner_id = (
+        project.runner_id if project.runner_id and project.runner.enabled else None
+    )
+    conversation.rag_enabled = project.rag_enabled
+    conversation.temperature = project.temperature
+    conversation.top_p = project.top_p
+    conversation.max_tokens = project.max_tokens
+    conversation.save()
+    # Only the collections the user may still read (one may have been unshared since).
+    readable = Collection.objects.readable_by(user).filter(
+        pk__in=project.collections.values_list("pk", flat=True)
+    )
+    conversation.collections.set(readable)
+    return conversation
+
+
+def project_dict(project: Project) -> dict[str, Any]:
+    return {
+        "id": project.pk,
+        "name": project.name,
+        "instructions": project.instructions,
+        "runner": project.runner.name if project.runner_id else None,
+        "rag": project.rag_enabled,
+        "collections": sorted(project.collections.values_list("pk", flat=True)),
+        "temperature": project.temperature,
+        "top_p": project.top_p,
+        "max_tokens": project.max_tokens,
+        "conversation_count": project.conversations.count(),
+        "updated_at": project.updated_at.isoformat(),
+    }
+
+
+def list_projects(user) -> list[dict[str, Any]]:
+    return [
+        project_dict(p)
+        for p in Project.objects.filter(owner=user).select_related("runner").order_by("name", "id")
+    ]
+
+
+def get_project(user, project_id: int) -> dict[str, Any]:
+    return project_dict(_owned_project(user, project_id))
+
+
+def save_project(user, project_id: int | None, changes: dict[str, Any]) -> dict[str, Any]:
+    """Create (`project_id` None) or update one of the user's projects with
+    `changes` (already shape-checked: name, instructions, runner, rag,
+    collections, temperature, top_p, max_tokens; a missing key is left as it
+    is). Raises ChatError(not_found | unknown_runner | bad_name)."""
+    with transaction.atomic():
+        if project_id is None:
+            project = Project(owner=user)
+            if "name" not in changes:
+                raise ChatError("bad_name", "A project needs a name.")
+        else:
+            project = _owned_project(user, project_id)
+        if "name" in changes:
+            name = clean_name(changes["name"])
+            if not name:
+                raise ChatError("bad_name", "A project name cannot be empty.")
+            project.name = name[:MAX_TITLE_CHARS]
+        if "runner" in changes:
+            project.runner = _resolve_runner(changes["runner"])
+        if "rag" in changes:
+            project.rag_enabled = changes["rag"]
+        for key in PROJECT_FIELDS:
+            if key in changes:
+                setattr(project, key, changes[key])
+        project.save()
+        if "collections" in changes:
+            ids = tuple(dict.fromkeys(changes["collections"] or ()))
+            project.collections.set(_readable_collections(user, ids))
+        return project_dict(project)
+
+
+def delete_project(user, project_id: int) -> None:
+    """Delete a project; its conversations stay, outside any project."""
+    _owned_project(user, project_id).delete()
+
+
+def create_conversation(user, *, title: str = "", project_id: int | None = None) -> dict:
+    """An empty conversation (in a project, with its defaults): the API's way
+    to start a chat whose first message then comes over the websocket or /v1."""
+    title = clean_name(title)[:MAX_TITLE_CHARS] or "New chat"
+    with transaction.atomic():
+        project = _owned_project(user, project_id) if project_id is not None else None
+        conversation = _new_conversation(user, title, project)
+    return conversation_messages(user, conversation.pk)
+
+
 # ---- the conversation list (pages and JSON endpoints) ------------------------------
 
 
-def list_conversations(user, *, query: str = "", limit: int = 200) -> list[dict[str, Any]]:
-    """The user's conversations, most recent first, optionally filtered by title."""
+def _summary(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.pk,
+        "title": c.title,
+        "updated_at": c.updated_at.isoformat(),
+        "project_id": c.project_id,
+        "pinned": c.pinned,
+    }
+
+
+def list_conversations(
+    user, *, query: str = "", project_id: int | None = None, limit: int = 200
+) -> list[dict[str, Any]]:
+    """The user's conversations (those of one project with `project_id`),
+    pinned first, then most recent first; with `query`, those whose
+    messages or title contain its words (chat.search), best match first, each
+    with a `match`: the message to open, a snippet and the matched ranges.
+    A query without a searchable word (stop words, punctuation) filters titles
+    by substring instead."""
     rows = Conversation.objects.filter(owner=user)
-    if query:
-        rows = rows.filter(title__icontains=query)
+    if project_id is not None:
+        rows = rows.filter(project_id=project_id)
+    hits = search.search(user.pk, query, limit=min(limit, MAX_SEARCH_HITS)) if query else None
+    if hits is None:
+        if query:
+            rows = rows.filter(title__icontains=query)
+        return [_summary(c) for c in rows.order_by("-pinned", "-updated_at", "-id")[:limit]]
+    found = rows.in_bulk([hit.conversation_id for hit in hits])
     return [
-        {"id": c.pk, "title": c.title, "updated_at": c.updated_at.isoformat()}
-        for c in rows.order_by("-updated_at", "-id")[:limit]
+        _summary(found[hit.conversation_id])
+        | {
+            "match": {
+                "message_id": hit.message_id,
+                "snippet": hit.snippet,
+                "highlights": [list(r) for r in hit.highlights],
+                "score": hit.score,
+            }
+        }
+        for hit in hits
+        if hit.conversation_id in found
     ]
 
 
 def rename_conversation(user, conversation_id: int, title: str) -> dict[str, Any]:
     """Rename one of the user's conversations. Raises ChatError(not_found | bad_title)."""
-    title = clean_name(title)
-    if not title:
-        raise ChatError("bad_title", "A title cannot be empty.")
-    if len(title) > MAX_TITLE_CHARS:
-        raise ChatError("bad_title", f"A title can be at most {MAX_TITLE_CHARS} characters long.")
-    conversation = _owned_conversation(user, conversation_id)
-    conversation.title = title
-    conversation.save(update_fields=["title", "updated_at"])
-    return {"id": conversation.pk, "title": conversation.title}
+    return update_conversation(user, conversation_id, {"title": title})
+
+
+def update_conversation(user, conversation_id: int, changes: dict[str, Any]) -> dict[str, Any]:
+    """Change one of the user's conversations: `title`, `project_id` (move it
+    into one of the user's projects, or out with None), `pinned`,
+    `active_message_id` (show and answer the branch through that message). Moving
+    changes only where it is listed and whose instructions it follows; its own
+    runner, documents and parameters stay. Pinning does not reorder it by date.
+    Raises ChatError(not_found | bad_title)."""
+    with transaction.atomic():
+        conversation = _owned_conversation(user, conversation_id)
+        fields = []
+        if "title" in changes:
+            title = clean_name(changes["title"])
+            if not title:
+                raise ChatError("bad_title", "A title cannot be empty.")
+            if len(title) > MAX_TITLE_CHARS:
+                raise ChatError(
+                    "bad_title", f"A title can be at most {MAX_TITLE_CHARS} characters long."
+                )
+            conversation.title = title
+            fields += ["title", "updated_at"]
+        if "project_id" in changes:
+            project_id = changes["project_id"]
+            conversation.project = (
+                _owned_project(user, project_id) if project_id is not None else None
+            )
+            fields.append("project")
+        if "pinned" in changes:
+            conversation.pinned = changes["pinned"]
+            fields.append("pinned")
+        if "active_message_id" in changes:
+            message_id = changes["active_message_id"]
+            if not conversation.messages.filter(pk=message_id).exists():
+                raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
+            conversation.active_leaf_id = _newest_leaf_under(conversation.pk, message_id)
+            fields.append("active_leaf")
+        if fields:
+            # .update(): a move or a pin must not bump updated_at (auto_now) either.
+            values = {f: getattr(conversation, f) for f in fields if f != "updated_at"}
+            if "updated_at" in fields:
+                values["updated_at"] = timezone.now()
+            Conversation.objects.filter(pk=conversation.pk).update(**values)
+            conversation.refresh_from_db()
+        return _summary(conversation)
 
 
 def delete_conversation(user, conversation_id: int) -> None:
@@ -332,9 +575,24 @@ def delete_conversation(user, conversation_id: int) -> None:
     _owned_conversation(user, conversation_id).delete()
 
 
-def message_dict(m: Message, steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def prices() -> dict[str, RunnerPrice]:
+    """Runner name -> its price, for the runners the admin priced."""
+    return {p.runner.name: p for p in RunnerPrice.objects.select_related("runner")}
+
+
+def message_dict(
+    m: Message,
+    siblings: list[int] | None = None,
+    priced: dict[str, RunnerPrice] | None = None,
+    steps: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    price = (priced or {}).get(m.runner_name)
+    usage = {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens}
+    has_usage = m.prompt_tokens is not None or m.completion_tokens is not None
     return {
         "id": m.pk,
+        "parent_id": m.parent_id,
+        "siblings": siblings or [m.pk],
         "role": m.role,
         "content": m.content,
         "images": m.images,
@@ -343,7 +601,12 @@ def message_dict(m: Message, steps: list[dict[str, Any]] | None = None) -> dict[
         "model": m.model_id,
         "fallback": m.fallback,
         "finish_reason": m.finish_reason,
-        "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens},
+        "usage": usage,
+        "cost": (
+            {"amount": price.cost(m.prompt_tokens, m.completion_tokens), "currency": price.currency}
+            if price and has_usage
+            else None
+        ),
         "timings": {
             "time_to_first_token_ms": m.time_to_first_token_ms,
             "tokens_per_second": m.tokens_per_second,
@@ -376,21 +639,79 @@ def settle_interrupted(conversation_id: int) -> int:
 
 
 def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
-    """A conversation with all its messages, for the page and for resuming
-    after a reconnect. Raises ChatError(not_found)."""
+    """A conversation for the page and for resuming after a reconnect: the
+    messages of its active branch (each with its siblings, the branches at that
+    point) and the shape of the whole tree. Raises ChatError(not_found)."""
     conversation = _owned_conversation(user, conversation_id)
     settle_interrupted(conversation.pk)
-    messages = list(conversation.messages.order_by("created_at", "id"))
-    steps = agent_steps.steps_of([m.pk for m in messages if m.role == Message.Role.ASSISTANT])
+    tree = list(
+        conversation.messages.order_by("id").values_list("id", "parent_id", "role", named=True)
+    )
+    children: dict[int | None, list[int]] = {}
+    for row in tree:
+        children.setdefault(row.parent_id, []).append(row.id)
+    path = _path(conversation.pk, conversation.active_leaf_id)
+    priced = prices()
+    steps = agent_steps.steps_of([m.pk for m in path if m.role == Message.Role.ASSISTANT])
     return {
         "id": conversation.pk,
         "title": conversation.title,
+        "project_id": conversation.project_id,
+        "pinned": conversation.pinned,
         "pinned_runner": conversation.pinned_runner.name if conversation.pinned_runner_id else None,
+        "params": {
+            "temperature": conversation.temperature,
+            "top_p": conversation.top_p,
+            "max_tokens": conversation.max_tokens,
+        },
         "rag": conversation.rag_enabled,
         "agent": agent_steps.agent_mode(conversation.pk),
         "collections": list(conversation.collections.values_list("pk", flat=True)),
-        "messages": [message_dict(m, steps.get(m.pk)) for m in messages],
+        "messages": [
+            message_dict(m, children.get(m.parent_id), priced, steps.get(m.pk)) for m in path
+        ],
+        "tree": [{"id": r.id, "parent_id": r.parent_id, "role": r.role} for r in tree],
     }
+
+
+def _newest_leaf_under(conversation_id: int, message_id: int) -> int:
+    """The end of the branch through `message_id`: its newest child, that
+    one's newest child, and so on (where the user left that branch)."""
+    newest: dict[int, int] = {}
+    for message, parent in _parents(conversation_id).items():
+        if parent is not None and message > newest.get(parent, 0):
+            newest[parent] = message
+    seen = {message_id}
+    while message_id in newest and newest[message_id] not in seen:
+        message_id = newest[message_id]
+        seen.add(message_id)
+    return message_id
+
+
+def fork_conversation(user, conversation_id: int, message_id: int) -> dict[str, Any]:
+    """A new conversation holding a copy of the branch from the first message
+    to `message_id` (its settings and project too), to go on from there.
+    Raises ChatError(not_found)."""
+    with transaction.atomic():
+        source = _owned_conversation(user, conversation_id)
+        if not source.messages.filter(pk=message_id).exists():
+            raise ChatError("not_found", f"Message {message_id} was not found.", status=404)
+        fork = Conversation.objects.create(
+            owner=user,
+            title=source.title,
+            project_id=source.project_id,
+            pinned_runner_id=source.pinned_runner_id,
+            rag_enabled=source.rag_enabled,
+            temperature=source.temperature,
+            top_p=source.top_p,
+            max_tokens=source.max_tokens,
+        )
+        fork.collections.set(source.collections.all())
+        for m in _path(source.pk, message_id):
+            m.pk, m.id, m.conversation, m.parent_id = None, None, fork, None
+            m._state.adding = True  # saved as a new row, following the one before it
+            m.save()
+    return conversation_messages(user, fork.pk)
 
 
 def enabled_runners() -> list[dict[str, Any]]:
@@ -402,6 +723,7 @@ def enabled_runners() -> list[dict[str, Any]]:
             "capabilities": c.capabilities,
             "model_id": c.model_id,
             "priority": c.priority,
+            "context_tokens": c.context_tokens,
         }
         for c in RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name")
     ]

@@ -7,4 +7,5 @@ from chat import views
 urlpatterns = [
     path("", views.chat_page, name="chat"),
     path("c/<id:conversation_id>/", views.chat_page, name="conversation"),
+    path("s/<str:token>/", views.shared_page, name="shared"),
 ]

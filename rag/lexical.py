@@ -29,6 +29,27 @@ from django.db import connection as default_connection
 from rag.models import Chunk
 
 FTS_TABLE = "rag_chunk_fts"
+# Shared with chat.search (message and title search), so both indexes read
+# words the same way: FTS5's tokenizer, and PostgreSQL's input with
+# punctuation turned into spaces first (see _POSTGRES_SCHEMA).
+FTS5_TOKENIZE = "porter unicode61 remove_diacritics 2"
+PG_CONFIG = "english"
+
+
+def pg_words(column: str) -> str:
+    """SQL for a text column as PostgreSQL should index it: punctuation becomes
+    spaces first, as in query_terms(); PostgreSQL's parser would otherwise read
+    "guide-v2.md" as one host name, "3.11" as one number."""
+    return f"regexp_replace(coalesce({column}, ''), '[^[:alnum:]_]+', ' ', 'g')"
+
+
+def fts5_quoted(term: str, *, prefix: bool = False) -> str:
+    """One query word for an FTS5 MATCH: quoted, so FTS5 never reads AND/OR/NEAR
+    or punctuation from the user's text as syntax (query_terms' \\w+ words hold
+    no double quote); `prefix` also matches longer words ("pyth" -> "python")."""
+    return f'"{term}"' + ("*" if prefix else "")
+
+
 # BM25 column weights (coll, context, text): the title and section path count
 # as much as the text; the collection column only filters.
 
@@ -123,9 +144,7 @@ def _selective(cursor, terms: list[str], phrases: list[list[str]]):
 
 
 def _fts5_match(collection_id: int, terms: list[str], phrases: list[list[str]]) -> str:
-    # Every token is quoted: FTS5 then never reads AND/OR/NEAR or punctuation
-    # from the user's text as syntax (\w+ tokens hold no double quote).
-    clauses = [f'"{t}"' for t in terms] + ['"' + " ".join(p) + '"' for p in phrases]
+    clauses = [fts5_quoted(t) for t in terms] + [fts5_quoted(" ".join(p)) for p in phrases]
     return f'coll : "c{int(collection_id)}" AND ({" OR ".join(clauses)})'
 
 
@@ -183,7 +202,7 @@ def _hit(row, score: float) -> KeywordHit:
 
 _SQLITE_SCHEMA = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS rag_chunk_fts USING fts5("
-    "coll, context, text, tokenize = 'porter unicode61 remove_diacritics 2')",
+    f"coll, context, text, tokenize = '{FTS5_TOKENIZE}')",
     "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_insert AFTER INSERT ON rag_chunk BEGIN "
     "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
     "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
@@ -196,13 +215,9 @@ _SQLITE_SCHEMA = (
 )
 
 _POSTGRES_SCHEMA = (
-    # Punctuation becomes spaces first, as in query_terms(): PostgreSQL's parser
-    # would otherwise read "guide-v2.md" as one host name, "3.11" as one number.
     "ALTER TABLE rag_chunk ADD COLUMN IF NOT EXISTS search tsvector GENERATED ALWAYS AS ("
-    "setweight(to_tsvector('english', "
-    "regexp_replace(coalesce(context, ''), '[^[:alnum:]_]+', ' ', 'g')), 'A') || "
-    "setweight(to_tsvector('english', "
-    "regexp_replace(coalesce(text, ''), '[^[:alnum:]_]+', ' ', 'g')), 'B')) STORED",
+    f"setweight(to_tsvector('{PG_CONFIG}', {pg_words('context')}), 'A') || "
+    f"setweight(to_tsvector('{PG_CONFIG}', {pg_words('text')}), 'B')) STORED",
     "CREATE INDEX IF NOT EXISTS rag_chunk_search_gin ON rag_chunk USING gin (search)",
 )
 

@@ -28,9 +28,17 @@ TABLES = (
 )
 
 
-def _rows(table: str) -> list[tuple]:
+def _columns(table: str) -> list[str]:
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT * FROM {connection.ops.quote_name(table)} ORDER BY id")
+        return [c.name for c in connection.introspection.get_table_description(cursor, table)]
+
+
+def _rows(table: str, columns: list[str]) -> list[tuple]:
+    """The rows' values in `columns` (those the table had before: later
+    migrations may add columns, never change what was there)."""
+    names = ", ".join(connection.ops.quote_name(c) for c in columns)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {names} FROM {connection.ops.quote_name(table)} ORDER BY id")
         return [tuple(row) for row in cursor.fetchall()]
 
 
@@ -76,12 +84,13 @@ def test_rows_written_before_the_app_split_survive_the_migration(django_user_mod
     executor = _migrate(BEFORE_SPLIT)
     old_apps = executor.loader.project_state(OLD_STATE).apps
     _fill(old_apps)
-    before = {table: _rows(table) for table in TABLES}
+    columns = {table: _columns(table) for table in TABLES}
+    before = {table: _rows(table, columns[table]) for table in TABLES}
     assert all(before[table] for table in TABLES)
 
     executor = _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
 
-    assert {table: _rows(table) for table in TABLES} == before
+    assert {table: _rows(table, columns[table]) for table in TABLES} == before
     conversation = Conversation.objects.get(title="Before the split")
     assert conversation.owner.username == "carol"
     assert conversation.pinned_runner.name == "local-old"
@@ -92,6 +101,16 @@ def test_rows_written_before_the_app_split_survive_the_migration(django_user_mod
     assert RunRecord.objects.get().message == answer
     assert ApiKey.objects.get().user == conversation.owner
     assert not executor.loader.detect_conflicts()
+    # Linear conversations became one branch each (chat 0004): every message
+    # follows the one before it, and the last ends the active path.
+    question = Message.objects.get(role="user")
+    assert (question.parent_id, answer.parent_id) == (None, question.pk)
+    assert conversation.active_leaf_id == answer.pk
+    # Rows written before the search index are found by it (chat 0002 indexed them).
+    from chat import services
+
+    found = services.list_conversations(conversation.owner, query="hello")
+    assert [c["match"]["message_id"] for c in found] == [answer.pk]
 
 
 def test_content_types_follow_the_moved_models():

@@ -7,6 +7,7 @@
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
 import { renderStep, renderSteps } from "./agent.js";
+import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -26,6 +27,7 @@ const els = {
 
 const state = {
   conversationId: boot.conversation ? boot.conversation.id : null,
+  projectId: boot.conversation ? boot.conversation.project_id : null, // the open chat's project
   runners: boot.runners || [],
   images: [],               // data URLs attached to the next message
   pending: new Map(),       // request_id -> live answer
@@ -158,7 +160,10 @@ function decorate(node, m) {
     const t = m.timings || {};
     if (t.tokens_per_second) parts.push(`${fmt(t.tokens_per_second, 1)} tok/s`);
     if (t.time_to_first_token_ms != null) parts.push(`TTFT ${fmt(t.time_to_first_token_ms)} ms`);
-    if (m.usage && m.usage.completion_tokens != null) parts.push(`${m.usage.completion_tokens} tokens`);
+    if (m.usage && m.usage.completion_tokens != null) {
+      parts.push(m.usage.prompt_tokens != null ? `${m.usage.prompt_tokens} + ${m.usage.completion_tokens} tokens` : `${m.usage.completion_tokens} tokens`);
+    }
+    if (m.cost) parts.push(costText(m.cost));
     if (m.status === "stopped") parts.push("stopped");
     const details = el("span", "details", parts.join(" · "));
     details.title = "runner · model · throughput · time to first token";
@@ -170,10 +175,19 @@ function decorate(node, m) {
   const actions = node.querySelector(".msg-actions");
   actions.textContent = "";
   if (m.status === "streaming") return;
+  const nav = branchNav(m, switchBranch);
+  if (nav) actions.append(nav);
   const copy = el("button", "link-btn", "Copy");
   copy.type = "button";
   copy.addEventListener("click", () => copyText(m.content, copy));
   actions.append(copy);
+  if (m.id && state.conversationId) {
+    const fork = el("button", "link-btn fork", "Fork");
+    fork.type = "button";
+    fork.title = "A new conversation with this branch up to here";
+    fork.addEventListener("click", () => forkAt(m.id));
+    actions.append(fork);
+  }
   if (m.role === "assistant") {
     const again = el("button", "link-btn regen", "Regenerate");
     again.type = "button";
@@ -186,6 +200,23 @@ function decorate(node, m) {
     actions.append(edit);
   }
   node._message = m;
+}
+
+// Show another branch: the server remembers it, the page shows it.
+async function switchBranch(messageId) {
+  if (busyHere()) return;
+  try {
+    await api(`/api/conversations/${state.conversationId}`, { method: "PATCH", json: { active_message_id: messageId } });
+    await openConversation(state.conversationId, false);
+  } catch (error) { showBanner(`Could not switch versions: ${error.message}`); }
+}
+
+async function forkAt(messageId) {
+  try {
+    const fork = await api(`/api/conversations/${state.conversationId}/fork`, { method: "POST", json: { message_id: Number(messageId) } });
+    await openConversation(fork.id);
+    refreshList();
+  } catch (error) { showBanner(`Could not fork: ${error.message}`); }
 }
 
 async function copyText(text, button) {
@@ -220,6 +251,8 @@ function renderConversation(conversation) {
   els.empty.hidden = messages.length > 0;
   els.title.textContent = conversation ? conversation.title : "New chat";
   document.title = `${conversation ? conversation.title + " · " : ""}BreezeWeb`;
+  sharing.update();
+  updateGauge(messages, state.runners);
   if (conversation) {
     els.runner.value = conversation.pinned_runner || "auto";
     els.rag.checked = !!conversation.rag;
@@ -274,19 +307,32 @@ function listItem(c) {
   // Cloned from the server-rendered <template>, so both lists look the same.
   const li = $("tpl-conversation").content.firstElementChild.cloneNode(true);
   li.dataset.id = c.id;
+  li.dataset.project = c.project_id || "";
   li.classList.toggle("active", c.id === state.conversationId);
+  li.classList.toggle("pinned", !!c.pinned);
   const a = li.querySelector(".conversation-link");
   a.textContent = c.title;
   a.href = `/c/${c.id}/`;
   li.querySelector('[data-action="rename"]').setAttribute("aria-label", `Rename ${c.title}`);
   li.querySelector('[data-action="delete"]').setAttribute("aria-label", `Delete ${c.title}`);
+  li.querySelector('[data-action="move"]').setAttribute("aria-label", `Move ${c.title}`);
+  const pin = li.querySelector('[data-action="pin"]');
+  pin.setAttribute("aria-pressed", String(!!c.pinned));
+  if (c.match) {
+    // A search result: the snippet, and the message to open the conversation at.
+    li.append(snippetNode(c.match));
+    if (c.match.message_id) li.dataset.message = c.match.message_id;
+  }
   return li;
 }
 
 async function refreshList() {
   const q = els.search.value.trim();
+  const params = new URLSearchParams();
+  if (q) params.set("q", q);
+  if (projects.current !== null) params.set("project", projects.current);
   try {
-    const body = await api(`/api/conversations${q ? `?q=${encodeURIComponent(q)}` : ""}`);
+    const body = await api(`/api/conversations${params.size ? `?${params}` : ""}`);
     els.list.textContent = "";
     for (const c of body.conversations) els.list.append(listItem(c));
     if (!body.conversations.length) els.list.append(el("li", "muted empty-list", q ? "No matching conversations." : "No conversations yet."));
@@ -301,12 +347,19 @@ function markActive() {
   });
 }
 
-async function openConversation(id, push = true) {
+async function openConversation(id, push = true, messageId = null) {
   try {
     const conversation = await api(`/api/conversations/${id}`);
     state.conversationId = conversation.id;
-    if (push) history.pushState({ id }, "", `/c/${id}/`);
+    state.projectId = conversation.project_id;
+    if (push) history.pushState({ id }, "", `/c/${id}/${messageId ? `#m${messageId}` : ""}`);
     renderConversation(conversation);
+    if (messageId && !revealMessage(els.messages, messageId)) {
+      // A search hit on another branch: show that branch, then the message.
+      await api(`/api/conversations/${id}`, { method: "PATCH", json: { active_message_id: messageId } });
+      renderConversation(await api(`/api/conversations/${id}`));
+      revealMessage(els.messages, messageId);
+    }
     markActive();
     closeSidebar();
     return conversation;
@@ -319,9 +372,14 @@ async function openConversation(id, push = true) {
 
 function newChat(push = true) {
   state.conversationId = null;
+  // A new chat starts in the selected project, with its runner and documents.
+  state.projectId = projects.current;
   if (push) history.pushState({ id: null }, "", "/");
   renderConversation(null);
-  els.runner.value = "auto";
+  const project = projects.byId(state.projectId);
+  els.runner.value = project && project.runner && state.runners.some((r) => r.name === project.runner) ? project.runner : "auto";
+  els.rag.checked = project ? project.rag : false;
+  els.title.textContent = project ? `${project.name} · New chat` : "New chat";
   updateCaps();
   markActive();
   closeSidebar();
@@ -372,11 +430,36 @@ els.list.addEventListener("click", (e) => {
   const action = e.target.closest("[data-action]")?.dataset.action;
   if (action === "rename") { e.preventDefault(); startRename(li); return; }
   if (action === "delete") { e.preventDefault(); deleteConversation(li); return; }
+  if (action === "pin") { e.preventDefault(); togglePin(li); return; }
+  if (action === "move") { e.preventDefault(); projects.chooseFor(li, Number(li.dataset.project) || null); return; }
   const link = e.target.closest(".conversation-link");
   if (link && !e.ctrlKey && !e.metaKey && !e.shiftKey) {
     e.preventDefault();
-    openConversation(Number(li.dataset.id));
+    openConversation(Number(li.dataset.id), true, Number(li.dataset.message) || null);
   }
+});
+// Drag a conversation onto a project (or "All chats", out of its project).
+els.list.addEventListener("dragstart", (e) => {
+  const li = e.target.closest(".conversation-item");
+  if (li) e.dataTransfer.setData("application/x-conversation", li.dataset.id);
+});
+
+async function togglePin(li) {
+  const pinned = !li.classList.contains("pinned");
+  try {
+    await api(`/api/conversations/${li.dataset.id}`, { method: "PATCH", json: { pinned } });
+    refreshList();
+  } catch (error) { showBanner(`Could not pin: ${error.message}`); }
+}
+
+const sharing = new Sharing({ api, conversationId: () => state.conversationId });
+initImport({ api, onDone: () => { refreshList(); projects.load(); }, say: (message) => showBanner(message) });
+
+const projects = new Projects({
+  api,
+  runners: state.runners,
+  onChange: ({ selected }) => { refreshList(); if (selected && state.conversationId === null) newChat(false); },
+  onError: (message) => showBanner(message),
 });
 
 let searchTimer = null;
@@ -502,9 +585,11 @@ function accepted(p, f) {
   if (isNew) {
     state.conversationId = f.conversation_id;
     history.replaceState({ id: f.conversation_id }, "", `/c/${f.conversation_id}/`);
+    sharing.update();
     els.title.textContent = f.title;
     document.title = `${f.title} · BreezeWeb`;
     refreshList();
+    if (state.projectId) projects.load(); // its count of conversations
   }
   if (state.conversationId !== f.conversation_id) return;
   if (p.userNode) {
@@ -564,9 +649,14 @@ function finishPending(p, f) {
     };
     renderMarkdown(p.body, p.text);
     decorate(p.node, m);
+    updateGauge([m], state.runners);
   }
   updateComposer();
   refreshRegenerate();
+  // A regenerated or edited turn made a new branch: reload to show its "n / m".
+  if (p.frame && p.frame.type !== "message" && p.conversationId === state.conversationId) {
+    openConversation(state.conversationId, false);
+  }
 }
 
 function resend(frame) {
@@ -619,6 +709,7 @@ function sendMessage() {
     rag: els.rag.checked,
     ...agentFields(),
   };
+  if (state.conversationId === null && state.projectId) frame.project_id = state.projectId;
   if (state.images.length) frame.images = state.images.slice();
   startRequest(frame, true);
   if (state.pending.has(frame.request_id)) {
@@ -861,5 +952,7 @@ function documentStatus(doc, live = false) {
 
 updateCaps();
 if (boot.conversation) renderConversation(boot.conversation);
+if (boot.conversation && location.hash.startsWith("#m")) revealMessage(els.messages, Number(location.hash.slice(2)));
+projects.load();
 connect();
 els.prompt.focus();

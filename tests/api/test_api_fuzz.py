@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from accounts.models import ApiKey
 from api.openapi import build_schema
 from breezeweb.asgi import application
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Project
 from runners import registry
 from runners.router import circuits
 from tests.support.fixtures import runner_config
@@ -231,6 +231,12 @@ def api_routes() -> list[str]:
 
 
 ROUTES = api_routes()
+CREATING = {
+    "api/conversations",
+    "api/projects",
+    "api/conversations/<id:conversation_id>/fork",
+    "api/conversations/<id:conversation_id>/shares",
+}
 
 
 def _quote(text: str) -> str:
@@ -321,6 +327,13 @@ bodies = st.one_of(
             "model": hostile_values,
             "messages": hostile_values,
             "breezeweb": hostile_values,
+            "name": hostile_values,
+            "project_id": hostile_values,
+            "pinned": hostile_values,
+            "message_id": hostile_values,
+            "active_message_id": hostile_values,
+            "expires_in_days": hostile_values,
+            "instructions": hostile_values,
             "unknown_field": hostile_values,
         },
     ).map(lambda v: json.dumps(v).encode()),
@@ -352,6 +365,12 @@ queries = st.one_of(
             "?q=%00",
             "?q=%ED%A0%80",
             "?q=" + "x" * 3000,
+            "?q=%22secret",
+            "?q=NEAR(secret%20bob)",
+            "?q=owner%3Au1%20OR%20secret*",
+            "?q=secret&project=1",
+            "?project=%C2%B2",
+            "?project=99999999999999999999999",
             "?collection=1&collection=2",
         ]
     ),
@@ -368,6 +387,7 @@ def snapshot() -> dict:
         "documents": sorted(Document.objects.values_list("pk", "title", "collection_id")),
         "collections": sorted(Collection.objects.values_list("pk", "name")),
         "keys": sorted(ApiKey.objects.values_list("pk", "revoked_at")),
+        "projects": sorted(Project.objects.values_list("pk", "name", "owner_id")),
     }
 
 
@@ -375,6 +395,16 @@ def test_the_route_list_comes_from_the_urlconf():
     expected = {
         "api/conversations",
         "api/conversations/<id:conversation_id>",
+        "api/conversations/export",
+        "api/conversations/<id:conversation_id>/export",
+        "api/imports",
+        "api/imports/<id:job_id>",
+        "api/conversations/<id:conversation_id>/fork",
+        "api/conversations/<id:conversation_id>/shares",
+        "api/shares",
+        "api/shares/<id:share_id>",
+        "api/projects",
+        "api/projects/<id:project_id>",
         "api/documents",
         "api/documents/<id:pk>",
         "api/documents/<id:pk>/reingest",
@@ -402,8 +432,9 @@ def test_every_api_route_answers_hostile_requests_with_json_4xx(user, other_user
     theirs = Conversation.objects.create(owner=other_user, title="Bob's")
     Message.objects.create(conversation=theirs, role="user", content="secret")
     their_collection = Collection.personal_for(other_user)
+    their_project = Project.objects.create(owner=other_user, name="Bob's project")
     Collection.personal_for(user)
-    foreign_ids = [str(theirs.pk), str(their_collection.pk)]
+    foreign_ids = [str(theirs.pk), str(their_collection.pk), str(their_project.pk)]
     loop = asyncio.new_event_loop()
     seen: dict[str, set[int]] = {}
 
@@ -418,7 +449,7 @@ def test_every_api_route_answers_hostile_requests_with_json_4xx(user, other_user
             return await client.request(method, path, content=content, headers=headers)
 
     @settings(
-        max_examples=400,
+        max_examples=20 * len(ROUTES),  # enough that every route is drawn
         deadline=None,
         suppress_health_check=[
             HealthCheck.too_slow,
@@ -457,7 +488,9 @@ def test_every_api_route_answers_hostile_requests_with_json_4xx(user, other_user
                 if path.startswith("/v1"):
                     assert set(error) == {"message", "type", "param", "code"}, error
         completed = route == "v1/chat/completions" and response.status_code == 200
-        if not completed:
+        # Creating a conversation or a project is what a 201 there means.
+        created = route in CREATING and method == "POST" and response.status_code == 201
+        if not (completed or created):
             assert snapshot() == before, context
         assert circuits.paused() == {}, context
         assert circuits.state("scripted") == "closed", context

@@ -66,6 +66,10 @@ IN_SCHEMA = {
         )
     ],
     "MAX_QUERY_CHARS": [("SearchRequest", "query", "maxLength", limits.MAX_QUERY_CHARS)],
+    "MAX_SHARE_DAYS": [("ShareRequest", "expires_in_days", "maximum", limits.MAX_SHARE_DAYS)],
+    "MAX_INSTRUCTIONS_CHARS": [
+        ("ProjectRequest", "instructions", "maxLength", limits.MAX_INSTRUCTIONS_CHARS)
+    ],
     "MAX_SEARCH_K": [("SearchRequest", "k", "maximum", limits.MAX_SEARCH_K)],
     "MAX_FILES_PER_REQUEST": [("Upload", "file", "maxItems", limits.MAX_FILES_PER_REQUEST)],
     "MAX_DOCUMENTS_LISTED": [
@@ -78,7 +82,15 @@ IN_SCHEMA = {
 # Limits stated in prose: (where, the text that must be there).
 IN_PROSE = {
     "MAX_IMAGES": (field("UserMessage", "content")["description"], "At most 4 image parts"),
-    "MAX_TITLE_CHARS": (field("RenameRequest", "title")["description"], "1-200 characters"),
+    "MAX_TITLE_CHARS": (field("ConversationPatch", "title")["description"], "1-200 characters"),
+    "MAX_CONVERSATION_QUERY_CHARS": (
+        json.dumps(SCHEMA["paths"]["/api/conversations"]["get"]["parameters"]),
+        "at most 200 characters",
+    ),
+    "MAX_SEARCH_HITS": (
+        json.dumps(SCHEMA["paths"]["/api/conversations"]["get"]["parameters"]),
+        "best match first, at most 50",
+    ),
     "MAX_SMALL_BODY_BYTES": (SCHEMA["info"]["description"], "65536 (/api)"),
     "MAX_JSON_DEPTH": (SCHEMA["info"]["description"], "64 (/v1)"),
     "MAX_APP_JSON_DEPTH": (SCHEMA["info"]["description"], "32 (/api)"),

@@ -121,7 +121,13 @@ def test_rename_changes_the_title(alice, conversation):
         content_type="application/json",
     )
     assert response.status_code == 200
-    assert response.json() == {"id": conversation.pk, "title": "Lisbon, May"}
+    assert response.json() | {"updated_at": None} == {
+        "id": conversation.pk,
+        "title": "Lisbon, May",
+        "project_id": None,
+        "pinned": False,
+        "updated_at": None,
+    }
     conversation.refresh_from_db()
     assert conversation.title == "Lisbon, May"
 
@@ -191,6 +197,7 @@ def test_runners_lists_enabled_runners_with_capabilities_and_no_secrets(alice):
                 "capabilities": ["llm", "vlm"],
                 "model_id": "llava",
                 "priority": 5,
+                "context_tokens": 2048,
             }
         ]
     }

@@ -360,7 +360,9 @@ async def test_document_status_messages_of_the_users_group_are_forwarded(user, o
 # ---- regenerate and edit ----------------------------------------------------------------
 
 
-async def test_regenerate_replaces_the_last_answer(user, scripted_runner, scripted_server):
+async def test_regenerate_answers_again_and_keeps_the_earlier_answer(
+    user, scripted_runner, scripted_server
+):
     ws = await connect(user)
     scripted_server.script(Reply(text="First answer."), Reply(text="Second answer."))
     first = await ask(ws, "Tell me something")
@@ -374,13 +376,15 @@ async def test_regenerate_replaces_the_last_answer(user, scripted_runner, script
     assert again["user_message_id"] == accepted["user_message_id"]
     assert again["assistant_message_id"] != accepted["assistant_message_id"]
     rows = await messages_of(accepted["conversation_id"])
-    assert [(m.role, m.content) for m in rows] == [
-        ("user", "Tell me something"),
-        ("assistant", "Second answer."),
+    # Both answers stay, as two branches after the same question (docs/conversations.md).
+    assert [(m.role, m.content, m.parent_id) for m in rows] == [
+        ("user", "Tell me something", None),
+        ("assistant", "First answer.", accepted["user_message_id"]),
+        ("assistant", "Second answer.", accepted["user_message_id"]),
     ]
 
 
-async def test_edit_and_resend_drops_later_messages_and_answers_the_new_text(
+async def test_edit_and_resend_answers_the_new_text_on_a_new_branch(
     user, scripted_runner, scripted_server
 ):
     ws = await connect(user)
@@ -398,10 +402,19 @@ async def test_edit_and_resend_drops_later_messages_and_answers_the_new_text(
             "text": "Q1b",
         }
     )
-    await frames_until(ws, is_end("r3"))
+    edited = of(await frames_until(ws, is_end("r3")), "accepted")[0]
     await ws.disconnect()
     rows = await messages_of(cid)
-    assert [(m.role, m.content) for m in rows] == [("user", "Q1b"), ("assistant", "A1 again")]
+    # The original Q1 and all that followed are kept; Q1b starts a branch beside it.
+    assert [(m.role, m.content) for m in rows] == [
+        ("user", "Q1"),
+        ("assistant", "A1"),
+        ("user", "Q2"),
+        ("assistant", "A2"),
+        ("user", "Q1b"),
+        ("assistant", "A1 again"),
+    ]
+    assert edited["user_message_id"] == rows[4].pk and rows[4].parent_id is None
     sent = scripted_server.chat_requests()[-1].json["messages"]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["Q1b"]
 

@@ -60,6 +60,7 @@ KNOWN_FIELDS = (
     "timezone",
     "step_id",
     "approved",
+    "project_id",
 )
 TYPES = ("message", "regenerate", "edit", "approve", "stop", "ping")
 RUNNER_NAMES = ("auto", "scripted")

@@ -1,0 +1,262 @@
+"""Search, projects, branches, pins and forks in a real browser: headless
+Debian Chromium (Playwright) against a real Daphne process (strict CSP on),
+answering through a Llama Stack runner config that points at the scripted
+chat-completions server on 127.0.0.1 (so answers are known and fast).
+Saves conversation-search.png and conversation-branches.png (see
+tests/support/screenshots.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.processes import ROOT
+from tests.support.screenshots import screenshot_dir
+from tests.support.scripted_server import Reply, ScriptedServer, free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SHOTS = screenshot_dir()
+PASSWORD = "alice-password-123"
+INSTRUCTIONS = "Speak like a pirate of the harbour."
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with ScriptedServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, upstream):
+    """Daphne on a free port with its own SQLite database, one user and one
+    runner (`remote`, the scripted server)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
+    data = tmp_path_factory.mktemp("conversations-site")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env.update(
+        DATA_DIR=str(data),
+        BREEZEWEB_ENV_FILE="/nonexistent",
+        SECRET_KEY="conversations-browser-secret-0123456789-abcdefghij",
+        DJANGO_SETTINGS_MODULE="breezeweb.settings",
+        PRELOAD_LOCAL_RUNNERS="false",
+    )
+
+    def manage(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, timeout=300
+        )
+
+    manage("migrate", "--noinput", "-v0")
+    manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User\n"
+        "from runners.models import RunnerConfig\n"
+        f"User.objects.create_user('alice', password='{PASSWORD}')\n"
+        f"RunnerConfig.objects.create(name='remote', kind='llamastack', endpoint='{upstream.url}',"
+        " model_id='scripted-model', priority=10)\n",
+    )
+    port = free_port()
+    log = open(data / "daphne.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            *(str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port)),
+            "breezeweb.asgi:application",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail(f"daphne did not start:\n{(data / 'daphne.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        context = browser.new_context(viewport={"width": 1280, "height": 820})
+        page = context.new_page()
+        page.problems = []  # console errors (CSP violations among them), page errors
+        page.on(
+            "console",
+            lambda m: (
+                page.problems.append(f"{m.text} {m.location.get('url', '')}")
+                if m.type == "error" and "favicon.ico" not in m.location.get("url", "")
+                else None
+            ),
+        )
+        page.on("pageerror", lambda e: page.problems.append(str(e)))
+        page.on(
+            "response",
+            lambda r: (
+                page.problems.append(f"{r.status} {r.url}")
+                if r.status >= 400 and not r.url.endswith("/favicon.ico")
+                else None
+            ),
+        )
+        page.goto(f"{site}/login/")
+        page.fill("#id_username", "alice")
+        page.fill("#id_password", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#conn-status[data-state=open]", timeout=30_000)
+        yield page
+        browser.close()
+
+
+def _send(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.keyboard.press("Enter")
+
+
+def _answers_done(page, count: int) -> None:
+    page.wait_for_function(
+        "n => document.querySelectorAll('.msg-assistant[data-status=complete]').length >= n",
+        arg=count,
+        timeout=60_000,
+    )
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name))
+
+
+def test_projects_branches_search_pins_and_forks(page, upstream):
+    # A project with instructions and a runner; new chats start in it.
+    page.click("#new-project")
+    page.fill("#project-form [name=name]", "Harbour")
+    page.fill("#project-form [name=instructions]", INSTRUCTIONS)
+    page.select_option("#project-form [name=runner]", "remote")
+    page.click("#project-form button[type=submit]")
+    page.wait_for_selector(".project-item.active:has-text('Harbour')")
+    assert page.input_value("#runner-select") == "remote"
+
+    upstream.script(
+        Reply(text="Arr, the treasure lies under the palm.", usage=(30, 8)),
+        Reply(text="Ahoy again."),
+    )
+    _send(page, "Where is the treasure?")
+    _answers_done(page, 1)
+    # The context gauge: the answer's prompt + answer tokens of the runner's budget.
+    page.wait_for_selector("#context-gauge:not([hidden])")
+    assert "38 / 2,048" in page.inner_text("#context-gauge")
+    assert "30 + 8 tokens" in page.locator(".msg-assistant .msg-meta").last.inner_text()
+    system = [m for m in upstream.chat_requests()[-1].json["messages"] if m["role"] == "system"]
+    assert INSTRUCTIONS in system[0]["content"]
+    page.wait_for_selector(".conversation-item:has-text('Where is the treasure?')")
+
+    # Regenerate: both answers stay, and the arrows move between them.
+    page.locator(".msg-assistant .regen").last.click()
+    page.wait_for_selector(".branch-count:text('2 / 2')", timeout=60_000)
+    assert "Ahoy again." in page.locator(".msg-assistant .msg-body").last.inner_text()
+    _shot(page, "conversation-branches.png")
+    page.click(".branch-prev")
+    page.wait_for_selector(".branch-count:text('1 / 2')")
+    assert "under the palm" in page.locator(".msg-assistant .msg-body").last.inner_text()
+
+    # Pin it, then move it out of the project with its Move action.
+    item = page.locator(".conversation-item").first
+    item.locator("[data-action=pin]").click()
+    page.wait_for_selector(".conversation-item.pinned")
+    item.locator("[data-action=move]").click()
+    page.select_option(".move-select", "")
+    page.wait_for_selector("#conversation-list .empty-list")  # Harbour is empty now
+    page.click(".project-item[data-project=''] .project-link")
+    page.wait_for_selector(".conversation-item.pinned:has-text('Where is the treasure?')")
+
+    # Search what was said: the snippet highlights the word and opens the message.
+    page.click("#new-chat")
+    page.fill("#search", "palm")
+    hit = page.locator(".conversation-item .snippet mark")
+    hit.first.wait_for()
+    assert hit.first.inner_text().lower() == "palm"
+    _shot(page, "conversation-search.png")
+    page.locator(".conversation-item .conversation-link").first.click()
+    page.wait_for_selector(".msg.found")
+    assert "under the palm" in page.locator(".msg.found").inner_text()
+
+    # Fork from the question: a new conversation with just that message.
+    page.fill("#search", "")
+    page.locator(".msg-user .fork").first.click()
+    page.wait_for_function(
+        "() => document.querySelectorAll('.msg').length === 1"
+        " && document.querySelectorAll('.conversation-item').length === 2"
+    )
+    assert page.locator(".msg-user .msg-body").inner_text() == "Where is the treasure?"
+    assert page.problems == []
+
+
+def test_share_link_and_export_from_the_share_dialog(page, site, upstream):
+    upstream.script(Reply(text="Use **bold** moves. <img src=x onerror=alert(1)>"))
+    page.click("#new-chat")
+    _send(page, "Any chess advice?")
+    _answers_done(page, 1)
+    page.click("#share-open")
+    page.click("#share-create")
+    page.wait_for_function("() => document.getElementById('share-url').value.includes('/s/')")
+    link = page.input_value("#share-url")
+
+    # Another browser context: no session at all.
+    visitor = page.context.browser.new_context()
+    shared = visitor.new_page()
+    alerts: list[str] = []
+    shared.on("dialog", lambda d: (alerts.append(d.message), d.dismiss()))
+    shared.goto(link)
+    shared.wait_for_selector(".msg-assistant strong:text('bold')")
+    assert shared.locator(".msg-user").inner_text() == "Any chess advice?"
+    assert shared.locator(".msg img").count() == 0 and alerts == []
+    _shot(shared, "conversation-shared.png")
+
+    page.click("#share-list button:text('Revoke')")
+    page.wait_for_selector("#share-list li[data-active=false]")
+    response = shared.goto(link)
+    assert response.status == 404
+    assert shared.locator(".msg").count() == 0
+    visitor.close()
+
+    # Export from the same dialog: the Markdown download holds the answer and its runner.
+    with page.expect_download() as download:
+        page.click("#export-md")
+    text = Path(download.value.path()).read_text()
+    assert text.startswith("# Any chess advice?") and "Use **bold** moves." in text
+    assert "## Assistant (remote · scripted-model" in text
+    page.click("#share-close")
