@@ -14,8 +14,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +30,8 @@ from chat.models import Conversation, Message
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
 from tests.support.clients import call
-from tests.support.fixtures import runner_config
-from tests.support.processes import (
-    ROOT,
-    Daphne,
-)
+from tests.support.fixtures import runner_config, running
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
 db = pytest.mark.django_db(transaction=True)
@@ -828,7 +823,7 @@ def test_the_docs_page_renders_the_schema_without_inline_scripts(client):
 # ---- live: a real Daphne process, the official openai client -----------------------------------
 
 
-MODELS_DIR = Path(os.environ.get("MODELS_DIR", ROOT / "data" / "models"))
+MODELS_DIR = Path(os.environ["MODELS_DIR"])
 MODEL_READY = (MODELS_DIR / "model.pte").is_file() and (MODELS_DIR / "tokenizer.json").is_file()
 
 _SETUP = """
@@ -851,41 +846,25 @@ class LiveServer:
     """Daphne serving breezeweb.asgi on a free port, with its own SQLite database."""
 
     def __init__(self, tmp: Path, endpoint: str) -> None:
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
-            "DATA_DIR": str(tmp),
-            "DATABASE_URL": f"sqlite:///{tmp / 'live.sqlite3'}",
-            "REDIS_URL": "",  # the embedded defaults, also in the scale-out pass
-            "MODELS_DIR": str(MODELS_DIR),
-            "BREEZEWEB_ENV_FILE": "/nonexistent",
-            "API_REQUESTS_PER_MINUTE": "40",
+        # SQLite and the embedded defaults, also in the scale-out pass.
+        self.env = site_env(
+            tmp,
+            DATABASE_URL=f"sqlite:///{tmp / 'live.sqlite3'}",
+            API_REQUESTS_PER_MINUTE="40",
             # Each test here uses its own key of one user: give each key its own budget.
-            "API_RATE_LIMIT_PER_KEY": "true",
-            "API_MAX_CONCURRENT_STREAMS": "2",
-            "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
-        }
+            API_RATE_LIMIT_PER_KEY="true",
+            API_MAX_CONCURRENT_STREAMS="2",
+        )
         self.daphne = Daphne(self.env)
         self.port, self.url = self.daphne.port, self.daphne.url
         self.endpoint = endpoint
         self.keys: dict[str, str] = {}
 
-    def _manage(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
     def start(self) -> LiveServer:
-        self._manage("migrate", "--noinput")
+        manage(self.env, "migrate", "--noinput")
         names = ["models", "chat", "stream", "ratelimit", "disconnect", "local"]
         code = f"NAMES={names!r}\nENDPOINT={self.endpoint!r}\nLOCAL={MODEL_READY!r}\n" + _SETUP
-        out = self._manage("shell", "-c", code)
+        out = manage(self.env, "shell", "-c", code)
         self.keys = json.loads(out.split("SETUP", 1)[1])
         self.daphne.start()
         return self
@@ -904,13 +883,8 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, _scripted_server_session):
     server = LiveServer(tmp_path_factory.mktemp("live"), _scripted_server_session.url)
-    try:
-        server.start()
-    except Exception as exc:
-        server.stop()
-        pytest.fail(f"the live server did not start: {exc}", pytrace=False)
-    yield server
-    server.stop()
+    with running(server, "the live server"):
+        yield server
 
 
 def test_the_openai_client_lists_models(live, scripted_server):

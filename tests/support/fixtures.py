@@ -12,11 +12,13 @@
 - `no_detached_answers`: no answer outlives the test.
 - `api_key`: a bearer key of `user`.
 - `runner_config(endpoint, name, **fields)`: the one runner-config factory.
+- `running(server, name)`: a helper server started for a fixture, stopped after.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -40,14 +42,8 @@ def scripted_server(_scripted_server_session: ScriptedServer) -> ScriptedServer:
 def llamastack_server():
     from tests.support.llamastack_server import LlamaStackServer
 
-    server = LlamaStackServer()
-    try:
-        server.start()
-    except Exception as exc:
-        server.stop()
-        pytest.fail(f"the real Llama Stack server did not start: {exc}", pytrace=False)
-    yield server
-    server.stop()
+    with running(LlamaStackServer(), "the real Llama Stack server") as server:
+        yield server
 
 
 @pytest.fixture
@@ -89,6 +85,22 @@ def api_key(user) -> str:
     from accounts.models import ApiKey
 
     return ApiKey.issue(user, "tests")[1]
+
+
+@contextmanager
+def running(server, name: str):
+    """`server` started (`.start()`), and stopped (`.stop()`) after; a server
+    that does not start fails the test, saying `name`, once what it did start
+    is stopped."""
+    try:
+        server.start()
+    except Exception as exc:
+        server.stop()
+        pytest.fail(f"{name} did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def runner_config(endpoint: str, name: str = "remote", *, api_key: str = "", **fields):
