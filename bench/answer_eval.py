@@ -33,28 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
-os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bw-bench-answers-")
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL"):
-    os.environ.pop(var, None)
+from _common import setup_django
 
-import django  # noqa: E402
-
-django.setup()
+setup_django("answers", models=True)
 
 
 @dataclass(frozen=True)

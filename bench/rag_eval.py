@@ -34,26 +34,15 @@ import argparse
 import os
 import runpy
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bw-bench-rag-eval-")
-# The prepared models (the ONNX embedding export) are read from the checkout.
-os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL", "EMBEDDING_BACKEND"):
-    os.environ.pop(var, None)
+from _common import percentile, setup_django
 
-import django  # noqa: E402
-
-django.setup()
+# The prepared models (the ONNX embedding export) are read from the checkout;
+# the embedding backend is the default one unless a run says otherwise.
+setup_django("rag-eval", models=True, unset=("EMBEDDING_BACKEND",))
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -280,11 +269,6 @@ def as_markdown(version: str, topics: dict[str, str]) -> str:
 
 def relevant(q: Q, title_: str, text: str) -> bool:
     return (q.version is None or title_ == title(q.version)) and norm(q.answer) in norm(text)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def hard(q: Q) -> bool:
