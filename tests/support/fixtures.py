@@ -11,7 +11,8 @@
 - `fresh_process_state`: runner instances, circuits and the users' limits reset.
 - `no_detached_answers`: no answer outlives the test.
 - `api_key`: a bearer key of `user`.
-- `runner_config(endpoint, name, **fields)`: the one runner-config factory.
+- `runner_config(endpoint, name, **fields)`: the one runner-config factory;
+  `runner_form(config, **changes)`: its admin change form, filled in.
 - `running(server, name)`: a helper server started for a fixture, stopped after.
 """
 
@@ -121,3 +122,26 @@ def runner_config(endpoint: str, name: str = "remote", *, api_key: str = "", **f
         config.api_key = api_key
     config.save()
     return config
+
+
+def runner_form(config, **changes) -> dict:
+    """The admin change form of `config` as an admin submits it: its saved
+    values, the key field left blank (keeps the stored key), `changes` on top;
+    an empty value is an unchecked box or a blank field."""
+    data = {
+        "name": config.name,
+        "kind": config.kind,
+        "enabled": "on" if config.enabled else "",
+        "priority": str(config.priority),
+        "model_id": config.model_id,
+        "endpoint": config.endpoint,
+        "api_key": "",
+        "temperature": str(config.temperature),
+        "max_tokens": str(config.max_tokens),
+        "context_tokens": str(config.context_tokens),
+        "timeout_seconds": str(config.timeout_seconds),
+        "enable_rag": "on" if config.enable_rag else "",
+        "extra_params": "{}",
+        **changes,
+    }
+    return {k: v for k, v in data.items() if v != ""}
