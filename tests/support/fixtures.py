@@ -11,6 +11,8 @@
 - `fresh_process_state`: runner instances, circuits and the users' limits reset.
 - `no_detached_answers`: no answer outlives the test.
 - `api_key`: a bearer key of `user`.
+- `rag_thread`: documents ingested by this process' worker thread; after the
+  test its queue is drained and the test Chroma store emptied.
 - `runner_config(endpoint, name, **fields)`: the one runner-config factory;
   `runner_form(config, **changes)`: its admin change form, filled in.
 - `running(server, name)`: a helper server started for a fixture, stopped after.
@@ -78,6 +80,17 @@ async def no_detached_answers():
     from chat.consumers import finish_detached
 
     await finish_detached(cancel=True)
+
+
+@pytest.fixture
+def rag_thread(settings):
+    from rag import worker
+    from tests.support.documents import drop_all_chroma_collections
+
+    settings.RAG_INGEST_WORKER = "thread"
+    yield settings
+    worker.wait_until_idle(timeout=120)
+    drop_all_chroma_collections()
 
 
 @pytest.fixture
