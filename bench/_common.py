@@ -1,5 +1,6 @@
-"""What the benchmarks share: Django set up in a throw-away DATA_DIR, and the
-percentile they report. Not a benchmark itself (running it does nothing).
+"""What the benchmarks share: Django set up in a throw-away DATA_DIR, the
+evaluation sets in bench/evalsets, and the percentile they report. Not a benchmark
+itself (running it does nothing).
 
 The live processes a benchmark starts (Daphne, a scripted upstream, `manage.py`)
 come from tests/support/processes.py, the same helpers the tests use."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,11 @@ def setup_django(name: str, *, models: bool = False, unset: tuple[str, ...] = ()
 
     django.setup()
     return data_dir
+
+
+def evaluation_set(name: str) -> dict:
+    """bench/evalsets/<name>.toml: an evaluation set, kept as data apart from the code."""
+    return tomllib.loads((ROOT / "bench" / "evalsets" / f"{name}.toml").read_text())
 
 
 def percentile(values: list[float], q: float) -> float:
