@@ -1,5 +1,6 @@
 """Real BreezeWeb processes for tests and benchmarks: Daphne on a free port,
-`runworker`, `manage.py` commands, a site of its own.
+`runworker`, `manage.py` commands, a site of its own, and a scripted upstream
+in a process of its own (`Upstream`).
 
 By default they share the test's database, Redis and DATA_DIR through the
 environment, exactly as separate machines of a scale-out deployment would;
