@@ -229,7 +229,8 @@ def versus_bare(runs: int, runner_speed, bare_speed, **figures) -> dict:
     """Our runner vs the bare runner in one process, alternating which goes
     first on the speed prompt, so a busy machine slows both alike: medians of
     the per-round figures. `runner_speed()` / `bare_speed()` give one round's
-    sample; `figures` adds (name, f(runner_sample, bare_sample)) medians."""
+    sample; each `figures` entry, name=(f(runner_sample, bare_sample), digits),
+    adds the median of f rounded to digits."""
     rounds = []
     for i in range(runs):
         if i % 2:
