@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/answer_eval.py [--configs before,after] [--limit N]
 
-Twelve short fictional fact sheets (so no model can answer from memory), all
-uploaded together into one collection, so retrieval returns the other sheets
-as distractors; 48 questions whose answer is in exactly one sheet and 10 whose
-answer is in none. Each question is one real chat turn through
-`chat.pipeline.run_turn` (guardian, hybrid retrieval, router, the local
-runner), pinned to an `executorch` runner on the prepared model, with the
+Twelve short fictional fact sheets (bench/evalsets/answer_eval_sheets.toml; so no
+model can answer from memory), all uploaded together into one collection, so
+retrieval returns the other sheets as distractors; 48 questions whose answer is
+in exactly one sheet and 10 whose answer is in none. Each question is one real
+chat turn through `chat.pipeline.run_turn` (guardian, hybrid retrieval, router,
+the local runner), pinned to an `executorch` runner on the prepared model, with the
 default config's temperature (0.7) and a fixed seed per question (so a rerun
 gives the same answers).
 
@@ -33,28 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
-os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bw-bench-answers-")
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL"):
-    os.environ.pop(var, None)
+from _common import evaluation_set, setup_django
 
-import django  # noqa: E402
-
-django.setup()
+setup_django("answers", models=True)
 
 
 @dataclass(frozen=True)
@@ -65,167 +51,14 @@ class Sheet:
     questions: tuple[tuple[str, str, tuple[str, ...]], ...]
 
 
-SHEETS = (
+_DATA = evaluation_set("answer_eval_sheets")
+SHEETS = tuple(
     Sheet(
-        "varnholm-lighthouse.md",
-        "# Varnholm Lighthouse\n\nVarnholm Lighthouse stands on the northern cape of the "
-        "island of Keswa. It was built by Ilse Varga in 1874. Its tower is 31 metres tall "
-        "and its lamp was first lit with whale oil. The last keeper, Tomas Brenn, left in "
-        "1961, when the light was automated.",
-        (
-            ("Who built Varnholm Lighthouse?", "builder", ("Ilse Varga",)),
-            ("In what year was Varnholm Lighthouse built?", "year", ("1874",)),
-            ("How tall is the tower of Varnholm Lighthouse?", "height", ("31",)),
-            ("Who was the last keeper of Varnholm Lighthouse?", "keeper", ("Tomas Brenn",)),
-        ),
-    ),
-    Sheet(
-        "orsa-point-lighthouse.md",
-        "# Orsa Point Lighthouse\n\nOrsa Point Lighthouse guards the entrance to the bay "
-        "of Lummen. It was built by Margaret Ostrow in 1902. Its tower is 47 metres tall "
-        "and is painted with red and white bands. The last keeper, Eda Quill, left in 1979.",
-        (
-            ("Who built Orsa Point Lighthouse?", "builder", ("Margaret Ostrow",)),
-            ("In what year was Orsa Point Lighthouse built?", "year", ("1902",)),
-            ("How tall is the tower of Orsa Point Lighthouse?", "height", ("47",)),
-            ("Who was the last keeper of Orsa Point Lighthouse?", "keeper", ("Eda Quill",)),
-        ),
-    ),
-    Sheet(
-        "tallow-rock-lighthouse.md",
-        "# Tallow Rock Lighthouse\n\nTallow Rock Lighthouse sits on a reef off the town of "
-        "Brisk. It was built by Anselm Kroy in 1851. Its tower is 22 metres tall and made "
-        "of granite from the Vell quarry. The last keeper, Jorun Pask, left in 1958.",
-        (
-            ("Who built Tallow Rock Lighthouse?", "builder", ("Anselm Kroy",)),
-            ("In what year was Tallow Rock Lighthouse built?", "year", ("1851",)),
-            ("How tall is the tower of Tallow Rock Lighthouse?", "height", ("22",)),
-            ("Where does the granite of Tallow Rock Lighthouse come from?", "quarry", ("Vell",)),
-        ),
-    ),
-    Sheet(
-        "emberline-bridge.md",
-        "# The Emberline Bridge\n\nThe Emberline Bridge crosses the river Sorrow at the city "
-        "of Caddan. It was designed by Rafe Ulloa and opened in 1933. Its main span is 412 "
-        "metres long. It carries two tram lines and a footpath.",
-        (
-            ("Who designed the Emberline Bridge?", "builder", ("Rafe Ulloa",)),
-            ("In what year did the Emberline Bridge open?", "year", ("1933",)),
-            ("How long is the main span of the Emberline Bridge?", "length", ("412",)),
-            ("Which river does the Emberline Bridge cross?", "river", ("Sorrow",)),
-        ),
-    ),
-    Sheet(
-        "gull-harbour-bridge.md",
-        "# Gull Harbour Bridge\n\nGull Harbour Bridge crosses the river Tamsel at the port of "
-        "Ferrow. It was designed by Nadia Kestrel and opened in 1968. Its main span is 280 "
-        "metres long. It is closed to traffic every year on the first of May for the kite "
-        "festival.",
-        (
-            ("Who designed Gull Harbour Bridge?", "builder", ("Nadia Kestrel",)),
-            ("In what year did Gull Harbour Bridge open?", "year", ("1968",)),
-            ("How long is the main span of Gull Harbour Bridge?", "length", ("280",)),
-            ("Which river does Gull Harbour Bridge cross?", "river", ("Tamsel",)),
-        ),
-    ),
-    Sheet(
-        "halden-observatory.md",
-        "# Halden Observatory\n\nHalden Observatory stands on Mount Corrin, 2,140 metres above "
-        "the sea. It was founded by Piet Savaro in 1897. Its main telescope has a mirror "
-        "of 1.8 metres. The observatory discovered the comet Halden-Ivers in 1921.",
-        (
-            ("Who founded Halden Observatory?", "builder", ("Piet Savaro",)),
-            ("In what year was Halden Observatory founded?", "year", ("1897",)),
-            ("On which mountain does Halden Observatory stand?", "mountain", ("Corrin",)),
-            ("Which comet did Halden Observatory discover?", "comet", ("Halden-Ivers",)),
-        ),
-    ),
-    Sheet(
-        "mirecroft-observatory.md",
-        "# Mirecroft Observatory\n\nMirecroft Observatory stands on Mount Ebbe, 1,650 metres "
-        "above the sea. It was founded by Colette Marr in 1912. Its main telescope has a "
-        "mirror of 2.4 metres. The observatory discovered the comet Mirecroft-Dahl in 1950.",
-        (
-            ("Who founded Mirecroft Observatory?", "builder", ("Colette Marr",)),
-            ("In what year was Mirecroft Observatory founded?", "year", ("1912",)),
-            ("On which mountain does Mirecroft Observatory stand?", "mountain", ("Ebbe",)),
-            ("Which comet did Mirecroft Observatory discover?", "comet", ("Mirecroft-Dahl",)),
-        ),
-    ),
-    Sheet(
-        "saltmarsh-library.md",
-        "# Saltmarsh Library\n\nSaltmarsh Library is the public library of the town of "
-        "Wendle. It was founded by Odile Fenwick in 1889 and holds 86,000 books. Its reading "
-        "room has a glass dome. The library's oldest book is a herbal printed in 1502.",
-        (
-            ("Who founded Saltmarsh Library?", "builder", ("Odile Fenwick",)),
-            ("In what year was Saltmarsh Library founded?", "year", ("1889",)),
-            ("How many books does Saltmarsh Library hold?", "count", ("86,000", "86000")),
-            ("In which town is Saltmarsh Library?", "town", ("Wendle",)),
-        ),
-    ),
-    Sheet(
-        "corvin-library.md",
-        "# Corvin Library\n\nCorvin Library is the university library of the city of Arrask. "
-        "It was founded by Bastian Corvin in 1921 and holds 412,000 books. Its reading room "
-        "is open day and night. The library's oldest book is an atlas printed in 1570.",
-        (
-            ("Who founded Corvin Library?", "builder", ("Bastian Corvin",)),
-            ("In what year was Corvin Library founded?", "year", ("1921",)),
-            ("How many books does Corvin Library hold?", "count", ("412,000", "412000")),
-            ("In which city is Corvin Library?", "town", ("Arrask",)),
-        ),
-    ),
-    Sheet(
-        "pellory-clocktower.md",
-        "# Pellory Clock Tower\n\nPellory Clock Tower stands in the market square of Dunmere. "
-        "It was built by Hester Vane in 1788. Its bell weighs 3 tonnes and is called Old "
-        "Maud. The clock was made by the Fettle workshop.",
-        (
-            ("Who built Pellory Clock Tower?", "builder", ("Hester Vane",)),
-            ("In what year was Pellory Clock Tower built?", "year", ("1788",)),
-            ("What is the bell of Pellory Clock Tower called?", "bell", ("Old Maud",)),
-            ("Which workshop made the clock of Pellory Clock Tower?", "maker", ("Fettle",)),
-        ),
-    ),
-    Sheet(
-        "ashgrove-clocktower.md",
-        "# Ashgrove Clock Tower\n\nAshgrove Clock Tower stands beside the railway station of "
-        "Pollen. It was built by Leopold Strand in 1864. Its bell weighs 2 tonnes and is "
-        "called Big Wren. The clock was made by the Harrow and Sons workshop.",
-        (
-            ("Who built Ashgrove Clock Tower?", "builder", ("Leopold Strand",)),
-            ("In what year was Ashgrove Clock Tower built?", "year", ("1864",)),
-            ("What is the bell of Ashgrove Clock Tower called?", "bell", ("Big Wren",)),
-            ("Which workshop made the clock of Ashgrove Clock Tower?", "maker", ("Harrow",)),
-        ),
-    ),
-    Sheet(
-        "quenby-canal.md",
-        "# The Quenby Canal\n\nThe Quenby Canal links the towns of Stoll and Marrow. It was "
-        "dug by Wilhelmina Trask between 1790 and 1796. It is 38 kilometres long and has 14 "
-        "locks. Its tunnel under Hob Hill is 900 metres long.",
-        (
-            ("Who dug the Quenby Canal?", "builder", ("Wilhelmina Trask",)),
-            ("How many locks does the Quenby Canal have?", "locks", ("14",)),
-            ("How long is the Quenby Canal?", "length", ("38",)),
-            ("Which hill does the tunnel of the Quenby Canal pass under?", "hill", ("Hob",)),
-        ),
-    ),
+        sheet["filename"], sheet["text"], tuple((q, k, tuple(a)) for q, k, a in sheet["questions"])
+    )
+    for sheet in _DATA["sheet"]
 )
-
-UNANSWERABLE = (
-    "What colour is the door of Varnholm Lighthouse?",
-    "How many visitors does Orsa Point Lighthouse get each year?",
-    "Who repaired the Emberline Bridge in 1990?",
-    "What is the toll for crossing Gull Harbour Bridge?",
-    "Who is the current director of Halden Observatory?",
-    "How many people work at Mirecroft Observatory?",
-    "What are the opening hours of Saltmarsh Library on Sundays?",
-    "How much did it cost to build Pellory Clock Tower?",
-    "How many boats use the Quenby Canal each year?",
-    "Who painted the ceiling of Corvin Library?",
-)
+UNANSWERABLE = tuple(_DATA["unanswerable"])
 
 NOT_IN_DOCS = re.compile(
     r"(do(es)? not (contain|say|mention|provide|include|state|specify|have)|"

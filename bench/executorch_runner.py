@@ -209,25 +209,10 @@ def bare_session(model_dir: Path):
     return load_s, one
 
 
-def worker_runner(model_dir: Path, runs: int) -> dict:
-    runner, one = runner_session(model_dir)
-
-    async def main() -> dict:
-        started = time.perf_counter()
-        await runner.load()
-        load_s = time.perf_counter() - started
-        await one("Hi", 4)  # warm-up
-        answers = [(await one(q, ANSWER_TOKENS))[0].strip() for q in QUESTIONS]
-        samples = [(await one(SPEED_PROMPT, SPEED_TOKENS))[1] for _ in range(runs)]
-        return {"load_s": round(load_s, 2), "answers": answers, "speed": _summary(samples)}
-
-    result = asyncio.run(main())
-    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    return result
-
-
-def worker_bare(model_dir: Path, runs: int) -> dict:
-    load_s, one = bare_session(model_dir)
+def answers_and_speed(one, runs: int, load_s: float, **extra) -> dict:
+    """What every path reports, `one(question, max_tokens) -> (text, sample)`
+    after a warm-up: the greedy answers to QUESTIONS, the median figures of
+    `runs` speed prompts, its load time and this process' peak RSS."""
     one("Hi", 4)
     answers = [one(q, ANSWER_TOKENS)[0].strip() for q in QUESTIONS]
     samples = [one(SPEED_PROMPT, SPEED_TOKENS)[1] for _ in range(runs)]
@@ -236,42 +221,66 @@ def worker_bare(model_dir: Path, runs: int) -> dict:
         "answers": answers,
         "speed": _summary(samples),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        **extra,
     }
+
+
+def versus_bare(runs: int, runner_speed, bare_speed, **figures) -> dict:
+    """Our runner vs the bare runner in one process, alternating which goes
+    first on the speed prompt, so a busy machine slows both alike: medians of
+    the per-round figures. `runner_speed()` / `bare_speed()` give one round's
+    sample; each `figures` entry, name=(f(runner_sample, bare_sample), digits),
+    adds the median of f rounded to digits."""
+    rounds = []
+    for i in range(runs):
+        if i % 2:
+            b = bare_speed()
+            r = runner_speed()
+        else:
+            r = runner_speed()
+            b = bare_speed()
+        rounds.append((r, b))
+
+    def median(f) -> float:
+        return statistics.median(f(r, b) for r, b in rounds)
+
+    return {
+        "rounds": len(rounds),
+        "decode_ratio": round(median(lambda r, b: r["decode_tps"] / b["decode_tps"]), 3),
+        **{name: round(median(f), digits) for name, (f, digits) in figures.items()},
+        "runner_decode_tps": round(median(lambda r, _: r["decode_tps"]), 1),
+        "bare_decode_tps": round(median(lambda _, b: b["decode_tps"]), 1),
+    }
+
+
+def worker_runner(model_dir: Path, runs: int) -> dict:
+    runner, one = runner_session(model_dir)
+    with asyncio.Runner() as loop:
+        started = time.perf_counter()
+        loop.run(runner.load())
+        load_s = time.perf_counter() - started
+        return answers_and_speed(lambda q, n: loop.run(one(q, n)), runs, load_s)
+
+
+def worker_bare(model_dir: Path, runs: int) -> dict:
+    load_s, one = bare_session(model_dir)
+    return answers_and_speed(one, runs, load_s)
 
 
 def worker_overhead(model_dir: Path, runs: int) -> dict:
-    """Runner vs bare in one process, alternating on the same prompt, so a
-    busy machine slows both alike; medians of the per-round ratios."""
+    """Runner vs bare on the same greedy decode: what our runner costs."""
     runner, runner_one = runner_session(model_dir)
     _, bare_one = bare_session(model_dir)
-
-    async def main() -> list[tuple[dict, dict]]:
-        await runner.load()
-        await runner_one("Hi", 4)
+    with asyncio.Runner() as loop:
+        loop.run(runner.load())
+        loop.run(runner_one("Hi", 4))
         bare_one("Hi", 4)
-        rounds = []
-        for i in range(runs):
-            if i % 2:
-                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
-                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]
-            else:
-                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]
-                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
-            rounds.append((r, b))
-        return rounds
-
-    rounds = asyncio.run(main())
-    return {
-        "rounds": len(rounds),
-        "decode_ratio": round(
-            statistics.median(r["decode_tps"] / b["decode_tps"] for r, b in rounds), 3
-        ),
-        "ttft_delta_ms": round(
-            statistics.median(r["ttft_ms"] - b["ttft_ms"] for r, b in rounds), 1
-        ),
-        "runner_decode_tps": round(statistics.median(r["decode_tps"] for r, _ in rounds), 1),
-        "bare_decode_tps": round(statistics.median(b["decode_tps"] for _, b in rounds), 1),
-    }
+        return versus_bare(
+            runs,
+            lambda: loop.run(runner_one(SPEED_PROMPT, SPEED_TOKENS))[1],
+            lambda: bare_one(SPEED_PROMPT, SPEED_TOKENS)[1],
+            ttft_delta_ms=(lambda r, b: r["ttft_ms"] - b["ttft_ms"], 1),
+        )
 
 
 def worker_sampling(model_dir: Path, runs: int) -> dict:
@@ -282,36 +291,19 @@ def worker_sampling(model_dir: Path, runs: int) -> dict:
         model_dir, repetition_penalty=1.1, top_k=40, top_p=0.9, seed=1
     )
     _, bare_one = bare_session(model_dir)
-
-    async def main() -> list[tuple[dict, dict]]:
-        await runner.load()
-        await runner_one("Hi", 4)
-        rounds = []
-        for i in range(runs):
-            kwargs = {"temperature": 0.7}
-            if i % 2:
-                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
-                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS, **kwargs))[1]
-            else:
-                r = (await runner_one(SPEED_PROMPT, SPEED_TOKENS, **kwargs))[1]
-                b = bare_one(SPEED_PROMPT, SPEED_TOKENS)[1]
-            rounds.append((r, b))
-        return rounds
-
-    rounds = asyncio.run(main())
-    # Per-token time difference: what sampling adds to each token.
-    return {
-        "rounds": len(rounds),
-        "decode_ratio": round(
-            statistics.median(r["decode_tps"] / b["decode_tps"] for r, b in rounds), 3
-        ),
-        "per_token_overhead_ms": round(
-            statistics.median(1000 / r["decode_tps"] - 1000 / b["decode_tps"] for r, b in rounds),
-            3,
-        ),
-        "runner_decode_tps": round(statistics.median(r["decode_tps"] for r, _ in rounds), 1),
-        "bare_decode_tps": round(statistics.median(b["decode_tps"] for _, b in rounds), 1),
-    }
+    with asyncio.Runner() as loop:
+        loop.run(runner.load())
+        loop.run(runner_one("Hi", 4))
+        return versus_bare(
+            runs,
+            lambda: loop.run(runner_one(SPEED_PROMPT, SPEED_TOKENS, temperature=0.7))[1],
+            lambda: bare_one(SPEED_PROMPT, SPEED_TOKENS)[1],
+            # Per-token time difference: what sampling adds to each token.
+            per_token_overhead_ms=(
+                lambda r, b: 1000 / r["decode_tps"] - 1000 / b["decode_tps"],
+                3,
+            ),
+        )
 
 
 MULTITURN_SYSTEM = (
@@ -412,19 +404,17 @@ def worker_llamacpp(model_dir: Path, runs: int, threads: int = 2) -> dict:
             "decode_tps": (n - 1) / (times[-1] - times[0]) if n > 1 else 0.0,
         }
 
-    one("Hi", 4)
-    answers = [one(q, ANSWER_TOKENS)[0].strip() for q in QUESTIONS]
-    samples = [one(SPEED_PROMPT, SPEED_TOKENS)[1] for _ in range(runs)]
-    return {
-        "load_s": round(load_s, 2),
-        "answers": answers,
-        "speed": _summary(samples),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "system_info": llama_print_system_info().decode(errors="replace").strip(),
-    }
+    return answers_and_speed(
+        one,
+        runs,
+        load_s,
+        system_info=llama_print_system_info().decode(errors="replace").strip(),
+    )
 
 
-def worker_eager(runs: int) -> dict:
+def worker_eager(model_dir: Path | None, runs: int) -> dict:
+    """HF transformers eager on the GGUF's de-quantized fp32 weights
+    (`model_dir` unused: the weights come from the GGUF)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -480,16 +470,19 @@ def worker_eager(runs: int) -> dict:
             "decode_tps": (n - 1) / (token_times[-1] - token_times[0]) if n > 1 else 0.0,
         }
 
-    one("Hi", 4)
-    answers = [one(q, ANSWER_TOKENS)[0].strip() for q in QUESTIONS]
-    samples = [one(SPEED_PROMPT, SPEED_TOKENS)[1] for _ in range(runs)]
-    return {
-        "load_s": round(load_s, 2),
-        "answers": answers,
-        "speed": _summary(samples),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return answers_and_speed(one, runs, load_s, torch_threads=torch.get_num_threads())
+
+
+# Each runs in a process of its own (`--worker NAME`), called with (model_dir, runs).
+WORKERS = {
+    "runner": worker_runner,
+    "bare": worker_bare,
+    "eager": worker_eager,
+    "overhead": worker_overhead,
+    "sampling": worker_sampling,
+    "multiturn": worker_multiturn,
+    "llamacpp": worker_llamacpp,
+}
 
 
 # ---- driver ------------------------------------------------------------------------
@@ -535,10 +528,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="8da8w,8da4w,fp32")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument(
-        "--worker",
-        choices=["runner", "bare", "eager", "overhead", "sampling", "multiturn", "llamacpp"],
-    )
+    parser.add_argument("--worker", choices=list(WORKERS))
     parser.add_argument(
         "--no-eager", action="store_true", help="skip PyTorch eager (slow: ~25 tok/s)"
     )
@@ -557,26 +547,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
 
-    if args.worker == "runner":
-        print(json.dumps(worker_runner(args.model_dir, args.runs)))
-        return
-    if args.worker == "bare":
-        print(json.dumps(worker_bare(args.model_dir, args.runs)))
-        return
-    if args.worker == "overhead":
-        print(json.dumps(worker_overhead(args.model_dir, args.runs)))
-        return
-    if args.worker == "eager":
-        print(json.dumps(worker_eager(args.runs)))
-        return
-    if args.worker == "llamacpp":
-        print(json.dumps(worker_llamacpp(args.model_dir, args.runs)))
-        return
-    if args.worker == "sampling":
-        print(json.dumps(worker_sampling(args.model_dir, args.runs)))
-        return
-    if args.worker == "multiturn":
-        print(json.dumps(worker_multiturn(args.model_dir, args.runs)))
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.model_dir, args.runs)))
         return
     if args.only:
         print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")

@@ -19,33 +19,23 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401 - puts the checkout on sys.path, for tests.support
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import Daphne, Upstream, manage, site_env
+from tests.support.scripted_server import Reply, ScriptedServer, serve_until_stdin_closes
+
 BODY = {
     "model": "scripted-model",
     "messages": [{"role": "user", "content": "Say hello in five words."}],
     "max_tokens": 32,
 }
-
-UPSTREAM = """
-import sys, time
-sys.path.insert(0, {root!r})
-from tests.support.scripted_server import Reply, ScriptedServer
-server = ScriptedServer().start()
-server.default_reply = Reply(text="Hello there from the fast upstream.", usage=(12, 7))
-print(server.port, flush=True)
-sys.stdin.read()  # until the benchmark closes our stdin
-server.stop()
-"""
 
 SETUP = """
 import json
@@ -59,22 +49,11 @@ print("KEY" + ApiKey.issue(user, "bench")[1])
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+def serve_upstream() -> None:
+    """Run in its own process: the fast upstream."""
+    server = ScriptedServer()
+    server.default_reply = Reply(text="Hello there from the fast upstream.", usage=(12, 7))
+    serve_until_stdin_closes(server)
 
 
 async def load(url: str, headers: dict, body: dict, total: int, concurrency: int) -> dict:
@@ -118,97 +97,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream()
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="breezeweb-bench-api-"))
-    upstream = subprocess.Popen(
-        [sys.executable, "-c", UPSTREAM.format(root=str(ROOT))],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    env = site_env(
+        tmp,
+        DATABASE_URL=f"sqlite:///{tmp / 'bench.sqlite3'}",
+        API_REQUESTS_PER_MINUTE="1000000",
+        LOG_LEVEL="WARNING",
     )
-    daphne = None
-    try:
-        upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline())}"
-        wait_for(f"{upstream_url}/v1/health")
-        port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
-            "DATA_DIR": str(tmp),
-            "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
-            "BREEZEWEB_ENV_FILE": "/nonexistent",
-            "API_REQUESTS_PER_MINUTE": "1000000",
-            "LOG_LEVEL": "WARNING",
-            "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
-        }
-        manage = [sys.executable, "manage.py"]
-        subprocess.run(
-            [*manage, "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
-        )
-        out = subprocess.run(
-            [*manage, "shell", "-c", SETUP.format(endpoint=upstream_url)],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+    daphne = Daphne(env, log=tmp / "daphne.log")
+    with Upstream([sys.executable, __file__, "--serve-upstream"]) as upstream:
+        manage(env, "migrate", "--noinput")
+        out = manage(env, "shell", "-c", SETUP.format(endpoint=upstream.url))
         key = out.split("KEY", 1)[1].strip()
-        daphne = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "breezeweb.asgi:application",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        api_url = f"http://127.0.0.1:{port}"
-        wait_for(f"{api_url}/healthz")
+        try:
+            daphne.start()
+            direct = (f"{upstream.url}/v1/chat/completions", {}, BODY)
+            through = (
+                f"{daphne.url}/v1/chat/completions",
+                {"Authorization": f"Bearer {key}"},
+                {**BODY, "model": "upstream"},  # the runner config's name is the API's model id
+            )
+            results = {}
+            for name, (url, headers, body) in (
+                ("upstream direct", direct),
+                ("through BreezeWeb", through),
+            ):
+                asyncio.run(load(url, headers, body, 30, args.concurrency))  # warm-up
+                results[name] = asyncio.run(
+                    load(url, headers, body, args.requests, args.concurrency)
+                )
+        finally:
+            daphne.stop()
 
-        direct = (f"{upstream_url}/v1/chat/completions", {}, BODY)
-        through = (
-            f"{api_url}/v1/chat/completions",
-            {"Authorization": f"Bearer {key}"},
-            {**BODY, "model": "upstream"},  # the runner config's name is the API's model id
-        )
-        results = {}
-        for name, (url, headers, body) in (
-            ("upstream direct", direct),
-            ("through BreezeWeb", through),
-        ):
-            asyncio.run(load(url, headers, body, 30, args.concurrency))  # warm-up
-            results[name] = asyncio.run(load(url, headers, body, args.requests, args.concurrency))
-
-        print(
-            f"non-streaming chat completions, {args.requests} requests, "
-            f"concurrency {args.concurrency}, {os.cpu_count()} CPUs"
-        )
-        print(f"{'':20} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>8}")
-        for name, r in results.items():
-            failed = sum(r["failures"].values())
-            print(f"{name:20} {r['rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {failed:8}")
-        d, t = results["upstream direct"], results["through BreezeWeb"]
-        print(
-            f"ratio (BreezeWeb / direct): throughput {t['rps'] / d['rps']:.3f}, "
-            f"p50 latency {t['p50_ms'] / d['p50_ms']:.1f}x, "
-            f"p99 latency {t['p99_ms'] / d['p99_ms']:.1f}x"
-        )
-        print(json.dumps(results))
-    finally:
-        if daphne is not None:
-            daphne.terminate()
-            daphne.wait(10)
-        upstream.stdin.close()
-        upstream.wait(10)
+    print(
+        f"non-streaming chat completions, {args.requests} requests, "
+        f"concurrency {args.concurrency}, {os.cpu_count()} CPUs"
+    )
+    print(f"{'':20} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>8}")
+    for name, r in results.items():
+        failed = sum(r["failures"].values())
+        print(f"{name:20} {r['rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {failed:8}")
+    d, t = results["upstream direct"], results["through BreezeWeb"]
+    print(
+        f"ratio (BreezeWeb / direct): throughput {t['rps'] / d['rps']:.3f}, "
+        f"p50 latency {t['p50_ms'] / d['p50_ms']:.1f}x, "
+        f"p99 latency {t['p99_ms'] / d['p99_ms']:.1f}x"
+    )
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

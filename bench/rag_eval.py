@@ -8,8 +8,8 @@ Corpus: the Python language reference as each installed Python carries it
 (`pydoc_data/topics.py` of the pyenv Pythons 3.8, 3.10, 3.12 and 3.13), one
 markdown document per version (`python-3.12-reference.md`, a `##` section per
 topic): four near-duplicate documents whose chunks mostly read alike.
-Questions: QUESTIONS below, written for this benchmark (none of them is the
-issue's held-out set). Each names the passage that answers it (a string the
+Questions: bench/evalsets/rag_eval_questions.toml, written for this benchmark
+(none of them is the issue's held-out set). Each names the passage that answers it (a string the
 chunk must contain) and, when it asks about a version, the only document that
 counts. Tags: `para` = paraphrased away from the text's words; `version` =
 names a version among the near-duplicates; `ident` = hinges on an exact
@@ -34,26 +34,15 @@ import argparse
 import os
 import runpy
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bw-bench-rag-eval-")
-# The prepared models (the ONNX embedding export) are read from the checkout.
-os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL", "EMBEDDING_BACKEND"):
-    os.environ.pop(var, None)
+from _common import evaluation_set, percentile, setup_django
 
-import django  # noqa: E402
-
-django.setup()
+# The prepared models (the ONNX embedding export) are read from the checkout;
+# the embedding backend is the default one unless a run says otherwise.
+setup_django("rag-eval", models=True, unset=("EMBEDDING_BACKEND",))
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -75,153 +64,10 @@ class Q:
     tags: tuple[str, ...] = ()
 
 
-# fmt: off
-QUESTIONS: list[Q] = [
-    # --- naming a version among the near-duplicates ---------------------------------
-    Q("In the Python 3.13 debugger, does set_trace() stop right away or on the next line?",
-      "will enter the debugger immediately", "3.13", ("version", "para")),
-    Q("Python 3.13 pdb exceptions excnumber command",
-      "List or jump between chained exceptions", "3.13", ("version", "ident")),
-    Q("With Python 3.13, do variables I change at the debugger prompt take effect in the "
-      "running function at once?", "will immediately affect the active scope", "3.13",
-      ("version", "para")),
-    Q("Python 3.13 type parameter default values PEP 696",
-      "Support for default values was added", "3.13", ("version", "ident")),
-    Q("Since when can a class declare its own generic type variables in brackets, according "
-      "to the 3.12 reference?", "Type parameter lists are new in Python 3.12", "3.12",
-      ("version", "para")),
-    Q("What new kind of scope does Python 3.12 use for generics and type aliases?",
-      "Annotation scopes were introduced in Python 3.12", "3.12", ("version", "para")),
-    Q("Python 3.13 annotation scopes used for type parameter defaults",
-      "Annotation scopes are also used for type parameter defaults", "3.13", ("version",)),
-    Q("Python 3.12 formatting: how do I keep a rounded -0.0 from printing with a minus sign?",
-      "coerces negative zero", "3.12", ("version", "para")),
-    Q("Python 3.13 str.replace count keyword argument",
-      "*count* is now supported as a keyword argument", "3.13", ("version", "ident")),
-    Q("Which text encoding does the Python 3.12 debugger use for its startup configuration "
-      "file?", "is now read with", "3.12", ("version", "para")),
-    Q("Python 3.10 with statement grouping parentheses multiple lines",
-      "Support for using grouping parentheses to break the statement in multiple lines",
-      "3.10", ("version",)),
-    Q("In Python 3.10, which names behave as keywords only in particular contexts?",
-      'The identifiers "match", "case" and "_" can syntactically act as keywords', "3.10",
-      ("version", "para")),
-    Q("In Python 3.12, which names behave as keywords only in particular contexts?",
-      'The identifiers "match", "case", "type" and "_" can syntactically act as keywords',
-      "3.12", ("version", "para")),
-    Q("Python 3.12 int() delegation to __trunc__ deprecated",
-      'The delegation of "int()" to "__trunc__()" is deprecated', "3.12",
-      ("version", "ident")),
-    Q("Python 3.10: how does a class tell pattern matching which attributes its positional "
-      "sub-patterns stand for?", "This class variable can be assigned a tuple of strings",
-      "3.10", ("version", "para")),
-    Q("How do I catch groups of several exceptions at once in a try statement, per the 3.13 "
-      "reference?", 'clause(s) are used for handling "ExceptionGroup"s', "3.13",
-      ("version", "para")),
-    Q("Python 3.12 except* clause ExceptionGroup",
-      'clause(s) are used for handling "ExceptionGroup"s', "3.12", ("version", "ident")),
-    Q("Python 3.8 dictionaries reversible Changed in version 3.8",
-      "Dictionaries are now reversible", "3.8", ("version",)),
-    Q("In Python 3.8, what changed about what may appear on the right of an annotated "
-      "assignment?", "Now annotated assignments allow same expressions in the right hand side",
-      "3.8", ("version", "para")),
-    Q("In the 3.8 debugger documentation, how can pdb run a module rather than a script?",
-      '"-m" option that execute modules similar to the way "python3 -m" does', "3.8",
-      ("version", "para")),
-    Q("Python 3.10 format width '0' default alignment for strings",
-      "no longer affects the default alignment for strings", "3.10", ("version",)),
-    Q("Python 3.10: which operator merges two dictionaries into a new one?",
-      "Create a new dictionary with the merged keys and values", "3.10",
-      ("version", "para")),
-    Q("Python 3.13 pdb convenience variables $_frame",
-      "$_frame", "3.13", ("version", "ident")),
-    Q("Python 3.12 type parameter list def max[T]",
-      "classes and type aliases may contain a type parameter list", "3.12",
-      ("version", "ident")),
-    # --- exact identifiers (any version's passage answers) ---------------------------
-    Q("pdb tbreak command", "Temporary breakpoint, which is removed automatically",
-      None, ("ident",)),
-    Q("str.casefold", "Casefolding is similar to lowercasing but more aggressive",
-      None, ("ident",)),
-    Q("__slots__ declare data members",
-      "allow us to explicitly declare data members", None, ("ident",)),
-    Q("__init_subclass__", "This method is called whenever the containing class is "
-      "subclassed", None, ("ident",)),
-    Q("dict.setdefault", "If *key* is in the dictionary, return its value", None, ("ident",)),
-    Q("__missing__ dict subclass", 'If a subclass of dict defines a method "__missing__()"',
-      None, ("ident",)),
-    Q("str.zfill", "left filled with ASCII", None, ("ident",)),
-    Q("object.__bool__", "Called to implement truth value testing", None, ("ident",)),
-    Q("__class_getitem__", "Return an object representing the specialization of a generic "
-      "class", None, ("ident",)),
-    Q("str.expandtabs tabsize", "where all tab characters are replaced by one or more spaces",
-      None, ("ident",)),
-    # --- paraphrased, any version ----------------------------------------------------
-    Q("How does Python decide whether an object counts as false in an if?",
-      "By default, an object is considered true unless its class defines", None, ("para",)),
-    Q("Is a loop variable still around after the loop is over?",
-      "Names in the target list are not deleted when the loop is finished", None, ("para",)),
-    Q("Can a cleanup block swallow an exception that was in flight?",
-      "the saved exception is discarded", None, ("para",)),
-    Q("Are default argument values computed on every call or only once?",
-      "Default parameter values are evaluated from left to right when the function "
-      "definition is executed", None, ("para",)),
-    Q("What does writing a < b < c actually mean?", 'is equivalent to "x < y and y <= z"',
-      None, ("para",)),
-    Q("Can I group the digits of a big number to make it easier to read?",
-      "Underscores are ignored for determining the numeric value", None, ("para",)),
-    Q("What does the statement that does nothing exist for?", "is a null operation",
-      None, ("para",)),
-    Q("Does removing a name destroy the object it referred to?",
-      "Deletion of a name removes the binding of that name", None, ("para",)),
-    Q("When are sanity checks in my code dropped entirely?",
-      "emits no code for an assert statement when optimization is requested", None,
-      ("para",)),
-    Q("How do I make small nameless functions inline?",
-      "are used to create anonymous functions", None, ("para",)),
-    Q("How do I show that one error was caused by another when raising it?",
-      'clause is used for exception chaining', None, ("para",)),
-    Q("What happens if I divide a number by zero?",
-      'Division by zero raises the "ZeroDivisionError" exception', None, ("para",)),
-    Q("How do I test whether two variables point at the very same object?",
-      "test for an object\u2019s identity", None, ("para",)),
-    Q("How can instances of my class be used like functions?",
-      "Called when the instance is \u201ccalled\u201d as a function", None, ("para",)),
-    Q("How does leaving a generator early with return behave?",
-      'the "return" statement indicates that the generator is done', None, ("para",)),
-    Q("What does jumping out of the innermost loop do?",
-      "terminates the nearest enclosing loop", None, ("para",)),
-    Q("What is the single object written as three dots used for?",
-      "This object is commonly used by slicing", None, ("para",)),
-    Q("What do you get from a number literal ending in j?",
-      "yields a complex number with a real part of 0.0", None, ("para",)),
-    # --- the text's own words, any version (the "rest") ------------------------------
-    Q("The global statement is a declaration which holds for the entire current code block",
-      "is a declaration which holds for the entire current code block", None),
-    Q("The nonlocal statement causes the listed identifiers to refer to previously bound "
-      "variables", "refer to previously bound variables in the nearest enclosing", None),
-    Q("future statement directive to the compiler",
-      "is a directive to the compiler", None),
-    Q("Mappings compare equal if and only if they have equal (key, value) pairs",
-      "compare equal if and only if they have equal", None),
-    Q("If i or j is negative, the index is relative to the end of sequence",
-      "the index is relative to the end of sequence", None),
-    Q("The with statement guarantees that if the __enter__ method returns without an error "
-      "then __exit__ will always be called", "will always be called", None),
-    Q("Multiple debugger commands on a single line separated by ;;",
-      'separated by ";;"', None),
-    Q("Set the ignore count for the given breakpoint number",
-      "Set the ignore count for the given breakpoint number", None),
-    Q("The & operator yields the bitwise AND of its arguments, which must be integers",
-      "yields the bitwise AND of its arguments", None),
-    Q("The function definition does not execute the function body",
-      "The function definition does not execute the function body", None),
-    Q("Enter the runtime context related to this object",
-      "Enter the runtime context related to this object", None),
-    Q("The ^ operator yields the bitwise XOR (exclusive OR) of its arguments",
-      "bitwise XOR (exclusive OR) of its arguments", None),
+QUESTIONS = [
+    Q(row["question"], row["answer"], row.get("version"), tuple(row.get("tags", ())))
+    for row in evaluation_set("rag_eval_questions")["question"]
 ]
-# fmt: on
 
 MODE_RUNS = (
     ("vector", "vector", False),
@@ -280,11 +126,6 @@ def as_markdown(version: str, topics: dict[str, str]) -> str:
 
 def relevant(q: Q, title_: str, text: str) -> bool:
     return (q.version is None or title_ == title(q.version)) and norm(q.answer) in norm(text)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def hard(q: Q) -> bool:

@@ -13,25 +13,12 @@ Goal: ingestion chunks/s >= 0.9 x raw. Runs in a throw-away DATA_DIR.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bw-bench-ingest-")
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL"):
-    os.environ.pop(var, None)
+from _common import setup_django
 
-import django  # noqa: E402
-
-django.setup()
+setup_django("ingest")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402

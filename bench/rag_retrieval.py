@@ -20,35 +20,17 @@ Runs in a throw-away DATA_DIR (embedded Chroma, SQLite).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bw-bench-retrieval-")
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-os.environ.setdefault("BREEZEWEB_ENV_FILE", "/nonexistent")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL"):
-    os.environ.pop(var, None)
+from _common import percentile, setup_django
 
-import django  # noqa: E402
-
-django.setup()
+setup_django("retrieval")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

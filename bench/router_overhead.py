@@ -20,30 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-_DATA = tempfile.mkdtemp(prefix="breezeweb-bench-router-")
-os.environ.update(
-    DATA_DIR=_DATA,
-    BREEZEWEB_ENV_FILE="/nonexistent",
-    SECRET_KEY="bench-router-secret-key-0123456789abcdefghijklmnop",
-    DJANGO_SETTINGS_MODULE="breezeweb.settings",
-    LOG_LEVEL="WARNING",
-)
-for var in ("DATABASE_URL", "REDIS_URL"):
-    os.environ.pop(var, None)
+from _common import setup_django
 
-import django  # noqa: E402
-
-django.setup()
+setup_django("router")
 
 from django.core.management import call_command  # noqa: E402
 from django.utils import timezone  # noqa: E402
@@ -121,6 +104,8 @@ async def router_overhead(server: ScriptedServer, calls: int) -> None:
 
 
 def dashboard(rows: int) -> None:
+    # Exactly `rows` records: the router measurement's own go first.
+    RunRecord.objects.all().delete()
     now = timezone.now()
     names = ["primary", "second", "third", "gone"]
     statuses = ["ok"] * 17 + ["failed", "failed", "stopped"]
@@ -139,7 +124,8 @@ def dashboard(rows: int) -> None:
         )
     RunRecord.objects.bulk_create(batch, batch_size=5000)
     # Spread over the last 24 hours (auto_now_add stamped them all "now").
-    for pk in range(1, rows + 1, 5000):
+    first = RunRecord.objects.order_by("pk").values_list("pk", flat=True).first()
+    for pk in range(first, first + rows, 5000):
         RunRecord.objects.filter(pk__gte=pk, pk__lt=pk + 5000).update(
             created_at=now - timezone.timedelta(seconds=random.uniform(0, 86_000))
         )

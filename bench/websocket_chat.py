@@ -27,33 +27,17 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import percentile
+
+from tests.support.processes import Daphne, Upstream, manage, site_env
 
 PROMPT = "Explain in a few paragraphs how a lighthouse works and why it matters to ships."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 # ---- the site: its own DATA_DIR, SQLite, a Daphne process ----------------------------
@@ -62,39 +46,21 @@ def percentile(values: list[float], q: float) -> float:
 class Site:
     def __init__(self, concurrency: int, persistent_db: bool = False) -> None:
         self.data = Path(tempfile.mkdtemp(prefix="breezeweb-bench-ws-"))
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL"}
+        settings = {
+            "CHAT_MAX_CONCURRENT_PER_USER": str(concurrency + 10),
+            "CHAT_MESSAGES_PER_MINUTE": str(concurrency * 10 + 100),
+            "LOG_LEVEL": "WARNING",
         }
-        self.env.update(
-            DATA_DIR=str(self.data),
-            BREEZEWEB_ENV_FILE="/nonexistent",
-            MODELS_DIR=os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
-            SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnop",
-            DJANGO_SETTINGS_MODULE="breezeweb.settings",
-            CHAT_MAX_CONCURRENT_PER_USER=str(concurrency + 10),
-            CHAT_MESSAGES_PER_MINUTE=str(concurrency * 10 + 100),
-            LOG_LEVEL="WARNING",
-        )
         if persistent_db:
             # Keep the SQLite connection between database calls (see docs/benchmarks.md).
-            self.env["DATABASE_URL"] = f"sqlite:///{self.data / 'db.sqlite3'}?conn_max_age=600"
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
+            settings["DATABASE_URL"] = f"sqlite:///{self.data / 'db.sqlite3'}?conn_max_age=600"
+        self.env = site_env(self.data, **settings)
+        self.daphne = Daphne(self.env, log=self.data / "daphne.log")
+        self.url = f"127.0.0.1:{self.daphne.port}"
         self.key = ""
 
     def manage(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        return out.stdout
+        return manage(self.env, *args)
 
     def prepare(self) -> None:
         self.manage("migrate", "--noinput", "-v0")
@@ -102,47 +68,17 @@ class Site:
         out = self.manage(
             "shell",
             "-c",
-            "from django.contrib.auth.models import User; from chat.models import ApiKey;"
+            "from django.contrib.auth.models import User; from accounts.models import ApiKey;"
             "u = User.objects.create_user('bench', password='bench-password-123');"
             "print('KEY=' + ApiKey.issue(u, 'bench')[1])",
         )
         self.key = next(line[4:] for line in out.splitlines() if line.startswith("KEY="))
 
     def start(self) -> None:
-        port = free_port()
-        self.log = open(self.data / "daphne.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "breezeweb.asgi:application",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://{self.url}/healthz", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("daphne did not start:\n" + (self.data / "daphne.log").read_text())
+        self.daphne.start()
 
     def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.log.close()
+        self.daphne.stop()
         shutil.rmtree(self.data, ignore_errors=True)
 
 
@@ -306,7 +242,7 @@ def server_overheads() -> list[float]:
 def serve_upstream(tokens: int, delay: float) -> None:
     """Run in its own process: a ScriptedServer whose answer to "stream-<i>"
     is `tokens` tokens "<i:k> ", `delay` seconds apart."""
-    from tests.support.scripted_server import Reply, ScriptedServer
+    from tests.support.scripted_server import Reply, ScriptedServer, serve_until_stdin_closes
 
     class EchoServer(ScriptedServer):
         async def _chat_reply(self, request, recorded):
@@ -321,10 +257,7 @@ def serve_upstream(tokens: int, delay: float) -> None:
             )
             return await super()._chat_reply(request, recorded)
 
-    server = EchoServer().start()
-    print(server.url, flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    server.stop()
+    serve_until_stdin_closes(EchoServer())
 
 
 async def one_stream(
@@ -368,30 +301,16 @@ async def one_stream(
 
 
 async def bench_concurrency(site: Site, n: int, tokens: int, delay: float) -> dict:
-    upstream = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--serve-upstream",
-            "--tokens",
-            str(tokens),
-            "--token-delay",
-            str(delay),
-        ],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = upstream.stdout.readline().strip()
+    argv = [sys.executable, __file__, "--serve-upstream"]
+    with Upstream([*argv, "--tokens", str(tokens), "--token-delay", str(delay)]) as upstream:
         site.manage(
             "shell",
             "-c",
             "from runners.models import RunnerConfig;"
             "RunnerConfig.objects.filter(name='local').update(enabled=False);"
             "RunnerConfig.objects.create(name='upstream', kind='llamastack', "
-            f"endpoint='{url}', model_id='scripted-model', priority=200, timeout_seconds=120)",
+            f"endpoint='{upstream.url}', model_id='scripted-model', priority=200,"
+            " timeout_seconds=120)",
         )
         # One chat first: the first request pays one-time costs (SDK import, client).
         warm = asyncio.Event()
@@ -409,9 +328,6 @@ async def bench_concurrency(site: Site, n: int, tokens: int, delay: float) -> di
         start.set()
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - began
-    finally:
-        upstream.stdin.close()
-        upstream.wait(timeout=15)
     gaps = [g for r in results for g in r["gaps"]]
     return {
         "n": n,

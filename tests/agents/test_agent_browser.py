@@ -6,12 +6,12 @@ and the steps are still there after a reload."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
-from tests.chat.test_browser import PASSWORD, LiveSite, _login, _manage, _site_env
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.chat.test_browser import PASSWORD, _login
+from tests.support.browser import chromium as launch_chromium
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
@@ -20,12 +20,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def agent_site(tmp_path_factory, _scripted_server_session):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("agent-site")
-    env = _site_env(data) | {"PRELOAD_LOCAL_RUNNERS": "false"}
-    _manage(env, "migrate", "--noinput", "-v0")
-    _manage(
+    env = site_env(data, PRELOAD_LOCAL_RUNNERS="false")
+    manage(env, "migrate", "--noinput", "-v0")
+    manage(
         env,
         "shell",
         "-c",
@@ -38,8 +36,7 @@ def agent_site(tmp_path_factory, _scripted_server_session):
         " extra_params={'loop_guard': False});"
         "ToolPolicy.objects.create(tool='current_time', policy='ask')",
     )
-    live = LiveSite(data, env)
-    live.start()
+    live = Daphne(env, log=data / "daphne.log").start()
     yield live
     live.stop()
     shutil.rmtree(data, ignore_errors=True)
@@ -47,14 +44,8 @@ def agent_site(tmp_path_factory, _scripted_server_session):
 
 @pytest.fixture(scope="module")
 def chromium():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
+    with launch_chromium() as browser:
         yield browser
-        browser.close()
 
 
 def time_call(call_id: str) -> Reply:

@@ -14,8 +14,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,17 +30,26 @@ from chat.models import Conversation, Message
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
 from tests.support.clients import call
-from tests.support.fixtures import runner_config
-from tests.support.processes import (
-    ROOT,
-    Daphne,
-)
+from tests.support.fixtures import runner_config, running
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
 db = pytest.mark.django_db(transaction=True)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_process_state")
+
+
+async def complete(**kwargs) -> httpx.Response:
+    """POST /v1/chat/completions (`call`'s keyword arguments: key, body, ...)."""
+    return await call("POST", "/v1/chat/completions", **kwargs)
+
+
+async def block_classified_answers() -> None:
+    """A guardian rule that ends an answer once it says "classified"."""
+    await sync_to_async(GuardianRule.objects.create)(
+        name="no internals", kind="block_term", value="classified", applies_to="output"
+    )
 
 
 def chat_body(text: str = "Hello?", **extra) -> dict:
@@ -90,13 +97,8 @@ def parse_sse(text: str) -> list:
 async def test_models_lists_auto_and_each_enabled_runner_with_its_capabilities(
     api_key, scripted_runner
 ):
-    await sync_to_async(RunnerConfig.objects.create)(
-        name="vision",
-        kind="llamastack",
-        endpoint="http://127.0.0.1:9",
-        model_id="v",
-        enable_vision=True,
-        priority=5,
+    await sync_to_async(runner_config)(
+        "http://127.0.0.1:9", "vision", model_id="v", enable_vision=True, priority=5
     )
     await sync_to_async(RunnerConfig.objects.create)(
         name="off", kind="llamastack", endpoint="http://127.0.0.1:9", model_id="o", enabled=False
@@ -150,9 +152,7 @@ async def test_a_completion_answers_in_openai_shape_with_usage_and_the_runner(
     api_key, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="Paris is the capital.", usage=(21, 5)))
-    response = await call(
-        "POST",
-        "/v1/chat/completions",
+    response = await complete(
         key=api_key,
         body=chat_body(
             "Capital of France?",
@@ -200,9 +200,7 @@ async def test_a_stream_is_sse_chunks_with_usage_last_and_done(
     api_key, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="One two three", usage=(7, 3)))
-    response = await call(
-        "POST",
-        "/v1/chat/completions",
+    response = await complete(
         key=api_key,
         body=chat_body(stream=True, stream_options={"include_usage": True}),
     )
@@ -231,9 +229,7 @@ async def test_tool_calls_come_back_in_openai_shape(api_key, scripted_server):
         Reply(text="", tool_calls=(ScriptedToolCall("get_time", '{"tz": "UTC"}', "call_1"),))
     )
     tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
-    response = await call(
-        "POST",
-        "/v1/chat/completions",
+    response = await complete(
         key=api_key,
         body=chat_body("What time is it?", model="agent", tools=[tool]),
     )
@@ -269,7 +265,7 @@ async def test_content_parts_and_a_valid_image_reach_a_vision_runner(api_key, sc
             },
         ],
     }
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=body)
+    response = await complete(key=api_key, body=body)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "A red square."
     sent = json.dumps(scripted_server.chat_requests()[-1].json)
@@ -281,9 +277,7 @@ async def test_rag_extension_returns_sources_and_the_runner(
     api_key, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="I found nothing."))
-    response = await call(
-        "POST",
-        "/v1/chat/completions",
+    response = await complete(
         key=api_key,
         body=chat_body("What does the handbook say?", breezeweb={"rag": True}),
     )
@@ -404,9 +398,7 @@ async def test_a_malformed_body_gets_a_400_naming_the_field_and_saves_nothing(
     if isinstance(body, dict) and "breezeweb" not in body:
         body = {**body, "breezeweb": {"save": True}}  # even when asked to save, nothing is
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = await call(
-        "POST",
-        "/v1/chat/completions",
+    response = await complete(
         key=api_key,
         content=content,
         headers={"Content-Type": "application/json"},
@@ -423,9 +415,7 @@ async def test_a_malformed_body_gets_a_400_naming_the_field_and_saves_nothing(
     [(b"{not json", "not valid JSON"), (b"", "empty"), (b"\xff\xfe{}", "UTF-8")],
 )
 async def test_a_body_that_is_not_json_gets_invalid_json(content, fragment, api_key):
-    response = await call(
-        "POST",
-        "/v1/chat/completions",
+    response = await complete(
         key=api_key,
         content=content,
         headers={"Content-Type": "application/json"},
@@ -440,7 +430,7 @@ async def test_an_unknown_or_disabled_model_is_404_model_not_found(
 ):
     body = chat_body(model="gpt-17", breezeweb={"save": True})
     error = assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=body),
+        await complete(key=api_key, body=body),
         404,
         "model_not_found",
         "model",
@@ -448,7 +438,7 @@ async def test_an_unknown_or_disabled_model_is_404_model_not_found(
     assert "gpt-17" in error["message"] and "/v1/models" in error["message"]
     await sync_to_async(RunnerConfig.objects.filter(name="scripted").update)(enabled=False)
     assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=chat_body(model="scripted")),
+        await complete(key=api_key, body=chat_body(model="scripted")),
         404,
         "model_not_found",
     )
@@ -474,17 +464,13 @@ async def test_a_broken_image_is_a_400_naming_the_part(api_key, scripted_server)
             }
         ],
     }
+    response = await complete(key=api_key, body=body)
     error = assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=body),
-        400,
-        "invalid_image",
-        "messages[0].content[1].image_url.url",
+        response, 400, "invalid_image", "messages[0].content[1].image_url.url"
     )
     assert "PNG, JPEG, WebP or GIF" in error["message"]
     body["messages"][0]["content"][1]["image_url"]["url"] = "https://example.com/cat.png"
-    error = assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=body), 400, "invalid_image"
-    )
+    error = assert_openai_error(await complete(key=api_key, body=body), 400, "invalid_image")
     assert "not fetched" in error["message"]
     assert scripted_server.chat_requests() == []
 
@@ -498,15 +484,11 @@ async def test_an_image_for_a_text_only_model_is_400_but_with_auto_503(
         {"type": "image_url", "image_url": {"url": png_data_url()}},
     ]
     pinned = {"model": "scripted", "messages": [{"role": "user", "content": parts}]}
-    error = assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=pinned),
-        400,
-        "model_not_capable",
-        "model",
-    )
+    response = await complete(key=api_key, body=pinned)
+    error = assert_openai_error(response, 400, "model_not_capable", "model")
     assert "vlm" in error["message"]
     auto = {**pinned, "model": "auto"}
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=auto)
+    response = await complete(key=api_key, body=auto)
     error = assert_openai_error(response, 503, "no_runner_available")
     assert error["type"] == "server_error"
     assert scripted_server.chat_requests() == []
@@ -515,9 +497,7 @@ async def test_an_image_for_a_text_only_model_is_400_but_with_auto_503(
 @db
 async def test_a_body_over_the_size_limit_is_an_openai_shaped_413(api_key, scripted_runner):
     with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=2048):
-        response = await call(
-            "POST", "/v1/chat/completions", key=api_key, body=chat_body("x" * 5000)
-        )
+        response = await complete(key=api_key, body=chat_body("x" * 5000))
     assert_openai_error(response, 413, "request_too_large")
 
 
@@ -532,9 +512,7 @@ async def test_a_blocked_message_is_400_content_blocked_and_nothing_is_saved(
         message="Please do not share passwords.",
     )
     body = chat_body("my password is hunter2", breezeweb={"save": True})
-    error = assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=body), 400, "content_blocked"
-    )
+    error = assert_openai_error(await complete(key=api_key, body=body), 400, "content_blocked")
     assert error["message"] == "Please do not share passwords."
     assert await sync_to_async(nothing_saved)()
     assert scripted_server.chat_requests() == []
@@ -544,11 +522,9 @@ async def test_a_blocked_message_is_400_content_blocked_and_nothing_is_saved(
 async def test_an_output_rule_ends_the_answer_with_content_filter(
     api_key, scripted_runner, scripted_server
 ):
-    await sync_to_async(GuardianRule.objects.create)(
-        name="no internals", kind="block_term", value="classified", applies_to="output"
-    )
+    await block_classified_answers()
     scripted_server.script(Reply(text="The plan is classified and more."))
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body())
+    response = await complete(key=api_key, body=chat_body())
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["choices"][0]["finish_reason"] == "content_filter"
@@ -565,12 +541,12 @@ async def test_an_unavailable_runner_is_503_and_a_slow_one_504(api_key, scripted
         scripted_server.url, "scripted", timeout_seconds=1, extra_params={"retries": 0}
     )
     scripted_server.script(Reply(status=503, headers={"Retry-After": "3"}))
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body())
+    response = await complete(key=api_key, body=chat_body())
     error = assert_openai_error(response, 503, "runner_unavailable")
     assert error["type"] == "server_error"
     circuits.reset()
     scripted_server.script(Reply(headers_delay=3))
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body())
+    response = await complete(key=api_key, body=chat_body())
     assert_openai_error(response, 504, "runner_timeout")
 
 
@@ -579,7 +555,7 @@ async def test_an_error_after_the_stream_began_is_an_error_event_then_done(
     api_key, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="one two three four five", break_after=2))
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True))
+    response = await complete(key=api_key, body=chat_body(stream=True))
     assert response.status_code == 200
     events = parse_sse(response.text)
     assert events[-1] == "[DONE]"
@@ -598,7 +574,7 @@ async def test_an_upstream_failure_before_any_token_is_an_http_error_even_when_s
 ):
     await sync_to_async(runner_config)(scripted_server.url, "scripted", extra_params={"retries": 0})
     scripted_server.script(Reply(status=500))
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True))
+    response = await complete(key=api_key, body=chat_body(stream=True))
     assert response.status_code in (502, 503), response.text
     assert response.json()["error"]["type"] == "server_error"
 
@@ -620,7 +596,7 @@ async def test_save_records_the_request_and_the_answer_as_a_conversation(
         ],
         "breezeweb": {"save": True},
     }
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=body)
+    response = await complete(key=api_key, body=body)
     assert response.status_code == 200, response.text
     conversation_id = response.json()["breezeweb"]["conversation_id"]
 
@@ -644,7 +620,7 @@ async def test_save_records_the_request_and_the_answer_as_a_conversation(
         {"role": "user", "content": "What did I say?"},
     ]
     body["breezeweb"] = {"conversation_id": conversation_id}
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=body)
+    response = await complete(key=api_key, body=body)
     assert response.json()["breezeweb"]["conversation_id"] == conversation_id
     _, _, rows = await sync_to_async(saved)(conversation_id)
     assert rows[3:] == [
@@ -660,7 +636,7 @@ async def test_another_users_conversation_is_404_and_untouched(
     theirs = await sync_to_async(Conversation.objects.create)(owner=other_user, title="private")
     body = chat_body(breezeweb={"conversation_id": theirs.pk})
     assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=body),
+        await complete(key=api_key, body=body),
         404,
         "conversation_not_found",
         "breezeweb.conversation_id",
@@ -676,7 +652,7 @@ async def test_an_unreadable_collection_is_404(api_key, other_user, scripted_run
     private = await sync_to_async(Collection.objects.create)(name="theirs", owner=other_user)
     body = chat_body(breezeweb={"rag": True, "collections": [private.pk]})
     assert_openai_error(
-        await call("POST", "/v1/chat/completions", key=api_key, body=body),
+        await complete(key=api_key, body=body),
         404,
         "collection_not_found",
         "breezeweb.collections",
@@ -693,7 +669,7 @@ async def test_the_request_rate_per_user_is_limited_with_retry_after(
     with override_settings(API_REQUESTS_PER_MINUTE=3):
         for _ in range(3):
             assert (await call("GET", "/v1/models", key=api_key)).status_code == 200
-        response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body())
+        response = await complete(key=api_key, body=chat_body())
         error = assert_openai_error(response, 429, "rate_limit_exceeded")
         assert error["type"] == "rate_limit_error"
         assert 1 <= int(response.headers["Retry-After"]) <= 60
@@ -715,18 +691,14 @@ async def test_concurrent_streams_per_user_are_limited(
     with override_settings(API_MAX_CONCURRENT_STREAMS=1):
         lease = await limits.acquire_slot(f"api-streams:user:{user.pk}", 1)
         assert lease is not None
-        response = await call(
-            "POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True)
-        )
+        response = await complete(key=api_key, body=chat_body(stream=True))
         assert_openai_error(response, 429, "too_many_concurrent_streams")
         assert response.headers["Retry-After"]
         # Non-streaming requests are not counted against streams.
-        ok = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body())
+        ok = await complete(key=api_key, body=chat_body())
         assert ok.status_code == 200
         await lease.release()
-        response = await call(
-            "POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True)
-        )
+        response = await complete(key=api_key, body=chat_body(stream=True))
         assert response.status_code == 200
         # The finished stream gave its slot back.
         again = await limits.acquire_slot(f"api-streams:user:{user.pk}", 1)
@@ -828,7 +800,7 @@ def test_the_docs_page_renders_the_schema_without_inline_scripts(client):
 # ---- live: a real Daphne process, the official openai client -----------------------------------
 
 
-MODELS_DIR = Path(os.environ.get("MODELS_DIR", ROOT / "data" / "models"))
+MODELS_DIR = Path(os.environ["MODELS_DIR"])
 MODEL_READY = (MODELS_DIR / "model.pte").is_file() and (MODELS_DIR / "tokenizer.json").is_file()
 
 _SETUP = """
@@ -851,41 +823,25 @@ class LiveServer:
     """Daphne serving breezeweb.asgi on a free port, with its own SQLite database."""
 
     def __init__(self, tmp: Path, endpoint: str) -> None:
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
-            "DATA_DIR": str(tmp),
-            "DATABASE_URL": f"sqlite:///{tmp / 'live.sqlite3'}",
-            "REDIS_URL": "",  # the embedded defaults, also in the scale-out pass
-            "MODELS_DIR": str(MODELS_DIR),
-            "BREEZEWEB_ENV_FILE": "/nonexistent",
-            "API_REQUESTS_PER_MINUTE": "40",
+        # SQLite and the embedded defaults, also in the scale-out pass.
+        self.env = site_env(
+            tmp,
+            DATABASE_URL=f"sqlite:///{tmp / 'live.sqlite3'}",
+            API_REQUESTS_PER_MINUTE="40",
             # Each test here uses its own key of one user: give each key its own budget.
-            "API_RATE_LIMIT_PER_KEY": "true",
-            "API_MAX_CONCURRENT_STREAMS": "2",
-            "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
-        }
+            API_RATE_LIMIT_PER_KEY="true",
+            API_MAX_CONCURRENT_STREAMS="2",
+        )
         self.daphne = Daphne(self.env)
         self.port, self.url = self.daphne.port, self.daphne.url
         self.endpoint = endpoint
         self.keys: dict[str, str] = {}
 
-    def _manage(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
     def start(self) -> LiveServer:
-        self._manage("migrate", "--noinput")
+        manage(self.env, "migrate", "--noinput")
         names = ["models", "chat", "stream", "ratelimit", "disconnect", "local"]
         code = f"NAMES={names!r}\nENDPOINT={self.endpoint!r}\nLOCAL={MODEL_READY!r}\n" + _SETUP
-        out = self._manage("shell", "-c", code)
+        out = manage(self.env, "shell", "-c", code)
         self.keys = json.loads(out.split("SETUP", 1)[1])
         self.daphne.start()
         return self
@@ -904,13 +860,8 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, _scripted_server_session):
     server = LiveServer(tmp_path_factory.mktemp("live"), _scripted_server_session.url)
-    try:
-        server.start()
-    except Exception as exc:
-        server.stop()
-        pytest.fail(f"the live server did not start: {exc}", pytrace=False)
-    yield server
-    server.stop()
+    with running(server, "the live server"):
+        yield server
 
 
 def test_the_openai_client_lists_models(live, scripted_server):
@@ -1080,11 +1031,9 @@ async def test_concurrency_slots_are_bounded_and_given_back():
 async def test_a_stream_whose_first_words_break_an_output_rule_ends_with_content_filter(
     api_key, scripted_runner, scripted_server
 ):
-    await sync_to_async(GuardianRule.objects.create)(
-        name="no internals", kind="block_term", value="classified", applies_to="output"
-    )
+    await block_classified_answers()
     scripted_server.script(Reply(text="classified stuff follows"))
-    response = await call("POST", "/v1/chat/completions", key=api_key, body=chat_body(stream=True))
+    response = await complete(key=api_key, body=chat_body(stream=True))
     assert response.status_code == 200
     events = parse_sse(response.text)
     assert events[-1] == "[DONE]"

@@ -14,21 +14,12 @@ from django.test import Client
 import pytest
 
 from accounts.models import ApiKey
-from rag import worker
 from rag.ingestion import ingest_document
 from rag.models import Collection, Document
 from tests.support import documents as docs
 from tests.support.documents import add_and_ingest, chunk_count
 
-pytestmark = [pytest.mark.django_db, pytest.mark.scaleout]
-
-
-@pytest.fixture(autouse=True)
-def _rag_isolation(settings):
-    settings.RAG_INGEST_WORKER = "thread"
-    yield
-    worker.wait_until_idle(timeout=60)
-    docs.drop_all_chroma_collections()
+pytestmark = [pytest.mark.django_db, pytest.mark.scaleout, pytest.mark.usefixtures("rag_thread")]
 
 
 @pytest.fixture

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import ROOT
+from tests.support.browser import chromium
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
-from tests.support.scripted_server import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -27,125 +23,37 @@ PASSWORD = "alice-password-123"
 XSS = "<img src=x onerror=alert(1)>"
 
 
-def _site_env(data_dir: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    env.update(
-        DATA_DIR=str(data_dir),
-        BREEZEWEB_ENV_FILE="/nonexistent",
-        MODELS_DIR=os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
-        SECRET_KEY="browser-test-secret-key-0123456789-abcdefghijklmnop",
-        DJANGO_SETTINGS_MODULE="breezeweb.settings",
-    )
-    return env
-
-
-def _manage(env, *args: str) -> None:
-    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A Daphne process on a free port with its own SQLite database, the
     bootstrap runner configs (the local ExecuTorch model) and one user."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
-    models = Path(os.environ.get("MODELS_DIR", ROOT / "data" / "models"))
+    models = Path(os.environ["MODELS_DIR"])
     if not (models / "model.pte").exists():
         pytest.fail(f"no prepared model in {models}: run `manage.py prepare_model`", pytrace=False)
     data = tmp_path_factory.mktemp("browser-site")
-    env = _site_env(data)
-    _manage(env, "migrate", "--noinput", "-v0")
-    _manage(env, "bootstrap")
-    _manage(
+    env = site_env(data)
+    manage(env, "migrate", "--noinput", "-v0")
+    manage(env, "bootstrap")
+    manage(
         env,
         "shell",
         "-c",
         "from django.contrib.auth.models import User;"
         f"User.objects.create_user('alice', password='{PASSWORD}')",
     )
-    live = LiveSite(data, env)
-    live.start()
+    live = Daphne(env, log=data / "daphne.log").start()
     yield live
     live.stop()
     shutil.rmtree(data, ignore_errors=True)
 
 
-class LiveSite:
-    """A Daphne process serving the site on a fixed port, restartable."""
-
-    def __init__(self, data: Path, env: dict[str, str]) -> None:
-        self.data, self.env = data, env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.log = open(self.data / "daphne.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--websocket-max-message-size",
-                str(16 * 1024 * 1024),
-                "--websocket-max-frame-size",
-                str(16 * 1024 * 1024),
-                "breezeweb.asgi:application",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/login/", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.close()
-                tail = (self.data / "daphne.log").read_text()[-3000:]
-                pytest.fail(f"daphne did not start:\n{tail}")
-            time.sleep(0.3)
-
-    def crash_and_restart(self) -> None:
-        """SIGKILL the server (no chance to save anything), then start it again."""
-        self.proc.kill()
-        self.proc.wait(timeout=15)
-        self.log.close()
-        self.start()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
-def _login(page, site: LiveSite) -> None:
+def _login(page, site: Daphne) -> None:
     page.goto(f"{site.url}/login/")
     page.fill("#id_username", "alice")
     page.fill("#id_password", PASSWORD)
@@ -371,7 +279,7 @@ def test_regenerate_edit_and_copy_work_on_the_last_turn(site, browser):
 
 
 def test_a_failing_runner_shows_an_error_banner_and_retry_answers_again(site, browser):
-    _manage(
+    manage(
         site.env,
         "shell",
         "-c",

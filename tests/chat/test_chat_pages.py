@@ -9,6 +9,7 @@ import pytest
 from accounts.models import ApiKey
 from chat.models import Conversation, Message
 from runners.models import RunnerConfig
+from tests.support.fixtures import runner_config
 
 pytestmark = [pytest.mark.django_db, pytest.mark.scaleout]
 
@@ -176,16 +177,14 @@ def test_the_json_endpoints_need_a_login_or_an_api_key(client, user, conversatio
 
 
 def test_runners_lists_enabled_runners_with_capabilities_and_no_secrets(alice):
-    vision = RunnerConfig.objects.create(
-        name="remote-vision",
-        kind="llamastack",
-        endpoint="http://127.0.0.1:9",
+    runner_config(
+        "http://127.0.0.1:9",
+        "remote-vision",
+        api_key="sk-very-secret",
         model_id="llava",
         enable_vision=True,
         priority=5,
     )
-    vision.api_key = "sk-very-secret"
-    vision.save()
     RunnerConfig.objects.create(name="off", kind="llamastack", enabled=False)
     response = alice.get("/api/runners")
     assert response.status_code == 200

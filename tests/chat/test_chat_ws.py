@@ -89,6 +89,18 @@ async def ask(ws, text, request_id="r1", conversation_id=None, **extra) -> list[
     return await frames_until(ws, is_end(request_id))
 
 
+async def leave_mid_answer(user, text: str, tokens: int = 1) -> list[dict]:
+    """Ask `text` (request r1) and close the socket once `tokens` token frames
+    arrived, as a reload does: the frames received."""
+    ws = await connect(user)
+    await ws.send_json_to({"type": "message", "request_id": "r1", "text": text})
+    frames = []
+    for _ in range(tokens):
+        frames += await frames_until(ws, lambda f: f["type"] == "token")
+    await ws.disconnect()
+    return frames
+
+
 def png_data_url(size=(8, 8)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
@@ -535,11 +547,8 @@ async def test_closing_the_socket_mid_stream_lets_the_answer_finish_and_be_saved
 ):
     # A reload or a proxy dropping the socket must not cut the answer short.
     scripted_server.script(Reply(text="steady " * 60, token_delay=0.01))
-    ws = await connect(user)
-    await ws.send_json_to({"type": "message", "request_id": "r1", "text": "keep going"})
-    frames = await frames_until(ws, lambda f: f["type"] == "token")
+    frames = await leave_mid_answer(user, "keep going")
     assistant_id = of(frames, "accepted")[0]["assistant_message_id"]
-    await ws.disconnect()
     assert (await message(assistant_id)).status == "streaming"
     await finish_detached(wait_seconds=20)
     saved = await message(assistant_id)
@@ -555,11 +564,8 @@ async def test_a_new_socket_can_start_a_turn_while_a_detached_answer_finishes(
     user, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="first " * 50, token_delay=0.01))
-    ws = await connect(user)
-    await ws.send_json_to({"type": "message", "request_id": "r1", "text": "one"})
-    frames = await frames_until(ws, lambda f: f["type"] == "token")
+    frames = await leave_mid_answer(user, "one")
     conversation_id = of(frames, "accepted")[0]["conversation_id"]
-    await ws.disconnect()
     await finish_detached(wait_seconds=20)
     again = await connect(user)
     frames = await ask(again, "two", conversation_id=conversation_id)
@@ -574,12 +580,8 @@ async def test_with_continuation_off_closing_the_socket_saves_the_partial_answer
     user, scripted_runner, scripted_server
 ):
     scripted_server.script(Reply(text="slow " * 400, token_delay=0.02))
-    ws = await connect(user)
-    await ws.send_json_to({"type": "message", "request_id": "r1", "text": "talk slowly"})
-    frames = await frames_until(ws, lambda f: f["type"] == "token")
-    frames += await frames_until(ws, lambda f: f["type"] == "token")
+    frames = await leave_mid_answer(user, "talk slowly", tokens=2)
     assistant_id = of(frames, "accepted")[0]["assistant_message_id"]
-    await ws.disconnect()
     saved = await message(assistant_id)
     assert saved.status == "stopped"
     assert saved.content.startswith(text_of(frames, "r1"))

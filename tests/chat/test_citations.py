@@ -6,14 +6,12 @@ a source the answer did not cite as cited."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from chat.pipeline import NOT_IN_DOCUMENTS, fit_to_budget
 from runners.base import ChatMessage, ChatRequest
-from tests.chat.test_markdown_sanitizer import ORIGIN, PAGE, STATIC
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import static_page
 
 
 class _Runner:
@@ -47,33 +45,8 @@ def test_the_grounded_prompt_puts_labelled_sources_before_the_question():
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed")
-    import mimetypes
-
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-
-        def serve(route):
-            path = route.request.url.removeprefix(ORIGIN)
-            if path == "/":
-                route.fulfill(status=200, body=PAGE, content_type="text/html")
-                return
-            file = (STATIC / path.removeprefix("/static/")).resolve()
-            if STATIC not in file.parents or not file.is_file():
-                route.fulfill(status=404, body="")
-                return
-            kind = "text/javascript" if file.suffix == ".js" else None
-            kind = kind or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-            route.fulfill(status=200, body=file.read_bytes(), content_type=kind)
-
-        page.route(f"{ORIGIN}/**", serve)
-        page.goto(f"{ORIGIN}/")
+    with static_page() as page:
         yield page
-        browser.close()
 
 
 SOURCES = [

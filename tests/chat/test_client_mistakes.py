@@ -78,6 +78,22 @@ async def answer(text: str) -> tuple[str, Done]:
     return out, done
 
 
+async def assert_refused(times: int, attempt, code=ErrorCode.INVALID_INPUT) -> list[RunnerError]:
+    """Each of `times` calls `attempt(i)` raises a RunnerError with `code`: the errors."""
+    errors = []
+    for i in range(times):
+        with pytest.raises(RunnerError) as info:
+            await attempt(i)
+        assert info.value.code == code
+        errors.append(info.value)
+    return errors
+
+
+async def drain(events) -> None:
+    async for _event in events:
+        pass
+
+
 # ---- the pipeline and the router -----------------------------------------------------------
 
 
@@ -85,11 +101,8 @@ async def answer(text: str) -> tuple[str, Done]:
 async def test_unencodable_turns_are_invalid_input_and_the_local_runner_stays_closed(
     local_runner, count
 ):
-    for i in range(count):
-        with pytest.raises(RunnerError) as info:
-            await answer(f"question {i} {SURROGATE}")
-        assert info.value.code == ErrorCode.INVALID_INPUT
-        assert "surrogate" in info.value.message
+    errors = await assert_refused(count, lambda i: answer(f"question {i} {SURROGATE}"))
+    assert all("surrogate" in error.message for error in errors)
     assert_healthy("local")
     text, done = await answer("Say hello.")
     assert done.usage.completion_tokens >= 1 and text
@@ -101,18 +114,10 @@ async def test_the_real_tokenizer_rejecting_text_while_fitting_is_the_clients_mi
     """Below the pipeline's early check: the local model's own tokenizer
     rejects the text inside prompt fitting (a TypeError from `tokenizers`)."""
     bad = ChatRequest(messages=(ChatMessage("user", f"hi {SURROGATE}"),))
-    for _ in range(circuits.threshold + 2):
-        with pytest.raises(RunnerError) as info:
-            async for _event in route(bad, prepare=fit_to_budget):
-                pass
-        assert info.value.code == ErrorCode.INVALID_INPUT
+    await assert_refused(circuits.threshold + 2, lambda _: drain(route(bad, prepare=fit_to_budget)))
     assert_healthy("local")
     # And without any fitting, inside the runner's own stream.
-    for _ in range(circuits.threshold + 2):
-        with pytest.raises(RunnerError) as info:
-            async for _event in route(bad):
-                pass
-        assert info.value.code == ErrorCode.INVALID_INPUT
+    await assert_refused(circuits.threshold + 2, lambda _: drain(route(bad)))
     assert_healthy("local")
     statuses = await sync_to_async(
         lambda: set(RunRecord.objects.values_list("status", "error_code"))
@@ -134,10 +139,7 @@ async def test_a_tokenizer_that_fails_on_the_message_is_invalid_input_not_a_runn
         return real(text)
 
     monkeypatch.setattr(runner, "count_tokens", picky)
-    for _ in range(30):
-        with pytest.raises(RunnerError) as info:
-            await answer("a forbidden-sequence here")
-        assert info.value.code == ErrorCode.INVALID_INPUT
+    await assert_refused(30, lambda _: answer("a forbidden-sequence here"))
     assert_healthy("scripted")
     scripted_server.script(Reply(text="fine"))
     assert (await answer("a good question"))[0] == "fine"
@@ -152,10 +154,7 @@ async def test_a_tokenizer_broken_for_every_text_is_the_runners_failure(
         raise RuntimeError("tokenizer file is corrupt")
 
     monkeypatch.setattr(runner, "count_tokens", broken)
-    for _ in range(circuits.threshold):
-        with pytest.raises(RunnerError) as info:
-            await answer("hello")
-        assert info.value.code == ErrorCode.RUNTIME
+    await assert_refused(circuits.threshold, lambda _: answer("hello"), ErrorCode.RUNTIME)
     assert circuits.state("scripted") == "open"
 
 
@@ -165,10 +164,7 @@ async def test_a_runner_refusing_the_request_as_invalid_never_opens_its_circuit(
 ):
     for _ in range(count):
         scripted_server.script(Reply(status=400, body={"error": {"message": "unsupported"}}))
-    for _ in range(count):
-        with pytest.raises(RunnerError) as info:
-            await answer("hello")
-        assert info.value.code == ErrorCode.INVALID_INPUT
+    await assert_refused(count, lambda _: answer("hello"))
     assert_healthy("scripted")
     scripted_server.script(Reply(text="answered"))
     assert (await answer("hello"))[0] == "answered"

@@ -8,50 +8,17 @@ files the site ships."""
 
 from __future__ import annotations
 
-import mimetypes
-from pathlib import Path
-
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import ROOT
+from tests.support.browser import static_page
 
 pytestmark = pytest.mark.browser
-
-STATIC = ROOT / "static"
-ORIGIN = "http://breezeweb.test"
-PAGE = """<!doctype html><html><head>
-<meta http-equiv="Content-Security-Policy" content="default-src 'self'; script-src 'self'">
-</head><body><div id="out"></div></body></html>"""
 
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-
-        def serve(route):
-            path = route.request.url.removeprefix(ORIGIN)
-            if path == "/":
-                route.fulfill(status=200, body=PAGE, content_type="text/html")
-                return
-            file = (STATIC / path.removeprefix("/static/")).resolve()
-            if STATIC not in file.parents or not file.is_file():
-                route.fulfill(status=404, body="")
-                return
-            kind = "text/javascript" if file.suffix in (".js", ".mjs") else None
-            kind = kind or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-            route.fulfill(status=200, body=file.read_bytes(), content_type=kind)
-
-        page.route(f"{ORIGIN}/**", serve)
-        page.goto(f"{ORIGIN}/")
+    with static_page() as page:
         yield page
-        browser.close()
 
 
 def render(page, text: str) -> dict:

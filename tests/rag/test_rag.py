@@ -20,13 +20,7 @@ from rag.uploads import delete_document as delete_doc
 from tests.support import documents as docs
 from tests.support.documents import add_and_ingest, chunk_count
 
-
-@pytest.fixture(autouse=True)
-def _rag_isolation(settings):
-    settings.RAG_INGEST_WORKER = "thread"
-    yield
-    worker.wait_until_idle(timeout=60)
-    docs.drop_all_chroma_collections()
+pytestmark = pytest.mark.usefixtures("rag_thread")
 
 
 def _sources(context: RetrievedContext) -> list[tuple[str, int | None]]:
@@ -239,17 +233,6 @@ def test_a_run_whose_document_was_deleted_cleans_up_after_itself(user):
 
     assert ingest_document(document.pk, on_progress=delete_midway).status == "superseded"
     assert store.count_document_chunks(collection_name, document.pk) == 0
-
-
-def _wait_for(predicate, timeout=90.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.django_db(transaction=True)

@@ -33,6 +33,7 @@ from runners.base import (
 from runners.guardian import MASK, GuardianBlocked
 from runners.models import GuardianRule, RunnerConfig, RunRecord
 from runners.router import Routed, circuits, route
+from tests.support.fixtures import runner_form
 from tests.support.scripted_server import Reply, ScriptedServer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.scaleout]
@@ -118,10 +119,11 @@ def hello(text: str = "Hello?", **fields) -> ChatRequest:
     return ChatRequest(messages=(ChatMessage("user", text, images=images),), **fields)
 
 
-async def ask(request: ChatRequest | None = None, **kwargs) -> Outcome:
+async def outcome_of(events) -> Outcome:
+    """What a stream of router or turn events amounts to, its error included."""
     outcome = Outcome()
     try:
-        async for event in route(request or hello(), **kwargs):
+        async for event in events:
             if isinstance(event, Routed):
                 outcome.routed.append(event)
             elif isinstance(event, Notice):
@@ -135,21 +137,13 @@ async def ask(request: ChatRequest | None = None, **kwargs) -> Outcome:
     return outcome
 
 
+async def ask(request: ChatRequest | None = None, **kwargs) -> Outcome:
+    return await outcome_of(route(request or hello(), **kwargs))
+
+
 async def turn(text: str, **kwargs) -> Outcome:
-    outcome = Outcome()
-    try:
-        async for event in run_turn(
-            TurnInput(user=None, messages=(ChatMessage("user", text),), **kwargs)
-        ):
-            if isinstance(event, Routed):
-                outcome.routed.append(event)
-            elif isinstance(event, TokenDelta):
-                outcome.text += event.text
-            elif isinstance(event, Done):
-                outcome.done = event
-    except (RunnerError, GuardianBlocked) as exc:
-        outcome.error = exc
-    return outcome
+    messages = (ChatMessage("user", text),)
+    return await outcome_of(run_turn(TurnInput(user=None, messages=messages, **kwargs)))
 
 
 # ---- priority and capabilities -------------------------------------------------------
@@ -398,23 +392,9 @@ def _admin_edit(config_pk: int, **changes) -> int:
     client = Client()
     client.force_login(admin)
     config = RunnerConfig.objects.get(pk=config_pk)
-    data = {
-        "name": config.name,
-        "kind": config.kind,
-        "enabled": "on" if config.enabled else "",
-        "priority": str(config.priority),
-        "model_id": config.model_id,
-        "endpoint": config.endpoint,
-        "temperature": str(config.temperature),
-        "max_tokens": str(config.max_tokens),
-        "context_tokens": str(config.context_tokens),
-        "timeout_seconds": str(config.timeout_seconds),
-        "extra_params": '{"retries": 0}',
-        **changes,
-    }
     response = client.post(
         reverse("admin:runners_runnerconfig_change", args=[config_pk]),
-        {k: v for k, v in data.items() if v != ""},
+        runner_form(config, extra_params='{"retries": 0}', **changes),
     )
     assert response.status_code == 302, response.content.decode()[:3000]
     return RunnerConfig.objects.get(pk=config_pk).version

@@ -21,7 +21,7 @@ from runners import crypto
 from runners.admin import shown_endpoint
 from runners.models import GuardianRule, RunnerConfig, RunRecord
 from runners.stats import percentile, runner_stats
-from tests.support.fixtures import runner_config
+from tests.support.fixtures import runner_config, runner_form
 from tests.support.scripted_server import MODELS_ROUTE, Reply, free_port
 
 pytestmark = [
@@ -39,24 +39,18 @@ def make_config(endpoint: str, name: str = "remote", **fields) -> RunnerConfig:
     return runner_config(endpoint, name, api_key=API_KEY, **fields)
 
 
-def form_data(config: RunnerConfig, **changes) -> dict:
-    data = {
-        "name": config.name,
-        "kind": config.kind,
-        "enabled": "on" if config.enabled else "",
-        "priority": str(config.priority),
-        "model_id": config.model_id,
-        "endpoint": config.endpoint,
-        "api_key": "",
-        "temperature": str(config.temperature),
-        "max_tokens": str(config.max_tokens),
-        "context_tokens": str(config.context_tokens),
-        "timeout_seconds": str(config.timeout_seconds),
-        "enable_rag": "on" if config.enable_rag else "",
-        "extra_params": "{}",
-    }
-    data.update(changes)
-    return {k: v for k, v in data.items() if v != ""}
+def send_test_prompt(client, config: RunnerConfig, prompt: str, max_tokens: int = 8):
+    """The list's "send a test prompt" action on `config`, the prompt filled in."""
+    return client.post(
+        reverse(CHANGELIST),
+        {
+            "action": "send_test_prompt",
+            "_selected_action": [config.pk],
+            "run_prompt": "1",
+            "prompt": prompt,
+            "max_tokens": str(max_tokens),
+        },
+    )
 
 
 def change_url(config: RunnerConfig) -> str:
@@ -94,7 +88,7 @@ def test_credentials_in_an_endpoint_are_never_listed(admin_client):
 
 def test_a_blank_key_field_keeps_the_stored_key(admin_client, scripted_server):
     config = make_config(scripted_server.url)
-    response = admin_client.post(change_url(config), form_data(config, priority="7"))
+    response = admin_client.post(change_url(config), runner_form(config, priority="7"))
     assert response.status_code == 302
     config.refresh_from_db()
     assert config.priority == 7
@@ -104,7 +98,7 @@ def test_a_blank_key_field_keeps_the_stored_key(admin_client, scripted_server):
 def test_a_new_key_replaces_the_old_one_and_is_encrypted_at_rest(admin_client, scripted_server):
     config = make_config(scripted_server.url)
     new_key = "sk-rotated-key-zz99yy88xx77"
-    response = admin_client.post(change_url(config), form_data(config, api_key=new_key))
+    response = admin_client.post(change_url(config), runner_form(config, api_key=new_key))
     assert response.status_code == 302
     config.refresh_from_db()
     assert config.api_key == new_key
@@ -113,7 +107,7 @@ def test_a_new_key_replaces_the_old_one_and_is_encrypted_at_rest(admin_client, s
 
 def test_the_clear_key_box_removes_the_key(admin_client, scripted_server):
     config = make_config(scripted_server.url)
-    admin_client.post(change_url(config), form_data(config, clear_api_key="on"))
+    admin_client.post(change_url(config), runner_form(config, clear_api_key="on"))
     config.refresh_from_db()
     assert config.api_key_encrypted == ""
     html = admin_client.get(change_url(config)).content.decode()
@@ -126,7 +120,7 @@ def test_a_new_key_and_clear_together_is_refused_without_echoing_the_key(
     config = make_config(scripted_server.url)
     new_key = "sk-both-at-once-1234567890"
     response = admin_client.post(
-        change_url(config), form_data(config, api_key=new_key, clear_api_key="on")
+        change_url(config), runner_form(config, api_key=new_key, clear_api_key="on")
     )
     html = response.content.decode()
     assert response.status_code == 200
@@ -159,7 +153,8 @@ def test_bad_input_gets_a_clear_form_error_and_changes_nothing(
     config = make_config(scripted_server.url)
     before = RunnerConfig.objects.values().get(pk=config.pk)
     new_key = "sk-typed-during-a-bad-save-42"
-    response = admin_client.post(change_url(config), form_data(config, api_key=new_key, **changes))
+    form = runner_form(config, api_key=new_key, **changes)
+    response = admin_client.post(change_url(config), form)
     html = response.content.decode()
     assert response.status_code == 200
     assert message in html
@@ -299,16 +294,7 @@ def test_the_test_prompt_action_asks_for_a_prompt_first(admin_client, scripted_s
 def test_the_test_prompt_shows_the_streamed_answer_timings_and_usage(admin_client, scripted_server):
     config = make_config(scripted_server.url)
     scripted_server.script(Reply(text="Hello admin, all good.", token_delay=0.01, usage=(9, 5)))
-    response = admin_client.post(
-        reverse(CHANGELIST),
-        {
-            "action": "send_test_prompt",
-            "_selected_action": [config.pk],
-            "run_prompt": "1",
-            "prompt": "Say hello",
-            "max_tokens": "32",
-        },
-    )
+    response = send_test_prompt(admin_client, config, "Say hello", max_tokens=32)
     html = response.content.decode()
     assert response.status_code == 200
     assert "Hello admin, all good." in html
@@ -329,16 +315,7 @@ def test_the_test_prompt_shows_the_streamed_answer_timings_and_usage(admin_clien
 def test_the_test_prompt_shows_a_runner_error_and_the_partial_answer(admin_client, scripted_server):
     config = make_config(scripted_server.url)
     scripted_server.script(Reply(text="one two three four five", break_after=2))
-    response = admin_client.post(
-        reverse(CHANGELIST),
-        {
-            "action": "send_test_prompt",
-            "_selected_action": [config.pk],
-            "run_prompt": "1",
-            "prompt": "Count",
-            "max_tokens": "32",
-        },
-    )
+    response = send_test_prompt(admin_client, config, "Count", max_tokens=32)
     html = response.content.decode()
     assert "Answer (partial)" in html
     assert "one two" in html
@@ -352,32 +329,14 @@ def test_the_test_prompt_shows_a_runner_error_and_the_partial_answer(admin_clien
 @pytest.mark.django_db(transaction=True)
 def test_the_test_prompt_to_a_disabled_runner_says_so(admin_client, scripted_server):
     config = make_config(scripted_server.url, enabled=False)
-    response = admin_client.post(
-        reverse(CHANGELIST),
-        {
-            "action": "send_test_prompt",
-            "_selected_action": [config.pk],
-            "run_prompt": "1",
-            "prompt": "Hi",
-            "max_tokens": "8",
-        },
-    )
+    response = send_test_prompt(admin_client, config, "Hi")
     assert "is disabled" in response.content.decode()
     assert scripted_server.chat_requests() == []
 
 
 def test_an_empty_test_prompt_is_a_form_error(admin_client, scripted_server):
     config = make_config(scripted_server.url)
-    response = admin_client.post(
-        reverse(CHANGELIST),
-        {
-            "action": "send_test_prompt",
-            "_selected_action": [config.pk],
-            "run_prompt": "1",
-            "prompt": "   ",
-            "max_tokens": "8",
-        },
-    )
+    response = send_test_prompt(admin_client, config, "   ")
     assert "This field is required." in response.content.decode()
     assert scripted_server.chat_requests() == []
 
@@ -393,16 +352,7 @@ def test_staff_who_may_only_view_runners_cannot_send_test_prompts(
     client.force_login(viewer)
     page = client.get(reverse(CHANGELIST)).content.decode()
     assert 'value="check_health"' in page and 'value="send_test_prompt"' not in page
-    client.post(
-        reverse(CHANGELIST),
-        {
-            "action": "send_test_prompt",
-            "_selected_action": [config.pk],
-            "run_prompt": "1",
-            "prompt": "Hi",
-            "max_tokens": "8",
-        },
-    )
+    send_test_prompt(client, config, "Hi")
     assert scripted_server.chat_requests() == []
 
 
@@ -418,20 +368,11 @@ def test_the_key_is_never_logged_by_admin_saves_health_checks_or_failures(
     for name in ("", "runners", "httpx", "httpcore", "llama_stack_client", "django"):
         caplog.set_level(logging.DEBUG, logger=name)
     config = make_config(scripted_server.url)
-    admin_client.post(change_url(config), form_data(config, api_key=API_KEY + "x"))
+    admin_client.post(change_url(config), runner_form(config, api_key=API_KEY + "x"))
     config.refresh_from_db()
     scripted_server.script(Reply(status=401), Reply(status=500))
     admin_client.get(reverse("admin:runners_runnerconfig_health", args=[config.pk]))
-    admin_client.post(
-        reverse(CHANGELIST),
-        {
-            "action": "send_test_prompt",
-            "_selected_action": [config.pk],
-            "run_prompt": "1",
-            "prompt": "Hi",
-            "max_tokens": "8",
-        },
-    )
+    send_test_prompt(admin_client, config, "Hi")
     assert caplog.records  # the failures were logged...
     assert API_KEY not in caplog.text  # ...without the key
 

@@ -9,18 +9,12 @@ admin-runner-dashboard.png."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import ROOT
+from tests.support.browser import chromium
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedServer, free_port
 
@@ -42,28 +36,11 @@ def upstream():
 def site(tmp_path_factory, upstream):
     """Daphne on a free port with its own SQLite database, an admin, and two
     runners: `remote` (the scripted server, with an API key) and `dead`."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("admin-site")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL", "METRICS_TOKEN"}
-    }
-    env.update(
-        DATA_DIR=str(data),
-        BREEZEWEB_ENV_FILE="/nonexistent",
-        SECRET_KEY="admin-browser-test-secret-0123456789-abcdefghijkl",
-        DJANGO_SETTINGS_MODULE="breezeweb.settings",
-    )
-
-    def manage(*args: str) -> None:
-        subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, timeout=300
-        )
-
-    manage("migrate", "--noinput", "-v0")
+    env = site_env(data, METRICS_TOKEN="")
+    manage(env, "migrate", "--noinput", "-v0")
     manage(
+        env,
         "shell",
         "-c",
         "from django.contrib.auth.models import User\n"
@@ -76,55 +53,17 @@ def site(tmp_path_factory, upstream):
         f"RunnerConfig.objects.create(name='dead', kind='llamastack',"
         f" endpoint='http://127.0.0.1:{free_port()}', model_id='m', priority=1)\n",
     )
-    port = free_port()
-    log = open(data / "daphne.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "daphne"),
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "breezeweb.asgi:application",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"daphne did not start:\n{(data / 'daphne.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    daphne_log = (data / "daphne.log").read_text(errors="replace")
+    daphne = Daphne(env, log=data / "daphne.log").start()
+    yield daphne.url
+    daphne.stop()
+    daphne_log = daphne.log.read_text(errors="replace")
     shutil.rmtree(data, ignore_errors=True)
     assert API_KEY not in daphne_log
 
 
 @pytest.fixture(scope="module")
 def page(site):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
+    with chromium() as browser:
         context = browser.new_context(viewport={"width": 1600, "height": 800})
         page = context.new_page()
         page.problems = []  # console errors, CSP violations, page errors
@@ -151,7 +90,6 @@ def page(site):
         page.click("input[type=submit]")
         page.wait_for_selector("#content-main")
         yield page
-        browser.close()
 
 
 def test_the_list_fills_in_live_health_per_row_under_a_strict_csp(site, page, upstream):

@@ -11,12 +11,17 @@
 - `fresh_process_state`: runner instances, circuits and the users' limits reset.
 - `no_detached_answers`: no answer outlives the test.
 - `api_key`: a bearer key of `user`.
-- `runner_config(endpoint, name, **fields)`: the one runner-config factory.
+- `rag_thread`: documents ingested by this process' worker thread; after the
+  test its queue is drained and the test Chroma store emptied.
+- `runner_config(endpoint, name, **fields)`: the one runner-config factory;
+  `runner_form(config, **changes)`: its admin change form, filled in.
+- `running(server, name)`: a helper server started for a fixture, stopped after.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -40,14 +45,8 @@ def scripted_server(_scripted_server_session: ScriptedServer) -> ScriptedServer:
 def llamastack_server():
     from tests.support.llamastack_server import LlamaStackServer
 
-    server = LlamaStackServer()
-    try:
-        server.start()
-    except Exception as exc:
-        server.stop()
-        pytest.fail(f"the real Llama Stack server did not start: {exc}", pytrace=False)
-    yield server
-    server.stop()
+    with running(LlamaStackServer(), "the real Llama Stack server") as server:
+        yield server
 
 
 @pytest.fixture
@@ -84,11 +83,38 @@ async def no_detached_answers():
 
 
 @pytest.fixture
+def rag_thread(settings):
+    from rag import worker
+    from tests.support.documents import drop_all_chroma_collections
+
+    settings.RAG_INGEST_WORKER = "thread"
+    yield settings
+    worker.wait_until_idle(timeout=120)
+    drop_all_chroma_collections()
+
+
+@pytest.fixture
 def api_key(user) -> str:
     """A bearer key of `user`."""
     from accounts.models import ApiKey
 
     return ApiKey.issue(user, "tests")[1]
+
+
+@contextmanager
+def running(server, name: str):
+    """`server` started (`.start()`), and stopped (`.stop()`) after; a server
+    that does not start fails the test, saying `name`, once what it did start
+    is stopped."""
+    try:
+        server.start()
+    except Exception as exc:
+        server.stop()
+        pytest.fail(f"{name} did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def runner_config(endpoint: str, name: str = "remote", *, api_key: str = "", **fields):
@@ -109,3 +135,26 @@ def runner_config(endpoint: str, name: str = "remote", *, api_key: str = "", **f
         config.api_key = api_key
     config.save()
     return config
+
+
+def runner_form(config, **changes) -> dict:
+    """The admin change form of `config` as an admin submits it: its saved
+    values, the key field left blank (keeps the stored key), `changes` on top;
+    an empty value is an unchecked box or a blank field."""
+    data = {
+        "name": config.name,
+        "kind": config.kind,
+        "enabled": "on" if config.enabled else "",
+        "priority": str(config.priority),
+        "model_id": config.model_id,
+        "endpoint": config.endpoint,
+        "api_key": "",
+        "temperature": str(config.temperature),
+        "max_tokens": str(config.max_tokens),
+        "context_tokens": str(config.context_tokens),
+        "timeout_seconds": str(config.timeout_seconds),
+        "enable_rag": "on" if config.enable_rag else "",
+        "extra_params": "{}",
+        **changes,
+    }
+    return {k: v for k, v in data.items() if v != ""}

@@ -1,7 +1,11 @@
-"""Real BreezeWeb processes for tests: Daphne on a free port, `runworker`.
+"""Real BreezeWeb processes for tests and benchmarks: Daphne on a free port,
+`runworker`, `manage.py` commands, a site of its own, and a scripted upstream
+in a process of its own (`Upstream`).
 
-They share the test's database, Redis and DATA_DIR through the environment,
-exactly as separate machines of a scale-out deployment would.
+By default they share the test's database, Redis and DATA_DIR through the
+environment, exactly as separate machines of a scale-out deployment would;
+`site_env(data_dir)` instead gives a site of its own (SQLite, embedded Chroma
+and uploads in `data_dir`), as the browser tests and the benchmarks use.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,50 +23,89 @@ from tests.support.scripted_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
+# As `make run` and the Dockerfile serve: websocket frames up to 16 MiB reach
+# the application, which refuses what is over CHAT_MAX_FRAME_BYTES itself.
+DAPHNE_ARGS = ("--websocket-max-message-size", "16777216", "--websocket-max-frame-size", "16777216")
+
+
+def site_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of a site of its own: no shared database, Redis or
+    Chroma server, no .env file, its data in `data_dir`, and `settings` on top."""
+    return {
+        **os.environ,
+        "DATABASE_URL": "",
+        "REDIS_URL": "",
+        "CHROMA_URL": "",
+        "DATA_DIR": str(data_dir),
+        "BREEZEWEB_ENV_FILE": "/nonexistent",
+        "MODELS_DIR": os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
+        "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
+        **settings,
+    }
+
+
+def manage(env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    """`manage.py <args>` in the checkout with `env`; its stdout. A failure
+    raises with the end of its stderr."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "breezeweb.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {args[0]} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
 
 class Process:
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+    """A child process run from the checkout, its output in a log file (a pipe
+    nobody reads would stall a chatty server)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path | None = None) -> None:
         self.argv = argv
         self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "breezeweb.settings", **env}
+        self._own_log = log is None  # a temporary file, removed by stop()
+        if log is None:
+            handle, name = tempfile.mkstemp(prefix="breezeweb-process-", suffix=".log")
+            os.close(handle)
+            log = Path(name)
+        self.log = log
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> Process:
-        self.popen = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        with open(self.log, "ab") as log:  # the child keeps its own copy open
+            self.popen = subprocess.Popen(
+                self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         return self
 
     def log_tail(self) -> str:
-        if self.popen and self.popen.poll() is not None and self.popen.stderr:
-            return self.popen.stderr.read().decode(errors="replace")[-3000:]
-        return ""
+        return self.log.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
         if self.popen and self.popen.poll() is None:
             self.popen.terminate()
             try:
-                self.popen.wait(timeout=10)
+                self.popen.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
+                self.popen.wait(timeout=15)
+        if self._own_log:
+            self.log.unlink(missing_ok=True)
 
 
 class Daphne(Process):
-    def __init__(self, env: dict[str, str]) -> None:
+    """breezeweb.asgi served by Daphne on a free port of 127.0.0.1, the port
+    kept across restarts; started means /healthz answers."""
+
+    def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "breezeweb.asgi:application",
-            ],
-            env,
-        )
+        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
+        super().__init__([*argv, *DAPHNE_ARGS, "breezeweb.asgi:application"], env, log)
 
     def start(self, timeout: float = 60) -> Daphne:
         super().start()
@@ -70,11 +114,50 @@ class Daphne(Process):
             if self.popen.poll() is not None:
                 raise RuntimeError(f"daphne exited:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError(f"daphne did not answer within {timeout} s")
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"daphne did not answer within {timeout} s:\n{self.log_tail()}")
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL the server (no chance to save anything), then start it again."""
+        self.popen.kill()
+        self.popen.wait(timeout=15)
+        self.start()
+
+
+class Upstream:
+    """A scripted upstream in a process of its own: `argv` runs
+    tests.support.scripted_server.serve_until_stdin_closes, which prints the
+    URL it serves; `stop()` closes its stdin."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.popen: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> Upstream:
+        self.popen = subprocess.Popen(
+            self.argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.url = self.popen.stdout.readline().strip()
+        if not self.url:
+            self.stop()
+            raise RuntimeError(f"the upstream {self.argv} did not start")
+        return self
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            self.popen.stdin.close()
+            self.popen.wait(timeout=15)
+
+    def __enter__(self) -> Upstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class Worker(Process):

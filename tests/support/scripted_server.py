@@ -48,7 +48,8 @@ filters the chat calls; `server.wait_for_requests(n)` blocks until n arrived.
 
 Lifecycle: `ScriptedServer()` then `.start()` / `.stop()`, or `with
 ScriptedServer() as server:`; `.reset()` clears the queue, recordings and
-defaults. Pytest fixtures live in `tests.support.fixtures` (`scripted_server`).
+defaults. `serve_until_stdin_closes(server)` runs one in a process of its
+own. Pytest fixtures live in `tests.support.fixtures` (`scripted_server`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import contextlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -144,6 +146,16 @@ class RecordedRequest:
     @property
     def authorization(self) -> str:
         return self.headers.get("authorization", "")
+
+
+def serve_until_stdin_closes(server: ScriptedServer) -> None:
+    """Serve `server` from this process, its URL printed first, until stdin
+    closes: a scripted upstream in a process of its own, so that its event loop
+    does not compete with the process measuring (tests.support.processes.Upstream)."""
+    server.start()
+    print(server.url, flush=True)
+    sys.stdin.read()
+    server.stop()
 
 
 def free_port() -> int:
@@ -309,43 +321,42 @@ class ScriptedServer:
             status=reply.status, text=text, content_type=content_type, headers=reply.headers
         )
 
-    async def _health(self, request: web.Request) -> web.StreamResponse:
+    async def _json_route(self, request: web.Request, route: str, body) -> web.StreamResponse:
+        """A JSON GET route: the next scripted reply for `route` (a delay, an
+        error), else `body()`."""
         recorded = await self._record(request)
         try:
-            reply = self._next_reply(HEALTH_ROUTE)
+            reply = self._next_reply(route)
             if reply and reply.headers_delay:
                 await asyncio.sleep(reply.headers_delay)
             if reply and reply.status != 200:
                 return await self._scripted_error(reply)
-            return web.json_response({"status": "OK"})
+            return web.json_response(body())
         finally:
             recorded.finished.set()
 
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        return await self._json_route(request, HEALTH_ROUTE, lambda: {"status": "OK"})
+
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        recorded = await self._record(request)
-        try:
-            reply = self._next_reply(MODELS_ROUTE)
-            if reply and reply.headers_delay:
-                await asyncio.sleep(reply.headers_delay)
-            if reply and reply.status != 200:
-                return await self._scripted_error(reply)
-            data = [
-                {
-                    "id": model,
-                    "object": "model",
-                    "created": 1_700_000_000,
-                    "owned_by": "scripted",
-                    "custom_metadata": {
-                        "model_type": "llm",
-                        "provider_id": "scripted",
-                        "provider_resource_id": model,
-                    },
-                }
-                for model in self.models
-            ]
-            return web.json_response({"object": "list", "data": data})
-        finally:
-            recorded.finished.set()
+        return await self._json_route(request, MODELS_ROUTE, self._model_list)
+
+    def _model_list(self) -> dict:
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "created": 1_700_000_000,
+                "owned_by": "scripted",
+                "custom_metadata": {
+                    "model_type": "llm",
+                    "provider_id": "scripted",
+                    "provider_resource_id": model,
+                },
+            }
+            for model in self.models
+        ]
+        return {"object": "list", "data": data}
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         recorded = await self._record(request)
