@@ -89,7 +89,7 @@ lint: venv
 	$(VPY) -m ruff format --check .
 
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache staticfiles
