@@ -7,20 +7,15 @@ tests/support/screenshots.py)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import ROOT
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
-from tests.support.scripted_server import Reply, ScriptedServer, free_port
+from tests.support.scripted_server import Reply, ScriptedServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -42,26 +37,14 @@ def site(tmp_path_factory, upstream):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("conversations-site")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"DATABASE_URL", "REDIS_URL", "CHROMA_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    env.update(
-        DATA_DIR=str(data),
-        BREEZEWEB_ENV_FILE="/nonexistent",
+    env = site_env(
+        data,
         SECRET_KEY="conversations-browser-secret-0123456789-abcdefghij",
-        DJANGO_SETTINGS_MODULE="breezeweb.settings",
         PRELOAD_LOCAL_RUNNERS="false",
     )
-
-    def manage(*args: str) -> None:
-        subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, timeout=300
-        )
-
-    manage("migrate", "--noinput", "-v0")
+    manage(env, "migrate", "--noinput", "-v0")
     manage(
+        env,
         "shell",
         "-c",
         "from django.contrib.auth.models import User\n"
@@ -70,38 +53,9 @@ def site(tmp_path_factory, upstream):
         f"RunnerConfig.objects.create(name='remote', kind='llamastack', endpoint='{upstream.url}',"
         " model_id='scripted-model', priority=10)\n",
     )
-    port = free_port()
-    log = open(data / "daphne.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [
-            *(str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port)),
-            "breezeweb.asgi:application",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"daphne did not start:\n{(data / 'daphne.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    live = Daphne(env, log=data / "daphne.log").start()
+    yield live.url
+    live.stop()
     shutil.rmtree(data, ignore_errors=True)
 
 
