@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from accounts.models import ApiKey
+from accounts.models import ApiKey, Quota
 
 
 @admin.register(ApiKey)
@@ -20,3 +20,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset):
         for key in queryset.filter(revoked_at__isnull=True):
             key.revoke()
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    """Budgets per user or group (docs/teams.md): checked before each turn."""
+
+    list_display = ("__str__", "user", "group", "metric", "period", "limit", "runner")
+    list_filter = ("metric", "period", "group", "runner")
+    search_fields = ("user__username", "group__name")
+    autocomplete_fields = ("user", "group")
+    fields = ("user", "group", "metric", "period", "limit", "runner")

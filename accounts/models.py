@@ -1,4 +1,5 @@
-"""What both interfaces need to know about callers: API keys."""
+"""What both interfaces need to know about callers: API keys, quotas, and the
+record of the first run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -76,3 +78,88 @@ class ApiKey(models.Model):
     def revoke(self) -> None:
         self.revoked_at = timezone.now()
         self.save(update_fields=["revoked_at"])
+
+
+class FirstRun(models.Model):
+    """The record that the first admin account was created in the browser.
+
+    There can be only one row (its primary key is fixed at 1 and checked), so
+    two browsers submitting the first-run form at the same moment race on a
+    database constraint: one insert wins, the other fails and is told the
+    account exists. The row stays, so the page is never offered again, even
+    if every account is later deleted."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1, editable=False)
+    username = models.CharField(max_length=150, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=models.Q(id=1), name="first_run_once")]
+        verbose_name = "first run"
+
+    def __str__(self) -> str:
+        return f"first admin {self.username!r} created {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class Quota(models.Model):
+    """A budget of tokens or messages per day or month, for one user or for a
+    group's members together, on every runner or on one (docs/teams.md).
+    Checked before each turn starts; a user is held to every quota that names
+    them or one of their groups."""
+
+    class Metric(models.TextChoices):
+        TOKENS = "tokens", "tokens (prompt + answer)"
+        MESSAGES = "messages", "messages (turns)"
+
+    class Period(models.TextChoices):
+        DAY = "day", "per day"
+        MONTH = "month", "per month"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quotas",
+        help_text="This user's own budget. Set a user or a group, not both.",
+    )
+    group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quotas",
+        help_text="One budget shared by the group's members together.",
+    )
+    runner = models.ForeignKey(
+        "runners.RunnerConfig",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quotas",
+        help_text="Only turns answered by this runner count, and only it is refused when "
+        "the budget is spent (auto then picks another). Empty: every runner.",
+    )
+    metric = models.CharField(max_length=8, choices=Metric.choices)
+    period = models.CharField(max_length=5, choices=Period.choices)
+    limit = models.PositiveBigIntegerField(help_text="0 refuses every turn.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["group__name", "user__username", "metric", "period"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=False, group__isnull=True)
+                | models.Q(user__isnull=True, group__isnull=False),
+                name="quota_for_a_user_or_a_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        who = f"group {self.group}" if self.group_id else f"user {self.user}"
+        on = f" on {self.runner}" if self.runner_id else ""
+        return f"{who}: {self.limit} {self.metric} {self.get_period_display()}{on}"
+
+    def clean(self) -> None:
+        if bool(self.user_id) == bool(self.group_id):
+            raise ValidationError("Choose a user or a group (one of them).")

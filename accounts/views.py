@@ -1,11 +1,25 @@
-"""Pages about signing in."""
+"""Pages about accounts: signing in, the first run, usage."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django import forms
 from django.conf import settings
-from django.contrib.auth.forms import AuthenticationForm
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.contrib import admin
+from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods
+
+from accounts import firstrun, quotas, usage
 
 
 def login_locked_out(request: HttpRequest, *args, **kwargs) -> HttpResponse:
@@ -21,3 +35,106 @@ def login_locked_out(request: HttpRequest, *args, **kwargs) -> HttpResponse:
     response = render(request, "registration/login.html", context, status=429)
     response["Retry-After"] = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))
     return response
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login page, except on a fresh install: while no account
+    exists there is nobody to sign in as, so it sends the browser to the
+    first-run page instead."""
+
+    def get(self, request, *args, **kwargs):
+        if firstrun.is_open():
+            return redirect("first-run")
+        return super().get(request, *args, **kwargs)
+
+
+class FirstAdminForm(UserCreationForm):
+    """Username and password (twice, checked by AUTH_PASSWORD_VALIDATORS)."""
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def first_run(request: HttpRequest) -> HttpResponse:
+    """Create the admin account while none exists; 404 ever after. The
+    account is signed in at once and lands in the chat."""
+    if not firstrun.is_open():
+        raise Http404(_("The admin account exists already; sign in instead."))
+    form = FirstAdminForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = firstrun.create_first_admin(form)
+        except firstrun.FirstRunClosed:
+            # Another browser won the race a moment ago: say so, plainly.
+            closed = _("The admin account was just created from another browser; sign in instead.")
+            return render(request, "accounts/first_run.html", {"closed": closed}, status=409)
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        return redirect("chat")
+    return render(request, "accounts/first_run.html", {"form": form})
+
+
+# ---- usage ----------------------------------------------------------------------------
+
+
+@never_cache
+@login_required
+@require_GET
+def usage_page(request: HttpRequest) -> HttpResponse:
+    """The user's own usage (today, this month, this month by runner and by
+    key) and budgets."""
+    summary = usage.user_summary(request.user)
+    context = {
+        "usage": summary,
+        "periods": [
+            (("today", _("Today")), summary["today"]),
+            (("month", _("This month")), summary["month"]),
+        ],
+        "quota": quotas.status(request.user),
+        "TIME_ZONE": settings.TIME_ZONE,
+    }
+    return render(request, "accounts/usage.html", context)
+
+
+class UsageFilter(forms.Form):
+    """The admin dashboard's question: how many days back, per user or per group."""
+
+    days = forms.IntegerField(min_value=1, max_value=usage.MAX_DASHBOARD_DAYS, initial=30)
+    by = forms.ChoiceField(
+        choices=[("user", _("user")), ("group", _("group"))], initial="user", required=False
+    )
+
+
+def usage_dashboard(request: HttpRequest) -> HttpResponse:
+    """Staff: tokens and turns per day, per user or group and runner, over the
+    last N days; `?format=csv` downloads the same rows. Wrapped by
+    `admin.site.admin_view` in urls (staff only)."""
+    if not request.user.has_perm("runners.view_runrecord"):
+        raise PermissionDenied
+    form = UsageFilter(request.GET or {"days": 30, "by": "user"})
+    if not form.is_valid():
+        return HttpResponseBadRequest(" ".join(m for e in form.errors.values() for m in e))
+    days, by = form.cleaned_data["days"], form.cleaned_data["by"] or "user"
+    until = usage.start_of_day() + timedelta(days=1)
+    rows = usage.over_time(until - timedelta(days=days), until, by)
+    if request.GET.get("format") == "csv":
+        response = HttpResponse(usage.as_csv(rows, by), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="breezeweb-usage-{by}-{days}d.csv"'
+        return response
+    totals: dict[str, usage.Totals] = {}
+    for row in rows:
+        t = totals.get(row.who, usage.Totals())
+        totals[row.who] = usage.Totals(
+            t.prompt_tokens + row.totals.prompt_tokens,
+            t.completion_tokens + row.totals.completion_tokens,
+            t.turns + row.totals.turns,
+        )
+    context = {
+        **admin.site.each_context(request),
+        "title": _("Usage"),
+        "form": form,
+        "by": by,
+        "days": days,
+        "rows": rows,
+        "totals": sorted(totals.items(), key=lambda item: -item[1].total_tokens),
+        "generated_at": timezone.now(),
+    }
+    return render(request, "admin/accounts/usage.html", context)
