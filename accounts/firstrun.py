@@ -10,6 +10,7 @@ request gets `FirstRunClosed`.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 
@@ -23,7 +24,10 @@ class FirstRunClosed(Exception):
 
 
 def is_open() -> bool:
-    """True while no account exists and the first-run page was never used."""
+    """True while no account exists and the first-run page was never used
+    (never with PASSWORD_LOGIN off: the account could not sign in)."""
+    if not settings.PASSWORD_LOGIN:
+        return False
     return not get_user_model().objects.exists() and not FirstRun.objects.exists()
 
 

@@ -163,3 +163,24 @@ class Quota(models.Model):
     def clean(self) -> None:
         if bool(self.user_id) == bool(self.group_id):
             raise ValidationError("Choose a user or a group (one of them).")
+
+
+class OidcIdentity(models.Model):
+    """Who a user is at the single sign-on provider: its `sub` for one issuer
+    (accounts.oidc). The only way a provider account finds its local user."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="oidc_identity"
+    )
+    issuer = models.CharField(max_length=255)
+    subject = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["issuer", "subject"], name="one_user_per_oidc_subject")
+        ]
+        verbose_name = "single sign-on identity"
+
+    def __str__(self) -> str:
+        return f"{self.user} = {self.subject} at {self.issuer}"

@@ -38,14 +38,26 @@ def login_locked_out(request: HttpRequest, *args, **kwargs) -> HttpResponse:
 
 
 class LoginView(auth_views.LoginView):
-    """Django's login page, except on a fresh install: while no account
-    exists there is nobody to sign in as, so it sends the browser to the
-    first-run page instead."""
+    """Django's login page, with the single sign-on button when OIDC is on
+    and without the password form when PASSWORD_LOGIN is off. On a fresh
+    install (no account yet) it sends the browser to the first-run page."""
 
     def get(self, request, *args, **kwargs):
         if firstrun.is_open():
             return redirect("first-run")
         return super().get(request, *args, **kwargs)
+
+    def post(self, request, *args, **kwargs):
+        if not settings.PASSWORD_LOGIN:
+            raise PermissionDenied(_("Password sign-in is turned off; use single sign-on."))
+        return super().post(request, *args, **kwargs)
+
+    def get_context_data(self, **kwargs):
+        return {
+            **super().get_context_data(**kwargs),
+            "password_login": settings.PASSWORD_LOGIN,
+            "sso_name": settings.OIDC_PROVIDER_NAME if settings.OIDC_ISSUER else "",
+        }
 
 
 class FirstAdminForm(UserCreationForm):
