@@ -184,3 +184,78 @@ class OidcIdentity(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} = {self.subject} at {self.issuer}"
+
+
+class UserSession(models.Model):
+    """A browser session of a user, recorded at sign-in so the user can see
+    their sessions and a password change can end the others (with their
+    websockets). The session's data stays in Django's session store."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="browser_sessions"
+    )
+    session_key = models.CharField(max_length=40, unique=True)
+    user_agent = models.CharField(max_length=200, blank=True)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.user} since {self.created_at:%Y-%m-%d %H:%M}"
+
+
+def _token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class Invite(models.Model):
+    """A one-time link an admin sends to let someone create their account.
+    Only the token's sha256 is stored; the link is shown once, when made."""
+
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    note = models.CharField(
+        max_length=200, blank=True, help_text="Who it is for (shown only in the admin)."
+    )
+    groups = models.ManyToManyField(
+        "auth.Group", blank=True, help_text="The new account joins these groups."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="invite",
+        editable=False,
+        help_text="The account made with it.",
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.note or f"invite {self.pk}"
+
+    @staticmethod
+    def new_token() -> tuple[str, str]:
+        """(raw token for the link, its hash to store)."""
+        raw = secrets.token_urlsafe(32)
+        return raw, _token_hash(raw)
+
+    @classmethod
+    def open_for(cls, raw: str) -> Invite | None:
+        """The unused, unexpired invite of a raw token, or None."""
+        return cls.objects.filter(
+            token_hash=_token_hash(raw), used_at__isnull=True, expires_at__gt=timezone.now()
+        ).first()

@@ -16,6 +16,9 @@ urlpatterns = [
     path("logout/", OIDCLogoutView.as_view(), name="logout"),
     path("setup/", views.first_run, name="first-run"),
     path("settings/usage/", views.usage_page, name="usage"),
+    path("settings/password/", views.PasswordChangeView.as_view(), name="password-change"),
+    path("settings/sessions/", views.sessions_page, name="sessions"),
+    path("invite/<str:token>/", views.accept_invite, name="invite"),
     path("admin/usage/", admin.site.admin_view(views.usage_dashboard), name="usage-dashboard"),
 ]
 

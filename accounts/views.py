@@ -1,4 +1,5 @@
-"""Pages about accounts: signing in, the first run, usage."""
+"""Pages about accounts: signing in, the first run, usage, self-service
+(password, sessions) and invites."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import timedelta
 
 from django import forms
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -14,12 +15,14 @@ from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
-from accounts import firstrun, quotas, usage
+from accounts import firstrun, quotas, selfservice, usage
+from accounts.models import ApiKey, Invite
 
 
 def login_locked_out(request: HttpRequest, *args, **kwargs) -> HttpResponse:
@@ -150,3 +153,69 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
         "generated_at": timezone.now(),
     }
     return render(request, "admin/accounts/usage.html", context)
+
+
+# ---- self-service -----------------------------------------------------------------------
+
+
+class PasswordChangeView(auth_views.PasswordChangeView):
+    """Change the password: every other session of the user ends, with its
+    websockets (this one stays signed in)."""
+
+    template_name = "accounts/password.html"
+
+    def dispatch(self, request, *args, **kwargs):
+        if request.user.is_authenticated and not request.user.has_usable_password():
+            return render(request, "accounts/password.html", {"sso_only": True})
+        return super().dispatch(request, *args, **kwargs)
+
+    def form_valid(self, form):
+        before = self.request.session.session_key
+        response = super().form_valid(form)  # this session gets a new key (Django's cycle_key)
+        now = self.request.session.session_key
+        selfservice.session_renamed(before, now)
+        ended = selfservice.end_other_sessions(self.request.user, now, "The password was changed.")
+        messages.success(
+            self.request,
+            _("Password changed. Other sessions signed out: %(n)d.") % {"n": ended},
+        )
+        return response
+
+    def get_success_url(self):
+        return reverse("sessions")
+
+
+@never_cache
+@login_required
+@require_http_methods(["GET", "POST"])
+def sessions_page(request: HttpRequest) -> HttpResponse:
+    """The user's browser sessions and API keys; POST signs out the others."""
+    if request.method == "POST":
+        ended = selfservice.end_other_sessions(
+            request.user, request.session.session_key, "Signed out from another session."
+        )
+        messages.success(request, _("Other sessions signed out: %(n)d.") % {"n": ended})
+        return redirect("sessions")
+    context = {
+        "sessions": selfservice.sessions_of(request.user),
+        "current": request.session.session_key,
+        "keys": ApiKey.objects.active().filter(user=request.user),
+    }
+    return render(request, "accounts/sessions.html", context)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def accept_invite(request: HttpRequest, token: str) -> HttpResponse:
+    """An invite link: choose a username and password, once."""
+    if Invite.open_for(token) is None:
+        return render(request, "accounts/invite.html", {"closed": True}, status=410)
+    form = UserCreationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = selfservice.accept_invite(token, form)
+        except selfservice.InviteUsed:
+            return render(request, "accounts/invite.html", {"closed": True}, status=410)
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        return redirect("chat")
+    return render(request, "accounts/invite.html", {"form": form})
