@@ -216,7 +216,10 @@ def charge(user, now: datetime | None = None) -> list[QuotaStatus]:
 
 def within_budget(user, candidates: list, now: datetime | None = None) -> list:
     """The runner configs among `candidates` whose per-runner budgets for
-    `user` are not spent. Raises QuotaExceeded when that leaves none."""
+    `user` are not spent. Raises QuotaExceeded when that leaves none.
+    `user=None` (a trusted caller, like the router's) has no budgets."""
+    if user is None:
+        return candidates
     now = now or timezone.now()
     spent: dict[int, QuotaStatus] = {}
     for quota in quotas_of(user):
