@@ -16,8 +16,8 @@ from django.test import Client, override_settings
 import httpx
 import pytest
 
-from tests.chat.test_browser import LiveSite, _manage, _site_env
 from tests.support.oidc_server import OidcProvider
+from tests.support.processes import Daphne, manage, site_env
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +31,20 @@ def sso(tmp_path_factory):
     """(provider, site): BreezeWeb signing in through the provider."""
     provider_dir = tmp_path_factory.mktemp("op")
     site_dir = tmp_path_factory.mktemp("rp")
-    env = _site_env(site_dir)
-    site = LiveSite(site_dir, env)  # picks its port: the provider must know the redirect URI
+    env = site_env(site_dir)
+    # Its port is chosen now: the provider must know the redirect URI.
+    site = Daphne(env, log=site_dir / "daphne.log")
     provider = OidcProvider(provider_dir)
     provider.setup(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, site_url=site.url)
     provider.add_user("carol", PASSWORD, "carol@example.com", ["research", "staff"])
     provider.start()
-    env.update(OIDC_ISSUER=provider.issuer, OIDC_CLIENT_ID=CLIENT_ID)
-    env.update(OIDC_CLIENT_SECRET=CLIENT_SECRET, OIDC_PROVIDER_NAME="Test SSO")
-    _manage(env, "migrate", "--noinput", "-v0")
+    oidc = {"OIDC_ISSUER": provider.issuer, "OIDC_CLIENT_ID": CLIENT_ID}
+    oidc |= {"OIDC_CLIENT_SECRET": CLIENT_SECRET, "OIDC_PROVIDER_NAME": "Test SSO"}
+    env.update(oidc)
+    site.env.update(oidc)
+    manage(env, "migrate", "--noinput", "-v0")
     # A local account that the provider's "admin" must never become.
-    _manage(
+    manage(
         env,
         "shell",
         "-c",
@@ -56,7 +59,7 @@ def sso(tmp_path_factory):
     shutil.rmtree(provider_dir, ignore_errors=True)
 
 
-def _sign_in(browser: httpx.Client, site: LiveSite) -> httpx.Response:
+def _sign_in(browser: httpx.Client, site: Daphne) -> httpx.Response:
     """The browser's round trip: BreezeWeb -> provider login -> back, signed in."""
     login_page = browser.get(f"{site.url}/login/")
     assert "Sign in with Test SSO" in login_page.text
@@ -76,11 +79,11 @@ def _sign_in(browser: httpx.Client, site: LiveSite) -> httpx.Response:
     return at_provider
 
 
-def _breezeweb_db(site: LiveSite):
-    return sqlite3.connect(site.data / "db.sqlite3")
+def _breezeweb_db(site: Daphne):
+    return sqlite3.connect(site.log.parent / "db.sqlite3")
 
 
-def _groups_of(site: LiveSite, username: str) -> list[str]:
+def _groups_of(site: Daphne, username: str) -> list[str]:
     with _breezeweb_db(site) as db:
         rows = db.execute(
             "SELECT g.name FROM auth_group g JOIN auth_user_groups ug ON ug.group_id = g.id"
@@ -131,7 +134,7 @@ def test_sign_in_creates_the_user_syncs_groups_and_sign_out_ends_both_sessions(s
     with _breezeweb_db(site) as db:
         assert db.execute("SELECT count(*) FROM accounts_oidcidentity").fetchone()[0] == 1
 
-    log = (site.data / "daphne.log").read_text(errors="replace")
+    log = site.log.read_text(errors="replace")
     assert CLIENT_SECRET not in log
 
 

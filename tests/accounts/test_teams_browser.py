@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chat.test_browser import LiveSite, _manage, _site_env
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.processes import Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
 
@@ -29,9 +29,9 @@ def fresh_site(tmp_path_factory, scripted_server):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("teams-site")
-    env = _site_env(data)
-    _manage(env, "migrate", "--noinput", "-v0")
-    _manage(
+    env = site_env(data)
+    manage(env, "migrate", "--noinput", "-v0")
+    manage(
         env,
         "shell",
         "-c",
@@ -40,8 +40,7 @@ def fresh_site(tmp_path_factory, scripted_server):
         f" endpoint='{scripted_server.url}', model_id='scripted-model',"
         " extra_params={'loop_guard': False}, timeout_seconds=10)",
     )
-    live = LiveSite(data, env)
-    live.start()
+    live = Daphne(env, log=data / "daphne.log").start()
     yield live
     live.stop()
     shutil.rmtree(data, ignore_errors=True)
@@ -86,7 +85,7 @@ def test_first_run_chat_quota_message_and_usage_page(fresh_site, browser, script
     assert page.request.get(f"{fresh_site.url}/setup/").status == 404
 
     # 2. A budget of one message a day for the admin: shown, then spent.
-    _manage(
+    manage(
         fresh_site.env,
         "shell",
         "-c",
