@@ -8,6 +8,7 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         # Revoking a key, logging out or deactivating a user ends its websockets.
-        from accounts.revocation import connect_receivers
+        from accounts import revocation, selfservice
 
-        connect_receivers()
+        revocation.connect_receivers()
+        selfservice.connect_receivers()  # sessions recorded at sign-in, ended on deactivation

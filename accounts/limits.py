@@ -9,6 +9,11 @@
   one Lua script (atomic across every process, timed by the Redis server's
   clock); otherwise a list of timestamps in the local cache under a process
   lock (the local-memory cache is per process anyway).
+- `hit_many([(key, limit, window_s), ...])`: one request counted against
+  several windows at once (a user's quotas and their groups'), all or
+  nothing: allowed only when every window has room, then counted in every
+  one, atomically (one Lua script on Redis, one lock locally).
+  `peek([...])` reports the same without counting.
 - `acquire_slot(key, limit)` -> `SlotLease | None`: at most `limit`
   concurrent holders (the websocket's answers per user, the API's streams per
   key). A lease outlives a crashed process at most `ttl_s`.
@@ -23,6 +28,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache as memoize
 
@@ -37,6 +43,8 @@ __all__ = [
     "acquire_slot",
     "ahit",
     "hit",
+    "hit_many",
+    "peek",
     "reset",
     "reset_slots",
 ]
@@ -63,22 +71,41 @@ def _window_key(key: str, window_s: int) -> str:
     return f"breezeweb:rl:{window_s}:{key}"
 
 
-# KEYS[1]: the window's sorted set; ARGV: limit, window in ms, a unique member.
-# Scores are the Redis server's time in ms, so processes' clocks never matter.
+# KEYS: the windows' sorted sets; ARGV: a limit and a window in ms per key,
+# then a unique member, then 1 to count or 0 to only look. Every window is
+# checked first; the request is counted in all of them or in none. Scores are
+# the Redis server's time in ms, so processes' clocks never matter. Returns
+# {allowed, count_1, wait_ms_1, count_2, wait_ms_2, ...}: each window's count
+# before this request, and how long until it has room again (0: it has room).
 _SLIDING_WINDOW_LUA = """
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
-if count < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window)
-  return {1, limit - count - 1, 0}
+local n = #KEYS
+local out = {1}
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local window = tonumber(ARGV[2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local count = redis.call('ZCARD', KEYS[i])
+  local wait = 0
+  if count >= limit then
+    out[1] = 0
+    wait = window
+    if count > 0 then
+      local oldest = redis.call('ZRANGE', KEYS[i], count - limit, count - limit, 'WITHSCORES')
+      if oldest[2] then wait = tonumber(oldest[2]) + window - now end
+    end
+  end
+  out[2 * i] = count
+  out[2 * i + 1] = wait
 end
-local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-return {0, 0, tonumber(oldest[2]) + window - now}
+if out[1] == 1 and ARGV[2 * n + 2] == '1' then
+  for i = 1, n do
+    redis.call('ZADD', KEYS[i], now, ARGV[2 * n + 1])
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2 * i]))
+  end
+end
+return out
 """
 
 
@@ -99,19 +126,33 @@ def _location() -> str:
     return location[0] if isinstance(location, list | tuple) else location
 
 
-def _decision(allowed: bool, remaining: int, wait_s: float, limit: int) -> RateDecision:
-    if allowed:
-        return RateDecision(True, 0, limit, remaining)
-    return RateDecision(False, max(1, math.ceil(wait_s)), limit, 0)
+Window = tuple[str, int, int]  # (key, limit, window in seconds)
 
 
-def _hit_redis(key: str, limit: int, window_s: int) -> RateDecision:
+def _decisions(windows: Sequence[Window], counted: bool, found: list) -> list[RateDecision]:
+    """Each window's decision from its count before the request and its wait:
+    allowed when it had room; `remaining` after the request when `counted`."""
+    out = []
+    for (_, limit, _), (count, wait_s) in zip(windows, found, strict=True):
+        if count < limit:
+            out.append(RateDecision(True, 0, limit, max(0, limit - count - int(counted))))
+        else:
+            out.append(RateDecision(False, max(1, math.ceil(wait_s)), limit, 0))
+    return out
+
+
+def _hit_redis(windows: Sequence[Window], count: bool) -> tuple[bool, list]:
     script = _redis_script(_location())
     member = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}"
-    allowed, remaining, wait_ms = script(
-        keys=[_window_key(key, window_s)], args=[limit, window_s * 1000, member]
+    args: list = []
+    for _, limit, window_s in windows:
+        args += [limit, window_s * 1000]
+    reply = script(
+        keys=[_window_key(key, window_s) for key, _, window_s in windows],
+        args=[*args, member, 1 if count else 0],
     )
-    return _decision(bool(allowed), int(remaining), int(wait_ms) / 1000, limit)
+    found = [(int(reply[i]), int(reply[i + 1]) / 1000) for i in range(1, len(reply), 2)]
+    return bool(reply[0]), found
 
 
 _LOCAL_LOCK = threading.Lock()
@@ -119,24 +160,50 @@ _LOCAL_LOCK = threading.Lock()
 clock = time.time
 
 
-def _hit_local(key: str, limit: int, window_s: int) -> RateDecision:
-    cache_key = _window_key(key, window_s)
+def _hit_local(windows: Sequence[Window], count: bool) -> tuple[bool, list]:
     with _LOCAL_LOCK:
         now = clock()
-        stamps = [t for t in cache.get(cache_key) or () if t > now - window_s]
-        if len(stamps) < limit:
-            stamps.append(now)
-            cache.set(cache_key, stamps, timeout=window_s + 1)
-            return _decision(True, limit - len(stamps), 0, limit)
-        cache.set(cache_key, stamps, timeout=window_s + 1)
-        return _decision(False, 0, stamps[len(stamps) - limit] + window_s - now, limit)
+        stamps, found = [], []
+        for key, limit, window_s in windows:
+            kept = [t for t in cache.get(_window_key(key, window_s)) or () if t > now - window_s]
+            stamps.append(kept)
+            wait = 0.0
+            if len(kept) >= limit:
+                wait = kept[len(kept) - limit] + window_s - now if kept and limit > 0 else window_s
+            found.append((len(kept), wait))
+        allowed = all(
+            len(kept) < limit for kept, (_, limit, _) in zip(stamps, windows, strict=True)
+        )
+        for kept, (key, _, window_s) in zip(stamps, windows, strict=True):
+            if allowed and count:
+                kept.append(now)
+            cache.set(_window_key(key, window_s), kept, timeout=window_s + 1)
+        return allowed, found
+
+
+def hit_many(windows: Sequence[Window]) -> list[RateDecision]:
+    """Count one request against every window, or against none: it is allowed
+    only when each has room. One decision per window, in order; the request
+    was counted when all of them are `allowed` (`remaining` is then after
+    it), otherwise the full ones carry `retry_after`."""
+    if not windows:
+        return []
+    allowed, found = (_hit_redis if _uses_redis() else _hit_local)(windows, True)
+    return _decisions(windows, allowed, found)
+
+
+def peek(windows: Sequence[Window]) -> list[RateDecision]:
+    """What `hit_many` would decide now, counting nothing (`remaining`
+    before a request)."""
+    if not windows:
+        return []
+    _, found = (_hit_redis if _uses_redis() else _hit_local)(windows, False)
+    return _decisions(windows, False, found)
 
 
 def hit(key: str, limit: int, window_s: int = 60) -> RateDecision:
     """Count one request for `key`; at most `limit` in any `window_s` seconds."""
-    if _uses_redis():
-        return _hit_redis(key, limit, window_s)
-    return _hit_local(key, limit, window_s)
+    return hit_many([(key, limit, window_s)])[0]
 
 
 async def ahit(key: str, limit: int, window_s: int = 60) -> RateDecision:

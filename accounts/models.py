@@ -1,4 +1,5 @@
-"""What both interfaces need to know about callers: API keys."""
+"""What both interfaces need to know about callers: API keys, quotas, and the
+record of the first run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -76,3 +78,184 @@ class ApiKey(models.Model):
     def revoke(self) -> None:
         self.revoked_at = timezone.now()
         self.save(update_fields=["revoked_at"])
+
+
+class FirstRun(models.Model):
+    """The record that the first admin account was created in the browser.
+
+    There can be only one row (its primary key is fixed at 1 and checked), so
+    two browsers submitting the first-run form at the same moment race on a
+    database constraint: one insert wins, the other fails and is told the
+    account exists. The row stays, so the page is never offered again, even
+    if every account is later deleted."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1, editable=False)
+    username = models.CharField(max_length=150, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=models.Q(id=1), name="first_run_once")]
+        verbose_name = "first run"
+
+    def __str__(self) -> str:
+        return f"first admin {self.username!r} created {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class Quota(models.Model):
+    """A budget of tokens or messages per day or month, for one user or for a
+    group's members together, on every runner or on one (docs/teams.md).
+    Checked before each turn starts; a user is held to every quota that names
+    them or one of their groups."""
+
+    class Metric(models.TextChoices):
+        TOKENS = "tokens", "tokens (prompt + answer)"
+        MESSAGES = "messages", "messages (turns)"
+
+    class Period(models.TextChoices):
+        DAY = "day", "per day"
+        MONTH = "month", "per month"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quotas",
+        help_text="This user's own budget. Set a user or a group, not both.",
+    )
+    group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quotas",
+        help_text="One budget shared by the group's members together.",
+    )
+    runner = models.ForeignKey(
+        "runners.RunnerConfig",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quotas",
+        help_text="Only turns answered by this runner count, and only it is refused when "
+        "the budget is spent (auto then picks another). Empty: every runner.",
+    )
+    metric = models.CharField(max_length=8, choices=Metric.choices)
+    period = models.CharField(max_length=5, choices=Period.choices)
+    limit = models.PositiveBigIntegerField(help_text="0 refuses every turn.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["group__name", "user__username", "metric", "period"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=False, group__isnull=True)
+                | models.Q(user__isnull=True, group__isnull=False),
+                name="quota_for_a_user_or_a_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        who = f"group {self.group}" if self.group_id else f"user {self.user}"
+        on = f" on {self.runner}" if self.runner_id else ""
+        return f"{who}: {self.limit} {self.metric} {self.get_period_display()}{on}"
+
+    def clean(self) -> None:
+        if bool(self.user_id) == bool(self.group_id):
+            raise ValidationError("Choose a user or a group (one of them).")
+
+
+class OidcIdentity(models.Model):
+    """Who a user is at the single sign-on provider: its `sub` for one issuer
+    (accounts.oidc). The only way a provider account finds its local user."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="oidc_identity"
+    )
+    issuer = models.CharField(max_length=255)
+    subject = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["issuer", "subject"], name="one_user_per_oidc_subject")
+        ]
+        verbose_name = "single sign-on identity"
+
+    def __str__(self) -> str:
+        return f"{self.user} = {self.subject} at {self.issuer}"
+
+
+class UserSession(models.Model):
+    """A browser session of a user, recorded at sign-in so the user can see
+    their sessions and a password change can end the others (with their
+    websockets). The session's data stays in Django's session store."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="browser_sessions"
+    )
+    session_key = models.CharField(max_length=40, unique=True)
+    user_agent = models.CharField(max_length=200, blank=True)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.user} since {self.created_at:%Y-%m-%d %H:%M}"
+
+
+def _token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class Invite(models.Model):
+    """A one-time link an admin sends to let someone create their account.
+    Only the token's sha256 is stored; the link is shown once, when made."""
+
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    note = models.CharField(
+        max_length=200, blank=True, help_text="Who it is for (shown only in the admin)."
+    )
+    groups = models.ManyToManyField(
+        "auth.Group", blank=True, help_text="The new account joins these groups."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="invite",
+        editable=False,
+        help_text="The account made with it.",
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.note or f"invite {self.pk}"
+
+    @staticmethod
+    def new_token() -> tuple[str, str]:
+        """(raw token for the link, its hash to store)."""
+        raw = secrets.token_urlsafe(32)
+        return raw, _token_hash(raw)
+
+    @classmethod
+    def open_for(cls, raw: str) -> Invite | None:
+        """The unused, unexpired invite of a raw token, or None."""
+        return cls.objects.filter(
+            token_hash=_token_hash(raw), used_at__isnull=True, expires_at__gt=timezone.now()
+        ).first()

@@ -40,7 +40,8 @@ def _input_error(error: Callable[..., JsonResponse], exc: InputError) -> JsonRes
 
 def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | None = None):
     """Decorate a view of the HTTP API: sets `request.user` from a valid API key
-    (and `request.api_key_auth = True`) or requires a logged-in session.
+    (and `request.api_key_auth = True`, `request.api_key_id`: the key's id,
+    None for a session) or requires a logged-in session.
     `request.client_id` names whose limits the request spends (`limit_subject`).
     With `limit` (the name of a requests-per-minute setting) the request is
     counted against it first: 429 `rate_limit_exceeded` with Retry-After.
@@ -56,12 +57,14 @@ def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | No
         @wraps(view)
         def wrapper(request: HttpRequest, *args, **kwargs):
             raw = bearer_key(request)
+            request.api_key_id = None
             if raw:
-                user = ApiKey.authenticate(raw)
-                if user is None:
+                key = ApiKey.lookup(raw)
+                if key is None:
                     return error(401, "invalid_api_key", "Invalid or revoked API key.")
-                request.user = user
+                request.user = key.user
                 request.api_key_auth = True
+                request.api_key_id = key.pk
             elif request.user.is_authenticated:
                 request.api_key_auth = False
                 if request.method not in ("GET", "HEAD", "OPTIONS"):
@@ -92,12 +95,14 @@ def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None)
     @wraps(view)
     async def wrapper(request: HttpRequest, *args, **kwargs):
         raw = bearer_key(request)
+        request.api_key_id = None
         if raw:
-            user = await sync_to_async(ApiKey.authenticate)(raw)
-            if user is None:
+            key = await sync_to_async(ApiKey.lookup)(raw)
+            if key is None:
                 return error(401, "invalid_api_key", "Invalid or revoked API key.")
-            request.user = user
+            request.user = key.user
             request.api_key_auth = True
+            request.api_key_id = key.pk
         else:
             user = await request.auser()
             if not user.is_authenticated:

@@ -93,6 +93,8 @@ HTTP_ERRORS: dict[str, HttpError] = {
     ErrorCode.RATE_LIMITED: HttpError(503, "runner_rate_limited", retry_after=5),
     ErrorCode.UNAVAILABLE: HttpError(503, "runner_unavailable"),
     ErrorCode.NOT_LOADED: HttpError(503, "runner_unavailable"),
+    # A budget (accounts.quotas) is spent; Retry-After is when it starts over.
+    "quota_exceeded": HttpError(429, "quota_exceeded"),
 }
 
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from asgiref.sync import sync_to_async
 
-from accounts import limits
+from accounts import limits, quotas
+from accounts.quotas import QuotaExceeded
 from agents.loop import StepFinished, StepStarted
 from api import schemas
 from api.decorators import api_view, rate_limited
@@ -190,12 +191,15 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 def _check_references(user, request: CompletionRequest) -> None:
     """The model, collections and conversation exist and are the user's to use."""
     if request.model is not None:
-        config = RunnerConfig.objects.filter(name=request.model).only("enabled").first()
+        config = (
+            RunnerConfig.objects.usable_by(user).filter(name=request.model).only("enabled").first()
+        )
         if config is None or not config.enabled:
             raise ApiError(
                 404,
                 "model_not_found",
-                f"The model {request.model!r} does not exist or is disabled; "
+                f"The model {request.model!r} does not exist, is disabled or is not open "
+                "to you; "
                 "GET /v1/models lists the available ones (or use `auto`).",
                 param="model",
             )
@@ -349,8 +353,10 @@ def _auto_entry(configs: list[RunnerConfig]) -> dict[str, Any]:
     }
 
 
-def _enabled_configs() -> list[RunnerConfig]:
-    return list(RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name"))
+def _enabled_configs(user) -> list[RunnerConfig]:
+    """The enabled runners `user` may use: the only models the API shows them."""
+    usable = RunnerConfig.objects.usable_by(user).filter(enabled=True)
+    return list(usable.order_by("-priority", "name"))
 
 
 async def _limit_rate(request: HttpRequest) -> JsonResponse | None:
@@ -372,12 +378,12 @@ def _method_not_allowed(allowed: str) -> JsonResponse:
 
 @api_view(error=openai_error)
 async def models(request: HttpRequest) -> JsonResponse:
-    """`GET /v1/models`: `auto` plus every enabled runner config."""
+    """`GET /v1/models`: `auto` plus every enabled runner config the caller may use."""
     if request.method != "GET":
         return _method_not_allowed("GET")
     if limited := await _limit_rate(request):
         return limited
-    configs = await sync_to_async(_enabled_configs)()
+    configs = await sync_to_async(_enabled_configs)(request.user)
     data = [_auto_entry(configs), *(_model_entry(c) for c in configs)]
     return JsonResponse({"object": "list", "data": data})
 
@@ -389,7 +395,7 @@ async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
         return _method_not_allowed("GET")
     if limited := await _limit_rate(request):
         return limited
-    configs = await sync_to_async(_enabled_configs)()
+    configs = await sync_to_async(_enabled_configs)(request.user)
     if model_id == AUTO_MODEL:
         return JsonResponse(_auto_entry(configs))
     for config in configs:
@@ -398,7 +404,7 @@ async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
     return openai_error(
         404,
         "model_not_found",
-        f"The model {model_id!r} does not exist or is disabled.",
+        f"The model {model_id!r} does not exist, is disabled or is not open to you.",
         param="model",
     )
 
@@ -453,6 +459,15 @@ async def chat_completions(request: HttpRequest):
                 )
     except ApiError as exc:
         return exc.response()
+    try:
+        # The caller's budgets (accounts.quotas): counted only once the request
+        # is known to be well-formed and admitted by the rate limits.
+        budgets = await sync_to_async(quotas.charge)(request.user)
+    except QuotaExceeded as exc:
+        if lease is not None:
+            await lease.release()
+        response = turn_error(exc, pinned=False).response()
+        return _with_budget(response, [exc.status])
     turn = TurnInput(
         user=request.user,
         messages=parsed.messages,
@@ -467,10 +482,11 @@ async def chat_completions(request: HttpRequest):
         request_id=completion_id,
         agent=parsed.agent,
         timezone=parsed.timezone,
+        api_key_id=getattr(request, "api_key_id", None),
     )
     completion = Completion(completion_id, request.user, parsed, turn, started=arrived)
     if not parsed.stream:
-        return await completion.answer()
+        return _with_budget(await completion.answer(), budgets)
     try:
         error = await completion.prime()
     except BaseException:
@@ -478,12 +494,19 @@ async def chat_completions(request: HttpRequest):
         raise
     if error is not None:
         await lease.release()
-        return error.response()
+        return _with_budget(error.response(), budgets)
     response = StreamingHttpResponse(
         completion.sse(lease), content_type="text/event-stream; charset=utf-8"
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # proxies must not hold the stream back
+    return _with_budget(response, budgets)
+
+
+def _with_budget(response: HttpResponse, budgets: list[quotas.QuotaStatus]) -> HttpResponse:
+    """The caller's tightest budgets as X-RateLimit-*-{Requests,Tokens} headers."""
+    for name, value in quotas.headers(budgets).items():
+        response[name] = value
     return response
 
 
@@ -547,6 +570,8 @@ class Completion:
             if exc.where != "output":
                 return self._error(exc).response()
             self.blocked = exc.message
+        except QuotaExceeded as exc:  # every runner's own budget is spent
+            return self._error(exc).response()
         except RunnerError as exc:
             error = self._error(exc)
             if self.state.parts or self.state.tool_calls:
@@ -611,7 +636,7 @@ class Completion:
             # The answer's first words broke an output rule: an empty, filtered answer.
             self.blocked = exc.message
             return None
-        except RunnerError as exc:
+        except (RunnerError, QuotaExceeded) as exc:
             await self.events.aclose()
             return self._error(exc)
         except BaseException:
@@ -671,7 +696,7 @@ class Completion:
                         yield chunk
             except GuardianBlocked as exc:
                 self.blocked = exc.message
-            except RunnerError as exc:
+            except (RunnerError, QuotaExceeded) as exc:
                 error = self._error(exc)
             if error is not None:
                 finished = True

@@ -1020,6 +1020,42 @@ Deleted = reply("Deleted", deleted=int)
 CollectionList = reply(
     "CollectionList", collections=about(list[Collection], "Your personal collection first.")
 )
+_TOKENS = {
+    "prompt_tokens": about(int, "Tokens read: the question with its history and documents."),
+    "completion_tokens": about(int, "Tokens written: the answers."),
+    "total_tokens": int,
+    "turns": about(int, "Turns (each counted once, whatever the fallbacks)."),
+}
+UsageTotals = reply("UsageTotals", **_TOKENS)
+RunnerUsage = reply("RunnerUsage", runner=str, **_TOKENS)
+KeyUsage = reply(
+    "KeyUsage",
+    api_key=about(str | None, "`name (prefix…)` of the key; null: the browser's session."),
+    **_TOKENS,
+)
+QuotaState = reply(
+    "QuotaState",
+    "One budget (docs/teams.md) as it stands.",
+    metric=Literal["tokens", "messages"],
+    period=Literal["day", "month"],
+    scope=about(Literal["user", "group"], "Your own budget, or one your group shares."),
+    group=str | None,
+    runner=about(str | None, "Only turns this runner answers count; null: every runner."),
+    limit=int,
+    used=int,
+    remaining=int,
+    resets_at=about(datetime, "When the period starts over."),
+    reset_in_s=int,
+)
+UsageSummary = reply(
+    "UsageSummary",
+    "Your usage, summed from the run records (docs/teams.md), and your budgets.",
+    today=UsageTotals,
+    month=UsageTotals,
+    by_runner=about(list[RunnerUsage], "This month."),
+    by_api_key=about(list[KeyUsage], "This month."),
+    quotas=list[QuotaState],
+)
 Health = reply("Health", status=Literal["ok"])
 Readiness = reply(
     "Readiness",

@@ -35,6 +35,7 @@ urlpatterns = [
     path("api/projects", views.projects, name="api-projects"),
     path("api/projects/<id:project_id>", views.project, name="api-project"),
     path("api/runners", views.runners, name="api-runners"),
+    path("api/usage", views.usage, name="api-usage"),
     path("api/documents", documents.documents, name="rag-documents"),
     path("api/documents/<id:pk>", documents.document_detail, name="rag-document"),
     path(

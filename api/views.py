@@ -1,6 +1,6 @@
 """The JSON endpoints behind the conversation list (/api/conversations,
-/api/projects, /api/runners). Views stay thin: they check access, parse the
-request and call chat.services."""
+/api/projects, /api/runners) and the usage page (/api/usage). Views stay
+thin: they check access, parse the request and call chat.services."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts import quotas
+from accounts import usage as account_usage
 from api import schemas
 from api.decorators import api_view
 from api.errors import json_error
@@ -218,5 +220,16 @@ def project(request: HttpRequest, project_id: int) -> HttpResponse:
 @api_view(limit=LIMIT)
 @require_GET
 def runners(request: HttpRequest) -> JsonResponse:
-    """GET /api/runners: enabled runners (name, kind, capabilities, model_id)."""
-    return JsonResponse({"runners": services.enabled_runners()})
+    """GET /api/runners: the enabled runners the caller may use (name, kind,
+    capabilities, model_id)."""
+    return JsonResponse({"runners": services.enabled_runners(request.user)})
+
+
+@api_view(limit=LIMIT)
+@require_GET
+def usage(request: HttpRequest) -> JsonResponse:
+    """GET /api/usage: the caller's usage (today, this month, by runner and
+    by key) and budgets (accounts.usage, accounts.quotas)."""
+    summary = account_usage.user_summary(request.user)
+    summary["quotas"] = [q.as_dict() for q in quotas.status(request.user)]
+    return JsonResponse(summary)

@@ -1,7 +1,6 @@
 """The site's URLs: each app brings its own; the project adds login, health and admin."""
 
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, HttpResponsePermanentRedirect
 from django.urls import include, path, re_path, register_converter
 
@@ -34,8 +33,7 @@ def _moved_admin(request: HttpRequest, model: str, rest: str) -> HttpResponsePer
 urlpatterns = [
     path("", include("chat.urls")),
     path("", include("api.urls")),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("", include("accounts.urls")),  # login, logout, the first-run page
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("", include("runners.urls")),  # /metrics and /admin/runners/dashboard/ (before admin/)

@@ -21,6 +21,7 @@ from django.conf import settings
 from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from accounts import quotas
 from accounts.limits import SlotLease
 from accounts.revocation import credential_still_valid, groups_for
 from accounts.ws_auth import CLOSE_UNAUTHENTICATED
@@ -205,6 +206,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             retry = services.SLOT_RETRY_AFTER_SECONDS
             await self.send_frame(error_frame(frame.request_id, error, retry_after_s=retry))
             return
+        try:
+            # The user's budgets (accounts.quotas), before anything is saved.
+            await database_sync_to_async(quotas.charge)(self.user)
+        except quotas.QuotaExceeded as exc:
+            await lease.release()
+            error = websocket_error(exc)
+            await self.send_frame(
+                error_frame(frame.request_id, error, retry_after_s=exc.retry_after)
+            )
+            return
         outbox = FrameOutbox(self.send_frame, TOKEN_FRAME_INTERVAL_SECONDS)
         # The clock of the turn's timings starts at the frame's arrival.
         recorder = TurnRecorder()
@@ -311,6 +322,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             request_id=rid,
             agent=start.agent,
             timezone=frame.timezone or "",
+            api_key_id=self.scope.get("api_key_id"),
         )
         try:
             if cancelled:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from accounts.quotas import QuotaExceeded
 from runners.base import ErrorCode, RunnerError
 from runners.guardian import GuardianBlocked
 
@@ -36,6 +37,7 @@ class ChatError(Exception):
         status: int = 400,
         param: str | None = None,
         retry_after: float | None = None,
+        data: dict | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -44,6 +46,7 @@ class ChatError(Exception):
         self.status = status
         self.param = param
         self.retry_after = retry_after
+        self.data = data or {}  # more fields for the error frame (e.g. `quota`)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code!r}, {self.message!r}, status={self.status})"
@@ -74,6 +77,7 @@ WEBSOCKET_CODES: frozenset[str] = frozenset(
         "nothing_to_regenerate",
         "unknown_runner",
         "rate_limited",
+        "quota_exceeded",
         "guardian_blocked",
         "credential_ended",
         "internal_error",
@@ -90,6 +94,14 @@ TURN_ERRORS: dict[type[BaseException], Callable[[BaseException], ChatError]] = {
     ChatError: lambda exc: exc,
     RunnerError: lambda exc: ChatError(exc.code.value, exc.message, retryable=exc.retryable),
     GuardianBlocked: lambda exc: ChatError("guardian_blocked", exc.message),
+    QuotaExceeded: lambda exc: ChatError(
+        "quota_exceeded",
+        exc.message,
+        retryable=True,
+        status=429,
+        retry_after=exc.retry_after,
+        data=exc.details(),
+    ),
 }
 
 
@@ -121,5 +133,6 @@ def error_frame(request_id: str | None, error: ChatError, **extra) -> dict:
         "code": error.code,
         "message": error.message,
         "retryable": error.retryable,
+        **error.data,
         **extra,
     }

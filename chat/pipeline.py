@@ -21,6 +21,7 @@ from django.conf import settings
 
 from channels.db import database_sync_to_async
 
+from accounts import quotas
 from runners.base import (
     Capability,
     ChatMessage,
@@ -96,6 +97,7 @@ class TurnInput:
     request_id: str = ""
     agent: bool = False
     timezone: str = ""
+    api_key_id: int | None = None  # the key the turn came with (usage accounting)
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,18 @@ def _retrieve(turn: TurnInput, query: str):
 
 
 @database_sync_to_async
-def _turn_settings(needed, pinned: str | None, need_rag: bool):
-    """Guardian rules and runner candidates in one database round trip. A
-    "no runner" error is returned, not raised: the input rules speak first."""
+def _turn_settings(needed, pinned: str | None, need_rag: bool, user):
+    """Guardian rules and the runner candidates `user` may use, in one
+    database round trip. A "no runner" error is returned, not raised: the
+    input rules speak first. Raises QuotaExceeded when every candidate's
+    per-runner budget is spent."""
     rules = enabled_rules()
     try:
-        return rules, load_candidates(needed, pinned, need_rag), None
+        candidates = load_candidates(needed, pinned, need_rag, user)
     except RunnerError as exc:
         return rules, None, exc
+    # Runners whose per-runner budget (accounts.quotas) is spent are left out.
+    return rules, quotas.within_budget(user, candidates), None
 
 
 async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
@@ -251,7 +257,7 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
             yield event
         return
     rules, candidates, no_runner = await _turn_settings(
-        request.needed_capabilities(), turn.pinned_runner, turn.rag
+        request.needed_capabilities(), turn.pinned_runner, turn.rag, turn.user
     )
     last_text = turn.messages[-1].content
     check_input(last_text, rules)
@@ -285,6 +291,8 @@ async def _guarded(
         source=turn.source,
         message_id=turn.message_id,
         candidates=candidates,
+        user=turn.user,
+        api_key_id=turn.api_key_id,
     )
     try:
         async for event in events:

@@ -145,12 +145,14 @@ def _as_history(messages) -> tuple[ChatMessage, ...]:
     return tuple(turns)
 
 
-def _resolve_runner(name: str | None) -> RunnerConfig | None:
+def _resolve_runner(user, name: str | None) -> RunnerConfig | None:
     if not name or name == "auto":
         return None
-    config = RunnerConfig.objects.filter(name=name, enabled=True).first()
+    config = RunnerConfig.objects.usable_by(user).filter(name=name, enabled=True).first()
     if config is None:
-        raise ChatError("unknown_runner", f"There is no enabled runner named {name!r}.")
+        raise ChatError(
+            "unknown_runner", f"There is no enabled runner named {name!r} that you may use."
+        )
     return config
 
 
@@ -218,7 +220,7 @@ def begin_message(
     `collection_ids` and `agent` (agent mode) update the conversation's
     settings when given. Raises ChatError(not_found | unknown_runner)."""
     with transaction.atomic():
-        config = _resolve_runner(runner)
+        config = _resolve_runner(user, runner)
         collections = _readable_collections(user, collection_ids) if collection_ids else None
         new = conversation_id is None
         if new:
@@ -714,8 +716,9 @@ def fork_conversation(user, conversation_id: int, message_id: int) -> dict[str, 
     return conversation_messages(user, fork.pk)
 
 
-def enabled_runners() -> list[dict[str, Any]]:
-    """Enabled runners for the picker, highest priority first (no secrets)."""
+def enabled_runners(user) -> list[dict[str, Any]]:
+    """The enabled runners `user` may use, for the picker, highest priority
+    first (no secrets)."""
     return [
         {
             "name": c.name,
@@ -725,7 +728,9 @@ def enabled_runners() -> list[dict[str, Any]]:
             "priority": c.priority,
             "context_tokens": c.context_tokens,
         }
-        for c in RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name")
+        for c in RunnerConfig.objects.usable_by(user)
+        .filter(enabled=True)
+        .order_by("-priority", "name")
     ]
 
 

@@ -10,6 +10,7 @@ from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
+from accounts import quotas
 from chat import limits, services, sharing
 from chat.services import ChatError
 from runners.base import SAMPLING_BOUNDS
@@ -27,7 +28,7 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
             return redirect("chat")
     boot = {
         "conversation": conversation,
-        "runners": services.enabled_runners(),
+        "runners": services.enabled_runners(request.user),
         "image_max_bytes": settings.IMAGE_MAX_BYTES,
         "upload_max_bytes": settings.UPLOAD_MAX_BYTES,
         "csrf_token": get_token(request),
@@ -35,7 +36,10 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
     listed = services.list_conversations(request.user)
     for item in listed:
         item["active"] = item["id"] == conversation_id
+    budgets = quotas.status(request.user)
     context = {
+        # The budget with the least left (accounts.quotas), as of this page load.
+        "budget": min(budgets, key=lambda b: b.remaining, default=None),
         "conversations": listed,
         "blank_item": {"id": 0, "title": "", "project_id": None, "pinned": False},
         "limits": limits,

@@ -28,7 +28,7 @@ class CollectionAdmin(admin.ModelAdmin):
     )
     list_filter = ("shared", "is_personal", "search_mode")
     fieldsets = (
-        (None, {"fields": ("name", "owner", "shared")}),
+        (None, {"fields": ("name", "owner", "shared", "groups")}),
         (
             "Retrieval",
             {
@@ -39,6 +39,7 @@ class CollectionAdmin(admin.ModelAdmin):
         ),
     )
     search_fields = ("name", "owner__username")
+    filter_horizontal = ("groups",)
 
     @admin.display(description="Documents")
     def documents(self, obj: Collection) -> int:

@@ -7,16 +7,20 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 
 
 class CollectionQuerySet(models.QuerySet["Collection"]):
     def readable_by(self, user) -> CollectionQuerySet:
-        """Collections whose chunks `user` may retrieve: their own and shared ones
-        (every collection for a superuser)."""
+        """Collections whose chunks `user` may retrieve: their own, and shared
+        ones open to everyone (no groups) or to one of the user's groups (every
+        collection for a superuser). Retrieval, search, the documents API and
+        the chat all ask this one rule."""
         if user.is_superuser:
             return self.all()
-        return self.filter(Q(owner=user) | Q(shared=True))
+        restricted = Collection.groups.through.objects.filter(collection=OuterRef("pk"))
+        mine = restricted.filter(group__in=user.groups.values("pk"))
+        return self.filter(Q(owner=user) | Q(shared=True) & (~Exists(restricted) | Exists(mine)))
 
 
 class SearchMode(models.TextChoices):
@@ -35,7 +39,16 @@ class Collection(models.Model):
         related_name="collections",
         help_text="Empty for a shared collection managed by admins.",
     )
-    shared = models.BooleanField(default=False, help_text="Readable by every user.")
+    shared = models.BooleanField(
+        default=False, help_text="Readable by every user (or only by its groups' members)."
+    )
+    groups = models.ManyToManyField(
+        "auth.Group",
+        blank=True,
+        related_name="collections",
+        help_text="A shared collection with groups is readable only by their members "
+        "(and superusers); to everyone else it does not exist. Empty: every user.",
+    )
     is_personal = models.BooleanField(default=False, editable=False)
     top_k = models.PositiveSmallIntegerField(default=5)
     score_floor = models.FloatField(

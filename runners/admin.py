@@ -92,8 +92,18 @@ class RunnerConfigAdmin(admin.ModelAdmin):
                 "enabled runners that have every capability a request needs.",
             },
         ),
+        (
+            "Access",
+            {
+                "fields": ("groups",),
+                "description": "Which groups may use this runner (docs/teams.md). With no "
+                "groups every user may; with groups only their members and superusers see "
+                "and use it.",
+            },
+        ),
         ("Advanced", {"fields": ("extra_params", "version", "created_at", "updated_at")}),
     )
+    filter_horizontal = ("groups",)
 
     class Media:
         js = ("admin/runners/health.js",)

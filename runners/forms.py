@@ -69,6 +69,7 @@ class RunnerConfigForm(forms.ModelForm):
             "enable_rag",
             "enable_agents",
             "extra_params",
+            "groups",
         ]
         help_texts = {
             "enabled": "Disabled runners are never chosen, and pinning one is refused.",

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import re
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
+from django.db.models import Exists, OuterRef
 
 from runners import crypto
 from runners.registry import KIND_CHOICES, RUNNER_KINDS, runner_class
+
+
+class RunnerConfigQuerySet(models.QuerySet["RunnerConfig"]):
+    def usable_by(self, user) -> RunnerConfigQuerySet:
+        """The runners `user` may use: every runner with no groups (open to
+        everyone, so an install without groups works as before), and those
+        whose groups include one of the user's; every runner for a superuser.
+        The one rule: the router, the picker and both APIs ask it."""
+        if user.is_superuser:
+            return self.all()
+        restricted = RunnerConfig.groups.through.objects.filter(runnerconfig=OuterRef("pk"))
+        mine = restricted.filter(group__in=user.groups.values("pk"))
+        return self.filter(~Exists(restricted) | Exists(mine))
 
 
 class RunnerConfig(models.Model):
@@ -58,9 +73,18 @@ class RunnerConfig(models.Model):
         blank=True,
         help_text="Kind-specific options as a JSON object (see docs/runners.md).",
     )
+    groups = models.ManyToManyField(
+        "auth.Group",
+        blank=True,
+        related_name="runners",
+        help_text="Only members of these groups (and superusers) may use this runner; "
+        "to everyone else it does not exist. Empty: everyone may use it.",
+    )
     version = models.PositiveIntegerField(default=1, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = RunnerConfigQuerySet.as_manager()
 
     class Meta:
         ordering = ["-priority", "name"]
@@ -142,11 +166,33 @@ class RunRecord(models.Model):
     message = models.ForeignKey(
         "chat.Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
     )
+    # Whose turn it was, for usage accounting and quotas (docs/teams.md). Lazy
+    # references, database links only: runners imports neither app.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="run_records",
+        help_text="Whose turn it was; empty for the admin's test prompt.",
+    )
+    api_key = models.ForeignKey(
+        "accounts.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="run_records",
+        help_text="The API key the turn came with; empty for the browser's session.",
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["runner_name", "-created_at"])]
+        indexes = [
+            models.Index(fields=["runner_name", "-created_at"]),
+            # The usage page and the quotas read one user's records over a period.
+            models.Index(fields=["user", "created_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.runner_name} {self.status} @ {self.created_at:%Y-%m-%d %H:%M:%S}"

@@ -154,14 +154,22 @@ def _missing(config: RunnerConfig, needed: frozenset[Capability]) -> list[str]:
 
 
 def load_candidates(
-    needed: frozenset[Capability], pinned: str | None, need_rag: bool
+    needed: frozenset[Capability], pinned: str | None, need_rag: bool, user=None
 ) -> list[RunnerConfig]:
     """The configs that may answer, re-read on every request (so an admin's
-    edit applies at once, in every process). Raises RunnerError when none can."""
+    edit applies at once, in every process). With a `user`, only the runners
+    that user may use (`RunnerConfig.objects.usable_by`); a runner they may
+    not use reads exactly like one that does not exist. `user=None` is for
+    trusted callers only (the admin's test prompt, benchmarks). Raises
+    RunnerError when none can answer."""
+    configs = RunnerConfig.objects.all() if user is None else RunnerConfig.objects.usable_by(user)
     if pinned:
-        config = RunnerConfig.objects.filter(name=pinned).first()
+        config = configs.filter(name=pinned).first()
         if config is None:
-            raise RunnerError(ErrorCode.NOT_FOUND, f"There is no runner named {pinned!r}.")
+            raise RunnerError(
+                ErrorCode.NOT_FOUND,
+                f"There is no runner named {pinned!r} that you may use; choose another or auto.",
+            )
         if not config.enabled:
             raise RunnerError(
                 ErrorCode.NO_RUNNER, f"The runner {pinned!r} is disabled; choose another or auto."
@@ -174,8 +182,13 @@ def load_candidates(
                 f"{', '.join(missing)}" + (" (images)" if "vlm" in missing else ""),
             )
         return [config]
-    enabled = list(RunnerConfig.objects.filter(enabled=True).order_by("-priority", "name"))
+    enabled = list(configs.filter(enabled=True).order_by("-priority", "name"))
     if not enabled:
+        if user is not None and RunnerConfig.objects.filter(enabled=True).exists():
+            raise RunnerError(
+                ErrorCode.NO_RUNNER,
+                "No runner is open to you. An admin can add you to a group that may use one.",
+            )
         raise RunnerError(
             ErrorCode.NO_RUNNER, "No runner is enabled. An admin can enable one in the admin."
         )
@@ -204,6 +217,8 @@ def _order(candidates: list[RunnerConfig]) -> list[RunnerConfig]:
 class _Attempt:
     config: RunnerConfig
     fallback: bool
+    user_id: int | None = None
+    api_key_id: int | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     completion_tokens: int = 0
@@ -243,6 +258,8 @@ def _save_record(
         tokens_per_second=attempt.tokens_per_second,
         source=source,
         message_id=message_id,
+        user_id=attempt.user_id,
+        api_key_id=attempt.api_key_id,
     )
     metrics.observe_attempt(
         attempt.config.name,
@@ -282,12 +299,17 @@ async def route(
     source: str = "chat",
     message_id: int | None = None,
     candidates: list[RunnerConfig] | None = None,
+    user=None,
+    api_key_id: int | None = None,
 ) -> AsyncIterator[Event | Routed]:
     """Answer `request` with the best available runner, falling back before
     the first token. `prepare(request, runner)` fits the request to a runner
     (its prompt budget) and returns notices for the user (e.g. "trimmed"); it
     may raise RunnerError(INVALID_INPUT). `candidates` (from `load_candidates`)
-    saves a database round trip when the caller already read them. Yields
+    saves a database round trip when the caller already read them; otherwise
+    they are the runners `user` may use (every runner when None: trusted
+    callers only). Every attempt's `RunRecord` names `user` and `api_key_id`
+    (usage accounting). Yields
     `Routed` before a runner's first event, then the notices, then the
     runner's events."""
     needed = request.needed_capabilities()
@@ -299,7 +321,7 @@ async def route(
         else Capability.LLM
     ).value
     if candidates is None:
-        candidates = await database_sync_to_async(load_candidates)(needed, pinned, need_rag)
+        candidates = await database_sync_to_async(load_candidates)(needed, pinned, need_rag, user)
     candidates = _order(candidates)
     tried: list[str] = []
     last_error: RunnerError | None = None
@@ -315,7 +337,12 @@ async def route(
                 "try again shortly or choose auto.",
                 retry_after=circuits.cooldown_s,
             )
-        attempt = _Attempt(config=config, fallback=bool(tried))
+        attempt = _Attempt(
+            config=config,
+            fallback=bool(tried),
+            user_id=getattr(user, "pk", None),
+            api_key_id=api_key_id,
+        )
         tried.append(config.name)
         try:
             runner = build_runner(config)

@@ -278,3 +278,39 @@ def test_a_real_daphne_refusal_is_a_close_code_the_client_sees(two_web_processes
     assert asyncio.run(close_code({"Origin": f"http://127.0.0.1:{first.port}"})) == 4401
     for origin in (f"http://127.0.0.1:{first.port + 1}", f"https://127.0.0.1:{first.port}"):
         assert asyncio.run(close_code({"Cookie": session, "Origin": origin})) == 4403
+
+
+def test_a_message_quota_holds_exactly_across_two_web_processes(
+    two_web_processes, user, scripted_server
+):
+    """Twelve requests at once, split between two processes, against a budget
+    of five messages a day: exactly five are answered (accounts.quotas counts
+    them with one Redis Lua script)."""
+    from accounts import quotas
+    from accounts.models import Quota
+
+    first, second = two_web_processes
+    _, key = ApiKey.issue(user, "scaleout")
+    runner_config(scripted_server.url, "remote", priority=10)
+    quota = Quota.objects.create(user=user, metric="messages", period="day", limit=5)
+    quotas.reset(quota)
+    scripted_server.default_reply = Reply(text="counted")
+
+    async def scenario() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{server.url}/v1/chat/completions", headers=headers, json=body)
+                    for server in (first, second) * 6
+                )
+            )
+
+    answers = asyncio.run(scenario())
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 5 + [429] * 7, [a.text[:200] for a in answers]
+    assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {
+        "quota_exceeded"
+    }
+    assert len(scripted_server.chat_requests()) == 5

@@ -411,6 +411,7 @@ def test_the_route_list_comes_from_the_urlconf():
         "api/collections",
         "api/search",
         "api/runners",
+        "api/usage",
         "api/schema",
         "api/docs",
         "v1/models",

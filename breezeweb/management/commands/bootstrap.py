@@ -56,7 +56,8 @@ class Command(BaseCommand):
         if not User.objects.filter(is_superuser=True).exists():
             self.stdout.write(
                 self.style.WARNING(
-                    "No admin account yet: run `make admin`, or set DJANGO_SUPERUSER_USERNAME "
-                    "and DJANGO_SUPERUSER_PASSWORD in .env and run `make run` again."
+                    "No admin account yet: create it in the browser at /setup/ (offered "
+                    "until an account exists), run `make admin`, or set "
+                    "DJANGO_SUPERUSER_USERNAME and DJANGO_SUPERUSER_PASSWORD in .env."
                 )
             )
