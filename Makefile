@@ -63,6 +63,7 @@ run: setup
 	@echo ""
 	@echo "  BreezeWeb is serving on http://$(HOST):$(PORT)/"
 	@echo "  Admin login: 'make admin' (or DJANGO_SUPERUSER_USERNAME/_PASSWORD in .env)"
+	@$(VPY) manage.py first_run_url http://$(HOST):$(PORT)
 	@echo ""
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_ARGS) breezeweb.asgi:application
 
