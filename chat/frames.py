@@ -1,8 +1,9 @@
 """The frames a client sends on `/ws/chat/`, declared once (docs/websocket.md).
 
-`decode(text)` turns one websocket text frame into a `Ping`, a `Stop` or one
-of the generating frames (`MessageFrame`, `RegenerateFrame`, `EditFrame`,
-pydantic models whose limits all come from chat/limits.py), or raises
+`decode(text)` turns one websocket text frame into a `Ping`, a `Stop`, an
+`AttachFrame` or one of the generating frames (`MessageFrame`,
+`RegenerateFrame`, `EditFrame`; pydantic models whose limits all come from
+chat/limits.py), or raises
 `ChatError` with the code of docs/websocket.md and, when the frame had a
 usable one, its `request_id`. Nothing here touches the database; images are
 decoded later (`validate_images`), off the event loop.
@@ -40,7 +41,7 @@ from chat.inputs import MAX_ID, json_path
 from runners.base import RunnerError, unencodable
 
 GENERATING_TYPES = ("message", "regenerate", "edit")
-FRAME_TYPES = (*GENERATING_TYPES, "stop", "ping")
+FRAME_TYPES = (*GENERATING_TYPES, "stop", "ping", "attach")
 
 
 def max_frame_bytes() -> int:
@@ -207,6 +208,34 @@ GENERATE_FRAMES: dict[str, type[GenerateFrame]] = {
 }
 
 
+class AttachFrame(_Frame):
+    """`attach`: follow one of your answers from this socket, live while it is
+    being generated (chat/live.py). It names the answer (`message_id`) or the
+    conversation whose latest answer it is (`conversation_id`), one of them;
+    `last_seq` is the `seq` of the last token frame of it the client already
+    has (0: none), so the `sync` frame carries only what follows."""
+
+    type: Literal["attach"]
+    request_id: str
+    conversation_id: ConversationId | None = None
+    message_id: MessageId | None = None
+    last_seq: int = Field(0, ge=0, le=MAX_ID)
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> AttachFrame:
+        if self.conversation_id is None and self.message_id is None:
+            raise PydanticCustomError(
+                "missing_field",
+                "`message_id` or `conversation_id` is required in an `attach` frame.",
+            )
+        if self.conversation_id is not None and self.message_id is not None:
+            raise PydanticCustomError(
+                "bad_field",
+                "Give `message_id` or `conversation_id` in an `attach` frame, not both.",
+            )
+        return self
+
+
 class Ping:
     """`ping`: answered by `pong`."""
 
@@ -228,7 +257,7 @@ class Stop:
 # ---- decoding ---------------------------------------------------------------------------------
 
 
-def decode(text_data: str | None) -> Ping | Stop | GenerateFrame:
+def decode(text_data: str | None) -> Ping | Stop | AttachFrame | GenerateFrame:
     """One websocket frame, checked. Raises ChatError (its `request_id`
     attribute set when the frame named a usable one)."""
     request_id = None
@@ -250,7 +279,7 @@ def decode(text_data: str | None) -> Ping | Stop | GenerateFrame:
             raise ChatError(
                 "unknown_type",
                 f"Unknown frame type {kind[:40]!r}; expected message, stop, "
-                "regenerate, edit or ping.",
+                "regenerate, edit, attach or ping.",
             )
         if request_id is None:
             raise ChatError(
@@ -260,6 +289,8 @@ def decode(text_data: str | None) -> Ping | Stop | GenerateFrame:
             )
         if kind == "stop":
             return Stop(request_id)
+        if kind == "attach":
+            return _validate(AttachFrame, frame)
         return _validate(GENERATE_FRAMES[kind], frame)
     except ChatError as exc:
         exc.request_id = request_id
@@ -297,7 +328,7 @@ def _without_nulls(frame: dict) -> dict:
     return clean
 
 
-def _validate(model: type[GenerateFrame], frame: dict) -> GenerateFrame:
+def _validate(model: type[_Frame], frame: dict):
     try:
         return model.model_validate(_without_nulls(frame))
     except ValidationError as exc:
@@ -317,7 +348,7 @@ _KINDS = {
 }
 
 
-def _frame_error(model: type[GenerateFrame], kind: str, error: dict) -> ChatError:
+def _frame_error(model: type[_Frame], kind: str, error: dict) -> ChatError:
     loc = list(error["loc"])
     name = ".".join(str(part) for part in loc if not isinstance(part, int))
     where = json_path(tuple(loc))
@@ -337,6 +368,11 @@ def _frame_error(model: type[GenerateFrame], kind: str, error: dict) -> ChatErro
             )
         if len(loc) > 1:
             return ChatError("bad_field", f"`{name}` must be {_range(loc[-1])}.")
+    if loc[0] == "last_seq":
+        return ChatError(
+            "bad_field",
+            f"`last_seq` must be an integer from 0 to {MAX_ID} (a token frame's `seq`).",
+        )
     if loc[0] == "collections":
         return ChatError("bad_field", "`collections` must be a list of collection ids.")
     if loc[0] == "images":

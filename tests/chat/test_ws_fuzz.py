@@ -1,7 +1,7 @@
 """Property-based fuzzing of the chat websocket (issue 12, class 3).
 
 Hypothesis builds frames of every type (`message`, `regenerate`, `edit`,
-`stop`, `ping`, unknown types, non-objects, non-JSON, binary) as raw JSON
+`stop`, `ping`, `attach`, unknown types, non-objects, non-JSON, binary) as raw JSON
 text, so it can say what `json.dumps` cannot: nesting 100 000 deep, integers
 of thousands of digits, `1e309`, `NaN`, lone surrogates as `\\ud800` escapes,
 NUL, oversized strings, wrong types, unknown fields. Each frame goes through
@@ -10,8 +10,8 @@ WebsocketCommunicator socket for the whole run) with a real enabled runner
 behind it (the scripted Llama Stack server).
 
 Every frame is built to be refused: the generating frames keep at least one
-anchor that cannot succeed (another user's conversation, a runner that does
-not exist, a collection that does not exist) besides whatever Hypothesis
+anchor that cannot succeed (another user's conversation or answer, a runner
+that does not exist, a collection that does not exist) besides whatever Hypothesis
 breaks. The properties, for every frame: the answer is an `error` frame with
 a code (`pong` for a ping), the socket still answers a ping afterwards, the
 saved data is unchanged, no runner was asked and every circuit is untouched.
@@ -54,8 +54,9 @@ KNOWN_FIELDS = (
     "rag",
     "collections",
     "params",
+    "last_seq",
 )
-TYPES = ("message", "regenerate", "edit", "stop", "ping")
+TYPES = ("message", "regenerate", "edit", "stop", "ping", "attach")
 RUNNER_NAMES = ("auto", "scripted")
 MISSING_COLLECTION = 10**12
 
@@ -197,6 +198,8 @@ def frames(draw, anchors: dict) -> tuple[str, str | bytes]:
             "message_id": str(anchors["foreign_message"]),
             "text": _string("changed"),
         }
+    elif kind == "attach":
+        fields |= {"message_id": str(anchors["foreign_answer"]), "last_seq": "0"}
     # Break up to two fields (the generating frames keep an anchor) ...
     broken = draw(st.lists(st.sampled_from(KNOWN_FIELDS[1:]), max_size=2, unique=True))
     for name in broken:
@@ -241,7 +244,14 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
     Message.objects.create(conversation=mine, role="assistant", content="my answer")
     foreign = Conversation.objects.create(owner=other_user, title="theirs")
     foreign_message = Message.objects.create(conversation=foreign, role="user", content="theirs")
-    anchors = {"foreign_conversation": foreign.pk, "foreign_message": foreign_message.pk}
+    foreign_answer = Message.objects.create(
+        conversation=foreign, role="assistant", content="their answer", status="streaming"
+    )
+    anchors = {
+        "foreign_conversation": foreign.pk,
+        "foreign_message": foreign_message.pk,
+        "foreign_answer": foreign_answer.pk,
+    }
     circuits.success("scripted", 5.0)  # a known, non-empty circuit state to compare
     before, circuits_before = _saved_data(), _circuits()
     headers = session_headers(user)
