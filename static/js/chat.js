@@ -209,7 +209,9 @@ function refreshRegenerate() {
 }
 
 function busyHere() {
-  return [...state.pending.values()].some((p) => p.conversationId === state.conversationId || p.conversationId === null);
+  // An answer no server process is writing (after a restart) does not keep
+  // the composer busy: nothing could stop or finish it.
+  return [...state.pending.values()].some((p) => (p.conversationId === state.conversationId || p.conversationId === null) && p.live !== false);
 }
 
 function renderConversation(conversation) {
@@ -260,13 +262,16 @@ function synced(p, f) {
   if (!p) return;
   p.text = f.since ? p.text + f.text : f.text;
   p.seq = f.seq;
+  p.live = f.live;
   if (f.sources && f.sources.length) p.sources = f.sources;
   if (f.runner) p.routed = { runner: f.runner, model: f.model, fallback: f.fallback };
+  updateComposer();
+  refreshRegenerate();
   if (p.node) {
     p.node.querySelector(".msg-meta").textContent = f.live
       ? (f.runner ? `${f.runner} · ${f.model}${f.fallback ? " · fallback" : ""}` : "")
       // No server process is writing it now (a restart): what was saved so far.
-      : gettext("Still being written (it goes on after a reload): showing the text saved so far.");
+      : f.status === "streaming" ? gettext("Still being written (it goes on after a reload): showing the text saved so far.") : "";
   }
   scheduleRender(p);
 }
