@@ -266,7 +266,11 @@ class Attachments:
         await layer.group_add(watch_group(answer.pk), self._channel)
         # Read it again now that this socket hears the answer's `done`: one that
         # ended in between published its `done` before we could hear it.
-        answer = await self._saved(None, answer.pk)
+        try:
+            answer = await self._saved(None, answer.pk)
+        except ChatError:  # deleted in between
+            await self._leave(attachment.message_id)
+            raise
         if answer.status != Message.Status.STREAMING:
             await self._leave(answer.pk)
             await self._send_saved(attachment, answer)

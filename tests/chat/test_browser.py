@@ -167,11 +167,12 @@ def _send(page, text: str) -> None:
 
 WATCH_STREAMING = """() => {
   window.__lengthsWhileStreaming = [];
+  window.__lengthTimes = [];  // when each length was first shown (ms)
   const seen = window.__lengthsWhileStreaming;
   new MutationObserver(() => {
     for (const m of document.querySelectorAll('.msg-assistant[data-status=streaming]')) {
       const n = m.querySelector('.msg-body').textContent.trim().length;
-      if (!seen.includes(n)) seen.push(n);
+      if (!seen.includes(n)) { seen.push(n); window.__lengthTimes.push(performance.now()); }
     }
   }).observe(document.body, {subtree: true, childList: true, characterData: true,
                              attributes: true});
@@ -471,28 +472,15 @@ def test_an_uploaded_document_shows_progress_and_answers_cite_it(site, browser, 
     context.close()
 
 
-# Records, as the page changes, each length of text an answer showed while it
-# was still streaming, and when (ms): text arriving in one lump leaves one
-# length, text polled every second a length a second, a live answer many.
-RECORD_STREAMING_LENGTHS = """() => {
-  window.__lengths = [];
-  const seen = new Set();
-  new MutationObserver(() => {
-    for (const m of document.querySelectorAll('.msg-assistant[data-status=streaming]')) {
-      const n = m.querySelector('.msg-body').textContent.trim().length;
-      if (!seen.has(n)) { seen.add(n); window.__lengths.push([n, performance.now()]); }
-    }
-  }).observe(document.body, {subtree: true, childList: true, characterData: true,
-                             attributes: true});
-}"""
-
-
-def _grew_live(shown: list[list[float]]) -> None:
-    """Several lengths, only growing, typically well under a second apart."""
-    lengths = [n for n, _ in shown]
+def _grew_live(page) -> None:
+    """The page (watched by WATCH_STREAMING) showed several lengths while the
+    answer streamed, only growing, typically well under a second apart: text
+    in one lump leaves one length, text polled every second one a second."""
+    lengths = page.evaluate("() => window.__lengthsWhileStreaming")
+    times = page.evaluate("() => window.__lengthTimes")
     assert len(lengths) >= 5, f"the page showed only lengths {lengths}"
     assert lengths == sorted(lengths), f"the text shrank: {lengths}"
-    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(shown)]
+    gaps = [round(b - a) for a, b in itertools.pairwise(times)]
     assert statistics.median(gaps) < 500, f"the text grew in lumps: gaps {gaps} ms"
 
 
@@ -534,17 +522,17 @@ def test_a_reloaded_page_and_a_second_tab_follow_the_answer_live(site, browser, 
         tab.on("pageerror", lambda exc: errors.append(str(exc)))
         tab.goto(f"{site.url}/c/{conversation_id}/")
         tab.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
-        tab.evaluate(RECORD_STREAMING_LENGTHS)
-        tab.wait_for_function("() => window.__lengths.length >= 8", timeout=60_000)
-        _grew_live(tab.evaluate("window.__lengths"))
+        tab.evaluate(WATCH_STREAMING)
+        tab.wait_for_function("() => window.__lengthsWhileStreaming.length >= 8", timeout=60_000)
+        _grew_live(tab)
 
         # The first page reloads mid-answer and follows it live to its end.
         page.reload()
         page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
-        page.evaluate(RECORD_STREAMING_LENGTHS)
+        page.evaluate(WATCH_STREAMING)
         page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
         tab.wait_for_selector(".msg-assistant[data-status=complete]", timeout=60_000)
-        _grew_live(page.evaluate("window.__lengths"))
+        _grew_live(page)
         saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
         answer = saved["messages"][-1]
         assert (answer["status"], answer["content"]) == ("complete", "".join(words))
