@@ -334,7 +334,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             live.put(done)
         finally:
             # After the final save: an attacher told the answer ended reads it.
-            await hub.finish(live, done)
+            hub.finish(live, done)
 
     # ---- sending --------------------------------------------------------------------
 

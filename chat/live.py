@@ -157,6 +157,7 @@ class AnswerHub:
         self._answers: dict[int, LiveAnswer] = {}
         self._channel: str | None = None
         self._serving: asyncio.Task | None = None
+        self._finishing: set[asyncio.Task] = set()
 
     async def add(self, answer: LiveAnswer) -> None:
         layer = get_channel_layer()
@@ -166,13 +167,25 @@ class AnswerHub:
         self._answers[answer.message_id] = answer
         await layer.group_add(answer_group(answer.message_id), self._channel)
 
-    async def finish(self, answer: LiveAnswer, done: dict | None) -> None:
-        """The answer ended (its final state is saved): tell the watchers, forget it."""
+    def finish(self, answer: LiveAnswer, done: dict | None) -> None:
+        """The answer ended (its final state is saved): forget it, and tell the
+        watchers in the background. It returns at once: the socket's next
+        question must find the answer over, not wait on the channel layer."""
+        self._answers.pop(answer.message_id, None)
+        task = asyncio.get_running_loop().create_task(self._finish(answer, done))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, answer: LiveAnswer, done: dict | None) -> None:
         try:
             await answer.close(done)
+        except Exception:
+            log.exception("could not tell the watchers of answer %s", answer.message_id)
         finally:
-            self._answers.pop(answer.message_id, None)
-            await get_channel_layer().group_discard(answer_group(answer.message_id), self._channel)
+            with contextlib.suppress(Exception):
+                await get_channel_layer().group_discard(
+                    answer_group(answer.message_id), self._channel
+                )
 
     async def _serve(self, layer) -> None:
         while True:
