@@ -2,7 +2,8 @@
 
 Thin on purpose: frames are decoded by chat/frames.py, turns are saved by
 chat/services.py and recorded by chat/turns.py, the answer so far is saved by
-chat/saver.py, and each answer's frames go out through chat/outbox.py.
+chat/saver.py, each answer's frames go out through chat/outbox.py, and
+chat/live.py numbers them and lets other sockets attach to the answer.
 
 Channels hands a consumer one frame at a time, so every generation runs in an
 asyncio.Task the consumer owns: `stop` and disconnect can cancel it while it
@@ -31,6 +32,7 @@ from chat import services
 from chat.errors import TURN_ERRORS, ChatError, error_frame, websocket_error
 from chat.frames import (
     ApproveFrame,
+    AttachFrame,
     GenerateFrame,
     Ping,
     Stop,
@@ -38,7 +40,8 @@ from chat.frames import (
     sampling_of,
     validate_images,
 )
-from chat.outbox import TOKEN_FRAME_INTERVAL_SECONDS, FrameOutbox
+from chat.live import Attachments, LiveAnswer, answer_hub
+from chat.outbox import TOKEN_FRAME_INTERVAL_SECONDS, FrameOutbox, done_frame
 from chat.pipeline import Routed, Sources, TurnInput, run_turn
 from chat.saver import detach, finish_detached, streaming_saver
 from chat.services import TurnStart
@@ -69,6 +72,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.generations: dict[str, Generation] = {}
+        self.attachments = Attachments(user, self.channel_name, self.send_frame)
         self.closed = False
         self.documents_group = f"documents.user.{user.pk}"
         # The groups through which revoking the key, logging out or
@@ -101,6 +105,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     task.cancel()
             # Each task saves its partial answer as `stopped` before it ends.
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.attachments.close()
         for group in (self.documents_group, *self.credential_groups):
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -137,6 +142,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.stop(request_id)
             elif isinstance(frame, ApproveFrame):
                 await self.approve(frame)
+            elif isinstance(frame, AttachFrame):
+                await self.attach(frame)
             else:
                 await self.start(frame)
         except ChatError as exc:
@@ -149,6 +156,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def stop(self, request_id: str) -> None:
         generation = self.generations.get(request_id)
         if generation is None:
+            if await self.attachments.stop(request_id):
+                return
             raise ChatError("not_running", f"No answer is being generated for {request_id!r}.")
         generation.task.cancel()
 
@@ -168,11 +177,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             }
         )
 
+    async def attach(self, frame: AttachFrame) -> None:
+        """Follow one of the user's answers live (chat/live.py)."""
+        self._check_new_request_id(frame.request_id)
+        await self.attachments.attach(frame)
+
+    def _check_new_request_id(self, request_id: str) -> None:
+        if request_id in self.generations or request_id in self.attachments:
+            raise ChatError("duplicate_request_id", f"Request {request_id!r} is already running.")
+
     async def start(self, frame: GenerateFrame) -> None:
-        if frame.request_id in self.generations:
-            raise ChatError(
-                "duplicate_request_id", f"Request {frame.request_id!r} is already running."
-            )
+        self._check_new_request_id(frame.request_id)
         if frame.conversation_id is not None and any(
             g.conversation_id == frame.conversation_id for g in self.generations.values()
         ):
@@ -324,14 +339,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
             timezone=frame.timezone or "",
             api_key_id=self.scope.get("api_key_id"),
         )
+        # The answer's frames go out numbered, and to its attached sockets too.
+        live = LiveAnswer(message_id, outbox, recorder)
+        hub = answer_hub()
+        done = None
         try:
+            await hub.add(live)
             if cancelled:
                 raise asyncio.CancelledError
             async for event in run_turn(turn):
                 recorder.take(event)
                 out = _frame_of(rid, event)
                 if out is not None:
-                    outbox.put(out)
+                    live.put(out)
                 if isinstance(event, TokenDelta) and event.text:
                     # The list itself: the saver joins it when it writes.
                     saver.mark(message_id, recorder.parts)
@@ -344,39 +364,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
             status = FAILED
             error = websocket_error(exc, "Something went wrong while answering.")
 
-        outbox.flush()  # the last tokens go out before the final save
-        outcome = recorder.outcome(status, error)
-        # A periodic save of this answer must not land after the final one.
-        await saver.forget(message_id)
         try:
-            await aclose_old_connections()
-            await database_sync_to_async(services.finish_message)(message_id, outcome)
-        except Exception:
-            log.exception("could not save the answer of chat request %s", rid)
-        if error is not None:
-            outbox.put(error_frame(rid, error))
-        outbox.put(
-            {
-                "type": "done",
-                "request_id": rid,
-                "conversation_id": start.conversation_id,
-                "message_id": message_id,
-                "status": outcome.status,
-                "runner": outcome.runner_name,
-                "model": outcome.model_id,
-                "fallback": outcome.fallback,
-                "finish_reason": outcome.finish_reason,
-                "usage": {
-                    "prompt_tokens": outcome.prompt_tokens,
-                    "completion_tokens": outcome.completion_tokens,
-                },
-                "timings": {
-                    "time_to_first_token_ms": outcome.time_to_first_token_ms,
-                    "tokens_per_second": outcome.tokens_per_second,
-                    "total_ms": outcome.total_ms,
-                },
-            }
-        )
+            live.flush()  # the last tokens go out before the final save
+            outcome = recorder.outcome(status, error)
+            # A periodic save of this answer must not land after the final one.
+            await saver.forget(message_id)
+            try:
+                await aclose_old_connections()
+                await database_sync_to_async(services.finish_message)(message_id, outcome)
+            except Exception:
+                log.exception("could not save the answer of chat request %s", rid)
+            if error is not None:
+                live.put(error_frame(rid, error))
+            done = done_frame(rid, start.conversation_id, message_id, outcome)
+            live.put(done)
+        finally:
+            # After the final save: an attacher told the answer ended reads it.
+            hub.finish(live, done)
 
     # ---- sending --------------------------------------------------------------------
 
@@ -384,6 +388,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.closed:
             return
         await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+
+    async def answer_frame(self, event: dict) -> None:
+        """A channel-layer message: a frame of an answer this socket attached to."""
+        await self.attachments.frame(event)
+
+    async def answer_gone(self, event: dict) -> None:
+        """A channel-layer message: the answer asked for is not running there."""
+        await self.attachments.gone(event)
 
     async def document_status(self, event: dict) -> None:
         """A channel-layer message from RAG ingestion: forwarded as a frame."""

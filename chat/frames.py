@@ -1,8 +1,9 @@
 """The frames a client sends on `/ws/chat/`, declared once (docs/websocket.md).
 
-`decode(text)` turns one websocket text frame into a `Ping`, a `Stop` or one
-of the generating frames (`MessageFrame`, `RegenerateFrame`, `EditFrame`,
-pydantic models whose limits all come from chat/limits.py), or raises
+`decode(text)` turns one websocket text frame into a `Ping`, a `Stop`, an
+`AttachFrame` or one of the generating frames (`MessageFrame`,
+`RegenerateFrame`, `EditFrame`; pydantic models whose limits all come from
+chat/limits.py), or raises
 `ChatError` with the code of docs/websocket.md and, when the frame had a
 usable one, its `request_id`. Nothing here touches the database; images are
 decoded later (`validate_images`), off the event loop.
@@ -49,7 +50,7 @@ from runners.base import (
 )
 
 GENERATING_TYPES = ("message", "regenerate", "edit")
-FRAME_TYPES = (*GENERATING_TYPES, "approve", "stop", "ping")
+FRAME_TYPES = (*GENERATING_TYPES, "approve", "attach", "stop", "ping")
 
 
 def max_frame_bytes() -> int:
@@ -293,6 +294,34 @@ class ApproveFrame(_Frame):
     approved: bool
 
 
+class AttachFrame(_Frame):
+    """`attach`: follow one of your answers from this socket, live while it is
+    being generated (chat/live.py). It names the answer (`message_id`) or the
+    conversation whose latest answer it is (`conversation_id`), one of them;
+    `last_seq` is the `seq` of the last token frame of it the client already
+    has (0: none), so the `sync` frame carries only what follows."""
+
+    type: Literal["attach"]
+    request_id: str
+    conversation_id: ConversationId | None = None
+    message_id: MessageId | None = None
+    last_seq: int = Field(0, ge=0, le=MAX_ID)
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> AttachFrame:
+        if self.conversation_id is None and self.message_id is None:
+            raise PydanticCustomError(
+                "missing_field",
+                "`message_id` or `conversation_id` is required in an `attach` frame.",
+            )
+        if self.conversation_id is not None and self.message_id is not None:
+            raise PydanticCustomError(
+                "bad_field",
+                "Give `message_id` or `conversation_id` in an `attach` frame, not both.",
+            )
+        return self
+
+
 class Ping:
     """`ping`: answered by `pong`."""
 
@@ -314,7 +343,7 @@ class Stop:
 # ---- decoding ---------------------------------------------------------------------------------
 
 
-def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | GenerateFrame:
+def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | AttachFrame | GenerateFrame:
     """One websocket frame, checked. Raises ChatError (its `request_id`
     attribute set when the frame named a usable one)."""
     request_id = None
@@ -336,7 +365,7 @@ def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | GenerateFrame:
             raise ChatError(
                 "unknown_type",
                 f"Unknown frame type {kind[:40]!r}; expected message, stop, "
-                "regenerate, edit, approve or ping.",
+                "regenerate, edit, approve, attach or ping.",
             )
         if request_id is None:
             raise ChatError(
@@ -348,6 +377,8 @@ def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | GenerateFrame:
             return Stop(request_id)
         if kind == "approve":
             return _validate(ApproveFrame, frame)
+        if kind == "attach":
+            return _validate(AttachFrame, frame)
         return _validate(GENERATE_FRAMES[kind], frame)
     except ChatError as exc:
         exc.request_id = request_id
@@ -432,6 +463,11 @@ def _frame_error(model: type[_Frame], kind: str, error: dict) -> ChatError:
             )
         if len(loc) > 1:
             return ChatError("bad_field", f"`{name}` must be {_range(loc[1])}.")
+    if loc[0] == "last_seq":
+        return ChatError(
+            "bad_field",
+            f"`last_seq` must be an integer from 0 to {MAX_ID} (a token frame's `seq`).",
+        )
     if loc[0] == "collections":
         return ChatError("bad_field", "`collections` must be a list of collection ids.")
     if loc[0] == "images":

@@ -38,6 +38,10 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_TIMEZONE_CHARS = 64
 """Length of a frame's `timezone` (an IANA name such as Europe/Paris)."""
 
+MAX_ATTACHED_PER_SOCKET = 10
+"""Answers one websocket may follow at once through `attach` (chat/live.py); an
+attach to an answer that has ended does not count."""
+
 MAX_RUNNER_NAME_CHARS = 100
 """Length of a runner name (RunnerConfig.name is a slug of at most 100)."""
 

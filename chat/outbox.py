@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from django.conf import settings
 
@@ -46,6 +47,8 @@ class FrameOutbox:
             tail = self._frames[-1] if self._frames else None
             if tail is not None and tail["type"] == "token":
                 tail["_parts"].append(frame["text"])
+                if "seq" in frame:  # a merged frame ends where its last piece ends
+                    tail["seq"] = frame["seq"]
             else:
                 self._frames.append({**frame, "_parts": [frame["text"]]})
             if self._loop.time() < self._hold_until:
@@ -99,3 +102,29 @@ class FrameOutbox:
         self._closing = True
         self._wake.set()
         await self._task
+
+
+def done_frame(request_id: str, conversation_id: int, message_id: int, answer: Any) -> dict:
+    """The `done` frame of docs/websocket.md. `answer` is how the answer ended:
+    a `chat.services.TurnOutcome` just saved, or the saved `chat.models.Message`
+    itself (an attach after the end); both have these fields."""
+    return {
+        "type": "done",
+        "request_id": request_id,
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "status": answer.status,
+        "runner": answer.runner_name,
+        "model": answer.model_id,
+        "fallback": answer.fallback,
+        "finish_reason": answer.finish_reason,
+        "usage": {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+        },
+        "timings": {
+            "time_to_first_token_ms": answer.time_to_first_token_ms,
+            "tokens_per_second": answer.tokens_per_second,
+            "total_ms": answer.total_ms,
+        },
+    }

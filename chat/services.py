@@ -640,6 +640,31 @@ def settle_interrupted(conversation_id: int) -> int:
     )
 
 
+def answer_to_attach(
+    user, *, conversation_id: int | None = None, message_id: int | None = None
+) -> Message:
+    """The answer an `attach` frame names: the assistant message `message_id`,
+    or the latest answer of the conversation `conversation_id`, as saved now
+    (an answer a dead server left `streaming` is settled first). Raises
+    ChatError(not_found) for one that does not exist or is not the user's,
+    alike, so ids leak nothing."""
+    answers = Message.objects.filter(conversation__owner=user, role=Message.Role.ASSISTANT)
+    if message_id is not None:
+        answer = answers.filter(pk=message_id).first()
+        if answer is None:
+            raise ChatError("not_found", f"Answer {message_id} was not found.", status=404)
+    else:
+        conversation = _owned_conversation(user, conversation_id)
+        answer = answers.filter(conversation=conversation).order_by("-created_at", "-id").first()
+        if answer is None:
+            raise ChatError(
+                "not_found", f"Conversation {conversation_id} has no answer yet.", status=404
+            )
+    if answer.status == Message.Status.STREAMING and settle_interrupted(answer.conversation_id):
+        answer.refresh_from_db()
+    return answer
+
+
 def conversation_messages(user, conversation_id: int) -> dict[str, Any]:
     """A conversation for the page and for resuming after a reconnect: the
     messages of its active branch (each with its siblings, the branches at that

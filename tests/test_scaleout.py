@@ -314,3 +314,136 @@ def test_a_message_quota_holds_exactly_across_two_web_processes(
         "quota_exceeded"
     }
     assert len(scripted_server.chat_requests()) == 5
+
+
+# ---- attaching to an answer generated on another process --------------------------------
+
+
+def _continuing(frames: list[dict], request_id: str, seq: int) -> str:
+    """The text of `request_id`'s sync and token frames, each checked to
+    continue the last (`seq` minus its length is the previous `seq`)."""
+    text = ""
+    for frame in frames:
+        if frame.get("request_id") != request_id:
+            continue
+        if frame["type"] == "sync":
+            assert frame["since"] == seq, frame
+        elif frame["type"] != "token":
+            continue
+        assert frame["seq"] - len(frame["text"]) == seq, (seq, frame)
+        text, seq = text + frame["text"], frame["seq"]
+    return text
+
+
+async def _until(ws, request_id: str, kinds: tuple[str, ...], count: int = 1) -> list[dict]:
+    frames: list[dict] = []
+    while sum(f["type"] in kinds and f.get("request_id") == request_id for f in frames) < count:
+        frames.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=60)))
+        assert frames[-1]["type"] != "error", frames[-1]
+    return frames
+
+
+def test_another_process_follows_an_answer_live_from_a_second_tab_and_after_a_reload(
+    two_web_processes, user, scripted_runner, scripted_server
+):
+    from tests.chat.test_attach import ANSWER, PIECES
+
+    first, second = two_web_processes
+    _, raw = ApiKey.issue(user, "scaleout")
+    headers = {"Authorization": f"Bearer {raw}"}
+    scripted_server.default_reply = Reply(tokens=PIECES, token_delay=0.05)
+
+    async def scenario():
+        # The answer is generated on the first process ...
+        page = await websockets.connect(
+            f"ws://127.0.0.1:{first.port}/ws/chat/", additional_headers=headers
+        )
+        await page.send(json.dumps({"type": "message", "request_id": "r1", "text": "talk"}))
+        seen = await _until(page, "r1", ("token",), count=3)
+        accepted = next(f for f in seen if f["type"] == "accepted")
+        # ... a second tab on the second process follows it ...
+        tab = await websockets.connect(
+            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
+        )
+        await tab.send(
+            json.dumps(
+                {
+                    "type": "attach",
+                    "request_id": "tab",
+                    "message_id": accepted["assistant_message_id"],
+                }
+            )
+        )
+        tab_frames = await _until(tab, "tab", ("token",), count=2)
+        # ... and the page reloads mid-answer, onto the second process.
+        seen += await _until(page, "r1", ("token",), count=2)
+        await page.close()
+        last_seq = [f for f in seen if f["type"] == "token"][-1]["seq"]
+        reloaded = await websockets.connect(
+            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
+        )
+        await reloaded.send(
+            json.dumps(
+                {
+                    "type": "attach",
+                    "request_id": "again",
+                    "conversation_id": accepted["conversation_id"],
+                    "last_seq": last_seq,
+                }
+            )
+        )
+        reload_frames = await _until(reloaded, "again", ("done",))
+        tab_frames += await _until(tab, "tab", ("done",))
+        await tab.close()
+        await reloaded.close()
+        return accepted, seen, tab_frames, reload_frames
+
+    accepted, seen, tab_frames, reload_frames = asyncio.run(scenario())
+    page_text = _continuing(seen, "r1", 0)
+    tab_sync = next(f for f in tab_frames if f["type"] == "sync")
+    assert tab_sync["live"] is True and 0 < tab_sync["seq"] < len(ANSWER)
+    assert _continuing(tab_frames, "tab", 0) == ANSWER
+    reload_sync = next(f for f in reload_frames if f["type"] == "sync")
+    summary = [
+        (f["type"], f.get("live"), f.get("status"), f.get("since"), f.get("seq"))
+        for f in reload_frames
+        if f["type"] in ("sync", "done")
+    ]
+    assert reload_sync["live"] is True, summary
+    assert reload_sync["since"] == len(page_text)
+    assert page_text + _continuing(reload_frames, "again", len(page_text)) == ANSWER
+    for frames, rid in ((tab_frames, "tab"), (reload_frames, "again")):
+        done = [f for f in frames if f["type"] == "done" and f["request_id"] == rid]
+        assert [d["status"] for d in done] == ["complete"]
+    saved = Message.objects.get(pk=accepted["assistant_message_id"])
+    assert (saved.status, saved.content) == ("complete", ANSWER)
+
+
+def test_an_attach_on_another_process_after_the_end_gets_the_final_text_and_done(
+    two_web_processes, user, scripted_runner, scripted_server
+):
+    first, second = two_web_processes
+    _, raw = ApiKey.issue(user, "scaleout")
+    headers = {"Authorization": f"Bearer {raw}"}
+    scripted_server.default_reply = Reply(text="a short and finished answer")
+
+    async def scenario():
+        async with websockets.connect(
+            f"ws://127.0.0.1:{first.port}/ws/chat/", additional_headers=headers
+        ) as ws:
+            await ws.send(json.dumps({"type": "message", "request_id": "r1", "text": "hi"}))
+            done = (await _until(ws, "r1", ("done",)))[-1]
+        async with websockets.connect(
+            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
+        ) as ws:
+            await ws.send(
+                json.dumps(
+                    {"type": "attach", "request_id": "late", "message_id": done["message_id"]}
+                )
+            )
+            return done, await _until(ws, "late", ("done",))
+
+    done, frames = asyncio.run(scenario())
+    assert [f["type"] for f in frames] == ["sync", "done"]
+    assert frames[0]["text"] == "a short and finished answer" and frames[0]["live"] is False
+    assert frames[1] == {**done, "request_id": "late"}

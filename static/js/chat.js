@@ -10,6 +10,7 @@ import { renderStep, renderSteps } from "./agent.js";
 import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
+const gettext = window.gettext || ((s) => s);
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -30,7 +31,7 @@ const state = {
   projectId: boot.conversation ? boot.conversation.project_id : null, // the open chat's project
   runners: boot.runners || [],
   images: [],               // data URLs attached to the next message
-  pending: new Map(),       // request_id -> live answer
+  pending: new Map(),       // request_id -> live answer (generated or attached to)
   socket: null,
   attempts: 0,              // reconnect attempts since the last open
   reloadOnOpen: false,
@@ -241,7 +242,9 @@ function refreshRegenerate() {
 }
 
 function busyHere() {
-  return [...state.pending.values()].some((p) => p.conversationId === state.conversationId || p.conversationId === null);
+  // An answer no server process is writing (after a restart) does not keep
+  // the composer busy: nothing could stop or finish it.
+  return [...state.pending.values()].some((p) => (p.conversationId === state.conversationId || p.conversationId === null) && p.live !== false);
 }
 
 function renderConversation(conversation) {
@@ -265,22 +268,48 @@ function renderConversation(conversation) {
     const node = els.messages.querySelector(`.msg[data-id="${p.assistantId}"]`);
     if (node) { p.node = node; p.body = node.querySelector(".msg-body"); node.dataset.status = "streaming"; scheduleRender(p); }
   }
-  // Answers streaming elsewhere (another tab) or cut off by a server restart:
-  // show the saved text and keep it fresh until the server settles them.
-  clearTimeout(state.pollTimer);
-  const live = new Set([...state.pending.values()].map((p) => p.node));
-  const orphans = [...els.messages.querySelectorAll('.msg[data-status="streaming"]')].filter((n) => !live.has(n));
-  for (const node of orphans) {
-    node.querySelector(".msg-meta").textContent = "Still being written (it goes on after a reload): showing the text saved so far.";
-  }
-  if (orphans.length && conversation) {
-    state.pollTimer = setTimeout(() => {
-      if (state.conversationId === conversation.id) openConversation(conversation.id, false);
-    }, 1000);
-  }
+  // Answers streaming elsewhere (a page before a reload, another tab or
+  // device): attach to them and follow them live (docs/websocket.md).
+  if (conversation) attachStreaming(conversation);
   refreshRegenerate();
   updateComposer();
   scrollDown(true);
+}
+
+function attachStreaming(conversation) {
+  // Without a socket yet, the socket's opening reopens the conversation.
+  if (!state.socket || state.socket.readyState !== WebSocket.OPEN) return;
+  const followed = new Set([...state.pending.values()].map((p) => p.assistantId));
+  for (const m of conversation.messages) {
+    if (m.role !== "assistant" || m.status !== "streaming" || followed.has(m.id)) continue;
+    const node = els.messages.querySelector(`.msg[data-id="${m.id}"]`);
+    const p = {
+      requestId: requestId(), attach: true, assistantId: m.id, conversationId: conversation.id,
+      text: m.content, seq: 0, node, body: node && node.querySelector(".msg-body"),
+    };
+    if (p.body) p.body.classList.add("streaming-cursor");
+    state.pending.set(p.requestId, p);
+    send({ type: "attach", request_id: p.requestId, message_id: m.id });
+  }
+}
+
+function synced(p, f) {
+  // The answer so far (or, after `since`, what this page had not seen yet).
+  if (!p) return;
+  p.text = f.since ? p.text + f.text : f.text;
+  p.seq = f.seq;
+  p.live = f.live;
+  if (f.sources && f.sources.length) p.sources = f.sources;
+  if (f.runner) p.routed = { runner: f.runner, model: f.model, fallback: f.fallback };
+  updateComposer();
+  refreshRegenerate();
+  if (p.node) {
+    p.node.querySelector(".msg-meta").textContent = f.live
+      ? (f.runner ? `${f.runner} · ${f.model}${f.fallback ? " · fallback" : ""}` : "")
+      // No server process is writing it now (a restart): what was saved so far.
+      : f.status === "streaming" ? gettext("Still being written (it goes on after a reload): showing the text saved so far.") : "";
+  }
+  scheduleRender(p);
 }
 
 function scrollDown(force) {
@@ -493,12 +522,12 @@ function connect() {
     state.attempts = 0;
     setConn("open", "Connected");
     if (els.banner.dataset.kind === "connection") hideBanner();
-    // Resume: answers cut off by the lost socket were saved server-side as
-    // stopped; show what was saved rather than what this page last saw.
+    // Resume: reload the conversation; answers still being written are
+    // attached to and followed live from where they are (renderConversation).
     const streamingShown = els.messages.querySelector('.msg[data-status="streaming"]');
     if (state.reloadOnOpen || streamingShown) {
       state.reloadOnOpen = false;
-      if (state.conversationId) setTimeout(() => openConversation(state.conversationId, false), streamingShown ? 600 : 0);
+      if (state.conversationId) openConversation(state.conversationId, false);
     }
     updateComposer();
   });
@@ -557,7 +586,8 @@ function handleFrame(f) {
     case "routed": if (p) { p.routed = f; if (p.node) p.node.querySelector(".msg-meta").textContent = `${f.runner} · ${f.model}${f.fallback ? " · fallback" : ""}`; } break;
     case "sources": if (p) { p.sources = f.sources; } break;
     case "notice": if (p && p.node) showNotice(p, f); break;
-    case "token": if (p) { p.text += f.text; scheduleRender(p); } break;
+    case "sync": synced(p, f); break;
+    case "token": if (p) { p.text += f.text; p.seq = f.seq; scheduleRender(p); } break;
     case "tool_call":
       if (p && f.step_id != null) { if (p.node) { renderStep(p.node, { ...f, status: "running" }, decide); scrollDown(); } }
       else if (p) { p.text += `\n\n\`tool call: ${f.name}(${f.arguments})\`\n`; scheduleRender(p); }
@@ -614,6 +644,14 @@ function showNotice(p, f) {
 }
 
 function frameError(p, f) {
+  if (p && p.attach) {
+    // The answer cannot be followed (deleted, or too many followed): the
+    // saved text stays on the page.
+    state.pending.delete(f.request_id);
+    if (p.body) p.body.classList.remove("streaming-cursor");
+    updateComposer();
+    return;
+  }
   let retry = null;
   if (f.retryable && p) {
     // After the turn was saved, retrying means answering it again; before, sending it again.

@@ -4,8 +4,10 @@ ExecuTorch). Saves screenshots of the main states (see tests/support/screenshots
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from tests.support.browser import chromium
 from tests.support.processes import Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
+from tests.support.scripted_server import Reply
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -73,11 +76,12 @@ def _send(page, text: str) -> None:
 
 WATCH_STREAMING = """() => {
   window.__lengthsWhileStreaming = [];
+  window.__lengthTimes = [];  // when each length was first shown (ms)
   const seen = window.__lengthsWhileStreaming;
   new MutationObserver(() => {
     for (const m of document.querySelectorAll('.msg-assistant[data-status=streaming]')) {
       const n = m.querySelector('.msg-body').textContent.trim().length;
-      if (!seen.includes(n)) seen.push(n);
+      if (!seen.includes(n)) { seen.push(n); window.__lengthTimes.push(performance.now()); }
     }
   }).observe(document.body, {subtree: true, childList: true, characterData: true,
                              attributes: true});
@@ -375,6 +379,85 @@ def test_an_uploaded_document_shows_progress_and_answers_cite_it(site, browser, 
     _shot(page, "answer-with-sources.png")
     assert errors == []
     context.close()
+
+
+def _grew_live(page) -> None:
+    """The page (watched by WATCH_STREAMING) showed several lengths while the
+    answer streamed, only growing, typically well under a second apart: text
+    in one lump leaves one length, text polled every second one a second."""
+    lengths = page.evaluate("() => window.__lengthsWhileStreaming")
+    times = page.evaluate("() => window.__lengthTimes")
+    assert len(lengths) >= 5, f"the page showed only lengths {lengths}"
+    assert lengths == sorted(lengths), f"the text shrank: {lengths}"
+    gaps = [round(b - a) for a, b in itertools.pairwise(times)]
+    assert statistics.median(gaps) < 500, f"the text grew in lumps: gaps {gaps} ms"
+
+
+STREAMING_LONGER_THAN = (
+    "(n) => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+    " return m && m.dataset.status === 'streaming'"
+    " && m.querySelector('.msg-body').textContent.trim().length > n; }"
+)
+
+
+def test_a_reloaded_page_and_a_second_tab_follow_the_answer_live(site, browser, scripted_server):
+    # A paced upstream (the scripted server through the Llama Stack runner),
+    # so the answer surely outlasts the reload: 500 words, one every 40 ms.
+    words = tuple(f"word{i} " for i in range(500))
+    scripted_server.default_reply = Reply(tokens=words, token_delay=0.04)
+    manage(
+        site.env,
+        "shell",
+        "-c",
+        "from runners.models import RunnerConfig;"
+        "RunnerConfig.objects.update_or_create(name='scripted', defaults=dict("
+        f"kind='llamastack', endpoint='{scripted_server.url}', model_id='scripted-model',"
+        "enabled=True, priority=1, extra_params={'loop_guard': False}))",
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        _login(page, site)
+        page.select_option("#runner-select", "scripted")
+        _send(page, "Count for me, slowly.")
+        page.wait_for_function(STREAMING_LONGER_THAN, arg=30, timeout=60_000)
+        page.wait_for_function("() => location.pathname.startsWith('/c/')", timeout=15_000)
+        conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+
+        # A second tab opens the conversation mid-answer and sees it grow.
+        tab = context.new_page()
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        tab.goto(f"{site.url}/c/{conversation_id}/")
+        tab.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+        tab.evaluate(WATCH_STREAMING)
+        tab.wait_for_function("() => window.__lengthsWhileStreaming.length >= 8", timeout=60_000)
+        _grew_live(tab)
+
+        # The first page reloads mid-answer and follows it live to its end.
+        page.reload()
+        page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+        page.evaluate(WATCH_STREAMING)
+        page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=120_000)
+        tab.wait_for_selector(".msg-assistant[data-status=complete]", timeout=60_000)
+        _grew_live(page)
+        saved = page.request.get(f"{site.url}/api/conversations/{conversation_id}").json()
+        answer = saved["messages"][-1]
+        assert (answer["status"], answer["content"]) == ("complete", "".join(words))
+        for shown in (page, tab):
+            text = _last_answer(shown).locator(".msg-body").inner_text()
+            assert text.split() == answer["content"].split()
+        assert errors == []
+    finally:
+        context.close()
+        manage(
+            site.env,
+            "shell",
+            "-c",
+            "from runners.models import RunnerConfig;"
+            "RunnerConfig.objects.filter(name='scripted').update(enabled=False)",
+        )
 
 
 def test_after_a_server_crash_the_page_reconnects_and_shows_what_was_saved(site, browser):

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the chat websocket (issue 12, class 3).
 
 Hypothesis builds frames of every type (`message`, `regenerate`, `edit`,
-`approve`, `stop`, `ping`, unknown types, non-objects, non-JSON, binary) as raw JSON
+`approve`, `attach`, `stop`, `ping`, unknown types, non-objects, non-JSON, binary) as raw JSON
 text, so it can say what `json.dumps` cannot: nesting 100 000 deep, integers
 of thousands of digits, `1e309`, `NaN`, lone surrogates as `\\ud800` escapes,
 NUL, oversized strings, wrong types, unknown fields. Each frame goes through
@@ -10,9 +10,9 @@ WebsocketCommunicator socket for the whole run) with a real enabled runner
 behind it (the scripted Llama Stack server).
 
 Every frame is built to be refused: the generating frames keep at least one
-anchor that cannot succeed (another user's conversation, a runner that does
-not exist, a collection that does not exist; for `approve`, another user's
-step that awaits approval) besides whatever Hypothesis
+anchor that cannot succeed (another user's conversation or answer, a runner
+that does not exist, a collection that does not exist; for `approve`, another
+user's step that awaits approval) besides whatever Hypothesis
 breaks. The properties, for every frame: the answer is an `error` frame with
 a code (`pong` for a ping), the socket still answers a ping afterwards, the
 saved data is unchanged, no runner was asked and every circuit is untouched.
@@ -61,8 +61,9 @@ KNOWN_FIELDS = (
     "step_id",
     "approved",
     "project_id",
+    "last_seq",
 )
-TYPES = ("message", "regenerate", "edit", "approve", "stop", "ping")
+TYPES = ("message", "regenerate", "edit", "approve", "attach", "stop", "ping")
 RUNNER_NAMES = ("auto", "scripted")
 MISSING_COLLECTION = 10**12
 
@@ -206,6 +207,8 @@ def frames(draw, anchors: dict) -> tuple[str, str | bytes]:
         }
     elif kind == "approve":
         fields |= {"step_id": str(anchors["foreign_step"]), "approved": "true"}
+    elif kind == "attach":
+        fields |= {"message_id": str(anchors["foreign_answer"]), "last_seq": "0"}
     if kind in ("message", "regenerate", "edit") and draw(st.booleans()):
         fields |= {"agent": "true", "timezone": _string("Europe/Paris")}
     # Break up to two fields (the generating frames keep an anchor) ...
@@ -253,7 +256,9 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
     Message.objects.create(conversation=mine, role="assistant", content="my answer")
     foreign = Conversation.objects.create(owner=other_user, title="theirs")
     foreign_message = Message.objects.create(conversation=foreign, role="user", content="theirs")
-    foreign_answer = Message.objects.create(conversation=foreign, role="assistant", content="")
+    foreign_answer = Message.objects.create(
+        conversation=foreign, role="assistant", content="their answer", status="streaming"
+    )
     foreign_step = AgentStep.objects.create(
         message=foreign_answer,
         round=1,
@@ -266,6 +271,7 @@ def test_no_generated_frame_closes_the_socket_changes_data_or_touches_a_runner(
         "foreign_conversation": foreign.pk,
         "foreign_message": foreign_message.pk,
         "foreign_step": foreign_step.pk,
+        "foreign_answer": foreign_answer.pk,
     }
     circuits.success("scripted", 5.0)  # a known, non-empty circuit state to compare
     before, circuits_before = _saved_data(), _circuits()
