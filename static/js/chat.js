@@ -828,6 +828,8 @@ function newer(a, b) {
 els.toggleDocs.addEventListener("click", () => {
   els.documents.hidden = !els.documents.hidden;
   els.toggleDocs.setAttribute("aria-expanded", String(!els.documents.hidden));
+  // The panel opens above the message box: take the keyboard to its file picker.
+  if (!els.documents.hidden) els.pickDocs.focus();
 });
 els.pickDocs.addEventListener("click", () => els.docInput.click());
 els.docInput.addEventListener("change", () => { [...els.docInput.files].forEach(upload); els.docInput.value = ""; });
