@@ -39,7 +39,7 @@ def _without_template_markup(source: str) -> str:
     """The HTML a template writes, minus what Django translates or fills in:
     comments, {% blocktranslate %} blocks, {% translate %} and other tags, and
     {{ variables }} (their text comes from data or from marked Python)."""
-    source = re.sub(r"\{#.*?#\}", " ", source, flags=re.S)
+    source = re.sub(r"\{#.*?#\}", " ", source)  # one line only, as in Django
     source = re.sub(r"\{%\s*comment\s*%\}.*?\{%\s*endcomment\s*%\}", " ", source, flags=re.S)
     # A page's body classes are class names, not text.
     source = re.sub(
@@ -240,11 +240,14 @@ def test_the_scanners_find_unmarked_text():
     template = """{% load i18n %}<p>{% translate "Fine" %}</p><h2>Forgotten heading</h2>
     <button title="Left out" aria-label="{% translate 'ok' %}">{{ name }}</button>
     {% blocktranslate %}Also <b>fine</b> {{ x }}{% endblocktranslate %}<code>print()</code>
-    <input type="submit" value="Go on">"""
+    <input type="submit" value="Go on">{# a one-line comment #}
+    {# Django's comments end at the line's end,
+    so this one shows #}"""
     assert unmarked_template_text(template) == [
         "Forgotten heading",
         '<button title="Left out">',
         '<input value="Go on">',
+        "{# Django's comments end at the line's end, so this one shows #}",
     ]
     script = """const a = gettext("Fine"); el("span", "some class", "Forgotten");
     node.title = `Left out ${count} times`; if (e.key === "Enter") x(/"re/g, "Copy");
