@@ -10,9 +10,6 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from django.core.management import call_command
-from django.utils import translation
-
 import polib
 import pytest
 
@@ -316,15 +313,8 @@ def test_every_marked_string_is_in_the_catalogs():
 # ---- the pages ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    call_command("compile_translations", verbosity=0)
-    translation.trans_real._translations.clear()  # reload the fresh .mo files
-    yield
-
-
 @pytest.mark.django_db
-def test_the_login_page_follows_accept_language(client, compiled):
+def test_the_login_page_follows_accept_language(client, compiled_translations):
     zh = client.get("/login/", HTTP_ACCEPT_LANGUAGE="zh-TW,zh;q=0.9,en;q=0.5").content.decode()
     assert '<html lang="zh-hant"' in zh and "使用者名稱" in zh and "Username" not in zh
     en = client.get("/login/", HTTP_ACCEPT_LANGUAGE="en-US,en;q=0.9").content.decode()
@@ -332,7 +322,7 @@ def test_the_login_page_follows_accept_language(client, compiled):
 
 
 @pytest.mark.django_db
-def test_the_switcher_overrides_the_browser(client, compiled):
+def test_the_switcher_overrides_the_browser(client, compiled_translations):
     response = client.post("/i18n/setlang/", {"language": "zh-hant", "next": "/login/"})
     assert response.status_code == 302 and response["Location"] == "/login/"
     page = client.get("/login/", HTTP_ACCEPT_LANGUAGE="en").content.decode()
@@ -340,7 +330,7 @@ def test_the_switcher_overrides_the_browser(client, compiled):
 
 
 @pytest.mark.django_db
-def test_the_javascript_catalog_serves_the_scripts_strings(client, compiled):
+def test_the_javascript_catalog_serves_the_scripts_strings(client, compiled_translations):
     def escaped(text):  # the catalog is JSON with ASCII escapes
         return json.dumps(text)
 
@@ -352,7 +342,7 @@ def test_the_javascript_catalog_serves_the_scripts_strings(client, compiled):
 
 
 @pytest.mark.django_db
-def test_the_chat_page_in_chinese(client, user, compiled):
+def test_the_chat_page_in_chinese(client, user, compiled_translations):
     client.force_login(user)
     page = client.get("/", HTTP_ACCEPT_LANGUAGE="zh-Hant").content.decode()
     assert "有什麼可以幫你的" in page and "搜尋對話" in page and "鍵盤快速鍵" in page

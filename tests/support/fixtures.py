@@ -109,3 +109,14 @@ def runner_config(endpoint: str, name: str = "remote", *, api_key: str = "", **f
         config.api_key = api_key
     config.save()
     return config
+
+
+@pytest.fixture(scope="session")
+def compiled_translations() -> None:
+    """The .mo catalogs compiled from locale/*.po (`make setup` does it too), and
+    Django's cached translations dropped so the fresh ones load."""
+    from django.core.management import call_command
+    from django.utils.translation import trans_real
+
+    call_command("compile_translations", verbosity=0)
+    trans_real._translations.clear()
