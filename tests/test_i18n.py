@@ -12,6 +12,8 @@ from pathlib import Path
 
 import polib
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support.processes import ROOT
 
@@ -348,3 +350,28 @@ def test_the_chat_page_in_chinese(client, user, compiled_translations):
     assert "有什麼可以幫你的" in page and "搜尋對話" in page and "鍵盤快速鍵" in page
     # The catalog loads before the chat module, so window.gettext exists when it runs.
     assert page.index('src="/jsi18n/"') < page.index('src="/static/js/chat.js"')
+
+
+@pytest.mark.django_db
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    language=st.text(max_size=40),
+    next_url=st.one_of(
+        st.text(max_size=200), st.sampled_from(["//evil.example/", "https://evil.example/x"])
+    ),
+    method=st.sampled_from(["post", "get"]),
+)
+def test_the_switcher_and_the_app_files_take_any_input_without_failing(
+    client, language, next_url, method
+):
+    """Whatever is posted to the switcher: a redirect (never off the site) or a
+    refusal, never a server error; the app files answer GETs only."""
+    response = getattr(client, method)("/i18n/setlang/", {"language": language, "next": next_url})
+    assert response.status_code in {204, 302, 400, 403, 405}
+    if response.status_code == 302:
+        assert not response["Location"].startswith(("//", "http:", "https:"))
+    for path in ("/sw.js", "/manifest.webmanifest", "/favicon.ico", "/jsi18n/"):
+        status = client.post(path, {"language": language}).status_code
+        assert status in {403, 405} if path != "/jsi18n/" else status < 500
