@@ -432,6 +432,10 @@ def test_the_app_is_installable_and_caches_only_its_shell(site, browser, answere
         "async () => { const r = await fetch('/static/css/app.css'); return r.ok; }"
     )
     assert served
+    # As the installed app opens: its start URL, shell from the worker's cache.
+    page.goto(f"{site.url}{manifest['start_url']}")
+    page.wait_for_selector("#conn-status[data-state=open]")
+    assert page.evaluate("!!navigator.serviceWorker.controller")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "installed-app.png"))
     assert page.problems == []
