@@ -90,7 +90,16 @@ def _watched_page(context):
         "response",
         lambda r: page.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
     )
-    page.on("requestfailed", lambda r: page.problems.append(f"failed {r.url}: {r.failure}"))
+    # A request the browser itself cancels (ERR_ABORTED: the page navigated away
+    # while an icon loaded) is not a failure of the site.
+    page.on(
+        "requestfailed",
+        lambda r: (
+            page.problems.append(f"failed {r.url}: {r.failure}")
+            if "ERR_ABORTED" not in (r.failure or "")
+            else None
+        ),
+    )
     return page
 
 
