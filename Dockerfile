@@ -18,8 +18,9 @@ RUN pip install -r requirements.txt \
 
 COPY . .
 
-# Prepare the local model at build time (cached in the image), static files too.
+# Prepare the local model at build time (cached in the image), translations and static files too.
 RUN mkdir -p /data && SECRET_KEY=build-only python manage.py prepare_model \
+    && SECRET_KEY=build-only python manage.py compile_translations \
     && SECRET_KEY=build-only python manage.py collectstatic --noinput \
     && chown -R breezeweb:breezeweb /app /data
 

@@ -55,6 +55,7 @@ venv: $(STAMP)
 
 setup: venv
 	$(VPY) manage.py migrate --noinput
+	$(VPY) manage.py compile_translations
 	$(VPY) manage.py bootstrap
 	$(VPY) manage.py prepare_model
 	$(VPY) manage.py prepare_embeddings

@@ -18,6 +18,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
@@ -30,10 +31,13 @@ def login_locked_out(request: HttpRequest, *args, **kwargs) -> HttpResponse:
     username or from this address): the login page with a clear message, 429
     and Retry-After. The password was not even checked."""
     minutes = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
-    message = (
-        f"Too many failed sign-ins for this account or from your address. "
-        f"Sign-in is paused for {minutes} minutes; try again later."
-    )
+    message = ngettext(
+        "Too many failed sign-ins for this account or from your address. "
+        "Sign-in is paused for %(minutes)d minute; try again later.",
+        "Too many failed sign-ins for this account or from your address. "
+        "Sign-in is paused for %(minutes)d minutes; try again later.",
+        minutes,
+    ) % {"minutes": minutes}
     context = {"form": AuthenticationForm(request), "locked_out": message, "next": ""}
     response = render(request, "registration/login.html", context, status=429)
     response["Retry-After"] = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))

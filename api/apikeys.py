@@ -12,6 +12,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext, gettext_lazy
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -23,8 +24,10 @@ class ApiKeyForm(forms.Form):
     name = forms.CharField(
         max_length=100,
         strip=True,
-        help_text="What the key is for, e.g. “laptop scripts” or “CI”.",
-        widget=forms.TextInput(attrs={"autocomplete": "off", "placeholder": "e.g. laptop scripts"}),
+        help_text=gettext_lazy("What the key is for, e.g. “laptop scripts” or “CI”."),
+        widget=forms.TextInput(
+            attrs={"autocomplete": "off", "placeholder": gettext_lazy("e.g. laptop scripts")}
+        ),
     )
 
     def __init__(self, *args, user=None, **kwargs) -> None:
@@ -37,8 +40,11 @@ class ApiKeyForm(forms.Form):
             MAX_ACTIVE_KEYS
         ):
             raise forms.ValidationError(
-                f"You already have {MAX_ACTIVE_KEYS} active keys; revoke one you no longer "
-                "use before creating another."
+                gettext(
+                    "You already have %(count)d active keys; revoke one you no longer "
+                    "use before creating another."
+                )
+                % {"count": MAX_ACTIVE_KEYS}
             )
         return cleaned
 
@@ -78,7 +84,13 @@ def revoke_api_key(request: HttpRequest, key_id: int) -> HttpResponse:
     key = get_object_or_404(ApiKey, pk=key_id, user=request.user)
     if key.revoked_at is None:
         key.revoke()
-        messages.success(request, f"The key “{key.name}” ({key.prefix}…) was revoked.")
+        messages.success(
+            request,
+            gettext("The key “%(name)s” (%(prefix)s…) was revoked.")
+            % {"name": key.name, "prefix": key.prefix},
+        )
     else:
-        messages.info(request, f"The key “{key.name}” was already revoked.")
+        messages.info(
+            request, gettext("The key “%(name)s” was already revoked.") % {"name": key.name}
+        )
     return redirect("api-keys")

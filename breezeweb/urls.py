@@ -3,9 +3,10 @@
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponsePermanentRedirect
 from django.urls import include, path, re_path, register_converter
+from django.views.i18n import JavaScriptCatalog
 
 from api.inputs import IdConverter
-from breezeweb import health
+from breezeweb import health, pwa
 
 # `<id:name>`: a positive 64-bit id in ASCII digits; anything else is an unknown URL.
 register_converter(IdConverter, "id")
@@ -33,9 +34,16 @@ def _moved_admin(request: HttpRequest, model: str, rest: str) -> HttpResponsePer
 urlpatterns = [
     path("", include("chat.urls")),
     path("", include("api.urls")),
+    # The language switcher's POST (set_language) and the JavaScript catalog (gettext in JS).
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("jsi18n/", JavaScriptCatalog.as_view(), name="javascript-catalog"),
     path("", include("accounts.urls")),  # login, logout, the first-run page
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    # Installing as an app: served from the root (a service worker's scope is its folder).
+    path("favicon.ico", pwa.favicon, name="favicon"),
+    path("manifest.webmanifest", pwa.manifest, name="web-manifest"),
+    path("sw.js", pwa.service_worker, name="service-worker"),
     path("", include("runners.urls")),  # /metrics and /admin/runners/dashboard/ (before admin/)
     re_path(r"^admin/breezeweb/(?P<model>conversation|message|apikey)/(?P<rest>.*)$", _moved_admin),
     path("admin/", admin.site.urls),

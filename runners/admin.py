@@ -20,6 +20,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.translation import gettext
 
 from asgiref.sync import async_to_sync
 
@@ -27,6 +28,7 @@ from runners import probes
 from runners.forms import (
     GUARDIAN_KIND_HELP,
     GuardianRuleForm,
+    LabelledRowForm,
     RunnerConfigForm,
     RunnerConfigListForm,
     TestPromptForm,
@@ -138,7 +140,9 @@ class RunnerConfigAdmin(admin.ModelAdmin):
     @admin.display(description="Health")
     def health(self, obj: RunnerConfig) -> str:
         url = reverse("admin:runners_runnerconfig_health", args=[obj.pk])
-        return format_html('<span class="runner-health" data-health-url="{}">checking…</span>', url)
+        return format_html(
+            '<span class="runner-health" data-health-url="{}">{}</span>', url, gettext("checking…")
+        )
 
     @admin.display(description="Stored API key")
     def stored_key(self, obj: RunnerConfig | None) -> str:
@@ -274,6 +278,11 @@ class GuardianRuleAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "value", "applies_to", "enabled", "updated_at")
     list_editable = ("enabled",)
     list_filter = ("kind", "applies_to", "enabled")
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs):
+        kwargs.setdefault("form", LabelledRowForm)
+        return super().get_changelist_form(request, **kwargs)
+
     search_fields = ("name", "value", "message")
     fieldsets = (
         (

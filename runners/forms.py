@@ -154,7 +154,18 @@ class RunnerConfigForm(forms.ModelForm):
         return config
 
 
-class RunnerConfigListForm(forms.ModelForm):
+class LabelledRowForm(forms.ModelForm):
+    """An admin list's inline form whose inputs say what they are: the list
+    shows them in table cells without a <label>, so screen readers would hear
+    only "checkbox"; each gets an accessible name like "Enabled: local"."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for field in self.fields.values():
+            field.widget.attrs["aria-label"] = f"{str(field.label).capitalize()}: {self.instance}"
+
+
+class RunnerConfigListForm(LabelledRowForm):
     """The list page's inline form (enabled, priority). `RunnerConfig.clean()`
     also checks fields that are not in this form (e.g. enabling a Llama Stack
     runner without an endpoint); those errors are shown on the row instead of

@@ -10,7 +10,15 @@ import { renderStep, renderSteps } from "./agent.js";
 import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 
+// Text goes through Django's JavaScript catalog (/jsi18n/, loaded before this
+// module); without it, English.
 const gettext = window.gettext || ((s) => s);
+const ngettext = window.ngettext || ((singular, plural, n) => (n === 1 ? singular : plural));
+const interpolate = window.interpolate
+  || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
+const tr = (format, values) => interpolate(format, values, true);
+const LANG = document.documentElement.lang || undefined;
+
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -23,7 +31,8 @@ const els = {
   attach: $("attach-image"), imageInput: $("image-input"), attachments: $("attachments"),
   toggleDocs: $("toggle-docs"), documents: $("documents"), dropzone: $("dropzone"),
   pickDocs: $("pick-docs"), docInput: $("doc-input"), uploads: $("upload-list"),
-  menu: $("menu-toggle"), sidebar: $("sidebar"),
+  menu: $("menu-toggle"), sidebar: $("sidebar"), announcer: $("announcer"),
+  shortcuts: $("shortcuts"), showShortcuts: $("show-shortcuts"),
 };
 
 const state = {
@@ -53,7 +62,7 @@ function requestId() {
 function renderMarkdown(target, text) {
   target.innerHTML = markdownToSafeHtml(text);
   target.querySelectorAll("pre code").forEach((code) => hljs.highlightElement(code));
-  target.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
+  target.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; }); // i18n-ignore: link types
 }
 
 async function api(path, options = {}) {
@@ -66,7 +75,7 @@ async function api(path, options = {}) {
   if (response.status === 204) return null;
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const error = new Error((body.error && body.error.message) || `HTTP ${response.status}`);
+    const error = new Error((body.error && body.error.message) || tr(gettext("HTTP error %(status)s"), { status: response.status }));
     error.code = body.error && body.error.code;
     throw error;
   }
@@ -87,8 +96,17 @@ function setConn(stateName, label) {
   els.conn.textContent = label;
 }
 
+// Numbers in the page's language (digits, separators).
 function fmt(n, digits = 0) {
-  return typeof n === "number" && isFinite(n) ? n.toFixed(digits) : "–";
+  if (typeof n !== "number" || !isFinite(n)) return "–";
+  return new Intl.NumberFormat(LANG, { minimumFractionDigits: digits, maximumFractionDigits: digits }).format(n);
+}
+
+// Screen readers hear this once, politely (the live region in chat.html).
+function announce(text) {
+  els.announcer.textContent = "";
+  // A new text node after a tick, so the same words twice are announced twice.
+  setTimeout(() => { els.announcer.textContent = text; }, 50);
 }
 
 // ---- runners and capabilities -------------------------------------------------------
@@ -110,10 +128,10 @@ function updateCaps() {
   const caps = runner ? runner.capabilities
     : [...new Set(state.runners.flatMap((r) => r.capabilities))];
   for (const cap of caps) els.caps.append(el("span", `cap cap-${cap}`, cap));
-  if (runner && runner.model_id) els.caps.title = `model: ${runner.model_id}`;
+  if (runner && runner.model_id) els.caps.title = tr(gettext("model: %(model)s"), { model: runner.model_id });
   const vision = canSeeImages();
   els.attach.disabled = !vision;
-  els.attach.title = vision ? "Attach an image" : "The chosen runner cannot see images";
+  els.attach.title = vision ? gettext("Attach an image") : gettext("The chosen runner cannot see images");
   if (!vision && state.images.length) { state.images = []; renderAttachments(); }
 }
 
@@ -130,7 +148,7 @@ function messageNode(m) {
     body.textContent = m.content;           // text, never HTML
     for (const url of m.images || []) {
       const img = el("img", "msg-image");
-      img.src = url; img.alt = "attached image";
+      img.src = url; img.alt = gettext("attached image");
       node.append(img);
     }
   } else {
@@ -157,20 +175,21 @@ function decorate(node, m) {
     const parts = [];
     if (m.runner) parts.push(m.runner);
     if (m.model) parts.push(m.model);
-    if (m.fallback) parts.push("fallback");
+    if (m.fallback) parts.push(gettext("fallback"));
     const t = m.timings || {};
-    if (t.tokens_per_second) parts.push(`${fmt(t.tokens_per_second, 1)} tok/s`);
-    if (t.time_to_first_token_ms != null) parts.push(`TTFT ${fmt(t.time_to_first_token_ms)} ms`);
+    if (t.tokens_per_second) parts.push(tr(gettext("%(rate)s tok/s"), { rate: fmt(t.tokens_per_second, 1) }));
+    if (t.time_to_first_token_ms != null) parts.push(tr(gettext("TTFT %(ms)s ms"), { ms: fmt(t.time_to_first_token_ms) }));
     if (m.usage && m.usage.completion_tokens != null) {
-      parts.push(m.usage.prompt_tokens != null ? `${m.usage.prompt_tokens} + ${m.usage.completion_tokens} tokens` : `${m.usage.completion_tokens} tokens`);
+      const n = m.usage.completion_tokens;
+      parts.push(tr(ngettext("%(count)s token", "%(count)s tokens", n), { count: fmt(n) }));
     }
     if (m.cost) parts.push(costText(m.cost));
-    if (m.status === "stopped") parts.push("stopped");
+    if (m.status === "stopped") parts.push(gettext("stopped"));
     const details = el("span", "details", parts.join(" · "));
-    details.title = "runner · model · throughput · time to first token";
+    details.title = gettext("runner · model · throughput · time to first token");
     meta.append(details);
     if (m.status === "failed" || (m.status === "stopped" && m.error)) {
-      meta.append(el("span", "msg-error", m.error || "The answer failed."));
+      meta.append(el("span", "msg-error", m.error || gettext("The answer failed.")));
     }
   }
   const actions = node.querySelector(".msg-actions");
@@ -178,7 +197,7 @@ function decorate(node, m) {
   if (m.status === "streaming") return;
   const nav = branchNav(m, switchBranch);
   if (nav) actions.append(nav);
-  const copy = el("button", "link-btn", "Copy");
+  const copy = el("button", "link-btn", gettext("Copy"));
   copy.type = "button";
   copy.addEventListener("click", () => copyText(m.content, copy));
   actions.append(copy);
@@ -190,12 +209,12 @@ function decorate(node, m) {
     actions.append(fork);
   }
   if (m.role === "assistant") {
-    const again = el("button", "link-btn regen", "Regenerate");
+    const again = el("button", "link-btn regen", gettext("Regenerate"));
     again.type = "button";
     again.addEventListener("click", () => regenerate());
     actions.append(again);
   } else if (m.role === "user" && m.id) {
-    const edit = el("button", "link-btn", "Edit");
+    const edit = el("button", "link-btn", gettext("Edit"));
     edit.type = "button";
     edit.addEventListener("click", () => startEdit(node, m));
     actions.append(edit);
@@ -227,8 +246,9 @@ async function copyText(text, button) {
     const area = el("textarea"); area.value = text; document.body.append(area);
     area.select(); document.execCommand("copy"); area.remove();
   }
+  if (!button) return;
   const label = button.textContent;
-  button.textContent = "Copied";
+  button.textContent = gettext("Copied");
   setTimeout(() => { button.textContent = label; }, 1200);
 }
 
@@ -252,7 +272,7 @@ function renderConversation(conversation) {
   const messages = conversation ? conversation.messages : [];
   for (const m of messages) els.messages.append(messageNode(m));
   els.empty.hidden = messages.length > 0;
-  els.title.textContent = conversation ? conversation.title : "New chat";
+  els.title.textContent = conversation ? conversation.title : gettext("New chat");
   document.title = `${conversation ? conversation.title + " · " : ""}BreezeWeb`;
   sharing.update();
   updateGauge(messages, state.runners);
@@ -342,9 +362,9 @@ function listItem(c) {
   const a = li.querySelector(".conversation-link");
   a.textContent = c.title;
   a.href = `/c/${c.id}/`;
-  li.querySelector('[data-action="rename"]').setAttribute("aria-label", `Rename ${c.title}`);
-  li.querySelector('[data-action="delete"]').setAttribute("aria-label", `Delete ${c.title}`);
-  li.querySelector('[data-action="move"]').setAttribute("aria-label", `Move ${c.title}`);
+  li.querySelector('[data-action="rename"]').setAttribute("aria-label", tr(gettext("Rename %(title)s"), { title: c.title }));
+  li.querySelector('[data-action="delete"]').setAttribute("aria-label", tr(gettext("Delete %(title)s"), { title: c.title }));
+  li.querySelector('[data-action="move"]').setAttribute("aria-label", tr(gettext("Move %(title)s"), { title: c.title }));
   const pin = li.querySelector('[data-action="pin"]');
   pin.setAttribute("aria-pressed", String(!!c.pinned));
   if (c.match) {
@@ -364,15 +384,19 @@ async function refreshList() {
     const body = await api(`/api/conversations${params.size ? `?${params}` : ""}`);
     els.list.textContent = "";
     for (const c of body.conversations) els.list.append(listItem(c));
-    if (!body.conversations.length) els.list.append(el("li", "muted empty-list", q ? "No matching conversations." : "No conversations yet."));
+    if (!body.conversations.length) els.list.append(el("li", "muted empty-list", q ? gettext("No matching conversations.") : gettext("No conversations yet.")));
+    markActive();
   } catch (error) {
-    showBanner(`Could not load conversations: ${error.message}`, refreshList);
+    showBanner(tr(gettext("Could not load conversations: %(error)s"), { error: error.message }), refreshList);
   }
 }
 
 function markActive() {
   els.list.querySelectorAll(".conversation-item").forEach((li) => {
-    li.classList.toggle("active", Number(li.dataset.id) === state.conversationId);
+    const active = Number(li.dataset.id) === state.conversationId;
+    li.classList.toggle("active", active);
+    const link = li.querySelector(".conversation-link");
+    if (link && active) link.setAttribute("aria-current", "page"); else if (link) link.removeAttribute("aria-current");
   });
 }
 
@@ -391,10 +415,12 @@ async function openConversation(id, push = true, messageId = null) {
     }
     markActive();
     closeSidebar();
+    // Opened from the list: the title (a heading) tells where the reader is now.
+    if (push) els.title.focus();
     return conversation;
   } catch (error) {
     if (error.code === "not_found") { newChat(); refreshList(); return null; }
-    showBanner(`Could not open the conversation: ${error.message}`, () => openConversation(id, push));
+    showBanner(tr(gettext("Could not open the conversation: %(error)s"), { error: error.message }), () => openConversation(id, push));
     return null;
   }
 }
@@ -413,13 +439,14 @@ function newChat(push = true) {
   markActive();
   closeSidebar();
   els.prompt.focus();
+  if (push) announce(gettext("New chat started."));
 }
 
 function startRename(li) {
   const link = li.querySelector(".conversation-link");
   const input = el("input", "rename-input");
   input.value = link.textContent;
-  input.setAttribute("aria-label", "New title");
+  input.setAttribute("aria-label", gettext("New title"));
   link.replaceWith(input);
   input.focus(); input.select();
   let done = false;
@@ -432,9 +459,11 @@ function startRename(li) {
         const body = await api(`/api/conversations/${li.dataset.id}`, { method: "PATCH", json: { title } });
         link.textContent = body.title;
         if (Number(li.dataset.id) === state.conversationId) els.title.textContent = body.title;
-      } catch (error) { showBanner(`Could not rename: ${error.message}`); }
+      } catch (error) { showBanner(tr(gettext("Could not rename: %(error)s"), { error: error.message })); }
     }
+    const hadFocus = document.activeElement === input;
     input.replaceWith(link);
+    if (hadFocus) link.focus();
   };
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter") { e.preventDefault(); finish(true); }
@@ -444,13 +473,17 @@ function startRename(li) {
 }
 
 async function deleteConversation(li) {
-  const title = li.querySelector(".conversation-link")?.textContent || "this conversation";
-  if (!confirm(`Delete “${title}” and all its messages?`)) return;
+  const title = li.querySelector(".conversation-link")?.textContent || gettext("this conversation");
+  if (!confirm(tr(gettext("Delete “%(title)s” and all its messages?"), { title }))) return;
   try {
     await api(`/api/conversations/${li.dataset.id}`, { method: "DELETE" });
+    // Focus moves to the next conversation (or the search box), not to nowhere.
+    const next = (li.nextElementSibling || li.previousElementSibling)?.querySelector(".conversation-link");
     li.remove();
+    announce(tr(gettext("Deleted “%(title)s”."), { title }));
     if (Number(li.dataset.id) === state.conversationId) newChat();
-  } catch (error) { showBanner(`Could not delete: ${error.message}`); }
+    else (next || els.search).focus();
+  } catch (error) { showBanner(tr(gettext("Could not delete: %(error)s"), { error: error.message })); }
 }
 
 els.list.addEventListener("click", (e) => {
@@ -517,10 +550,10 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
   state.socket = socket;
-  setConn("connecting", state.attempts ? "Reconnecting…" : "Connecting…");
+  setConn("connecting", state.attempts ? gettext("Reconnecting…") : gettext("Connecting…"));
   socket.addEventListener("open", () => {
     state.attempts = 0;
-    setConn("open", "Connected");
+    setConn("open", gettext("Connected"));
     if (els.banner.dataset.kind === "connection") hideBanner();
     // Resume: reload the conversation; answers still being written are
     // attached to and followed live from where they are (renderConversation).
@@ -542,16 +575,16 @@ function connect() {
     if (event.code === 4401) { location.href = `/login/?next=${encodeURIComponent(location.pathname)}`; return; }
     if (event.code === 4403) {
       // Refused for its origin: retrying from the same page cannot help.
-      setConn("closed", "Refused by the server");
+      setConn("closed", gettext("Refused by the server"));
       els.banner.dataset.kind = "connection";
-      showBanner("The server refused this page's connection (its address is not one the site trusts). Open the site from its own address.", null);
+      showBanner(gettext("The server refused this page's connection (its address is not one the site trusts). Open the site from its own address."), null);
       return;
     }
     if (state.pending.size) {
       // The server goes on writing these answers; once reconnected the page
       // reloads the conversation and follows them until they are done.
       for (const p of state.pending.values()) {
-        if (p.node) p.node.querySelector(".msg-meta").textContent = "Connection lost: the answer is still being written; reconnecting…";
+        if (p.node) p.node.querySelector(".msg-meta").textContent = gettext("Connection lost: the answer is still being written; reconnecting…");
       }
       state.pending.clear();
       state.reloadOnOpen = true;
@@ -559,10 +592,10 @@ function connect() {
     updateComposer();
     const delay = Math.min(15000, 500 * 2 ** state.attempts) * (0.75 + Math.random() / 2);
     state.attempts += 1;
-    setConn("closed", `Offline · retrying in ${Math.round(delay / 1000)} s`);
+    setConn("closed", tr(gettext("Offline · retrying in %(seconds)s s"), { seconds: fmt(Math.round(delay / 1000)) }));
     if (state.attempts > 2) {
       els.banner.dataset.kind = "connection";
-      showBanner("The connection to the server was lost; reconnecting…", () => { clearTimeout(state.retryTimer); connect(); });
+      showBanner(gettext("The connection to the server was lost; reconnecting…"), () => { clearTimeout(state.retryTimer); connect(); });
     }
     state.retryTimer = setTimeout(connect, delay);
   });
@@ -570,7 +603,7 @@ function connect() {
 
 function send(frame) {
   if (!state.socket || state.socket.readyState !== WebSocket.OPEN) {
-    showBanner("Not connected to the server yet; try again in a moment.", () => send(frame));
+    showBanner(gettext("Not connected to the server yet; try again in a moment."), () => send(frame));
     return false;
   }
   state.socket.send(JSON.stringify(frame));
@@ -583,14 +616,14 @@ function handleFrame(f) {
   const p = state.pending.get(f.request_id);
   switch (f.type) {
     case "accepted": accepted(p, f); break;
-    case "routed": if (p) { p.routed = f; if (p.node) p.node.querySelector(".msg-meta").textContent = `${f.runner} · ${f.model}${f.fallback ? " · fallback" : ""}`; } break;
+    case "routed": if (p) { p.routed = f; if (p.node) p.node.querySelector(".msg-meta").textContent = [f.runner, f.model, ...(f.fallback ? [gettext("fallback")] : [])].join(" · "); } break;
     case "sources": if (p) { p.sources = f.sources; } break;
     case "notice": if (p && p.node) showNotice(p, f); break;
     case "sync": synced(p, f); break;
     case "token": if (p) { p.text += f.text; p.seq = f.seq; scheduleRender(p); } break;
     case "tool_call":
       if (p && f.step_id != null) { if (p.node) { renderStep(p.node, { ...f, status: "running" }, decide); scrollDown(); } }
-      else if (p) { p.text += `\n\n\`tool call: ${f.name}(${f.arguments})\`\n`; scheduleRender(p); }
+      else if (p) { p.text += `\n\n\`${tr(gettext("tool call: %(call)s"), { call: `${f.name}(${f.arguments})` })}\`\n`; scheduleRender(p); }
       break;
     // The approval card must be seen: scrolled into view whatever the position.
     case "approval_request": if (p && p.node) { renderStep(p.node, { ...f, status: "awaiting_approval" }, decide); scrollDown(true); } break;
@@ -632,6 +665,7 @@ function accepted(p, f) {
   p.node = node;
   p.body = node.querySelector(".msg-body");
   p.body.classList.add("streaming-cursor", "waiting");
+  p.body.dataset.waiting = gettext("Thinking…");
   scrollDown(true);
   refreshRegenerate();
 }
@@ -659,9 +693,9 @@ function frameError(p, f) {
   }
   const messages = {
     rate_limited: f.message,
-    guardian_blocked: `Blocked by a content rule: ${f.message}`,
+    guardian_blocked: tr(gettext("Blocked by a content rule: %(reason)s"), { reason: f.message }),
   };
-  showBanner(messages[f.code] || f.message || "Something went wrong.", retry);
+  showBanner(messages[f.code] || f.message || gettext("Something went wrong."), retry);
   els.banner.dataset.kind = "error";
   if (p && !p.assistantId) {
     // Refused before anything was saved: give the text back to the composer.
@@ -688,6 +722,13 @@ function finishPending(p, f) {
     renderMarkdown(p.body, p.text);
     decorate(p.node, m);
     updateGauge([m], state.runners);
+    // The finished answer, once (never token by token); failures are the banner's (assertive).
+    if (p.conversationId === state.conversationId && m.status !== "failed") {
+      const words = p.body.textContent.trim();
+      announce(m.status === "stopped"
+        ? tr(gettext("Answer stopped: %(text)s"), { text: words })
+        : tr(gettext("Answer: %(text)s"), { text: words }));
+    }
   }
   updateComposer();
   refreshRegenerate();
@@ -755,6 +796,8 @@ function sendMessage() {
     state.images = [];
     renderAttachments();
     autosize();
+    // Sent with the button or Enter: the message box is where the next one is written.
+    els.prompt.focus();
   }
 }
 
@@ -777,14 +820,18 @@ function startEdit(node, m) {
   const body = node.querySelector(".msg-body");
   const area = el("textarea", "edit-area");
   area.value = m.content;
-  const save = el("button", "btn small", "Save & send");
-  const cancel = el("button", "link-btn", "Cancel");
+  const save = el("button", "btn small", gettext("Save & send"));
+  const cancel = el("button", "link-btn", gettext("Cancel"));
   save.type = cancel.type = "button";
   const box = el("div", "edit-box");
   box.append(area, save, cancel);
   body.replaceWith(box);
+  area.setAttribute("aria-label", gettext("Edit your message"));
   area.focus();
-  cancel.addEventListener("click", () => box.replaceWith(body));
+  const editButton = node.querySelector(".msg-actions button:last-child");
+  const closeEdit = () => { box.replaceWith(body); editButton?.focus(); };
+  cancel.addEventListener("click", closeEdit);
+  area.addEventListener("keydown", (e) => { if (e.key === "Escape") { e.preventDefault(); closeEdit(); } });
   save.addEventListener("click", () => {
     const text = area.value;
     if (!text.trim()) return;
@@ -798,6 +845,7 @@ function startEdit(node, m) {
     node._message = { ...m, content: text };
     state.pending.set(frame.request_id, { requestId: frame.request_id, frame, text: "", conversationId: state.conversationId, userNode: node });
     updateComposer();
+    els.prompt.focus();
   });
 }
 
@@ -809,8 +857,11 @@ function stopAll() {
 
 function updateComposer() {
   const busy = busyHere();
+  // The button about to hide must not take the keyboard focus with it.
+  const lost = (busy && document.activeElement === els.send) || (!busy && document.activeElement === els.stop);
   els.send.hidden = busy;
   els.stop.hidden = !busy;
+  if (lost) els.prompt.focus();
   els.send.disabled = !state.socket || state.socket.readyState !== WebSocket.OPEN;
 }
 
@@ -818,7 +869,6 @@ els.composer.addEventListener("submit", (e) => { e.preventDefault(); sendMessage
 els.stop.addEventListener("click", stopAll);
 els.prompt.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendMessage(); }
-  if (e.key === "Escape" && busyHere()) stopAll();
 });
 function autosize() {
   els.prompt.style.height = "auto";
@@ -850,14 +900,16 @@ function readAsDataURL(file) {
 }
 
 async function addImages(files) {
-  if (!canSeeImages()) { showBanner("The chosen runner cannot see images; pick a runner with vlm."); return; }
+  if (!canSeeImages()) { showBanner(gettext("The chosen runner cannot see images; pick a runner with vlm.")); return; }
   for (const file of files) {
-    if (!file.type.startsWith("image/")) { showBanner(`${file.name} is not an image.`); continue; }
+    if (!file.type.startsWith("image/")) { showBanner(tr(gettext("%(name)s is not an image."), { name: file.name })); continue; }
     if (file.size > boot.image_max_bytes) {
-      showBanner(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; images can be at most ${(boot.image_max_bytes / 1048576).toFixed(1)} MB.`);
+      showBanner(tr(gettext("%(name)s is %(size)s MB; images can be at most %(max)s MB."), {
+        name: file.name, size: fmt(file.size / 1048576, 1), max: fmt(boot.image_max_bytes / 1048576, 1),
+      }));
       continue;
     }
-    if (state.images.length >= 4) { showBanner("At most 4 images per message."); break; }
+    if (state.images.length >= 4) { showBanner(tr(gettext("At most %(count)s images per message."), { count: fmt(4) })); break; }
     state.images.push(await readAsDataURL(file));
   }
   renderAttachments();
@@ -868,9 +920,9 @@ function renderAttachments() {
   els.attachments.hidden = !state.images.length;
   state.images.forEach((url, index) => {
     const wrap = el("div", "thumb");
-    const img = el("img"); img.src = url; img.alt = `attachment ${index + 1}`;
+    const img = el("img"); img.src = url; img.alt = tr(gettext("attachment %(number)s"), { number: fmt(index + 1) });
     const remove = el("button", "icon-btn", "✕"); remove.type = "button";
-    remove.setAttribute("aria-label", "Remove image");
+    remove.setAttribute("aria-label", tr(gettext("Remove image %(number)s"), { number: fmt(index + 1) }));
     remove.addEventListener("click", () => { state.images.splice(index, 1); renderAttachments(); });
     wrap.append(img, remove);
     els.attachments.append(wrap);
@@ -902,6 +954,8 @@ function newer(a, b) {
 els.toggleDocs.addEventListener("click", () => {
   els.documents.hidden = !els.documents.hidden;
   els.toggleDocs.setAttribute("aria-expanded", String(!els.documents.hidden));
+  // The panel opens above the message box: take the keyboard to its file picker.
+  if (!els.documents.hidden) els.pickDocs.focus();
 });
 els.pickDocs.addEventListener("click", () => els.docInput.click());
 els.docInput.addEventListener("change", () => { [...els.docInput.files].forEach(upload); els.docInput.value = ""; });
@@ -923,7 +977,7 @@ function uploadItem(name) {
   const li = el("li", "upload");
   const label = el("span", "upload-name", name);
   const bar = el("progress"); bar.max = 1; bar.value = 0;
-  const status = el("span", "upload-status muted", "uploading");
+  const status = el("span", "upload-status muted", gettext("uploading"));
   li.append(label, bar, status);
   els.uploads.prepend(li);
   return { li, bar, status };
@@ -932,7 +986,7 @@ function uploadItem(name) {
 function upload(file) {
   const item = uploadItem(file.name);
   if (file.size > boot.upload_max_bytes) {
-    item.status.textContent = `too large (max ${(boot.upload_max_bytes / 1048576).toFixed(0)} MB)`;
+    item.status.textContent = tr(gettext("too large (max %(max)s MB)"), { max: fmt(boot.upload_max_bytes / 1048576) });
     item.li.classList.add("failed");
     return;
   }
@@ -944,7 +998,7 @@ function upload(file) {
   xhr.open("POST", "/api/documents");
   xhr.setRequestHeader("X-CSRFToken", boot.csrf_token);
   xhr.upload.addEventListener("progress", (e) => {
-    if (e.lengthComputable) { item.bar.value = e.loaded / e.total; item.status.textContent = `uploading ${Math.round(100 * e.loaded / e.total)}%`; }
+    if (e.lengthComputable) { item.bar.value = e.loaded / e.total; item.status.textContent = tr(gettext("uploading %(percent)s%"), { percent: fmt(100 * e.loaded / e.total) }); }
   });
   xhr.addEventListener("load", () => {
     let body = {};
@@ -956,10 +1010,10 @@ function upload(file) {
       documentStatus(newer(lastStatus.get(doc.id), doc));
     } else {
       item.li.classList.add("failed");
-      item.status.textContent = (body.error && body.error.message) || `upload failed (HTTP ${xhr.status})`;
+      item.status.textContent = (body.error && body.error.message) || tr(gettext("upload failed (HTTP %(status)s)"), { status: xhr.status });
     }
   });
-  xhr.addEventListener("error", () => { item.li.classList.add("failed"); item.status.textContent = "upload failed: network error"; });
+  xhr.addEventListener("error", () => { item.li.classList.add("failed"); item.status.textContent = gettext("upload failed: network error"); });
   xhr.send(form);
 }
 
@@ -975,16 +1029,87 @@ function documentStatus(doc, live = false) {
     // Probably one of ours whose upload response has not arrived yet: it will
     // pick this status up then. Otherwise (another tab) show it.
     if (uploading) return;
-    item = uploadItem(doc.title || `Document ${doc.id}`);
+    item = uploadItem(doc.title || tr(gettext("Document %(id)s"), { id: doc.id }));
     uploads.set(doc.id, item);
   }
   const progress = typeof doc.progress === "number" ? doc.progress : 0;
   item.bar.value = doc.status === "ready" ? 1 : progress;
   item.li.dataset.status = doc.status;
   item.li.classList.toggle("failed", doc.status === "failed");
-  const labels = { queued: "queued", processing: `indexing ${Math.round(progress * 100)}%`, ready: `ready · ${doc.chunk_count ?? 0} chunks`, failed: `failed: ${doc.error || "unknown error"}` };
+  const chunks = doc.chunk_count ?? 0;
+  const labels = {
+    queued: gettext("queued"),
+    processing: tr(gettext("indexing %(percent)s%"), { percent: fmt(progress * 100) }),
+    ready: tr(ngettext("ready · %(count)s chunk", "ready · %(count)s chunks", chunks), { count: fmt(chunks) }),
+    failed: tr(gettext("failed: %(error)s"), { error: doc.error || gettext("unknown error") }),
+  };
   item.status.textContent = labels[doc.status] || doc.status;
 }
+
+// ---- keyboard shortcuts ---------------------------------------------------------------------
+// Alt+Shift+letter (Option+Shift on a Mac, matched by the physical key): free in
+// Chromium, Firefox and Safari and left alone by NVDA, JAWS and VoiceOver, whose
+// own keys use Insert, Caps Lock or Ctrl+Option. "?" only outside text fields.
+
+function focusPrompt() {
+  closeSidebar();
+  els.prompt.focus();
+}
+
+function focusSearch() {
+  if (getComputedStyle(els.menu).display !== "none") {
+    els.sidebar.classList.add("open");
+    els.menu.setAttribute("aria-expanded", "true");
+  }
+  els.search.focus();
+  els.search.select();
+}
+
+function stopShortcut() {
+  if (busyHere()) { stopAll(); announce(gettext("Stopping the answer.")); }
+}
+
+function copyLastAnswer() {
+  const answers = [...els.messages.querySelectorAll(".msg-assistant")].filter((n) => n._message);
+  const last = answers[answers.length - 1];
+  if (!last) { announce(gettext("There is no answer to copy yet.")); return; }
+  copyText(last._message.content, last.querySelector(".msg-actions button"));
+  announce(gettext("Copied the last answer."));
+}
+
+let shortcutsOpener = null;
+function showShortcuts() {
+  if (els.shortcuts.open) return;
+  shortcutsOpener = document.activeElement;
+  els.shortcuts.showModal();
+  $("shortcuts-close").focus();
+}
+els.shortcuts.addEventListener("close", () => {
+  // Back to where the reader was (the button, the message box, ...).
+  if (shortcutsOpener && document.contains(shortcutsOpener)) shortcutsOpener.focus();
+  shortcutsOpener = null;
+});
+els.showShortcuts.addEventListener("click", showShortcuts);
+
+const SHORTCUTS = { KeyN: () => newChat(), KeyM: focusPrompt, KeyS: stopShortcut, KeyC: copyLastAnswer, KeyF: focusSearch };
+
+function inTextField(target) {
+  return !!target.closest?.("input, textarea, select, [contenteditable='true']");
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.defaultPrevented || e.isComposing || els.shortcuts.open) return;
+  if (e.altKey && e.shiftKey && !e.ctrlKey && !e.metaKey && SHORTCUTS[e.code]) {
+    e.preventDefault();
+    SHORTCUTS[e.code]();
+    return;
+  }
+  const help = (e.key === "/" && (e.ctrlKey || e.metaKey) && !e.altKey)
+    || (e.key === "?" && !e.ctrlKey && !e.metaKey && !e.altKey && !inTextField(e.target));
+  if (help) { e.preventDefault(); showShortcuts(); return; }
+  if (e.key === "Escape" && busyHere()) { stopShortcut(); return; }
+  if (e.key === "Escape" && els.sidebar.classList.contains("open")) { closeSidebar(); els.menu.focus(); }
+});
 
 // ---- start ----------------------------------------------------------------------------------
 

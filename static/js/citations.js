@@ -3,6 +3,11 @@
 // number. Cited numbers become links to their source; sources the answer did
 // not cite are listed apart, never as cited. No innerHTML: text nodes only.
 
+const gettext = window.gettext || ((s) => s);
+const interpolate = window.interpolate
+  || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
+const tr = (format, values) => interpolate(format, values, true);
+
 function el(tag, cls, text) {
   const node = document.createElement(tag);
   if (cls) node.className = cls;
@@ -43,7 +48,7 @@ export function linkCitations(node, sources) {
         const link = el("a", "cite", `[${n}]`);
         link.href = "#";
         link.dataset.source = String(n);
-        link.title = sources[n - 1].title || `Document ${sources[n - 1].document_id}`;
+        link.title = sources[n - 1].title || tr(gettext("Document %(id)s"), { id: sources[n - 1].document_id });
         link.addEventListener("click", (event) => { event.preventDefault(); showSource(node, n); });
         fragment.append(link);
       } else if (part) {
@@ -69,9 +74,12 @@ function sourceItem(s, n) {
   const item = el("li");
   item.value = n;
   item.dataset.source = String(n);
-  item.append(el("strong", null, s.title || `Document ${s.document_id}`));
-  if (s.page != null) item.append(el("span", "muted", ` · p. ${s.page}`));
-  if (typeof s.score === "number") item.append(el("span", "muted", ` · ${s.score.toFixed(2)}`));
+  item.append(el("strong", null, s.title || tr(gettext("Document %(id)s"), { id: s.document_id })));
+  if (s.page != null) item.append(el("span", "muted", ` · ${tr(gettext("p. %(page)s"), { page: s.page })}`));
+  if (typeof s.score === "number") {
+    const score = new Intl.NumberFormat(document.documentElement.lang || undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    item.append(el("span", "muted", ` · ${score.format(s.score)}`));
+  }
   item.append(el("blockquote", null, s.snippet || ""));
   return item;
 }
@@ -82,10 +90,11 @@ export function sourcesNode(sources, cited = new Set()) {
   const wrap = el("div", "sources-wrap");
   const numbered = sources.map((s, i) => [s, i + 1]);
   const groups = cited.size
-    ? [["sources cited", `Sources cited (${cited.size})`, numbered.filter(([, n]) => cited.has(n))],
-      ["sources uncited", `Also retrieved, not cited (${sources.length - cited.size})`,
-        numbered.filter(([, n]) => !cited.has(n))]]
-    : [["sources", `Sources retrieved (${sources.length})`, numbered]];
+    ? [["sources cited", tr(gettext("Sources cited (%(count)s)"), { count: cited.size }), // i18n-ignore: class names
+      numbered.filter(([, n]) => cited.has(n))],
+    ["sources uncited", tr(gettext("Also retrieved, not cited (%(count)s)"), { count: sources.length - cited.size }), // i18n-ignore: class names
+      numbered.filter(([, n]) => !cited.has(n))]]
+    : [["sources", tr(gettext("Sources retrieved (%(count)s)"), { count: sources.length }), numbered]];
   for (const [cls, label, items] of groups) {
     if (!items.length) continue;
     const box = el("details", cls);

@@ -7,6 +7,7 @@ import logging
 import re
 
 from django.test import Client
+from django.utils.formats import date_format
 
 import pytest
 
@@ -60,8 +61,19 @@ def test_the_list_shows_prefix_created_and_last_used(browser, user):
     key.refresh_from_db()
     assert key.last_used_at is not None
     page = browser.get(PAGE).content.decode()
-    assert key.last_used_at.strftime("%Y-%m-%d %H:%M") in page
+    # Shown in the page's language (English here), with the exact time in the markup.
+    shown = date_format(key.last_used_at, "SHORT_DATETIME_FORMAT")
+    assert f'<time datetime="{key.last_used_at.isoformat()}">{shown}</time>' in page
     assert "never" not in page
+
+
+def test_the_list_speaks_traditional_chinese_with_taiwanese_dates(browser, user):
+    key, _ = ApiKey.issue(user, "ci")
+    page = browser.get(PAGE, HTTP_ACCEPT_LANGUAGE="zh-TW,zh;q=0.9").content.decode()
+    assert '<html lang="zh-hant"' in page
+    assert "你的金鑰" in page and "從未使用" in page and "Your keys" not in page
+    created = key.created_at
+    assert f"{created.year}年{created.month}月{created.day}日" in page  # zh_Hant's date format
 
 
 def test_a_key_needs_a_name_and_a_bad_form_creates_nothing(browser, user):

@@ -71,18 +71,14 @@ def page(site):
             "console",
             lambda m: (
                 page.problems.append(f"{m.text} {m.location.get('url', '')}")
-                if m.type in ("error", "warning") and "favicon.ico" not in m.location.get("url", "")
+                if m.type in ("error", "warning")
                 else None
             ),
         )
         page.on("pageerror", lambda e: page.problems.append(str(e)))
         page.on(
             "response",
-            lambda r: (
-                page.problems.append(f"{r.status} {r.url}")
-                if r.status >= 400 and not r.url.endswith("/favicon.ico")
-                else None
-            ),
+            lambda r: page.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
         )
         page.goto(f"{site}/admin/login/")
         page.fill("#id_username", "admin")

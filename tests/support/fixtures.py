@@ -158,3 +158,14 @@ def runner_form(config, **changes) -> dict:
         **changes,
     }
     return {k: v for k, v in data.items() if v != ""}
+
+
+@pytest.fixture(scope="session")
+def compiled_translations() -> None:
+    """The .mo catalogs compiled from locale/*.po (`make setup` does it too), and
+    Django's cached translations dropped so the fresh ones load."""
+    from django.core.management import call_command
+    from django.utils.translation import trans_real
+
+    call_command("compile_translations", verbosity=0)
+    trans_real._translations.clear()

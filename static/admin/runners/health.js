@@ -2,9 +2,15 @@
 // JSON health endpoint, so a slow runner never holds up the page.
 "use strict";
 
+// Text through Django's JavaScript catalog (change_list.html loads it).
+const gettext = window.gettext || ((s) => s);
+const interpolate = window.interpolate
+  || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
+
 function showHealth(cell, data) {
-  const ms = data.latency_ms === null ? "" : ` (${Math.round(data.latency_ms)} ms)`;
-  cell.textContent = (data.ok ? "healthy" : "unhealthy") + ms;
+  const ms = data.latency_ms === null ? ""
+    : ` (${interpolate(gettext("%(ms)s ms"), { ms: new Intl.NumberFormat(document.documentElement.lang || undefined).format(Math.round(data.latency_ms)) }, true)})`;
+  cell.textContent = (data.ok ? gettext("healthy") : gettext("unhealthy")) + ms;
   cell.title = data.detail;
   cell.classList.add(data.ok ? "runner-health-ok" : "runner-health-bad");
   if (!data.ok) {
@@ -26,7 +32,7 @@ async function checkRow(cell) {
     }
     showHealth(cell, await response.json());
   } catch (error) {
-    cell.textContent = `health unknown (${error.message})`;
+    cell.textContent = interpolate(gettext("health unknown (%(error)s)"), { error: error.message }, true);
     cell.classList.add("runner-health-bad");
   }
 }

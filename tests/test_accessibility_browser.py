@@ -1,0 +1,452 @@
+"""Everyone can use it (docs/accessibility.md, docs/i18n.md), checked in headless
+Debian Chromium (Playwright) against a real Daphne process answering from the
+real local model:
+
+- every page passes an axe-core audit (vendored, injected by the test, never
+  served to pages) with no moderate, serious or critical violation, in the
+  light and the dark theme, and logs no console error or failed request;
+- the chat is usable from the keyboard alone: Tab reaches every action with a
+  visible focus ring, and the shortcuts and their help dialog work;
+- the chat speaks Traditional Chinese to a zh-TW browser, answer included;
+- the app is installable: manifest, icons, a service worker that caches the
+  app shell and nothing else.
+
+Saves chat-zh-hant.png and installed-app.png (tests/support/screenshots.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.chat.test_browser import LiveSite, _manage, _site_env
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.processes import ROOT
+from tests.support.screenshots import screenshot_dir
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+AXE = ROOT / "static" / "vendor" / "axe-core-4.14.1" / "axe.min.js"
+SHOTS = screenshot_dir()
+PASSWORD = "carol-password-123"
+# axe's impact levels this suite refuses (it allows only "minor").
+REFUSED_IMPACTS = {"moderate", "serious", "critical"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Daphne with its own database, the bootstrap runners (the local model), a
+    staff user `carol` (chat and admin pages) and compiled translations."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
+    data = tmp_path_factory.mktemp("a11y-site")
+    env = _site_env(data)
+    if not (Path(env["MODELS_DIR"]) / "model.pte").exists():
+        pytest.fail(f"no prepared model in {env['MODELS_DIR']}", pytrace=False)
+    _manage(env, "compile_translations")
+    _manage(env, "migrate", "--noinput", "-v0")
+    _manage(env, "bootstrap")
+    _manage(
+        env,
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User;"
+        f"User.objects.create_superuser('carol', 'carol@example.com', '{PASSWORD}')",
+    )
+    live = LiveSite(data, env)
+    live.start()
+    yield live
+    live.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+def _watched_page(context):
+    """A page that records console errors, page errors and failed requests."""
+    page = context.new_page()
+    page.problems = []
+    page.on(
+        "console",
+        lambda m: (
+            page.problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
+        ),
+    )
+    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+    page.on(
+        "response",
+        lambda r: page.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+    )
+    # A request the browser itself cancels (ERR_ABORTED: the page navigated away
+    # while an icon loaded) is not a failure of the site.
+    page.on(
+        "requestfailed",
+        lambda r: (
+            page.problems.append(f"failed {r.url}: {r.failure}")
+            if "ERR_ABORTED" not in (r.failure or "")
+            else None
+        ),
+    )
+    return page
+
+
+def _login(page, site, then="#conn-status[data-state=open]") -> None:
+    page.goto(f"{site.url}/login/")
+    page.fill("#id_username", "carol")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector(then, timeout=20_000)
+
+
+def _ask(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.dataset.status !== 'streaming'"
+        " && m.querySelector('.msg-actions button'); }",
+        timeout=180_000,
+    )
+
+
+def _axe(page) -> list[str]:
+    """axe-core's violations of the page at moderate impact or worse. The engine
+    is evaluated through the devtools protocol (the pages' CSP allows no
+    injected script), so no page ever serves it."""
+    page.evaluate(AXE.read_text())
+    result = page.evaluate(
+        "async () => { const r = await axe.run(document, {resultTypes: ['violations']});"
+        " return r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        " nodes: v.nodes.slice(0, 3).map(n => n.target.join(' ') + ': ' + n.failureSummary)})); }"
+    )
+    return [
+        f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}"
+        for v in result
+        if v["impact"] in REFUSED_IMPACTS
+    ]
+
+
+@pytest.fixture(scope="module")
+def answered(site, browser):
+    """One conversation with a real answer, for the pages that show it."""
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    _login(page, site)
+    _ask(page, "Name three colours of the rainbow.")
+    url = page.url
+    context.close()
+    assert "/c/" in url
+    return url
+
+
+def _open_test_prompt(page, site):
+    page.goto(f"{site.url}/admin/runners/runnerconfig/")
+    page.locator("input.action-select").first.check()
+    page.select_option("select[name=action]", "send_test_prompt")
+    page.click("button[name=index]")
+    page.wait_for_selector("textarea[name=prompt]")
+
+
+# (name, path or callable, selector that shows the page is ready)
+PAGES = [
+    ("login", "/login/", "#id_username"),
+    ("chat", None, ".msg-assistant .msg-actions button"),
+    ("new-chat", "/", "#conn-status[data-state=open]"),
+    ("api-keys", "/settings/api-keys/", "#create-title"),
+    ("api-docs", "/api/docs", "#endpoints"),
+    ("admin-index", "/admin/", "#runner-dashboard-link"),
+    ("admin-runners-app", "/admin/runners/", "#runner-dashboard-link"),
+    ("admin-runner-list", "/admin/runners/runnerconfig/", ".runner-health"),
+    ("admin-runner-dashboard", "/admin/runners/dashboard/", "#runner-stats-1"),
+    ("admin-test-prompt", _open_test_prompt, "textarea[name=prompt]"),
+]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize(("name", "target", "ready"), PAGES, ids=[p[0] for p in PAGES])
+def test_every_page_passes_axe_and_logs_no_error(
+    site, browser, request, name, target, ready, scheme
+):
+    answered = request.getfixturevalue("answered") if target is None else None
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme=scheme)
+    page = _watched_page(context)
+    if name == "login":
+        page.goto(f"{site.url}/login/")
+    else:
+        _login(page, site)
+        if callable(target):
+            target(page, site)
+        else:
+            page.goto(answered if target is None else f"{site.url}{target}")
+    page.wait_for_selector(ready, timeout=30_000)
+    if name == "admin-runner-list":  # health cells filled in by health.js
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.runner-health')]"
+            ".every(c => c.className.includes('runner-health-'))",
+            timeout=30_000,
+        )
+    page.wait_for_load_state("networkidle")
+    assert _axe(page) == []
+    assert page.problems == []
+    context.close()
+
+
+def test_the_chinese_chat_passes_axe(site, browser, answered):
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, locale="zh-TW")
+    page = _watched_page(context)
+    _login(page, site)
+    page.goto(answered)
+    page.wait_for_selector(".msg-assistant .msg-actions button")
+    assert page.locator("html").get_attribute("lang") == "zh-hant"
+    assert _axe(page) == []
+    assert page.problems == []
+    context.close()
+
+
+# ---- keyboard ------------------------------------------------------------------------------
+
+FOCUS_PROBE = """() => {
+  const el = document.activeElement;
+  const style = getComputedStyle(el);
+  const ring = style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0;
+  const text = (el.getAttribute('aria-label') || el.textContent || '').trim().slice(0, 40);
+  return {id: el.id, cls: el.className, text, tag: el.tagName.toLowerCase(), ring,
+          visible: !!(el.offsetWidth || el.offsetHeight)};
+}"""
+
+
+def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, answered):
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = _watched_page(context)
+    _login(page, site)
+    page.goto(answered)
+    page.wait_for_selector(".msg-assistant .msg-actions button")
+    seen = []  # from the message box (focused on load) round to it again
+    for _ in range(80):
+        page.keyboard.press("Tab")
+        probe = page.evaluate(FOCUS_PROBE)
+        if probe["tag"] == "body":
+            continue  # past the last stop: the browser's own controls
+        if seen and probe == seen[0]:
+            break  # came round
+        seen.append(probe)
+    by_id = {p["id"] for p in seen if p["id"]}
+    texts = {p["text"] for p in seen}
+    expected_ids = {
+        "new-chat", "search", "show-shortcuts", "runner-select", "rag-toggle",
+        "toggle-docs", "prompt", "send", "language-select-chat",
+    }  # fmt: skip
+    assert expected_ids <= by_id, expected_ids - by_id
+    assert {"Copy", "Regenerate", "Edit", "API keys", "Admin", "Sign out", "Switch"} <= texts
+    assert any(p["cls"] == "conversation-link" for p in seen)
+    assert any(p["text"].startswith("Rename ") for p in seen)
+    assert any(p["text"].startswith("Delete ") for p in seen)
+    assert any(p["cls"] == "skip-link" for p in seen)
+    # Every stop shows where the focus is.
+    assert [p for p in seen if not (p["ring"] and p["visible"])] == []
+
+    # The skip link jumps to the message box.
+    page.focus(".skip-link")
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    # The documents panel opens from the keyboard, the focus on its file picker.
+    page.focus("#toggle-docs")
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "pick-docs"
+    assert page.problems == []
+    context.close()
+
+
+def test_the_shortcuts_and_their_dialog(site, browser, answered):
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = _watched_page(context)
+    _login(page, site)
+    page.goto(answered)
+    page.wait_for_selector(".msg-assistant .msg-actions button")
+    # What Copy copies: the answer's Markdown source.
+    answer = page.evaluate(
+        "[...document.querySelectorAll('.msg-assistant')].pop()._message.content"
+    )
+    focused = "document.activeElement.id"
+
+    # ? opens the help dialog with the focus inside; Escape closes it and the
+    # focus goes back where it was.
+    page.focus("#search")
+    page.keyboard.press("Escape")
+    page.locator("#chat-title").focus()
+    page.keyboard.press("Shift+Slash")
+    page.wait_for_selector("#shortcuts[open]")
+    assert page.evaluate(focused) == "shortcuts-close"
+    assert "Alt + Shift + N" in page.locator("#shortcuts").inner_text()
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#shortcuts:not([open])", state="attached")
+    assert page.evaluate(focused) == "chat-title"
+    # Ctrl+/ too, even while typing.
+    page.focus("#prompt")
+    page.keyboard.press("Control+Slash")
+    page.wait_for_selector("#shortcuts[open]")
+    page.keyboard.press("Enter")  # the Close button
+    page.wait_for_selector("#shortcuts:not([open])", state="attached")
+    assert page.evaluate(focused) == "prompt"
+    # "?" typed in the message box is just a question mark.
+    page.keyboard.type("why?")
+    assert page.locator("#shortcuts[open]").count() == 0
+    assert page.input_value("#prompt") == "why?"
+    page.fill("#prompt", "")
+
+    page.keyboard.press("Alt+Shift+KeyF")
+    assert page.evaluate(focused) == "search"
+    page.keyboard.press("Alt+Shift+KeyM")
+    assert page.evaluate(focused) == "prompt"
+    page.keyboard.press("Alt+Shift+KeyC")
+    page.wait_for_function(
+        "() => document.getElementById('announcer').textContent.includes('Copied')"
+    )
+    assert page.evaluate("navigator.clipboard.readText()") == answer
+
+    # Stop: a long answer, stopped from the keyboard while it streams.
+    page.fill("#prompt", "Write a long story about a lighthouse keeper and the sea.")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg-assistant[data-status=streaming]", timeout=60_000)
+    assert page.evaluate(focused) == "prompt"  # focus stays in the message box after send
+    page.keyboard.press("Alt+Shift+KeyS")
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.msg-assistant')].pop();"
+        " return m && m.dataset.status === 'stopped'; }",
+        timeout=60_000,
+    )
+    assert page.evaluate(focused) == "prompt"
+    # The finished (here: stopped) answer is announced once, politely.
+    page.wait_for_function(
+        "() => document.getElementById('announcer').textContent.startsWith('Answer stopped')"
+    )
+    live = page.evaluate(
+        "() => [...document.querySelectorAll('[aria-live]')]"
+        ".map(e => e.id + ':' + e.getAttribute('aria-live'))"
+    )
+    assert "messages:polite" not in live  # tokens are not read out one by one
+    assert page.get_attribute("#banner", "role") == "alert"  # errors: assertive
+
+    # New chat: empty conversation, focus in the message box.
+    page.keyboard.press("Alt+Shift+KeyN")
+    page.wait_for_function("() => location.pathname === '/'")
+    assert page.evaluate(focused) == "prompt"
+    assert page.locator(".msg").count() == 0
+    assert page.problems == []
+    context.close()
+
+
+def test_reduced_motion_is_respected(site, browser):
+    context = browser.new_context(viewport={"width": 400, "height": 800}, reduced_motion="reduce")
+    page = _watched_page(context)
+    _login(page, site)
+    durations = page.evaluate(
+        "() => [getComputedStyle(document.getElementById('sidebar')).transitionDuration]"
+    )
+    assert durations == ["0s"]
+    context.close()
+
+
+# ---- Traditional Chinese -------------------------------------------------------------------
+
+
+def test_the_chat_in_traditional_chinese_with_a_real_answer(site, browser):
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 820}, locale="zh-TW", color_scheme="light"
+    )
+    page = _watched_page(context)
+    page.goto(f"{site.url}/login/")
+    assert page.locator("label[for=id_username]").inner_text() == "使用者名稱"
+    _login(page, site)
+    assert page.locator("#empty-chat h2").inner_text() == "有什麼可以幫你的\uff1f"
+    assert page.get_attribute("#prompt", "placeholder") == "傳訊息給 BreezeWeb"
+    assert page.locator("#conn-status").inner_text() == "已連線"
+    _ask(page, "What is the capital of Taiwan?")
+    last = page.locator(".msg-assistant").last
+    assert last.locator(".msg-actions button").first.inner_text() == "複製"
+    assert "重新產生" in last.locator(".msg-actions").inner_text()
+    meta = last.locator(".msg-meta").inner_text()
+    assert "每秒" in meta and "首個 token" in meta and "tok/s" not in meta
+    assert len(last.locator(".msg-body").inner_text().strip()) > 0
+    page.wait_for_function(
+        "() => document.getElementById('announcer').textContent.startsWith('回答\uff1a')"
+    )
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "chat-zh-hant.png"))
+
+    # The switcher takes the page back to English, whatever the browser says.
+    page.select_option("#language-select-chat", "en")
+    page.click(".sidebar-settings .language-form button")
+    page.wait_for_selector("#conn-status[data-state=open]")
+    assert page.locator("#new-chat").inner_text() == "+ New chat"
+    assert page.locator(".msg-assistant .msg-actions button").first.inner_text() == "Copy"
+    assert page.problems == []
+    context.close()
+
+
+# ---- installable ---------------------------------------------------------------------------
+
+
+def test_the_app_is_installable_and_caches_only_its_shell(site, browser, answered):
+    context = browser.new_context(viewport={"width": 412, "height": 860}, is_mobile=True)
+    page = _watched_page(context)
+    _login(page, site)
+    manifest_url = page.get_attribute("link[rel=manifest]", "href")
+    with urllib.request.urlopen(f"{site.url}{manifest_url}") as response:
+        assert response.headers["Content-Type"].startswith("application/manifest+json")
+        manifest = json.load(response)
+    assert manifest["display"] == "standalone" and manifest["start_url"] == "/"
+    assert {"192x192", "512x512"} <= {i["sizes"] for i in manifest["icons"]}
+    assert any(i.get("purpose") == "maskable" for i in manifest["icons"])
+    for icon in manifest["icons"]:
+        with urllib.request.urlopen(f"{site.url}{icon['src']}") as response:
+            assert response.status == 200 and response.headers["Content-Type"] == icon["type"]
+
+    # The worker takes control of the root scope and fills its cache.
+    page.wait_for_function(
+        "async () => { const r = await navigator.serviceWorker.getRegistration('/');"
+        " return !!(r && r.active && r.active.state === 'activated'); }",
+        timeout=30_000,
+    )
+    page.goto(answered)
+    page.wait_for_selector(".msg-assistant .msg-actions button")
+    assert page.evaluate("!!navigator.serviceWorker.controller")
+    cached = page.evaluate(
+        "async () => { const out = {}; for (const k of await caches.keys()) {"
+        " out[k] = (await (await caches.open(k)).keys()).map(r => new URL(r.url).pathname); }"
+        " return out; }"
+    )
+    (name,) = cached
+    assert name.startswith("breezeweb-shell-")
+    paths = cached[name]
+    assert "/static/js/chat.js" in paths and "/static/css/app.css" in paths
+    # The shell only: no page, answer, document, API response or test-only file.
+    assert all(p.startswith("/static/") for p in paths), paths
+    assert not any("axe-core" in p for p in paths)
+    # The shell answers from the cache; pages still come from the network.
+    served = page.evaluate(
+        "async () => { const r = await fetch('/static/css/app.css'); return r.ok; }"
+    )
+    assert served
+    # As the installed app opens: its start URL, shell from the worker's cache.
+    page.goto(f"{site.url}{manifest['start_url']}")
+    page.wait_for_selector("#conn-status[data-state=open]")
+    assert page.evaluate("!!navigator.serviceWorker.controller")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "installed-app.png"))
+    assert page.problems == []
+    context.close()
