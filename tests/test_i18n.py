@@ -316,7 +316,8 @@ def test_every_marked_string_is_in_the_catalogs():
 
 
 @pytest.mark.django_db
-def test_the_login_page_follows_accept_language(client, compiled_translations):
+def test_the_login_page_follows_accept_language(client, user, compiled_translations):
+    # (`user`: with no account at all, /login/ leads to the first-run page.)
     zh = client.get("/login/", HTTP_ACCEPT_LANGUAGE="zh-TW,zh;q=0.9,en;q=0.5").content.decode()
     assert '<html lang="zh-hant"' in zh and "使用者名稱" in zh and "Username" not in zh
     en = client.get("/login/", HTTP_ACCEPT_LANGUAGE="en-US,en;q=0.9").content.decode()
@@ -324,7 +325,7 @@ def test_the_login_page_follows_accept_language(client, compiled_translations):
 
 
 @pytest.mark.django_db
-def test_the_switcher_overrides_the_browser(client, compiled_translations):
+def test_the_switcher_overrides_the_browser(client, user, compiled_translations):
     response = client.post("/i18n/setlang/", {"language": "zh-hant", "next": "/login/"})
     assert response.status_code == 302 and response["Location"] == "/login/"
     page = client.get("/login/", HTTP_ACCEPT_LANGUAGE="en").content.decode()
