@@ -330,7 +330,9 @@ async def _agent_turn(turn: TurnInput, request: ChatRequest) -> AsyncIterator[An
 
     # The built-in tools are always offered: an agent turn needs the `agent` capability.
     needed = request.needed_capabilities() | {Capability.AGENT}
-    rules, candidates, no_runner = await _turn_settings(needed, turn.pinned_runner, False)
+    rules, candidates, no_runner = await _turn_settings(
+        needed, turn.pinned_runner, False, turn.user
+    )
     check_input(turn.messages[-1].content, rules)
     if no_runner is not None:
         raise no_runner
