@@ -22,8 +22,9 @@ SCRIPTS = [ROOT / "static" / "js", ROOT / "static" / "admin"]
 LOCALES = ("en", "zh_Hant")
 DOMAINS = ("django", "djangojs")
 
-# Words that are the same in every language: the product's name, a unit.
-SAME_IN_EVERY_LANGUAGE = {"BreezeWeb", "ms"}
+# Words that are the same in every language: the product's name, a unit, the
+# names of file formats.
+SAME_IN_EVERY_LANGUAGE = {"BreezeWeb", "ms", "Markdown", "JSON"}
 # Attributes people read or hear.
 READ_ATTRIBUTES = {"title", "placeholder", "aria-label", "aria-description", "alt"}
 # Elements whose text is code or key names, not prose.

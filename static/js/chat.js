@@ -202,9 +202,9 @@ function decorate(node, m) {
   copy.addEventListener("click", () => copyText(m.content, copy));
   actions.append(copy);
   if (m.id && state.conversationId) {
-    const fork = el("button", "link-btn fork", "Fork");
+    const fork = el("button", "link-btn fork", gettext("Fork"));
     fork.type = "button";
-    fork.title = "A new conversation with this branch up to here";
+    fork.title = gettext("A new conversation with this branch up to here");
     fork.addEventListener("click", () => forkAt(m.id));
     actions.append(fork);
   }
@@ -228,7 +228,7 @@ async function switchBranch(messageId) {
   try {
     await api(`/api/conversations/${state.conversationId}`, { method: "PATCH", json: { active_message_id: messageId } });
     await openConversation(state.conversationId, false);
-  } catch (error) { showBanner(`Could not switch versions: ${error.message}`); }
+  } catch (error) { showBanner(tr(gettext("Could not switch versions: %(error)s"), { error: error.message })); }
 }
 
 async function forkAt(messageId) {
@@ -236,7 +236,7 @@ async function forkAt(messageId) {
     const fork = await api(`/api/conversations/${state.conversationId}/fork`, { method: "POST", json: { message_id: Number(messageId) } });
     await openConversation(fork.id);
     refreshList();
-  } catch (error) { showBanner(`Could not fork: ${error.message}`); }
+  } catch (error) { showBanner(tr(gettext("Could not fork: %(error)s"), { error: error.message })); }
 }
 
 async function copyText(text, button) {
@@ -325,7 +325,7 @@ function synced(p, f) {
   refreshRegenerate();
   if (p.node) {
     p.node.querySelector(".msg-meta").textContent = f.live
-      ? (f.runner ? `${f.runner} · ${f.model}${f.fallback ? " · fallback" : ""}` : "")
+      ? (f.runner ? [f.runner, f.model, ...(f.fallback ? [gettext("fallback")] : [])].join(" · ") : "")
       // No server process is writing it now (a restart): what was saved so far.
       : f.status === "streaming" ? gettext("Still being written (it goes on after a reload): showing the text saved so far.") : "";
   }
@@ -434,7 +434,7 @@ function newChat(push = true) {
   const project = projects.byId(state.projectId);
   els.runner.value = project && project.runner && state.runners.some((r) => r.name === project.runner) ? project.runner : "auto";
   els.rag.checked = project ? project.rag : false;
-  els.title.textContent = project ? `${project.name} · New chat` : "New chat";
+  els.title.textContent = project ? tr(gettext("%(project)s · New chat"), { project: project.name }) : gettext("New chat");
   updateCaps();
   markActive();
   closeSidebar();
@@ -511,7 +511,7 @@ async function togglePin(li) {
   try {
     await api(`/api/conversations/${li.dataset.id}`, { method: "PATCH", json: { pinned } });
     refreshList();
-  } catch (error) { showBanner(`Could not pin: ${error.message}`); }
+  } catch (error) { showBanner(tr(gettext("Could not pin: %(error)s"), { error: error.message })); }
 }
 
 const sharing = new Sharing({ api, conversationId: () => state.conversationId });

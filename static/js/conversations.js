@@ -5,6 +5,9 @@
 // Everything the server sends is shown as text, never as HTML.
 
 const gettext = window.gettext || ((s) => s);
+const ngettext = window.ngettext || ((singular, plural, n) => (n === 1 ? singular : plural));
+const interpolate = window.interpolate || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
+const tr = (format, values) => interpolate(format, values, true);
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -54,7 +57,7 @@ export function branchNav(m, onSwitch) {
   prev.addEventListener("click", () => onSwitch(siblings[at - 1]));
   next.addEventListener("click", () => onSwitch(siblings[at + 1]));
   const label = el("span", "branch-count", `${at + 1} / ${siblings.length}`);
-  label.setAttribute("aria-label", `${gettext("Version")} ${at + 1} / ${siblings.length}`);
+  label.setAttribute("aria-label", tr(gettext("Version %(n)s of %(count)s"), { n: at + 1, count: siblings.length }));
   nav.append(prev, label, next);
   return nav;
 }
@@ -104,7 +107,7 @@ export class Projects {
     try {
       this.projects = (await this.api("/api/projects")).projects;
     } catch (error) {
-      this.onError(`${gettext("Could not load projects:")} ${error.message}`);
+      this.onError(tr(gettext("Could not load projects: %(error)s"), { error: error.message }));
     }
     if (this.current !== null && !this.byId(this.current)) this.current = null;
     this.render();
@@ -132,7 +135,7 @@ export class Projects {
       settings.type = "button";
       settings.dataset.action = "settings";
       settings.title = gettext("Project settings");
-      settings.setAttribute("aria-label", `${gettext("Settings of")} ${project.name}`);
+      settings.setAttribute("aria-label", tr(gettext("Settings of %(project)s"), { project: project.name }));
       li.append(count, settings);
     }
     return li;
@@ -205,7 +208,7 @@ export class Projects {
       await this.load();
       this.onChange({ selected: false });
     } catch (error) {
-      this.onError(`${gettext("Could not move the conversation:")} ${error.message}`);
+      this.onError(tr(gettext("Could not move the conversation: %(error)s"), { error: error.message }));
     }
   }
 
@@ -274,8 +277,8 @@ export class Sharing {
     const li = el("li");
     li.dataset.active = String(share.active);
     const state = share.revoked ? gettext("revoked") : share.active ? gettext("active") : gettext("expired");
-    const until = share.expires_at ? ` · ${gettext("until")} ${new Date(share.expires_at).toLocaleString()}` : "";
-    li.append(el("code", "", `${share.prefix}…`), el("span", "", `${state}${until} · ${share.views} ${gettext("views")}`));
+    const until = share.expires_at ? ` · ${tr(gettext("until %(when)s"), { when: new Date(share.expires_at).toLocaleString() })}` : "";
+    li.append(el("code", "", `${share.prefix}…`), el("span", "", `${state}${until} · ${tr(ngettext("%(count)s view", "%(count)s views", share.views), { count: share.views })}`));
     if (!share.revoked) {
       const revoke = el("button", "link-btn danger", gettext("Revoke"));
       revoke.type = "button";
@@ -315,18 +318,19 @@ export function initImport({ api, onDone, say }) {
     try {
       let job = await api("/api/imports", { method: "POST", body: file, headers: { "Content-Type": "application/json" } });
       while (job.status === "queued" || job.status === "running") {
-        say(`${gettext("Importing")} ${file.name}: ${job.done} / ${job.total || "?"}`);
+        say(tr(gettext("Importing %(name)s: %(done)s / %(total)s"), { name: file.name, done: job.done, total: job.total || "?" }));
         await new Promise((resolve) => setTimeout(resolve, 700));
         job = await api(`/api/imports/${job.id}`);
       }
-      if (job.status === "failed") { say(`${gettext("Import failed:")} ${job.error}`); return; }
+      if (job.status === "failed") { say(tr(gettext("Import failed: %(error)s"), { error: job.error })); return; }
       const imported = job.report.imported.length;
       const skipped = job.report.skipped.length;
       const partly = job.report.imported.filter((c) => c.skipped_messages.length).length;
-      say(`${gettext("Imported")} ${imported}, ${gettext("skipped")} ${skipped}` +
-        (partly ? ` (${partly} ${gettext("with messages left out")})` : "") + ".");
+      say(partly
+        ? tr(gettext("Imported %(imported)s (%(partly)s with messages left out), skipped %(skipped)s."), { imported, partly, skipped })
+        : tr(gettext("Imported %(imported)s, skipped %(skipped)s."), { imported, skipped }));
       onDone();
-    } catch (error) { say(`${gettext("Import failed:")} ${error.message}`); }
+    } catch (error) { say(tr(gettext("Import failed: %(error)s"), { error: error.message })); }
   });
 }
 
@@ -345,7 +349,7 @@ export function updateGauge(messages, runners) {
   meter.low = runner.context_tokens * 0.7;
   meter.high = runner.context_tokens * 0.9;
   meter.optimum = 0;
-  const label = `${gettext("Context")}: ${used.toLocaleString()} / ${runner.context_tokens.toLocaleString()} ${gettext("tokens")}`;
+  const label = tr(gettext("Context: %(used)s / %(limit)s tokens"), { used: used.toLocaleString(), limit: runner.context_tokens.toLocaleString() });
   gauge.querySelector(".gauge-label").textContent = label;
   meter.setAttribute("aria-label", label);
   gauge.hidden = false;

@@ -27,7 +27,7 @@ for (const m of boot.messages || []) {
   } else {
     body.innerHTML = markdownToSafeHtml(m.content);
     body.querySelectorAll("pre code").forEach((code) => hljs.highlightElement(code));
-    body.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
+    body.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; }); // i18n-ignore: a link relation, not text
     if (m.sources && m.sources.length) {
       const sources = el("div", "msg-sources");
       sources.append(sourcesNode(m.sources, linkCitations(node, m.sources)));
