@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chat.test_browser import LiveSite, _manage, _site_env
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, Daphne, manage, site_env
 from tests.support.screenshots import screenshot_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -43,21 +42,20 @@ def site(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("a11y-site")
-    env = _site_env(data)
+    env = site_env(data)
     if not (Path(env["MODELS_DIR"]) / "model.pte").exists():
         pytest.fail(f"no prepared model in {env['MODELS_DIR']}", pytrace=False)
-    _manage(env, "compile_translations")
-    _manage(env, "migrate", "--noinput", "-v0")
-    _manage(env, "bootstrap")
-    _manage(
+    manage(env, "compile_translations")
+    manage(env, "migrate", "--noinput", "-v0")
+    manage(env, "bootstrap")
+    manage(
         env,
         "shell",
         "-c",
         "from django.contrib.auth.models import User;"
         f"User.objects.create_superuser('carol', 'carol@example.com', '{PASSWORD}')",
     )
-    live = LiveSite(data, env)
-    live.start()
+    live = Daphne(env, log=data / "daphne.log").start()
     yield live
     live.stop()
     shutil.rmtree(data, ignore_errors=True)
