@@ -19,14 +19,13 @@ instead of scoring other collections' chunks).
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from dataclasses import dataclass
 
 from django.db import connection as default_connection
-
-from rag.models import Chunk
 
 FTS_TABLE = "rag_chunk_fts"
 # Shared with chat.search (message and title search), so both indexes read
@@ -175,9 +174,12 @@ def search(collection_id: int, query: str, limit: int, *, using=None) -> list[Ke
             scores = dict(cursor.fetchall())
             if not scores:
                 return []
-            rows = Chunk.objects.using(conn.alias).filter(pk__in=list(scores))
-            fields = ("pk", "chroma_id", "document_id", "collection_id", "page", "section", "text")
-            found = {row[0]: row for row in rows.values_list(*fields)}
+            cursor.execute(
+                "SELECT id, chroma_id, document_id, collection_id, page, section, text "
+                "FROM rag_chunk WHERE id IN (SELECT value FROM json_each(%s))",
+                [json.dumps(list(scores))],
+            )
+            found = {row[0]: row for row in cursor.fetchall()}
             # A chunk deleted between the two reads is simply left out.
             return [_hit(found[pk], score) for pk, score in scores.items() if pk in found]
         rows = cursor.fetchall()
