@@ -448,7 +448,7 @@ def save_project(user, project_id: int | None, changes: dict[str, Any]) -> dict[
                 raise ChatError("bad_name", "A project name cannot be empty.")
             project.name = name[:MAX_TITLE_CHARS]
         if "runner" in changes:
-            project.runner = _resolve_runner(changes["runner"])
+            project.runner = _resolve_runner(user, changes["runner"])
         if "rag" in changes:
             project.rag_enabled = changes["rag"]
         for key in PROJECT_FIELDS:

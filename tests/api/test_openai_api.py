@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -793,7 +794,10 @@ def test_the_docs_page_renders_the_schema_without_inline_scripts(client):
     html = response.content.decode()
     assert "POST" in html and "/v1/chat/completions" in html and "ChatCompletionRequest" in html
     assert "/api/search" in html and "breezeweb" in html
-    assert "<script" not in html
+    # Scripts only from files (the language catalog, the service worker's
+    # registration), never inline: the strict CSP holds.
+    scripts = re.findall(r"<script\b[^>]*>", html)
+    assert scripts and all(" src=" in tag for tag in scripts), scripts
     assert "script-src 'self'" in response["Content-Security-Policy"]
 
 

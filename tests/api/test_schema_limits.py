@@ -100,6 +100,7 @@ ELSEWHERE = {
     "MAX_COLLECTIONS": "the websocket's collections",
     "MAX_REQUEST_ID_CHARS": "the websocket's request_id",
     "MAX_RUNNER_NAME_CHARS": "the websocket's runner name",
+    "MAX_ATTACHED_PER_SOCKET": "the websocket's attach frames",
     "TITLE_MAX_CHARS": "a title made from a first message, not a request field",
     "MAX_ACTIVE_KEYS": "the API-keys page (an HTML form), not the HTTP API",
 }
