@@ -181,7 +181,9 @@ function decorate(node, m) {
     if (t.time_to_first_token_ms != null) parts.push(tr(gettext("TTFT %(ms)s ms"), { ms: fmt(t.time_to_first_token_ms) }));
     if (m.usage && m.usage.completion_tokens != null) {
       const n = m.usage.completion_tokens;
-      parts.push(tr(ngettext("%(count)s token", "%(count)s tokens", n), { count: fmt(n) }));
+      const answer = tr(ngettext("%(count)s token", "%(count)s tokens", n), { count: fmt(n) });
+      // The prompt's tokens first when the runner reported them: "30 + 8 tokens".
+      parts.push(m.usage.prompt_tokens != null ? `${fmt(m.usage.prompt_tokens)} + ${answer}` : answer);
     }
     if (m.cost) parts.push(costText(m.cost));
     if (m.status === "stopped") parts.push(gettext("stopped"));
