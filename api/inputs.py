@@ -109,6 +109,23 @@ def _walk(value: Any, max_depth: int, allow_nul: bool) -> None:
             )
 
 
+def read_body(request: HttpRequest, limit: int | None = None) -> bytes:
+    """The request body's bytes, at most `limit` of them (the upload limit by
+    default). Raises InputError 413 `request_too_large` before reading what
+    is declared too long, and after reading what turns out too long."""
+    limit = limit if limit is not None else settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise too_large(limit)
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise too_large(limit) from None
+    if len(raw) > limit:
+        raise too_large(limit)
+    return raw
+
+
 def read_json(
     request: HttpRequest,
     *,
@@ -122,16 +139,7 @@ def read_json(
     413 `request_too_large`; 400 `syntax_code` (not UTF-8, not JSON, empty
     unless `empty` is given), `nesting_too_deep`, `number_too_large`,
     `invalid_text` (lone surrogates; NUL unless `allow_nul`)."""
-    limit = max_bytes if max_bytes is not None else settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    declared = declared_length(request)
-    if declared is not None and declared > limit:
-        raise too_large(limit)
-    try:
-        raw = request.body
-    except RequestDataTooBig:
-        raise too_large(limit) from None
-    if len(raw) > limit:
-        raise too_large(limit)
+    raw = read_body(request, max_bytes)
     if not raw.strip():
         if empty is not ...:
             return empty

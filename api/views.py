@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -16,7 +14,7 @@ from accounts import usage as account_usage
 from api import schemas
 from api.decorators import api_view
 from api.errors import json_error
-from api.inputs import declared_length, read_json, too_large
+from api.inputs import read_body, read_json
 from chat import services, sharing, transfer
 from chat.inputs import clean_name, parse_id
 from chat.limits import MAX_CONVERSATION_QUERY_CHARS, MAX_SMALL_BODY_BYTES
@@ -164,14 +162,7 @@ def export_one(request: HttpRequest, conversation_id: int) -> HttpResponse:
 def imports(request: HttpRequest) -> JsonResponse:
     """POST /api/imports, the body a BreezeWeb export or ChatGPT's
     conversations.json: queued, answered at once with the job to poll."""
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    declared = declared_length(request)
-    if declared is not None and declared > limit:
-        raise too_large(limit)
-    try:
-        raw = request.body
-    except RequestDataTooBig:
-        raise too_large(limit) from None
+    raw = read_body(request)
     if not raw.strip():
         return json_error(400, "bad_json", "The request body is empty; send the file's JSON.")
     return JsonResponse(transfer.start_import(request.user, raw), status=202)

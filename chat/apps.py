@@ -9,17 +9,9 @@ class ChatConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        post_migrate.connect(_ensure_search_index, sender=self, dispatch_uid="chat-fts")
+        from chat import search
+        from chat.models import Message
 
-
-def _ensure_search_index(sender, using="default", plan=None, **kwargs) -> None:
-    """After every `migrate`: the search index and its triggers exist (SQLite
-    drops a table's triggers when a migration rebuilds the table)."""
-    from django.db import connections
-
-    from chat import search
-    from chat.models import Message
-
-    conn = connections[using]
-    if Message._meta.db_table in conn.introspection.table_names():
-        search.install(conn)
+        # After every `migrate`: the search index and its triggers exist.
+        receiver = search.INDEX.after_migrate(Message._meta.db_table)
+        post_migrate.connect(receiver, sender=self, weak=False, dispatch_uid="chat-fts")

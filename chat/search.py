@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from django.db import connection as default_connection
 
+from core.textindex import TextIndex
 from rag.lexical import FTS5_TOKENIZE, PG_CONFIG, fts5_quoted, pg_words, query_terms
 
 # Markers around the matched words in a snippet (Unicode private use: they
@@ -187,91 +188,56 @@ def _postgres(cursor, user_id: int, terms: list[str]):
 
 # --- schema -------------------------------------------------------------------------
 
-_SQLITE_SCHEMA = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS chat_message_fts USING fts5("
-    f"conv UNINDEXED, text, tokenize = '{FTS5_TOKENIZE}')",
-    "CREATE VIRTUAL TABLE IF NOT EXISTS chat_title_fts USING fts5("
-    f"owner, title, tokenize = '{FTS5_TOKENIZE}')",
-    "CREATE TRIGGER IF NOT EXISTS chat_message_fts_insert AFTER INSERT ON breezeweb_message "
-    "BEGIN INSERT INTO chat_message_fts(rowid, conv, text) "
-    "VALUES (new.id, new.conversation_id, new.content); END",
-    "CREATE TRIGGER IF NOT EXISTS chat_message_fts_delete AFTER DELETE ON breezeweb_message "
-    "BEGIN DELETE FROM chat_message_fts WHERE rowid = old.id; END",
-    # Only when the text changes (a streaming answer is saved every ~0.5 s; its
-    # status, timings and the like change too, and need no re-indexing).
-    "CREATE TRIGGER IF NOT EXISTS chat_message_fts_update "
-    "AFTER UPDATE OF content ON breezeweb_message BEGIN "
-    "DELETE FROM chat_message_fts WHERE rowid = old.id; "
-    "INSERT INTO chat_message_fts(rowid, conv, text) "
-    "VALUES (new.id, new.conversation_id, new.content); END",
-    "CREATE TRIGGER IF NOT EXISTS chat_title_fts_insert AFTER INSERT ON breezeweb_conversation "
-    "BEGIN INSERT INTO chat_title_fts(rowid, owner, title) "
-    "VALUES (new.id, 'u' || new.owner_id, new.title); END",
-    "CREATE TRIGGER IF NOT EXISTS chat_title_fts_delete AFTER DELETE ON breezeweb_conversation "
-    "BEGIN DELETE FROM chat_title_fts WHERE rowid = old.id; END",
-    "CREATE TRIGGER IF NOT EXISTS chat_title_fts_update "
-    "AFTER UPDATE OF title, owner_id ON breezeweb_conversation BEGIN "
-    "DELETE FROM chat_title_fts WHERE rowid = old.id; "
-    "INSERT INTO chat_title_fts(rowid, owner, title) "
-    "VALUES (new.id, 'u' || new.owner_id, new.title); END",
+INDEX = TextIndex(
+    label="conversation search",
+    sqlite_tables=("chat_message_fts", "chat_title_fts"),
+    sqlite_schema=(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS chat_message_fts USING fts5("
+        f"conv UNINDEXED, text, tokenize = '{FTS5_TOKENIZE}')",
+        "CREATE VIRTUAL TABLE IF NOT EXISTS chat_title_fts USING fts5("
+        f"owner, title, tokenize = '{FTS5_TOKENIZE}')",
+        "CREATE TRIGGER IF NOT EXISTS chat_message_fts_insert AFTER INSERT ON breezeweb_message "
+        "BEGIN INSERT INTO chat_message_fts(rowid, conv, text) "
+        "VALUES (new.id, new.conversation_id, new.content); END",
+        "CREATE TRIGGER IF NOT EXISTS chat_message_fts_delete AFTER DELETE ON breezeweb_message "
+        "BEGIN DELETE FROM chat_message_fts WHERE rowid = old.id; END",
+        # Only when the text changes (a streaming answer is saved every ~0.5 s; its
+        # status, timings and the like change too, and need no re-indexing).
+        "CREATE TRIGGER IF NOT EXISTS chat_message_fts_update "
+        "AFTER UPDATE OF content ON breezeweb_message BEGIN "
+        "DELETE FROM chat_message_fts WHERE rowid = old.id; "
+        "INSERT INTO chat_message_fts(rowid, conv, text) "
+        "VALUES (new.id, new.conversation_id, new.content); END",
+        "CREATE TRIGGER IF NOT EXISTS chat_title_fts_insert AFTER INSERT ON breezeweb_conversation "
+        "BEGIN INSERT INTO chat_title_fts(rowid, owner, title) "
+        "VALUES (new.id, 'u' || new.owner_id, new.title); END",
+        "CREATE TRIGGER IF NOT EXISTS chat_title_fts_delete AFTER DELETE ON breezeweb_conversation "
+        "BEGIN DELETE FROM chat_title_fts WHERE rowid = old.id; END",
+        "CREATE TRIGGER IF NOT EXISTS chat_title_fts_update "
+        "AFTER UPDATE OF title, owner_id ON breezeweb_conversation BEGIN "
+        "DELETE FROM chat_title_fts WHERE rowid = old.id; "
+        "INSERT INTO chat_title_fts(rowid, owner, title) "
+        "VALUES (new.id, 'u' || new.owner_id, new.title); END",
+    ),
+    sqlite_reindex=(
+        "DELETE FROM chat_message_fts",
+        "INSERT INTO chat_message_fts(rowid, conv, text) "
+        "SELECT id, conversation_id, content FROM breezeweb_message",
+        "DELETE FROM chat_title_fts",
+        "INSERT INTO chat_title_fts(rowid, owner, title) "
+        "SELECT id, 'u' || owner_id, title FROM breezeweb_conversation",
+    ),
+    postgres_tables=("breezeweb_message", "breezeweb_conversation"),
+    postgres_schema=(
+        "ALTER TABLE breezeweb_message ADD COLUMN IF NOT EXISTS search tsvector "
+        f"GENERATED ALWAYS AS (to_tsvector('{PG_CONFIG}', {pg_words('content')})) STORED",
+        "CREATE INDEX IF NOT EXISTS breezeweb_message_search_gin "
+        "ON breezeweb_message USING gin (search)",
+        "ALTER TABLE breezeweb_conversation ADD COLUMN IF NOT EXISTS search tsvector "
+        f"GENERATED ALWAYS AS (to_tsvector('{PG_CONFIG}', {pg_words('title')})) STORED",
+        "CREATE INDEX IF NOT EXISTS breezeweb_conversation_search_gin "
+        "ON breezeweb_conversation USING gin (search)",
+    ),
 )
-_SQLITE_TRIGGERS = 6
-_SQLITE_REINDEX = (
-    "DELETE FROM chat_message_fts",
-    "INSERT INTO chat_message_fts(rowid, conv, text) "
-    "SELECT id, conversation_id, content FROM breezeweb_message",
-    "DELETE FROM chat_title_fts",
-    "INSERT INTO chat_title_fts(rowid, owner, title) "
-    "SELECT id, 'u' || owner_id, title FROM breezeweb_conversation",
-)
-
-_POSTGRES_SCHEMA = (
-    "ALTER TABLE breezeweb_message ADD COLUMN IF NOT EXISTS search tsvector "
-    f"GENERATED ALWAYS AS (to_tsvector('{PG_CONFIG}', {pg_words('content')})) STORED",
-    "CREATE INDEX IF NOT EXISTS breezeweb_message_search_gin "
-    "ON breezeweb_message USING gin (search)",
-    "ALTER TABLE breezeweb_conversation ADD COLUMN IF NOT EXISTS search tsvector "
-    f"GENERATED ALWAYS AS (to_tsvector('{PG_CONFIG}', {pg_words('title')})) STORED",
-    "CREATE INDEX IF NOT EXISTS breezeweb_conversation_search_gin "
-    "ON breezeweb_conversation USING gin (search)",
-)
-
-
-def install(conn=None) -> None:
-    """Create the search index for this database if it is missing (idempotent;
-    run by the migration and after every `migrate`, since SQLite drops a
-    table's triggers when a later migration rebuilds the table)."""
-    conn = conn or default_connection
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            for statement in _POSTGRES_SCHEMA:
-                cursor.execute(statement)
-            return
-        if conn.vendor != "sqlite":
-            raise NotImplementedError(f"no conversation search for {conn.vendor}")
-        cursor.execute(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND "
-            "(name LIKE 'chat_message_fts_%' OR name LIKE 'chat_title_fts_%')"
-        )
-        complete = cursor.fetchone()[0] == _SQLITE_TRIGGERS
-        for statement in _SQLITE_SCHEMA:
-            cursor.execute(statement)
-        if not complete:
-            # Triggers were missing (new index, or a table rebuilt by a
-            # migration): index every row again so the index and the rows agree.
-            for statement in _SQLITE_REINDEX:
-                cursor.execute(statement)
-
-
-def uninstall(conn=None) -> None:
-    conn = conn or default_connection
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            for table in ("breezeweb_message", "breezeweb_conversation"):
-                cursor.execute(f"DROP INDEX IF EXISTS {table}_search_gin")
-                cursor.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS search")
-            return
-        for table in ("chat_message_fts", "chat_title_fts"):
-            for name in ("insert", "delete", "update"):
-                cursor.execute(f"DROP TRIGGER IF EXISTS {table}_{name}")
-            cursor.execute(f"DROP TABLE IF EXISTS {table}")
+install = INDEX.install
+uninstall = INDEX.uninstall

@@ -11,8 +11,8 @@ class RagConfig(AppConfig):
         # on the worker's first use, see rag.worker).
         from django.db.models.signals import post_delete, post_migrate
 
-        from rag import store, worker
-        from rag.models import Collection, Document
+        from rag import lexical, store, worker
+        from rag.models import Chunk, Collection, Document
 
         # A Chroma collection found missing (or recreated empty) is rebuilt
         # from the database's record of its documents.
@@ -20,20 +20,9 @@ class RagConfig(AppConfig):
             store.on_collection_lost.append(worker.rebuild_collection)
         post_delete.connect(_drop_chroma_collection, sender=Collection, dispatch_uid="rag-drop")
         post_delete.connect(_remove_file, sender=Document, dispatch_uid="rag-remove-file")
-        post_migrate.connect(_ensure_keyword_index, sender=self, dispatch_uid="rag-fts")
-
-
-def _ensure_keyword_index(sender, using="default", plan=None, **kwargs) -> None:
-    """After every `migrate`: the keyword index and its triggers exist (SQLite
-    drops a table's triggers when a migration rebuilds the table)."""
-    from django.db import connections
-
-    from rag import lexical
-    from rag.models import Chunk
-
-    conn = connections[using]
-    if Chunk._meta.db_table in conn.introspection.table_names():
-        lexical.install(conn)
+        # After every `migrate`: the keyword index and its triggers exist.
+        receiver = lexical.INDEX.after_migrate(Chunk._meta.db_table)
+        post_migrate.connect(receiver, sender=self, weak=False, dispatch_uid="rag-fts")
 
 
 def _drop_chroma_collection(sender, instance, **kwargs) -> None:

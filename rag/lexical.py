@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 from django.db import connection as default_connection
 
+from core.textindex import TextIndex
+
 FTS_TABLE = "rag_chunk_fts"
 # Shared with chat.search (message and title search), so both indexes read
 # words the same way: FTS5's tokenizer, and PostgreSQL's input with
-# punctuation turned into spaces first (see _POSTGRES_SCHEMA).
+# punctuation turned into spaces first (see INDEX.postgres_schema).
 FTS5_TOKENIZE = "porter unicode61 remove_diacritics 2"
 PG_CONFIG = "english"
 
@@ -202,64 +204,34 @@ def _hit(row, score: float) -> KeywordHit:
 
 # --- schema -------------------------------------------------------------------------
 
-_SQLITE_SCHEMA = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS rag_chunk_fts USING fts5("
-    f"coll, context, text, tokenize = '{FTS5_TOKENIZE}')",
-    "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_insert AFTER INSERT ON rag_chunk BEGIN "
-    "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
-    "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
-    "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_delete AFTER DELETE ON rag_chunk BEGIN "
-    "DELETE FROM rag_chunk_fts WHERE rowid = old.id; END",
-    "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_update AFTER UPDATE ON rag_chunk BEGIN "
-    "DELETE FROM rag_chunk_fts WHERE rowid = old.id; "
-    "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
-    "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
+INDEX = TextIndex(
+    label="keyword index",
+    sqlite_tables=(FTS_TABLE,),
+    sqlite_schema=(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS rag_chunk_fts USING fts5("
+        f"coll, context, text, tokenize = '{FTS5_TOKENIZE}')",
+        "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_insert AFTER INSERT ON rag_chunk BEGIN "
+        "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
+        "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
+        "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_delete AFTER DELETE ON rag_chunk BEGIN "
+        "DELETE FROM rag_chunk_fts WHERE rowid = old.id; END",
+        "CREATE TRIGGER IF NOT EXISTS rag_chunk_fts_update AFTER UPDATE ON rag_chunk BEGIN "
+        "DELETE FROM rag_chunk_fts WHERE rowid = old.id; "
+        "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
+        "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
+    ),
+    sqlite_reindex=(
+        "DELETE FROM rag_chunk_fts",
+        "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
+        "SELECT id, 'c' || collection_id, context, text FROM rag_chunk",
+    ),
+    postgres_tables=("rag_chunk",),
+    postgres_schema=(
+        "ALTER TABLE rag_chunk ADD COLUMN IF NOT EXISTS search tsvector GENERATED ALWAYS AS ("
+        f"setweight(to_tsvector('{PG_CONFIG}', {pg_words('context')}), 'A') || "
+        f"setweight(to_tsvector('{PG_CONFIG}', {pg_words('text')}), 'B')) STORED",
+        "CREATE INDEX IF NOT EXISTS rag_chunk_search_gin ON rag_chunk USING gin (search)",
+    ),
 )
-
-_POSTGRES_SCHEMA = (
-    "ALTER TABLE rag_chunk ADD COLUMN IF NOT EXISTS search tsvector GENERATED ALWAYS AS ("
-    f"setweight(to_tsvector('{PG_CONFIG}', {pg_words('context')}), 'A') || "
-    f"setweight(to_tsvector('{PG_CONFIG}', {pg_words('text')}), 'B')) STORED",
-    "CREATE INDEX IF NOT EXISTS rag_chunk_search_gin ON rag_chunk USING gin (search)",
-)
-
-
-def install(conn=None) -> None:
-    """Create the keyword index for this database if it is missing (idempotent;
-    run by the migration and after every `migrate`, since SQLite rebuilds a
-    table, dropping its triggers, when a later migration alters it)."""
-    conn = conn or default_connection
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            for statement in _POSTGRES_SCHEMA:
-                cursor.execute(statement)
-            return
-        if conn.vendor != "sqlite":
-            raise NotImplementedError(f"no keyword index for {conn.vendor}")
-        cursor.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE %s",
-            ["rag_chunk_fts_%"],
-        )
-        complete = len(cursor.fetchall()) == 3
-        for statement in _SQLITE_SCHEMA:
-            cursor.execute(statement)
-        if not complete:
-            # Triggers were missing (new table, or rebuilt by a migration):
-            # index every row again so the two agree.
-            cursor.execute("DELETE FROM rag_chunk_fts")
-            cursor.execute(
-                "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
-                "SELECT id, 'c' || collection_id, context, text FROM rag_chunk"
-            )
-
-
-def uninstall(conn=None) -> None:
-    conn = conn or default_connection
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            cursor.execute("DROP INDEX IF EXISTS rag_chunk_search_gin")
-            cursor.execute("ALTER TABLE rag_chunk DROP COLUMN IF EXISTS search")
-        else:
-            for name in ("insert", "delete", "update"):
-                cursor.execute(f"DROP TRIGGER IF EXISTS rag_chunk_fts_{name}")
-            cursor.execute("DROP TABLE IF EXISTS rag_chunk_fts")
+install = INDEX.install
+uninstall = INDEX.uninstall

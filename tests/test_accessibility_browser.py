@@ -16,14 +16,12 @@ Saves chat-zh-hant.png and installed-app.png (tests/support/screenshots.py)."""
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import ROOT, Daphne, manage, site_env
+from tests.support.browser import chromium, watched_page
+from tests.support.processes import ROOT, create_user, live_site, manage, site_env
 from tests.support.screenshots import screenshot_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -39,66 +37,16 @@ REFUSED_IMPACTS = {"moderate", "serious", "critical"}
 def site(tmp_path_factory):
     """Daphne with its own database, the bootstrap runners (the local model), a
     staff user `carol` (chat and admin pages) and compiled translations."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("a11y-site")
-    env = site_env(data)
-    if not (Path(env["MODELS_DIR"]) / "model.pte").exists():
-        pytest.fail(f"no prepared model in {env['MODELS_DIR']}", pytrace=False)
-    manage(env, "compile_translations")
-    manage(env, "migrate", "--noinput", "-v0")
-    manage(env, "bootstrap")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User;"
-        f"User.objects.create_superuser('carol', 'carol@example.com', '{PASSWORD}')",
-    )
-    live = Daphne(env, log=data / "daphne.log").start()
-    yield live
-    live.stop()
-    shutil.rmtree(data, ignore_errors=True)
+    manage(site_env(data), "compile_translations")
+    with live_site(data, create_user("carol", PASSWORD, admin=True), local_model=True) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
-
-
-def _watched_page(context):
-    """A page that records console errors, page errors and failed requests."""
-    page = context.new_page()
-    page.problems = []
-    page.on(
-        "console",
-        lambda m: (
-            page.problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
-        ),
-    )
-    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
-    page.on(
-        "response",
-        lambda r: page.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
-    )
-    # A request the browser itself cancels (ERR_ABORTED: the page navigated away
-    # while an icon loaded) is not a failure of the site.
-    page.on(
-        "requestfailed",
-        lambda r: (
-            page.problems.append(f"failed {r.url}: {r.failure}")
-            if "ERR_ABORTED" not in (r.failure or "")
-            else None
-        ),
-    )
-    return page
+    with chromium() as launched:
+        yield launched
 
 
 def _login(page, site, then="#conn-status[data-state=open]") -> None:
@@ -180,7 +128,7 @@ def test_every_page_passes_axe_and_logs_no_error(
 ):
     answered = request.getfixturevalue("answered") if target is None else None
     context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme=scheme)
-    page = _watched_page(context)
+    page = watched_page(context)
     if name == "login":
         page.goto(f"{site.url}/login/")
     else:
@@ -204,7 +152,7 @@ def test_every_page_passes_axe_and_logs_no_error(
 
 def test_the_chinese_chat_passes_axe(site, browser, answered):
     context = browser.new_context(viewport={"width": 1280, "height": 820}, locale="zh-TW")
-    page = _watched_page(context)
+    page = watched_page(context)
     _login(page, site)
     page.goto(answered)
     page.wait_for_selector(".msg-assistant .msg-actions button")
@@ -228,7 +176,7 @@ FOCUS_PROBE = """() => {
 
 def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, answered):
     context = browser.new_context(viewport={"width": 1280, "height": 820})
-    page = _watched_page(context)
+    page = watched_page(context)
     _login(page, site)
     page.goto(answered)
     page.wait_for_selector(".msg-assistant .msg-actions button")
@@ -271,7 +219,7 @@ def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, 
 def test_the_shortcuts_and_their_dialog(site, browser, answered):
     context = browser.new_context(viewport={"width": 1280, "height": 820})
     context.grant_permissions(["clipboard-read", "clipboard-write"])
-    page = _watched_page(context)
+    page = watched_page(context)
     _login(page, site)
     page.goto(answered)
     page.wait_for_selector(".msg-assistant .msg-actions button")
@@ -350,7 +298,7 @@ def test_the_shortcuts_and_their_dialog(site, browser, answered):
 
 def test_reduced_motion_is_respected(site, browser):
     context = browser.new_context(viewport={"width": 400, "height": 800}, reduced_motion="reduce")
-    page = _watched_page(context)
+    page = watched_page(context)
     _login(page, site)
     durations = page.evaluate(
         "() => [getComputedStyle(document.getElementById('sidebar')).transitionDuration]"
@@ -366,7 +314,7 @@ def test_the_chat_in_traditional_chinese_with_a_real_answer(site, browser):
     context = browser.new_context(
         viewport={"width": 1280, "height": 820}, locale="zh-TW", color_scheme="light"
     )
-    page = _watched_page(context)
+    page = watched_page(context)
     page.goto(f"{site.url}/login/")
     assert page.locator("label[for=id_username]").inner_text() == "使用者名稱"
     _login(page, site)
@@ -401,7 +349,7 @@ def test_the_chat_in_traditional_chinese_with_a_real_answer(site, browser):
 
 def test_the_app_is_installable_and_caches_only_its_shell(site, browser, answered):
     context = browser.new_context(viewport={"width": 412, "height": 860}, is_mobile=True)
-    page = _watched_page(context)
+    page = watched_page(context)
     _login(page, site)
     manifest_url = page.get_attribute("link[rel=manifest]", "href")
     with urllib.request.urlopen(f"{site.url}{manifest_url}") as response:

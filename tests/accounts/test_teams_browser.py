@@ -7,13 +7,10 @@ what was used. Answers come from the scripted chat-completions server on
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.browser import chromium
+from tests.support.processes import live_site, manage, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
 
@@ -26,36 +23,18 @@ PASSWORD = "first-admin-passphrase-9"
 @pytest.fixture
 def fresh_site(tmp_path_factory, scripted_server):
     """A site with no account at all, and one runner: the scripted server."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("teams-site")
-    env = site_env(data)
-    manage(env, "migrate", "--noinput", "-v0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from runners.models import RunnerConfig;"
-        "RunnerConfig.objects.create(name='scripted', kind='llamastack',"
-        f" endpoint='{scripted_server.url}', model_id='scripted-model',"
-        " extra_params={'loop_guard': False}, timeout_seconds=10)",
+    setup = remote_runner(
+        scripted_server.url, extra_params={"loop_guard": False}, timeout_seconds=10
     )
-    live = Daphne(env, log=data / "daphne.log").start()
-    yield live
-    live.stop()
-    shutil.rmtree(data, ignore_errors=True)
+    with live_site(data, setup) as live:
+        yield live
 
 
 @pytest.fixture
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def _send(page, text: str) -> None:

@@ -5,13 +5,11 @@ and the steps are still there after a reload."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tests.chat.test_browser import PASSWORD, _login
 from tests.support.browser import chromium as launch_chromium
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
@@ -21,25 +19,16 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def agent_site(tmp_path_factory, _scripted_server_session):
     data = tmp_path_factory.mktemp("agent-site")
-    env = site_env(data, PRELOAD_LOCAL_RUNNERS="false")
-    manage(env, "migrate", "--noinput", "-v0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User;"
-        "from runners.models import RunnerConfig;"
-        "from agents.models import ToolPolicy;"
-        f"User.objects.create_user('alice', password='{PASSWORD}');"
-        "RunnerConfig.objects.create(name='scripted', kind='llamastack', model_id='scripted-model',"
-        f" endpoint='{_scripted_server_session.url}', enable_agents=True, timeout_seconds=20,"
-        " extra_params={'loop_guard': False});"
-        "ToolPolicy.objects.create(tool='current_time', policy='ask')",
+    setup = create_user("alice", PASSWORD) + remote_runner(
+        _scripted_server_session.url,
+        enable_agents=True,
+        timeout_seconds=20,
+        extra_params={"loop_guard": False},
     )
-    live = Daphne(env, log=data / "daphne.log").start()
-    yield live
-    live.stop()
-    shutil.rmtree(data, ignore_errors=True)
+    setup += "from agents.models import ToolPolicy;"
+    setup += "ToolPolicy.objects.create(tool='current_time', policy='ask')"
+    with live_site(data, setup, PRELOAD_LOCAL_RUNNERS="false") as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

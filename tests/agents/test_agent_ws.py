@@ -40,6 +40,28 @@ def ask_for(tool: str) -> None:
     ToolPolicy.objects.create(tool=tool, policy=ToolPolicy.Policy.ASK)
 
 
+async def paused_at_approval(user, scripted_server, *answers: str):
+    """A user's agent turn that calls the calculator, which needs approval:
+    returns the socket and the frames up to the `approval_request` (the last),
+    the answers after the call scripted."""
+    await ask_for("calculator")
+    scripted_server.script(calculator_call())
+    for answer in answers:
+        scripted_server.script(Reply(text=answer))
+    ws = await connect(user)
+    await ws.send_json_to(
+        {
+            "type": "message",
+            "request_id": "r1",
+            "conversation_id": None,
+            "text": "6*7?",
+            "agent": True,
+        }
+    )
+    frames = await frames_until(ws, lambda f: f["type"] == "approval_request")
+    return ws, frames
+
+
 async def test_agent_mode_streams_steps_and_saves_them_with_the_message(user, scripted_server):
     scripted_server.script(calculator_call())
     scripted_server.script(Reply(text="It is 42."))
@@ -103,20 +125,7 @@ async def test_agent_mode_needs_a_runner_with_the_agent_capability(user, agent_r
 
 @pytest.mark.parametrize("approved", [True, False])
 async def test_an_ask_tool_pauses_for_approval(user, scripted_server, approved):
-    await ask_for("calculator")
-    scripted_server.script(calculator_call())
-    scripted_server.script(Reply(text="Answered."))
-    ws = await connect(user)
-    await ws.send_json_to(
-        {
-            "type": "message",
-            "request_id": "r1",
-            "conversation_id": None,
-            "text": "6*7?",
-            "agent": True,
-        }
-    )
-    frames = await frames_until(ws, lambda f: f["type"] == "approval_request")
+    ws, frames = await paused_at_approval(user, scripted_server, "Answered.")
     request = frames[-1]
     assert (request["name"], request["arguments"]) == ("calculator", '{"expression": "6 * 7"}')
     assert request["timeout_s"] > 0
@@ -147,20 +156,7 @@ async def test_an_ask_tool_pauses_for_approval(user, scripted_server, approved):
 
 
 async def test_the_pause_survives_a_reconnect(user, scripted_server):
-    await ask_for("calculator")
-    scripted_server.script(calculator_call())
-    scripted_server.script(Reply(text="After the reload."))
-    ws = await connect(user)
-    await ws.send_json_to(
-        {
-            "type": "message",
-            "request_id": "r1",
-            "conversation_id": None,
-            "text": "6*7?",
-            "agent": True,
-        }
-    )
-    frames = await frames_until(ws, lambda f: f["type"] == "approval_request")
+    ws, frames = await paused_at_approval(user, scripted_server, "After the reload.")
     message_id = of(frames, "accepted")[0]["assistant_message_id"]
     step_id = frames[-1]["step_id"]
     await ws.disconnect()  # a reload: the turn goes on, paused
@@ -183,19 +179,7 @@ async def test_the_pause_survives_a_reconnect(user, scripted_server):
 
 
 async def test_another_user_cannot_approve(user, other_user, scripted_server):
-    await ask_for("calculator")
-    scripted_server.script(calculator_call())
-    ws = await connect(user)
-    await ws.send_json_to(
-        {
-            "type": "message",
-            "request_id": "r1",
-            "conversation_id": None,
-            "text": "6*7?",
-            "agent": True,
-        }
-    )
-    frames = await frames_until(ws, lambda f: f["type"] == "approval_request")
+    ws, frames = await paused_at_approval(user, scripted_server)
     intruder = await connect(other_user)
     await intruder.send_json_to(
         {"type": "approve", "request_id": "a1", "step_id": frames[-1]["step_id"], "approved": True}
@@ -223,19 +207,7 @@ async def test_an_unanswered_approval_times_out_as_denied(user, scripted_server,
 
 
 async def test_stop_while_a_call_waits_cancels_it(user, scripted_server):
-    await ask_for("calculator")
-    scripted_server.script(calculator_call())
-    ws = await connect(user)
-    await ws.send_json_to(
-        {
-            "type": "message",
-            "request_id": "r1",
-            "conversation_id": None,
-            "text": "6*7?",
-            "agent": True,
-        }
-    )
-    frames = await frames_until(ws, lambda f: f["type"] == "approval_request")
+    ws, frames = await paused_at_approval(user, scripted_server)
     await ws.send_json_to({"type": "stop", "request_id": "r1"})
     frames = await frames_until(ws, is_end("r1"))
     done = of(frames, "done")[0]

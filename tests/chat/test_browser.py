@@ -5,16 +5,13 @@ ExecuTorch). Saves screenshots of the main states (see tests/support/screenshots
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.support.browser import chromium
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.processes import Daphne, create_user, live_site, manage
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
 
@@ -30,24 +27,9 @@ XSS = "<img src=x onerror=alert(1)>"
 def site(tmp_path_factory):
     """A Daphne process on a free port with its own SQLite database, the
     bootstrap runner configs (the local ExecuTorch model) and one user."""
-    models = Path(os.environ["MODELS_DIR"])
-    if not (models / "model.pte").exists():
-        pytest.fail(f"no prepared model in {models}: run `manage.py prepare_model`", pytrace=False)
     data = tmp_path_factory.mktemp("browser-site")
-    env = site_env(data)
-    manage(env, "migrate", "--noinput", "-v0")
-    manage(env, "bootstrap")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User;"
-        f"User.objects.create_user('alice', password='{PASSWORD}')",
-    )
-    live = Daphne(env, log=data / "daphne.log").start()
-    yield live
-    live.stop()
-    shutil.rmtree(data, ignore_errors=True)
+    with live_site(data, create_user("alice", PASSWORD), local_model=True) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ tests/support/screenshots.py)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.browser import chromium, watched_page
+from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedServer
 
@@ -34,66 +33,27 @@ def upstream():
 def site(tmp_path_factory, upstream):
     """Daphne on a free port with its own SQLite database, one user and one
     runner (`remote`, the scripted server)."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it", pytrace=False)
     data = tmp_path_factory.mktemp("conversations-site")
-    env = site_env(
+    setup = create_user("alice", PASSWORD) + remote_runner(upstream.url, "remote", priority=10)
+    with live_site(
         data,
+        setup,
         SECRET_KEY="conversations-browser-secret-0123456789-abcdefghij",
         PRELOAD_LOCAL_RUNNERS="false",
-    )
-    manage(env, "migrate", "--noinput", "-v0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User\n"
-        "from runners.models import RunnerConfig\n"
-        f"User.objects.create_user('alice', password='{PASSWORD}')\n"
-        f"RunnerConfig.objects.create(name='remote', kind='llamastack', endpoint='{upstream.url}',"
-        " model_id='scripted-model', priority=10)\n",
-    )
-    live = Daphne(env, log=data / "daphne.log").start()
-    yield live.url
-    live.stop()
-    shutil.rmtree(data, ignore_errors=True)
+    ) as live:
+        yield live.url
 
 
 @pytest.fixture(scope="module")
 def page(site):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        context = browser.new_context(viewport={"width": 1280, "height": 820})
-        page = context.new_page()
-        page.problems = []  # console errors (CSP violations among them), page errors
-        page.on(
-            "console",
-            lambda m: (
-                page.problems.append(f"{m.text} {m.location.get('url', '')}")
-                if m.type == "error" and "favicon.ico" not in m.location.get("url", "")
-                else None
-            ),
-        )
-        page.on("pageerror", lambda e: page.problems.append(str(e)))
-        page.on(
-            "response",
-            lambda r: (
-                page.problems.append(f"{r.status} {r.url}")
-                if r.status >= 400 and not r.url.endswith("/favicon.ico")
-                else None
-            ),
-        )
+    with chromium() as browser:
+        page = watched_page(browser.new_context(viewport={"width": 1280, "height": 820}))
         page.goto(f"{site}/login/")
         page.fill("#id_username", "alice")
         page.fill("#id_password", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_selector("#conn-status[data-state=open]", timeout=30_000)
         yield page
-        browser.close()
 
 
 def _send(page, text: str) -> None:

@@ -9,12 +9,10 @@ admin-runner-dashboard.png."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from tests.support.browser import chromium
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.browser import chromium, watched_page
+from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedServer, free_port
 
@@ -37,49 +35,20 @@ def site(tmp_path_factory, upstream):
     """Daphne on a free port with its own SQLite database, an admin, and two
     runners: `remote` (the scripted server, with an API key) and `dead`."""
     data = tmp_path_factory.mktemp("admin-site")
-    env = site_env(data, METRICS_TOKEN="")
-    manage(env, "migrate", "--noinput", "-v0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User\n"
-        "from runners.models import RunnerConfig\n"
-        f"User.objects.create_superuser('admin', 'a@example.com', '{PASSWORD}')\n"
-        f"c = RunnerConfig(name='remote', kind='llamastack', endpoint='{upstream.url}',"
-        " model_id='scripted-model', priority=10, enable_vision=True)\n"
-        f"c.api_key = '{API_KEY}'\n"
-        "c.save()\n"
-        f"RunnerConfig.objects.create(name='dead', kind='llamastack',"
-        f" endpoint='http://127.0.0.1:{free_port()}', model_id='m', priority=1)\n",
-    )
-    daphne = Daphne(env, log=data / "daphne.log").start()
-    yield daphne.url
-    daphne.stop()
-    daphne_log = daphne.log.read_text(errors="replace")
-    shutil.rmtree(data, ignore_errors=True)
-    assert API_KEY not in daphne_log
+    setup = create_user("admin", PASSWORD, admin=True)
+    setup += remote_runner(upstream.url, "remote", priority=10, enable_vision=True)
+    setup += f"c = RunnerConfig.objects.get(name='remote');c.api_key = '{API_KEY}';c.save()\n"
+    setup += remote_runner(f"http://127.0.0.1:{free_port()}", "dead", model_id="m", priority=1)
+    with live_site(data, setup, METRICS_TOKEN="") as daphne:
+        yield daphne.url
+    assert API_KEY not in daphne.final_log
 
 
 @pytest.fixture(scope="module")
 def page(site):
     with chromium() as browser:
         context = browser.new_context(viewport={"width": 1600, "height": 800})
-        page = context.new_page()
-        page.problems = []  # console errors, CSP violations, page errors
-        page.on(
-            "console",
-            lambda m: (
-                page.problems.append(f"{m.text} {m.location.get('url', '')}")
-                if m.type in ("error", "warning")
-                else None
-            ),
-        )
-        page.on("pageerror", lambda e: page.problems.append(str(e)))
-        page.on(
-            "response",
-            lambda r: page.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
-        )
+        page = watched_page(context, console=("error", "warning"))
         page.goto(f"{site}/admin/login/")
         page.fill("#id_username", "admin")
         page.fill("#id_password", PASSWORD)

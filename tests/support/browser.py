@@ -3,6 +3,8 @@ offline here: never a downloaded browser, no background network.
 
 - `chromium()`: the browser (Playwright, headless); a missing Chromium fails
   the test with how to install it.
+- `watched_page(context)`: a page that records console errors, page errors
+  and failed requests in `page.problems`.
 - `static_page()`: a page at `ORIGIN` whose scripts are the checkout's
   static/ files, served by Playwright under a strict CSP like the site's: for
   testing the front-end modules without a server.
@@ -51,6 +53,38 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def watched_page(context, console: tuple[str, ...] = ("error",)):
+    """A new page of `context` that records in `page.problems` what a clean
+    page never shows: console messages of the `console` types (CSP violations
+    among them), page errors, responses of 400 and over and failed requests."""
+    page = context.new_page()
+    page.problems = []
+    page.on(
+        "console",
+        lambda m: (
+            page.problems.append(f"console {m.type}: {m.text} {m.location.get('url', '')}")
+            if m.type in console
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+    page.on(
+        "response",
+        lambda r: page.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+    )
+    # A request the browser itself cancels (ERR_ABORTED: the page navigated away
+    # while an icon loaded) is not a failure of the site.
+    page.on(
+        "requestfailed",
+        lambda r: (
+            page.problems.append(f"failed {r.url}: {r.failure}")
+            if "ERR_ABORTED" not in (r.failure or "")
+            else None
+        ),
+    )
+    return page
 
 
 def _serve_static(route) -> None:

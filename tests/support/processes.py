@@ -11,13 +11,17 @@ and uploads in `data_dir`), as the browser tests and the benchmarks use.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.scripted_server import free_port
 
@@ -126,6 +130,54 @@ class Daphne(Process):
         self.popen.kill()
         self.popen.wait(timeout=15)
         self.start()
+
+
+def create_user(username: str, password: str, *, admin: bool = False) -> str:
+    """Python for `live_site(setup=...)` that creates an account."""
+    if admin:
+        return (
+            "from django.contrib.auth.models import User;"
+            f"User.objects.create_superuser({username!r}, '{username}@example.com', {password!r})\n"
+        )
+    return (
+        "from django.contrib.auth.models import User;"
+        f"User.objects.create_user({username!r}, password={password!r})\n"
+    )
+
+
+def remote_runner(endpoint: str, name: str = "scripted", **fields: object) -> str:
+    """Python for `live_site(setup=...)` that adds a Llama Stack runner config
+    answering from `endpoint` (the scripted server, usually)."""
+    values = {"name": name, "kind": "llamastack", "endpoint": endpoint}
+    values |= {"model_id": "scripted-model", **fields}
+    arguments = ", ".join(f"{key}={value!r}" for key, value in values.items())
+    return f"from runners.models import RunnerConfig;RunnerConfig.objects.create({arguments})\n"
+
+
+@contextmanager
+def live_site(
+    data: Path, setup: str = "", *, local_model: bool = False, **settings: str
+) -> Iterator[Daphne]:
+    """A whole site of its own in `data` (SQLite, embedded Chroma, uploads),
+    served by Daphne: migrated, with the bootstrap runner configs (the local
+    model, which must be prepared) when `local_model`, then `setup` run in
+    `manage.py shell`. Stopped and removed after; its log's text is kept in
+    the Daphne's `final_log`."""
+    env = site_env(data, **settings)
+    if local_model and not (Path(env["MODELS_DIR"]) / "model.pte").exists():
+        pytest.fail(f"no prepared model in {env['MODELS_DIR']}: run `manage.py prepare_model`")
+    manage(env, "migrate", "--noinput", "-v0")
+    if local_model:
+        manage(env, "bootstrap")
+    if setup:
+        manage(env, "shell", "-c", setup)
+    live = Daphne(env, log=data / "daphne.log").start()
+    try:
+        yield live
+    finally:
+        live.stop()
+        live.final_log = live.log.read_text(errors="replace") if live.log.exists() else ""
+        shutil.rmtree(data, ignore_errors=True)
 
 
 class Upstream:
