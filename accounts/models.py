@@ -11,6 +11,8 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from core.fields import optional_link
+
 
 def _hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
@@ -115,26 +117,20 @@ class Quota(models.Model):
         DAY = "day", "per day"
         MONTH = "month", "per month"
 
-    user = models.ForeignKey(
+    user = optional_link(
         settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
         on_delete=models.CASCADE,
         related_name="quotas",
         help_text="This user's own budget. Set a user or a group, not both.",
     )
-    group = models.ForeignKey(
+    group = optional_link(
         "auth.Group",
-        null=True,
-        blank=True,
         on_delete=models.CASCADE,
         related_name="quotas",
         help_text="One budget shared by the group's members together.",
     )
-    runner = models.ForeignKey(
+    runner = optional_link(
         "runners.RunnerConfig",
-        null=True,
-        blank=True,
         on_delete=models.CASCADE,
         related_name="quotas",
         help_text="Only turns answered by this runner count, and only it is refused when "

@@ -9,38 +9,69 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import zoneinfo
-from typing import Any
+from typing import Annotated
 from urllib.parse import urljoin, urlsplit
 
 from django.conf import settings as django_settings
 
 from channels.db import database_sync_to_async
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from agents import limits
 from agents.calculator import CalculatorError, evaluate, format_number
 from agents.models import AgentSettings
-from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput
+from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput, builtin
 
 SEARCH_RESULTS = 5
 SEARCH_BUDGET_TOKENS = 1200
 
 
-def _string(args: dict[str, Any], name: str, *, required: bool = True) -> str:
-    value = args.get(name)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise ToolFailed(f"`{name}` must be a non-empty string.")
+# The arguments of each tool: what the model is shown (the JSON Schema is
+# generated from these) and what `run` receives, checked.
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("Input should not be empty")
     return value
 
 
-def _integer(args: dict[str, Any], name: str, *, required: bool = True) -> int | None:
-    value = args.get(name)
-    if value is None and not required:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**63 - 1:
-        raise ToolFailed(f"`{name}` must be a positive integer.")
+Text = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+
+
+def _fits_64_bits(value: int) -> int:
+    if value > 2**63 - 1:
+        raise ValueError("Input should be less than 2**63")
     return value
+
+
+Id = Annotated[int, Field(ge=1), AfterValidator(_fits_64_bits)]
+
+
+class _Arguments(BaseModel):
+    model_config = ConfigDict(strict=True)  # "1" is not an id, 1.0 is not a page
+
+
+class SearchArguments(_Arguments):
+    query: Text = Field(description="What to look for.")
+
+
+class ReadArguments(_Arguments):
+    document_id: Id
+    page: Id | SkipJsonSchema[None] = Field(None, description="1-based; omit for the whole text.")
+
+
+class CalculatorArguments(_Arguments):
+    expression: Text = Field(description="e.g. (17 * 23) / 4")
+
+
+class TimeArguments(_Arguments):
+    timezone: str | SkipJsonSchema[None] = Field(None, description="e.g. Europe/Paris")
+
+
+class FetchArguments(_Arguments):
+    url: Text
 
 
 # ---- search my documents ---------------------------------------------------------------------
@@ -68,10 +99,9 @@ def _search(user, query: str, collection_ids: tuple[int, ...], first_number: int
     return ToolOutput("\n".join(lines), tuple(s.as_dict() for s in found.sources))
 
 
-async def search_documents(args: dict[str, Any], context: ToolContext) -> ToolOutput:
-    query = _string(args, "query")
+async def search_documents(args: SearchArguments, context: ToolContext) -> ToolOutput:
     return await database_sync_to_async(_search, thread_sensitive=False)(
-        context.user, query, context.collection_ids, len(context.sources) + 1
+        context.user, args.query, context.collection_ids, len(context.sources) + 1
     )
 
 
@@ -108,19 +138,17 @@ def _read(user, document_id: int, page: int | None) -> ToolOutput:
     return ToolOutput(f"{document.title}{where}:\n{body}")
 
 
-async def read_document(args: dict[str, Any], context: ToolContext) -> ToolOutput:
-    document_id = _integer(args, "document_id")
-    page = _integer(args, "page", required=False)
+async def read_document(args: ReadArguments, context: ToolContext) -> ToolOutput:
     return await database_sync_to_async(_read, thread_sensitive=False)(
-        context.user, document_id, page
+        context.user, args.document_id, args.page
     )
 
 
 # ---- calculator ------------------------------------------------------------------------------
 
 
-async def calculator(args: dict[str, Any], context: ToolContext) -> ToolOutput:
-    expression = _string(args, "expression")
+async def calculator(args: CalculatorArguments, context: ToolContext) -> ToolOutput:
+    expression = args.expression
     try:
         value = evaluate(expression)
     except CalculatorError as exc:
@@ -141,8 +169,8 @@ def zone(name: str) -> zoneinfo.ZoneInfo | None:
         return None
 
 
-async def current_time(args: dict[str, Any], context: ToolContext) -> ToolOutput:
-    asked = _string(args, "timezone", required=False)
+async def current_time(args: TimeArguments, context: ToolContext) -> ToolOutput:
+    asked = args.timezone or ""
     tz = zone(asked) if asked else None
     if asked and tz is None:
         raise ToolFailed(f"Unknown time zone {asked[:64]!r}; use an IANA name like Europe/Paris.")
@@ -182,13 +210,13 @@ def _checked_url(url: str, allowed: list[str]) -> str:
     return url
 
 
-async def fetch_url(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+async def fetch_url(args: FetchArguments, context: ToolContext) -> ToolOutput:
     import httpx
 
     from rag.parsing import html_to_text
 
     conf = context.settings
-    url = _checked_url(_string(args, "url"), conf.allowed_hosts)
+    url = _checked_url(args.url, conf.allowed_hosts)
     timeout = httpx.Timeout(conf.fetch_timeout_seconds)
     async with httpx.AsyncClient(
         timeout=timeout, follow_redirects=False, trust_env=False
@@ -235,57 +263,35 @@ async def fetch_url(args: dict[str, Any], context: ToolContext) -> ToolOutput:
 
 # ---- the list --------------------------------------------------------------------------------
 
-SEARCH = Tool(
+SEARCH = builtin(
     "search_documents",
     "Search the user's uploaded documents. Returns numbered passages with their document id "
     "and page; cite them by number.",
-    {
-        "type": "object",
-        "properties": {"query": {"type": "string", "description": "What to look for."}},
-        "required": ["query"],
-    },
+    SearchArguments,
     search_documents,
 )
-READ = Tool(
+READ = builtin(
     "read_document",
     "Read one of the user's documents (by the id search_documents gives), one page at a time.",
-    {
-        "type": "object",
-        "properties": {
-            "document_id": {"type": "integer"},
-            "page": {"type": "integer", "description": "1-based page; omit for the whole text."},
-        },
-        "required": ["document_id"],
-    },
+    ReadArguments,
     read_document,
 )
-CALCULATOR = Tool(
+CALCULATOR = builtin(
     "calculator",
     "Evaluate an arithmetic expression exactly: + - * / // % ** ( ), sqrt, log, sin, pi...",
-    {
-        "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. (17 * 23) / 4"}},
-        "required": ["expression"],
-    },
+    CalculatorArguments,
     calculator,
 )
-CURRENT_TIME = Tool(
+CURRENT_TIME = builtin(
     "current_time",
     "The current date and time in the user's time zone (or another IANA zone).",
-    {
-        "type": "object",
-        "properties": {"timezone": {"type": "string", "description": "e.g. Europe/Paris"}},
-    },
+    TimeArguments,
     current_time,
 )
-FETCH_URL = Tool(
+FETCH_URL = builtin(
     "fetch_url",
     "Read a web page (text only) from a host the administrator allows.",
-    {
-        "type": "object",
-        "properties": {"url": {"type": "string"}},
-        "required": ["url"],
-    },
+    FetchArguments,
     fetch_url,
 )
 

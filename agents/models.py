@@ -15,6 +15,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, URLVali
 from django.db import models
 
 from agents import limits
+from core.fields import optional_link
 from runners import crypto
 
 
@@ -179,10 +180,8 @@ class ToolPolicy(models.Model):
         ASK = "ask"
         DENY = "deny"
 
-    server = models.ForeignKey(
+    server = optional_link(
         McpServer,
-        null=True,
-        blank=True,
         on_delete=models.CASCADE,
         related_name="policies",
         help_text="Empty for a built-in tool.",

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from agents.models import AgentSettings, ToolPolicy
 
 
@@ -124,3 +126,35 @@ async def available_tools(context: ToolContext, *, interactive: bool = True) -> 
     if not interactive:
         allowed = [t for t in allowed if t.policy != ToolPolicy.Policy.ASK]
     return {t.name: t for t in allowed}
+
+
+def _untitled(schema: Any) -> Any:
+    """A JSON Schema without pydantic's `title`s (noise in the model's prompt)."""
+    if isinstance(schema, dict):
+        return {k: _untitled(v) for k, v in schema.items() if k != "title"}
+    if isinstance(schema, list):
+        return [_untitled(v) for v in schema]
+    return schema
+
+
+def builtin[A: BaseModel](
+    name: str,
+    description: str,
+    arguments: type[A],
+    run: Callable[[A, ToolContext], Awaitable[ToolOutput]],
+) -> Tool:
+    """A built-in tool whose arguments are the pydantic model `arguments`:
+    the schema the model is shown is generated from it, and `run` gets the
+    validated model (arguments that do not fit are a `ToolFailed` the model
+    is told, naming the argument)."""
+
+    async def checked(args: dict[str, Any], context: ToolContext) -> ToolOutput:
+        try:
+            parsed = arguments.model_validate(args)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "arguments"
+            raise ToolFailed(f"`{where}`: {error['msg']}.") from None
+        return await run(parsed, context)
+
+    return Tool(name, description, _untitled(arguments.model_json_schema()), checked)

@@ -7,7 +7,15 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from chat import limits
+from core.fields import optional_link
 from runners.base import SAMPLING_BOUNDS
+
+
+def _sampling_field(name: str) -> models.FloatField:
+    """An optional sampling parameter, within the bounds every runner accepts."""
+    low, high = SAMPLING_BOUNDS[name][1:3]
+    validators = [MinValueValidator(low), MaxValueValidator(high)]
+    return models.FloatField(null=True, blank=True, validators=validators)
 
 
 class Project(models.Model):
@@ -26,10 +34,8 @@ class Project(models.Model):
         max_length=limits.MAX_INSTRUCTIONS_CHARS,
         help_text="A system prompt given to the model before every turn of its conversations.",
     )
-    runner = models.ForeignKey(
+    runner = optional_link(
         "runners.RunnerConfig",
-        null=True,
-        blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
         help_text="New chats answer with this runner; empty means the router chooses.",
@@ -41,22 +47,8 @@ class Project(models.Model):
         related_name="+",
         help_text="The documents new chats search (default: all the user may read).",
     )
-    temperature = models.FloatField(
-        null=True,
-        blank=True,
-        validators=[
-            MinValueValidator(SAMPLING_BOUNDS["temperature"][1]),
-            MaxValueValidator(SAMPLING_BOUNDS["temperature"][2]),
-        ],
-    )
-    top_p = models.FloatField(
-        null=True,
-        blank=True,
-        validators=[
-            MinValueValidator(SAMPLING_BOUNDS["top_p"][1]),
-            MaxValueValidator(SAMPLING_BOUNDS["top_p"][2]),
-        ],
-    )
+    temperature = _sampling_field("temperature")
+    top_p = _sampling_field("top_p")
     max_tokens = models.PositiveIntegerField(
         null=True, blank=True, validators=[MaxValueValidator(limits.MAX_TOKENS)]
     )
@@ -76,29 +68,23 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, default="New chat")
-    pinned_runner = models.ForeignKey(
+    pinned_runner = optional_link(
         "runners.RunnerConfig",
-        null=True,
-        blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
         help_text="Answer with this runner only; empty means the router chooses.",
     )
     rag_enabled = models.BooleanField(default=False)
     collections = models.ManyToManyField("rag.Collection", blank=True, related_name="+")
-    project = models.ForeignKey(
+    project = optional_link(
         Project,
-        null=True,
-        blank=True,
         on_delete=models.SET_NULL,
         related_name="conversations",
         help_text="Deleting a project keeps its conversations, outside any project.",
     )
     pinned = models.BooleanField(default=False, help_text="Listed first.")
-    active_leaf = models.ForeignKey(
+    active_leaf = optional_link(
         "Message",
-        null=True,
-        blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
         help_text="The last message of the branch shown and answered (the active path ends here).",
@@ -134,10 +120,8 @@ class Message(models.Model):
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
-    parent = models.ForeignKey(
+    parent = optional_link(
         "self",
-        null=True,
-        blank=True,
         on_delete=models.CASCADE,
         related_name="children",
         help_text="The message this one follows; siblings (same parent) are branches.",

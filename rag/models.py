@@ -9,6 +9,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Exists, OuterRef, Q
 
+from core.fields import optional_link
+
 
 class CollectionQuerySet(models.QuerySet["Collection"]):
     def readable_by(self, user) -> CollectionQuerySet:
@@ -31,10 +33,8 @@ class SearchMode(models.TextChoices):
 
 class Collection(models.Model):
     name = models.CharField(max_length=200)
-    owner = models.ForeignKey(
+    owner = optional_link(
         settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
         on_delete=models.CASCADE,
         related_name="collections",
         help_text="Empty for a shared collection managed by admins.",

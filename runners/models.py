@@ -10,6 +10,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, URLVali
 from django.db import models
 from django.db.models import Exists, OuterRef
 
+from core.fields import optional_link
 from runners import crypto
 from runners.registry import KIND_CHOICES, RUNNER_KINDS, runner_class
 
@@ -168,18 +169,14 @@ class RunRecord(models.Model):
     )
     # Whose turn it was, for usage accounting and quotas (docs/teams.md). Lazy
     # references, database links only: runners imports neither app.
-    user = models.ForeignKey(
+    user = optional_link(
         settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
         on_delete=models.SET_NULL,
         related_name="run_records",
         help_text="Whose turn it was; empty for the admin's test prompt.",
     )
-    api_key = models.ForeignKey(
+    api_key = optional_link(
         "accounts.ApiKey",
-        null=True,
-        blank=True,
         on_delete=models.SET_NULL,
         related_name="run_records",
         help_text="The API key the turn came with; empty for the browser's session.",

@@ -196,7 +196,7 @@ def test_search_and_read_see_only_the_users_documents(user, other_user):
     assert "No passage" in run(builtin.SEARCH, {"query": "Aldermoor lighthouse"}, theirs).text
     with pytest.raises(ToolFailed, match="not found"):
         run(builtin.READ, {"document_id": document.pk}, theirs)
-    with pytest.raises(ToolFailed, match="positive integer"):
+    with pytest.raises(ToolFailed, match="`document_id`: Input should be a valid integer"):
         run(builtin.READ, {"document_id": "1"}, mine)
 
 
