@@ -11,6 +11,10 @@ PORT ?= 8000
 DAPHNE_ARGS ?= --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+# The main pass runs in this many pytest-xdist workers, a test file per worker
+# at a time (module fixtures such as a browser test's site start once); the
+# scale-out pass shares one PostgreSQL database and one Redis, so it runs alone.
+PYTEST_WORKERS ?= 2
 
 # A Python >= 3.12: $(PYTHON) if set, else python3.12 / python3.13 when they
 # actually run (a pyenv shim may exist and still fail), else pyenv's 3.12.
@@ -81,7 +85,7 @@ test: setup chromium
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 	$(VPY) manage.py makemigrations --check --dry-run
-	BREEZEWEB_REQUIRE_MODEL=1 $(VPY) -m pytest $(PYTEST_ARGS)
+	BREEZEWEB_REQUIRE_MODEL=1 $(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	@echo "== scale-out pass: the database and channel-layer tests on PostgreSQL + Redis"
 	BREEZEWEB_SCALEOUT_PASS=1 DATABASE_URL="$(TEST_DATABASE_URL)" REDIS_URL="$(TEST_REDIS_URL)" \
 	  $(VPY) -m pytest -m scaleout $(PYTEST_ARGS)

@@ -31,6 +31,7 @@ Runs in a throw-away DATA_DIR (embedded Chroma, SQLite).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import runpy
 import statistics
@@ -231,6 +232,22 @@ def main() -> None:
     assert not unanswerable, f"no single chunk holds the answer: {unanswerable}"
     chosen = readable_collections(alice, [mine.pk])
     table = evaluate(chosen, alice, embedder)
+    # The same questions with the keyword side answered by the top-k index in
+    # memory (the default for collections of RAG_TOPK_MIN_CHUNKS and more).
+    from django.conf import settings as django_settings
+
+    from rag import topk
+
+    default_min = django_settings.RAG_TOPK_MIN_CHUNKS
+    django_settings.RAG_TOPK_MIN_CHUNKS = 1
+    topk.build_inline = True
+    answered = topk.answered
+    for label, ranks in evaluate(chosen, alice, embedder).items():
+        if label != "vector":
+            table[f"{label} (top-k index)"] = ranks
+    assert topk.answered > answered, "the top-k index did not answer"
+    topk.build_inline = False
+    django_settings.RAG_TOPK_MIN_CHUNKS = default_min
     print(f"\n### Retrieval quality ({embedder.backend} embeddings)\n")
     print_table(table)
     for label in ("vector", "hybrid+rerank"):
@@ -309,7 +326,11 @@ def main() -> None:
     if args.skip_latency:
         return
     # ---- latency at size, access control on --------------------------------------
-    from rag import lexical  # noqa: F401 - the index is installed by migrate
+    from django.conf import settings
+
+    from rag import lexical, topk
+
+    TOPK_DEFAULT = settings.RAG_TOPK_MIN_CHUNKS
 
     bobs = Collection.personal_for(bob)
     shared = Collection.objects.create(name="Shared", shared=True)
@@ -362,9 +383,20 @@ def main() -> None:
             f"\n### {total} chunks ({Chunk.objects.count()} keyword rows), built in "
             f"{time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f}\n"
         )
-        print("| mode | search p50 ms | search p95 ms | R@5 at this size |")
-        print("|---|---|---|---|")
-        for label, mode, rerank in MODE_RUNS:
+        # The keyword side two ways, same rows: FTS5 alone, and the top-k
+        # index in memory that the default gives collections this large.
+        for coll, _, _ in layout:
+            settings.RAG_TOPK_MIN_CHUNKS = TOPK_DEFAULT
+            lexical.search(coll.pk, "warm", 1)  # starts a build where the default wants one
+        started = time.perf_counter()
+        topk.wait_for_builds()
+        print(f"top-k indexes built in {time.perf_counter() - started:.1f} s\n")
+        print("| keyword index | mode | search p50 ms | search p95 ms | R@5 at this size |")
+        print("|---|---|---|---|---|")
+        for (label, mode, rerank), backend in itertools.product(MODE_RUNS, ("FTS5", "default")):
+            if mode == "vector" and backend == "FTS5":
+                continue
+            settings.RAG_TOPK_MIN_CHUNKS = 0 if backend == "FTS5" else TOPK_DEFAULT
             chosen = readable_collections(alice, None)
             for v, q in zip(query_vectors[:10], queries[:10], strict=True):
                 search(chosen, v, k=5, query=q, mode=mode, rerank_override=rerank)  # warm-up
@@ -386,9 +418,10 @@ def main() -> None:
                 )  # fmt: skip
                 hits += any(relevant(q, c.title, c.text) for c in found)
             print(
-                f"| {label} | {statistics.median(ms):.2f} | {percentile(ms, 95):.2f} | "
+                f"| {backend} | {label} | {statistics.median(ms):.2f} | {percentile(ms, 95):.2f} | "
                 f"{hits}/{len(QUESTIONS)} |"
             )
+        settings.RAG_TOPK_MIN_CHUNKS = TOPK_DEFAULT
         ms = []
         for i in range(min(args.queries, 100)):
             t = time.perf_counter()

@@ -229,6 +229,10 @@ if RAG_INGEST_WORKER not in ("", "thread", "channels"):
 # An ingestion run that shows no sign of life (heartbeat) for this long is dead
 # (crashed worker, thread or process): the watchdog re-queues or fails it.
 RAG_INGEST_STALL_SECONDS = _int("RAG_INGEST_STALL_SECONDS", 60, minimum=1)
+# On SQLite, a collection of at least this many chunks gets a top-k keyword
+# index in memory (rag.topk); smaller ones, and PostgreSQL, use the database's
+# full-text index alone. 0 turns the memory index off.
+RAG_TOPK_MIN_CHUNKS = _int("RAG_TOPK_MIN_CHUNKS", 10_000, minimum=0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024  # JSON bodies (images as data URLs)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024  # larger uploads stream to a temp file
 MEDIA_ROOT = DATA_DIR / "uploads"

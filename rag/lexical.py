@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from django.db import connection as default_connection
 
 from core.textindex import TextIndex
+from rag import topk
 
 FTS_TABLE = "rag_chunk_fts"
 # Shared with chat.search (message and title search), so both indexes read
@@ -149,6 +150,19 @@ def _fts5_match(collection_id: int, terms: list[str], phrases: list[list[str]]) 
     return f'coll : "c{int(collection_id)}" AND ({" OR ".join(clauses)})'
 
 
+def _fts5_best(cursor, collection_id: int, terms, phrases, limit: int) -> dict[int, float]:
+    """{chunk pk: BM25 score} of the best `limit` chunks, by FTS5."""
+    terms, phrases = _selective(cursor, terms, phrases)
+    # The best ids first, then their rows: joining before the LIMIT would
+    # read the text of every match (1.4-1.7x slower at 100k).
+    cursor.execute(
+        "SELECT rowid, -bm25(rag_chunk_fts, 0.0, 1.0, 1.0) FROM rag_chunk_fts "
+        "WHERE rag_chunk_fts MATCH %s ORDER BY bm25(rag_chunk_fts, 0.0, 1.0, 1.0) LIMIT %s",
+        [_fts5_match(collection_id, terms, phrases), int(limit)],
+    )
+    return dict(cursor.fetchall())
+
+
 def search(collection_id: int, query: str, limit: int, *, using=None) -> list[KeywordHit]:
     """The best `limit` chunks of one (already access-checked) collection."""
     terms, phrases = query_terms(query)
@@ -165,15 +179,11 @@ def search(collection_id: int, query: str, limit: int, *, using=None) -> list[Ke
                 [" | ".join(terms), int(collection_id), int(limit)],
             )
         else:
-            terms, phrases = _selective(cursor, terms, phrases)
-            # The best ids first, then their rows: joining before the LIMIT
-            # would read the text of every match (1.4-1.7x slower at 100k).
-            cursor.execute(
-                "SELECT rowid, -bm25(rag_chunk_fts, 0.0, 1.0, 1.0) FROM rag_chunk_fts "
-                "WHERE rag_chunk_fts MATCH %s ORDER BY bm25(rag_chunk_fts, 0.0, 1.0, 1.0) LIMIT %s",
-                [_fts5_match(collection_id, terms, phrases), int(limit)],
-            )
-            scores = dict(cursor.fetchall())
+            # A large collection's top-k index in memory when it is current
+            # (rag.topk), else FTS5.
+            scores = topk.search(cursor, collection_id, query, limit)
+            if scores is None:
+                scores = _fts5_best(cursor, collection_id, terms, phrases, limit)
             if not scores:
                 return []
             cursor.execute(
@@ -206,7 +216,8 @@ def _hit(row, score: float) -> KeywordHit:
 
 INDEX = TextIndex(
     label="keyword index",
-    sqlite_tables=(FTS_TABLE,),
+    # rag_chunk_generation: what rag.topk checks its indexes against.
+    sqlite_tables=(FTS_TABLE, topk.GENERATION_TABLE),
     sqlite_schema=(
         "CREATE VIRTUAL TABLE IF NOT EXISTS rag_chunk_fts USING fts5("
         f"coll, context, text, tokenize = '{FTS5_TOKENIZE}')",
@@ -219,11 +230,13 @@ INDEX = TextIndex(
         "DELETE FROM rag_chunk_fts WHERE rowid = old.id; "
         "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
         "VALUES (new.id, 'c' || new.collection_id, new.context, new.text); END",
+        *topk.SQLITE_SCHEMA,
     ),
     sqlite_reindex=(
         "DELETE FROM rag_chunk_fts",
         "INSERT INTO rag_chunk_fts(rowid, coll, context, text) "
         "SELECT id, 'c' || collection_id, context, text FROM rag_chunk",
+        *topk.SQLITE_RECOUNT,
     ),
     postgres_tables=("rag_chunk",),
     postgres_schema=(

@@ -67,7 +67,9 @@ def test_the_list_shows_prefix_created_and_last_used(browser, user):
     assert "never" not in page
 
 
-def test_the_list_speaks_traditional_chinese_with_taiwanese_dates(browser, user):
+def test_the_list_speaks_traditional_chinese_with_taiwanese_dates(
+    browser, user, compiled_translations
+):
     key, _ = ApiKey.issue(user, "ci")
     page = browser.get(PAGE, HTTP_ACCEPT_LANGUAGE="zh-TW,zh;q=0.9").content.decode()
     assert '<html lang="zh-hant"' in page

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rag import store, worker
+from rag import store, topk, worker
 from rag.embeddings import get_embedder, index_version
 from rag.ingestion import ingest_document
 from rag.models import Chunk, Collection, Document
@@ -111,6 +111,28 @@ def _isolation(settings, vector_store):
         store.reset_client()
 
 
+@pytest.fixture(params=["fts5", "topk"])
+def keyword_index(request, settings):
+    """Both ways the embedded default answers keyword queries: FTS5 alone, and
+    the top-k index in memory (rag.topk) built for every collection, checked
+    to have answered. PostgreSQL has only its own index."""
+    if request.param == "fts5":
+        yield request.param
+        return
+    if SCALEOUT_PASS:
+        pytest.skip("the top-k index in memory is for SQLite only")
+    settings.RAG_TOPK_MIN_CHUNKS = 1
+    topk.forget()
+    topk.build_inline = True
+    before = topk.answered
+    try:
+        yield request.param
+    finally:
+        topk.build_inline = False
+        topk.forget()
+    assert topk.answered > before
+
+
 def _titles(context) -> list[str]:
     return [s.title for s in context.sources]
 
@@ -121,7 +143,7 @@ def _keyword_rows(document) -> int:
 
 @pytest.mark.django_db
 @pytest.mark.scaleout
-def test_hybrid_finds_an_exact_identifier_that_vector_search_misses(user):
+def test_hybrid_finds_an_exact_identifier_that_vector_search_misses(user, keyword_index):
     assert (store.check_health()["mode"] == "server") == SCALEOUT_PASS
     add_and_ingest(user, "manual.md", MANUAL.encode())
     question = "What does fault E-41072 mean?"
@@ -134,7 +156,7 @@ def test_hybrid_finds_an_exact_identifier_that_vector_search_misses(user):
 
 @pytest.mark.django_db
 @pytest.mark.scaleout
-def test_a_keyword_only_and_a_meaning_only_question_both_succeed(user):
+def test_a_keyword_only_and_a_meaning_only_question_both_succeed(user, keyword_index):
     add_and_ingest(user, "aldermoor.md", LIGHTHOUSE.encode())
     add_and_ingest(user, "manual.md", MANUAL.encode())
     # Keyword-only: a name, nothing to mean.
@@ -151,7 +173,7 @@ def test_a_keyword_only_and_a_meaning_only_question_both_succeed(user):
 
 @pytest.mark.django_db
 @pytest.mark.scaleout
-def test_title_and_section_are_indexed_but_not_shown(user):
+def test_title_and_section_are_indexed_but_not_shown(user, keyword_index):
     document = add_and_ingest(user, "orchard-handbook-v2.md", docs.MARKDOWN_NOTE.encode())
     row = Chunk.objects.filter(document=document).first()
     assert row.context.startswith("orchard-handbook-v2.md")
@@ -163,7 +185,7 @@ def test_title_and_section_are_indexed_but_not_shown(user):
 
 @pytest.mark.django_db
 @pytest.mark.scaleout
-def test_delete_removes_the_document_from_both_indexes(user):
+def test_delete_removes_the_document_from_both_indexes(user, keyword_index):
     keep = add_and_ingest(user, "aldermoor.md", LIGHTHOUSE.encode())
     gone = add_and_ingest(user, "manual.md", MANUAL.encode())
     assert _keyword_rows(gone) == gone.chunk_count > 0
@@ -195,7 +217,7 @@ def test_a_delete_that_fails_in_the_vector_store_removes_nothing(user, monkeypat
 
 @pytest.mark.django_db
 @pytest.mark.scaleout
-def test_reingest_swaps_generations_in_both_indexes_with_no_stale_hits(user):
+def test_reingest_swaps_generations_in_both_indexes_with_no_stale_hits(user, keyword_index):
     document = add_and_ingest(user, "manual.md", MANUAL.encode())
     old = document.live_generation
     chroma = document.collection.chroma_name
@@ -265,7 +287,7 @@ def test_a_failed_ingestion_leaves_nothing_in_either_index(user):
 
 @pytest.mark.django_db
 @pytest.mark.scaleout
-def test_access_control_holds_in_both_indexes(user, other_user):
+def test_access_control_holds_in_both_indexes(user, other_user, keyword_index):
     add_and_ingest(other_user, "secret.md", b"# Bob\n\nThe vault code is ZEBRAQUILL 5512.\n")
     add_and_ingest(user, "aldermoor.md", LIGHTHOUSE.encode())
     bobs = Collection.personal_for(other_user)

@@ -42,9 +42,15 @@ os.environ[ENV_MARKER] = str(DATA_DIR)
 os.environ["BREEZEWEB_ENV_FILE"] = "/nonexistent"
 os.environ.pop("CHROMA_URL", None)
 os.environ.setdefault("MODELS_DIR", str(ROOT / "data" / "models"))
+# The user's cache, named once by the first process of the run: a worker of a
+# parallel run (pytest-xdist) inherits BREEZEWEB_MODEL_CACHE already pointing
+# into the first process's DATA_DIR.
 SHARED_MODEL_CACHE = Path(
-    os.environ.get("BREEZEWEB_MODEL_CACHE") or Path.home() / ".cache" / "breezeweb"
+    os.environ.get("BREEZEWEB_SHARED_MODEL_CACHE")
+    or os.environ.get("BREEZEWEB_MODEL_CACHE")
+    or Path.home() / ".cache" / "breezeweb"
 )
+os.environ["BREEZEWEB_SHARED_MODEL_CACHE"] = str(SHARED_MODEL_CACHE)
 os.environ["BREEZEWEB_MODEL_CACHE"] = str(DATA_DIR / "model-cache")
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
 # Tests load models when they need them (and measure it); servers they start
