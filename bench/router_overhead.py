@@ -36,7 +36,7 @@ from runners.base import ChatMessage, ChatRequest, Done  # noqa: E402
 from runners.llamastack.runner import LlamaStackRunner  # noqa: E402
 from runners.models import RunnerConfig, RunRecord  # noqa: E402
 from runners.router import route  # noqa: E402
-from runners.stats import runner_stats  # noqa: E402
+from runners.stats import RECORD_FIELDS, runner_stats  # noqa: E402
 from tests.support.scripted_server import Reply, ScriptedServer  # noqa: E402
 
 REQUEST = ChatRequest(messages=(ChatMessage("user", "Say hello"),), max_tokens=16)
@@ -133,16 +133,7 @@ def dashboard(rows: int) -> None:
     fetch, compute = [], []
     for _ in range(5):
         started = time.perf_counter()
-        list(
-            RunRecord.objects.filter(created_at__gte=since).values_list(
-                "runner_name",
-                "status",
-                "fallback",
-                "total_ms",
-                "time_to_first_token_ms",
-                "tokens_per_second",
-            )
-        )
+        list(RunRecord.objects.filter(created_at__gte=since).values_list(*RECORD_FIELDS))
         fetch.append((time.perf_counter() - started) * 1000)
         started = time.perf_counter()
         stats = runner_stats(since, now)

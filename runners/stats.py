@@ -34,6 +34,17 @@ class RunnerStats:
     failed_before_first_token: int
 
 
+# What the figures are computed from: one row per run, only these columns.
+RECORD_FIELDS = (
+    "runner_name",
+    "status",
+    "fallback",
+    "total_ms",
+    "time_to_first_token_ms",
+    "tokens_per_second",
+)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0-100) of `values`, linearly interpolated; None if empty."""
     if not values:
@@ -53,14 +64,7 @@ def runner_stats(since: datetime, until: datetime | None = None) -> list[RunnerS
     if until is not None:
         rows = rows.filter(created_at__lt=until)
     by_runner: dict[str, list[tuple]] = defaultdict(list)
-    for row in rows.values_list(
-        "runner_name",
-        "status",
-        "fallback",
-        "total_ms",
-        "time_to_first_token_ms",
-        "tokens_per_second",
-    ).iterator(chunk_size=2000):
+    for row in rows.values_list(*RECORD_FIELDS).iterator(chunk_size=2000):
         by_runner[row[0]].append(row[1:])
     names = list(RunnerConfig.objects.order_by("-priority", "name").values_list("name", flat=True))
     names += sorted(set(by_runner) - set(names))

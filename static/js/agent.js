@@ -5,14 +5,7 @@
 // approval carries an approval card whose buttons send the `approve` frame.
 // Text only (textContent), never HTML from a tool.
 
-const gettext = window.gettext || ((s) => s);
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+import { el, gettext } from "./dom.js";
 
 const STATUS = {
   running: () => gettext("running…"),

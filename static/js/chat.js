@@ -9,14 +9,10 @@ import { linkCitations, sourcesNode } from "./citations.js";
 import { renderStep, renderSteps } from "./agent.js";
 import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
+import { el, gettext, ngettext, tr } from "./dom.js";
 
 // Text goes through Django's JavaScript catalog (/jsi18n/, loaded before this
 // module); without it, English.
-const gettext = window.gettext || ((s) => s);
-const ngettext = window.ngettext || ((singular, plural, n) => (n === 1 ? singular : plural));
-const interpolate = window.interpolate
-  || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
-const tr = (format, values) => interpolate(format, values, true);
 const LANG = document.documentElement.lang || undefined;
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
@@ -47,13 +43,6 @@ const state = {
 };
 
 // ---- small helpers --------------------------------------------------------------
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function requestId() {
   return (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`).slice(0, 36);

@@ -3,17 +3,7 @@
 // number. Cited numbers become links to their source; sources the answer did
 // not cite are listed apart, never as cited. No innerHTML: text nodes only.
 
-const gettext = window.gettext || ((s) => s);
-const interpolate = window.interpolate
-  || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
-const tr = (format, values) => interpolate(format, values, true);
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+import { el, gettext, tr } from "./dom.js";
 
 const CITATION = /\[(\d{1,3})\]/g;
 

@@ -4,17 +4,7 @@
 // pinning. chat.js owns the list itself and calls in here.
 // Everything the server sends is shown as text, never as HTML.
 
-const gettext = window.gettext || ((s) => s);
-const ngettext = window.ngettext || ((singular, plural, n) => (n === 1 ? singular : plural));
-const interpolate = window.interpolate || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
-const tr = (format, values) => interpolate(format, values, true);
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+import { el, gettext, ngettext, tr } from "./dom.js";
 
 // A search match: the snippet as text, with <mark> around the ranges that matched.
 export function snippetNode(match) {

@@ -5,16 +5,10 @@
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
+import { el } from "./dom.js";
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const box = document.getElementById("messages");
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 for (const m of boot.messages || []) {
   const node = el("article", `msg msg-${m.role}`);
