@@ -11,9 +11,10 @@ PORT ?= 8000
 DAPHNE_ARGS ?= --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
-# The main pass runs in this many pytest-xdist workers, a test file per worker
-# at a time (module fixtures such as a browser test's site start once); the
-# scale-out pass shares one PostgreSQL database and one Redis, so it runs alone.
+# Both passes run in this many pytest-xdist workers, a test file per worker at
+# a time (module fixtures such as a browser test's site start once). In the
+# scale-out pass each worker has its own PostgreSQL test database
+# (pytest-django) and its own Redis database (tests/support/hermetic.py).
 PYTEST_WORKERS ?= 2
 
 # A Python >= 3.12: $(PYTHON) if set, else python3.12 / python3.13 when they
@@ -88,7 +89,7 @@ test: setup chromium
 	BREEZEWEB_REQUIRE_MODEL=1 $(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	@echo "== scale-out pass: the database and channel-layer tests on PostgreSQL + Redis"
 	BREEZEWEB_SCALEOUT_PASS=1 DATABASE_URL="$(TEST_DATABASE_URL)" REDIS_URL="$(TEST_REDIS_URL)" \
-	  $(VPY) -m pytest -m scaleout $(PYTEST_ARGS)
+	  $(VPY) -m pytest -m scaleout -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(VPY) -m ruff check .

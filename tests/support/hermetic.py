@@ -52,6 +52,22 @@ SHARED_MODEL_CACHE = Path(
 )
 os.environ["BREEZEWEB_SHARED_MODEL_CACHE"] = str(SHARED_MODEL_CACHE)
 os.environ["BREEZEWEB_MODEL_CACHE"] = str(DATA_DIR / "model-cache")
+
+
+def _redis_for_worker(url: str, worker: str) -> str:
+    """The Redis URL of one worker of a parallel run: database base + n for
+    worker gw<n>, so the workers' channel layers, limiters and caches never
+    see each other's keys (pytest-django gives each its own test database)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    base = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{base + int(worker.removeprefix('gw'))}"))
+
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and os.environ.get("REDIS_URL"):
+    os.environ["REDIS_URL"] = _redis_for_worker(os.environ["REDIS_URL"], _WORKER)
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
 # Tests load models when they need them (and measure it); servers they start
 # inherit this.
