@@ -17,11 +17,24 @@ from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
 
 
-def bearer_key(request: HttpRequest) -> str:
-    header = request.headers.get("Authorization", "")
+def _bearer(header: str) -> str:
     if header.lower().startswith("bearer "):
         return header[7:].strip()
     return ""
+
+
+def bearer_key(request: HttpRequest) -> str:
+    """The raw API key of `Authorization: Bearer <key>`, or ""."""
+    return _bearer(request.headers.get("Authorization", ""))
+
+
+def scope_has_bearer_key(scope: dict) -> bool:
+    """Whether an ASGI request's headers carry an API key, read as
+    `bearer_key` reads it (before Django has made a request of them)."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"authorization":
+            return bool(_bearer(value.decode("latin-1")))
+    return False
 
 
 def normalized_origin(origin: str) -> tuple[str, str, int] | None:

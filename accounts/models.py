@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -55,9 +56,15 @@ class ApiKey(models.Model):
         key = cls.objects.create(user=user, name=name, prefix=raw[:10], key_hash=_hash_key(raw))
         return key, raw
 
+    # `last_used_at` is kept to the minute: a key's requests within a minute
+    # of its last recorded use write nothing (a database write per request
+    # was the largest single cost of an API call).
+    LAST_USED_RESOLUTION = timedelta(minutes=1)
+
     @classmethod
     def lookup(cls, raw: str) -> ApiKey | None:
-        """The active key of an active user for a raw key, or None. Updates last_used_at."""
+        """The active key of an active user for a raw key, or None. Updates
+        last_used_at when it is more than LAST_USED_RESOLUTION old."""
         if not raw or not raw.startswith(cls.PREFIX):
             return None
         key = (
@@ -68,7 +75,10 @@ class ApiKey(models.Model):
         )
         if key is None:
             return None
-        cls.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if key.last_used_at is None or now - key.last_used_at >= cls.LAST_USED_RESOLUTION:
+            cls.objects.filter(pk=key.pk).update(last_used_at=now)
+            key.last_used_at = now
         return key
 
     @classmethod

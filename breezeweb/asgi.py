@@ -1,8 +1,14 @@
-"""ASGI entry point: Daphne serves HTTP and websockets from one process."""
+"""ASGI entry point: Daphne serves HTTP and websockets from one process.
+
+HTTP requests under /v1 and /api that carry an API key go through a Django
+handler of their own, with the shorter middleware chain API_KEY_MIDDLEWARE
+(settings.py); every other request through the full MIDDLEWARE.
+"""
 
 import os
 
 from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
 # Django must be set up before anything imports models (consumers, middleware).
@@ -12,6 +18,7 @@ from django.conf import settings  # noqa: E402
 
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from accounts.auth import scope_has_bearer_key  # noqa: E402
 from accounts.ws_auth import WebsocketAuthStack  # noqa: E402
 from breezeweb.server import adjust_daphne  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
@@ -20,12 +27,43 @@ from runners.registry import preload_local_runners  # noqa: E402
 
 adjust_daphne()
 
+
+def _handler_with(middleware: list[str]) -> ASGIHandler:
+    """A Django ASGI handler whose chain is `middleware`: Django reads the list
+    from settings while it builds a handler, so it is swapped for that moment
+    (at import, before any request)."""
+    full = settings.MIDDLEWARE
+    settings.MIDDLEWARE = middleware
+    try:
+        return ASGIHandler()
+    finally:
+        settings.MIDDLEWARE = full
+
+
+api_key_app = _handler_with(settings.API_KEY_MIDDLEWARE)
+
+
+def takes_short_chain(scope: dict) -> bool:
+    """An API call made with a key: under /v1 or /api (not the HTML docs page)."""
+    path = scope.get("path", "")
+    return (
+        path.startswith(("/v1/", "/api/"))
+        and not path.startswith("/api/docs")
+        and scope_has_bearer_key(scope)
+    )
+
+
+async def http_app(scope, receive, send) -> None:
+    handler = api_key_app if takes_short_chain(scope) else django_asgi_app
+    await handler(scope, receive, send)
+
+
 if settings.PRELOAD_LOCAL_RUNNERS:
     preload_local_runners()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         "websocket": WebsocketAuthStack(URLRouter(websocket_urlpatterns)),
         # `manage.py runworker ingest`: document ingestion when REDIS_URL is set.
         "channel": ChannelNameRouter({"ingest": IngestWorker.as_asgi()}),

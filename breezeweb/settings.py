@@ -133,6 +133,14 @@ MIDDLEWARE = [
     # Last: turns a login refused for too many failures into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]
+# A request under /v1 or /api (but the HTML docs page) that carries an API key
+# goes through this shorter chain instead (breezeweb/asgi.py): it needs no
+# session, CSRF check, messages, page language or page headers, and under
+# ASGI each of those middlewares costs two hops to a worker thread and back.
+API_KEY_MIDDLEWARE = [
+    "api.middleware.ApiMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+]
 # A CSRF refusal under /api and /v1 is JSON; elsewhere Django's page.
 CSRF_FAILURE_VIEW = "api.middleware.csrf_failure"
 

@@ -94,7 +94,8 @@ def chat_body(text="Hello?", **extra) -> dict:
         ("GET", "/api/no-such-thing", 404, "unknown_url"),
         ("PUT", "/api/conversations", 405, "method_not_allowed"),
         ("POST", "/api/runners", 405, "method_not_allowed"),
-        ("DELETE", "/api/schema", 403, "csrf_failed"),  # Django's CSRF check, as JSON
+        # A call with a key skips the browser's middleware (CSRF among it).
+        ("DELETE", "/api/schema", 405, "method_not_allowed"),
     ],
 )
 async def test_django_statuses_are_json_in_the_api_shape(api_key, method, path, status, code):
@@ -144,6 +145,40 @@ async def test_csrf_refusals_are_json(user):
     api_error(response, 403, "csrf_failed")
     response = await call("POST", "/v1/chat/completions", body=chat_body(), cookies=cookies)
     openai_error(response, 403, "csrf_failed")
+    # Django's own CSRF check (a plain view), as JSON too.
+    api_error(await call("DELETE", "/api/schema", cookies=cookies), 403, "csrf_failed")
+
+
+def test_only_calls_made_with_a_key_take_the_short_middleware_chain():
+    from breezeweb.asgi import takes_short_chain
+
+    def scope(path: str, authorization: bytes | None) -> dict:
+        headers = [(b"authorization", authorization)] if authorization is not None else []
+        return {"type": "http", "path": path, "headers": headers}
+
+    assert takes_short_chain(scope("/v1/chat/completions", b"Bearer bw_abc"))
+    assert takes_short_chain(scope("/api/conversations", b"bearer bw_abc"))
+    for path, authorization in [
+        ("/v1/models", None),  # a browser's session
+        ("/v1/models", b"Bearer "),  # no key at all: the session decides
+        ("/v1/models", b"Basic dXNlcjpwYXNz"),
+        ("/api/docs", b"Bearer bw_abc"),  # an HTML page: the full chain's headers
+        ("/c/1/", b"Bearer bw_abc"),
+        ("/admin/", b"Bearer bw_abc"),
+    ]:
+        assert not takes_short_chain(scope(path, authorization)), (path, authorization)
+
+
+@db
+async def test_a_call_with_a_key_keeps_the_security_headers_and_sets_no_cookie(api_key, user):
+    response = await call("GET", "/v1/models", key=api_key)
+    assert response.status_code == 200
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "set-cookie" not in response.headers
+    assert "X-Frame-Options" not in response.headers  # the page headers are the browser's
+    cookies = await sync_to_async(session_cookies)(user)
+    browser = await call("GET", "/v1/models", cookies=cookies)
+    assert browser.status_code == 200 and browser.headers["X-Frame-Options"] == "DENY"
 
 
 # ---- bodies: numbers, nesting, text -----------------------------------------------------------
