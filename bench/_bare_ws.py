@@ -1,0 +1,47 @@
+"""The bare transport for bench/streaming_scale.py: Daphne + a Channels
+websocket consumer that answers a chat frame with `BARE_TOKENS` token frames
+`BARE_DELAY` seconds apart, in BreezeWeb's frame shapes, and nothing else (no
+Django request handling, database, pipeline, runner or upstream).
+
+    daphne -b 127.0.0.1 -p PORT _bare_ws:application   (with bench/ on PYTHONPATH)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import django
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(DEBUG=False, INSTALLED_APPS=["channels"])
+    django.setup()
+
+from django.urls import path
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.routing import ProtocolTypeRouter, URLRouter
+
+TOKENS = int(os.environ.get("BARE_TOKENS", "100"))
+DELAY = float(os.environ.get("BARE_DELAY", "0.02"))
+
+
+class Bare(AsyncWebsocketConsumer):
+    async def receive(self, text_data=None, bytes_data=None):
+        frame = json.loads(text_data)
+        asyncio.get_running_loop().create_task(self.answer(frame))
+
+    async def answer(self, frame: dict) -> None:
+        rid = frame["request_id"]
+        tag = frame["text"].rsplit("-", 1)[-1]
+        for k in range(TOKENS):
+            await asyncio.sleep(DELAY)
+            await self.send(
+                json.dumps({"type": "token", "request_id": rid, "text": f"<{tag}:{k}> "})
+            )
+        await self.send(json.dumps({"type": "done", "request_id": rid, "status": "complete"}))
+
+
+application = ProtocolTypeRouter({"websocket": URLRouter([path("ws/chat/", Bare.as_asgi())])})

@@ -1,0 +1,181 @@
+"""Streaming at scale: N concurrent websocket chats of T tokens at R tokens/s
+each, through BreezeWeb and through the bare transport, in one run.
+
+    .venv/bin/python bench/streaming_scale.py [--streams 100,200] [--tokens 100]
+                                             [--token-delay 0.02]
+
+- **bare**: Daphne + a Channels consumer that sends the token frames itself
+  (bench/_bare_ws.py): the transport's own cost.
+- **BreezeWeb**: one Daphne process of the product (SQLite, an API key), every
+  chat answered through the whole path (frame parsing, the turn saved, the
+  pipeline, the router, the Llama Stack runner) by a paced OpenAI-compatible
+  upstream in its own process (bench/websocket_chat.py's echo server), whose
+  answer names its stream so the client checks every token arrives once, in
+  order, on the right socket.
+
+Per run: streams complete and byte-exact, TTFT p50/p99, p50/p99 gap between
+token frames of a stream, and the server process's CPU time (user + system,
+psutil) per delivered token; the ratio of BreezeWeb's CPU per token to the
+bare transport's is the figure issue 16 asks for (<= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from _common import percentile
+from websocket_chat import Site, one_stream
+
+from tests.support.processes import Process, Upstream
+from tests.support.scripted_server import free_port
+
+BENCH = Path(__file__).resolve().parent
+
+
+class BareSite:
+    """The bare transport, shaped like websocket_chat.Site for one_stream()."""
+
+    def __init__(self, tokens: int, delay: float) -> None:
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.key = "bare"
+        env = {
+            "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
+            "BARE_TOKENS": str(tokens),
+            "BARE_DELAY": str(delay),
+        }
+        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
+        self.process = Process([*argv, "_bare_ws:application"], env)
+
+    def start(self) -> None:
+        self.process.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the bare server did not start:\n{self.process.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.popen.pid
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def run(site, pid: int, n: int, tokens: int) -> dict:
+    """N chats at once (every socket open first); the server's CPU is counted
+    from the start signal to the last `done`."""
+    start = asyncio.Event()
+    connected: list[int] = []
+    tasks = [asyncio.create_task(one_stream(site, i, tokens, start, connected)) for i in range(n)]
+    while len(connected) < n:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1)
+    cpu_before = cpu_seconds(pid)
+    began = time.perf_counter()
+    start.set()
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - began
+    cpu = cpu_seconds(pid) - cpu_before
+    gaps = [g for r in results for g in r["gaps"]]
+    delivered = sum(tokens for r in results if r["ok"]) or 1
+    return {
+        "complete": sum(r["ok"] for r in results),
+        "bad": sorted({r["status"] for r in results if not r["ok"]})[:3],
+        "ttft_p50": percentile([r["ttft_ms"] for r in results], 50),
+        "ttft_p99": percentile([r["ttft_ms"] for r in results], 99),
+        "gap_p50": percentile(gaps, 50),
+        "gap_p99": percentile(gaps, 99),
+        "frames": sum(r["frames"] for r in results) / n,
+        "cpu_us_per_token": cpu / delivered * 1e6,
+        "cpu_share": cpu / wall,
+        "tokens_per_s": delivered / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--streams", default="100,200")
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--token-delay", type=float, default=0.02)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.streams.split(",")]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load} at start", flush=True)
+    print(
+        f"{args.tokens} tokens per chat, {args.token_delay * 1000:.0f} ms apart "
+        f"({1 / args.token_delay:.0f} tokens/s per stream)\n",
+        flush=True,
+    )
+    rows = []
+    bare = BareSite(args.tokens, args.token_delay)
+    site = Site(max(sizes))
+    argv = [sys.executable, str(BENCH / "websocket_chat.py"), "--serve-upstream"]
+    upstream_argv = [*argv, "--tokens", str(args.tokens), "--token-delay", str(args.token_delay)]
+    try:
+        bare.start()
+        site.prepare()
+        site.start()
+        with Upstream(upstream_argv) as upstream:
+            site.manage(
+                "shell",
+                "-c",
+                "from runners.models import RunnerConfig;"
+                "RunnerConfig.objects.filter(name='local').update(enabled=False);"
+                "RunnerConfig.objects.create(name='upstream', kind='llamastack', "
+                f"endpoint='{upstream.url}', model_id='scripted-model', priority=200,"
+                " timeout_seconds=120, extra_params={'loop_guard': False})",
+            )
+            warm = asyncio.Event()
+            warm.set()
+            asyncio.run(one_stream(site, 0, args.tokens, warm, []))  # one-time costs
+            for n in sizes:
+                for name, target, pid in (
+                    ("bare", bare, bare.pid),
+                    ("BreezeWeb", site, site.daphne.popen.pid),
+                ):
+                    result = asyncio.run(run(target, pid, n, args.tokens))
+                    rows.append((n, name, result))
+                    print(f"  {n} streams, {name}: done", flush=True)
+    finally:
+        bare.stop()
+        site.stop()
+    print(
+        "\n| streams | server | complete, exact | TTFT p50 | TTFT p99 | gap p50 | gap p99 "
+        "| frames/stream | CPU per token | server CPU | tokens/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, name, r in rows:
+        print(
+            f"| {n} | {name} | {r['complete']}/{n} | {r['ttft_p50']:.0f} ms | "
+            f"{r['ttft_p99']:.0f} ms | {r['gap_p50']:.1f} ms | {r['gap_p99']:.1f} ms | "
+            f"{r['frames']:.1f} | {r['cpu_us_per_token']:.0f} µs | {r['cpu_share']:.0%} | "
+            f"{r['tokens_per_s']:.0f} |"
+        )
+    print()
+    for (n, _, bare_run), (_, _, ours) in zip(rows[::2], rows[1::2], strict=True):
+        ratio = ours["cpu_us_per_token"] / bare_run["cpu_us_per_token"]
+        print(f"{n} streams: BreezeWeb / bare CPU per token = {ratio:.2f}x (goal <= 1.5)")
+    failed = [(n, name, r["bad"]) for n, name, r in rows if r["complete"] != n]
+    if failed:
+        print(f"incomplete or inexact streams: {failed}")
+
+
+if __name__ == "__main__":
+    main()
