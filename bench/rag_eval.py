@@ -331,6 +331,7 @@ def main() -> None:
     from rag import lexical, topk
 
     TOPK_DEFAULT = settings.RAG_TOPK_MIN_CHUNKS
+    topk.SETTLE_SECONDS = 0  # each size's rows are all in before it is measured
 
     bobs = Collection.personal_for(bob)
     shared = Collection.objects.create(name="Shared", shared=True)

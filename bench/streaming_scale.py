@@ -31,9 +31,9 @@ from pathlib import Path
 
 import psutil
 from _common import percentile
-from websocket_chat import Site, one_stream
+from websocket_chat import Site, one_stream, paced_upstream
 
-from tests.support.processes import Process, Upstream
+from tests.support.processes import Process
 from tests.support.scripted_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -126,22 +126,11 @@ def main() -> None:
     rows = []
     bare = BareSite(args.tokens, args.token_delay)
     site = Site(max(sizes))
-    argv = [sys.executable, str(BENCH / "websocket_chat.py"), "--serve-upstream"]
-    upstream_argv = [*argv, "--tokens", str(args.tokens), "--token-delay", str(args.token_delay)]
     try:
         bare.start()
         site.prepare()
         site.start()
-        with Upstream(upstream_argv) as upstream:
-            site.manage(
-                "shell",
-                "-c",
-                "from runners.models import RunnerConfig;"
-                "RunnerConfig.objects.filter(name='local').update(enabled=False);"
-                "RunnerConfig.objects.create(name='upstream', kind='llamastack', "
-                f"endpoint='{upstream.url}', model_id='scripted-model', priority=200,"
-                " timeout_seconds=120, extra_params={'loop_guard': False})",
-            )
+        with paced_upstream(site, args.tokens, args.token_delay):
             warm = asyncio.Event()
             warm.set()
             asyncio.run(one_stream(site, 0, args.tokens, warm, []))  # one-time costs

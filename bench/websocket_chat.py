@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from _common import percentile
@@ -300,7 +301,10 @@ async def one_stream(
     }
 
 
-async def bench_concurrency(site: Site, n: int, tokens: int, delay: float) -> dict:
+@contextmanager
+def paced_upstream(site: Site, tokens: int, delay: float):
+    """The echo upstream in its own process, and `site` answering every chat
+    from it through the Llama Stack runner (the local runner off)."""
     argv = [sys.executable, __file__, "--serve-upstream"]
     with Upstream([*argv, "--tokens", str(tokens), "--token-delay", str(delay)]) as upstream:
         site.manage(
@@ -312,6 +316,11 @@ async def bench_concurrency(site: Site, n: int, tokens: int, delay: float) -> di
             f"endpoint='{upstream.url}', model_id='scripted-model', priority=200,"
             " timeout_seconds=120)",
         )
+        yield upstream
+
+
+async def bench_concurrency(site: Site, n: int, tokens: int, delay: float) -> dict:
+    with paced_upstream(site, tokens, delay):
         # One chat first: the first request pays one-time costs (SDK import, client).
         warm = asyncio.Event()
         warm.set()

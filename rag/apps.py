@@ -29,8 +29,9 @@ def _drop_chroma_collection(sender, instance, **kwargs) -> None:
     """A deleted collection takes its Chroma collection (every chunk) with it."""
     import logging
 
-    from rag import store
+    from rag import store, topk
 
+    topk.forget(instance.pk)
     try:
         store.drop_collection(instance.chroma_name)
     except Exception as exc:

@@ -13,10 +13,14 @@ exactly current:
   (installed with the FTS5 table by rag.lexical.INDEX);
 - a query reads its collection's generation (one primary-key lookup) and uses
   the index only when it was built at that generation. Otherwise FTS5 answers
-  and, when the collection holds at least `RAG_TOPK_MIN_CHUNKS` chunks, a
-  background thread builds the index again (one build per collection at a
-  time). A deleted or re-ingested document therefore never shows up as a
-  stale hit: its collection's generation changed in the same commit.
+  and, when the collection holds at least `RAG_TOPK_MIN_CHUNKS` chunks and
+  its generation has stayed the same for SETTLE_SECONDS (not while documents
+  are still being added one after another), a background thread builds the
+  index again, one build at a time in the process. A deleted or re-ingested
+  document therefore never shows up as a stale hit: its collection's
+  generation changed in the same commit;
+- an index whose collection fell under the threshold, or was deleted, is
+  dropped.
 
 Words are read as rag.lexical reads them (the same `\\w+` words and stop list,
 stemmed by the Snowball English stemmer, close to FTS5's Porter), the chunk's
@@ -29,11 +33,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
 from django.conf import settings
-from django.db import close_old_connections, connections, transaction
+from django.db import close_old_connections, connections
 
 import numpy as np
 
@@ -49,7 +54,11 @@ class _Index:
     bm25: object  # bm25s.BM25
 
 
+# A generation must have been seen unchanged this long before a build starts.
+SETTLE_SECONDS = 3.0
+
 _indexes: dict[int, _Index] = {}
+_seen: dict[int, tuple[int, float]] = {}  # collection -> (generation, first seen)
 _building: set[int] = set()
 _lock = threading.Lock()
 # Tests build in the query's own thread, and the query then uses the index.
@@ -100,9 +109,12 @@ def search(cursor, collection_id: int, query: str, limit: int) -> dict[int, floa
     index = _indexes.get(collection_id)
     if index is None or index.generation != generation:
         if count < min_chunks:
+            if index is not None:
+                forget(collection_id)
             return None
         if not build_inline:
-            _build_later(collection_id, cursor.db.alias)
+            if _settled(collection_id, generation):
+                _build_later(collection_id, cursor.db.alias)
             return None
         build(collection_id, cursor.db.alias)
         index = _indexes[collection_id]
@@ -118,13 +130,26 @@ def search(cursor, collection_id: int, query: str, limit: int) -> dict[int, floa
     return {int(index.pks[i]): float(scores[i]) for i in best if scores[i] > 0}
 
 
+def _settled(collection_id: int, generation: int) -> bool:
+    """Whether this generation of the collection has been seen unchanged for
+    SETTLE_SECONDS (documents added one after another keep moving it)."""
+    now = time.monotonic()
+    seen = _seen.get(collection_id)
+    if seen is None or seen[0] != generation:
+        _seen[collection_id] = (generation, now)
+        return SETTLE_SECONDS <= 0
+    return now - seen[1] >= SETTLE_SECONDS
+
+
 def build(collection_id: int, using: str = "default") -> None:
-    """(Re)build a collection's index now, from one consistent read of its
-    generation and chunks."""
+    """(Re)build a collection's index now. The generation is read before the
+    rows, each in its own statement (no write lock held while 50k rows are
+    read): rows newer than that generation can only make the index look older
+    than it is, and an index that is not exactly current is never used."""
     import bm25s
 
     conn = connections[using]
-    with transaction.atomic(using=using), conn.cursor() as cursor:
+    with conn.cursor() as cursor:
         generation, _ = _state(cursor, collection_id)
         cursor.execute(
             "SELECT id, context, text FROM rag_chunk WHERE collection_id = %s ORDER BY id",
@@ -143,7 +168,7 @@ def build(collection_id: int, using: str = "default") -> None:
 
 def _build_later(collection_id: int, using: str) -> None:
     with _lock:
-        if collection_id in _building:
+        if _building:  # one build at a time: it is CPU work in a web process
             return
         _building.add(collection_id)
 
@@ -161,16 +186,20 @@ def _build_later(collection_id: int, using: str) -> None:
     threading.Thread(target=run, name=f"topk-{collection_id}", daemon=True).start()
 
 
-def forget() -> None:
-    """Drop every index of this process (tests)."""
+def forget(collection_id: int | None = None) -> None:
+    """Drop a collection's index (a deleted collection's), or every index of
+    this process."""
     with _lock:
-        _indexes.clear()
+        if collection_id is None:
+            _indexes.clear()
+            _seen.clear()
+        else:
+            _indexes.pop(collection_id, None)
+            _seen.pop(collection_id, None)
 
 
 def wait_for_builds(timeout: float = 300.0) -> None:
     """Until no build is running (benchmarks and tests)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with _lock:

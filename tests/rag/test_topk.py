@@ -5,6 +5,8 @@ itself is checked through it in test_hybrid.py, `keyword_index` = topk.)"""
 
 from __future__ import annotations
 
+import time
+
 from django.db import connection
 
 import pytest
@@ -52,8 +54,11 @@ def test_the_generation_table_counts_chunks_and_moves_with_every_change(user):
     assert recounted != after
 
 
-def test_a_large_collection_is_indexed_in_the_background_and_used_once_current(user, settings):
+def test_a_large_collection_is_indexed_in_the_background_and_used_once_current(
+    user, settings, monkeypatch
+):
     settings.RAG_TOPK_MIN_CHUNKS = 2
+    monkeypatch.setattr(topk, "SETTLE_SECONDS", 0)
     add_and_ingest(user, "manual.md", MANUAL.encode())
     collection = Collection.personal_for(user)
     before = topk.answered
@@ -81,3 +86,30 @@ def test_small_collections_and_a_zero_setting_use_fts5_alone(user, settings):
         assert lexical.search(collection.pk, "Vell", 1)
         topk.wait_for_builds()
         assert collection.pk not in topk._indexes
+
+
+def test_a_build_waits_until_the_collection_stops_changing(user, settings, monkeypatch):
+    settings.RAG_TOPK_MIN_CHUNKS = 2
+    monkeypatch.setattr(topk, "SETTLE_SECONDS", 0.5)
+    add_and_ingest(user, "manual.md", MANUAL.encode())
+    collection = Collection.personal_for(user)
+    lexical.search(collection.pk, "E-41072", 3)  # first seen: no build yet
+    topk.wait_for_builds()
+    assert collection.pk not in topk._indexes
+    time.sleep(0.6)
+    lexical.search(collection.pk, "E-41072", 3)  # unchanged for long enough
+    topk.wait_for_builds()
+    assert collection.pk in topk._indexes
+    # Below the threshold (documents deleted, or the setting raised): dropped.
+    settings.RAG_TOPK_MIN_CHUNKS = 10_000
+    add_and_ingest(user, "aldermoor.md", LIGHTHOUSE.encode())
+    lexical.search(collection.pk, "Vell", 1)
+    assert collection.pk not in topk._indexes
+    # A deleted collection's index goes with it.
+    settings.RAG_TOPK_MIN_CHUNKS = 2
+    monkeypatch.setattr(topk, "SETTLE_SECONDS", 0)
+    lexical.search(collection.pk, "Vell", 1)
+    topk.wait_for_builds()
+    assert collection.pk in topk._indexes
+    collection.delete()
+    assert collection.pk not in topk._indexes
