@@ -1,7 +1,7 @@
 """Benchmark: the local ExecuTorch runner vs the bare TextLLMRunner vs PyTorch eager.
 
     .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w,fp32] [--runs 3]
-    .venv/bin/python bench/executorch_runner.py --only overhead|sampling|multiturn --runs 6
+    .venv/bin/python bench/executorch_runner.py --only overhead|pyloop|sampling|multiturn --runs 6
 
 In one run, on the same prompts, each in its own subprocess (so peak RSS is
 its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
@@ -283,6 +283,36 @@ def worker_overhead(model_dir: Path, runs: int) -> dict:
         )
 
 
+def worker_pyloop(model_dir: Path, runs: int) -> dict:
+    """The runner's decode loop alone, greedy (the program's `forward` per
+    token and argmax, in this thread, no event loop) vs the bare runner,
+    interleaved: what the Python loop itself costs, apart from handing tokens
+    to asyncio."""
+    import torch
+
+    from runners.executorch.runner import _load_program
+
+    _, bare_one = bare_session(model_dir)
+    method = _load_program(model_dir / "model.pte").load_method("forward")
+    prompt = list(range(100, 100 + 40))
+    torch.set_num_threads(1)  # as the runner's generation thread does
+
+    def loop_speed() -> dict:
+        logits = method.execute([torch.tensor([prompt]), torch.tensor([0])])[0]
+        token_in = torch.zeros((1, 1), dtype=torch.long)
+        position_in = torch.zeros((1,), dtype=torch.long)
+        started = time.perf_counter()
+        for position in range(len(prompt), len(prompt) + SPEED_TOKENS):
+            token_in[0, 0] = int(logits.reshape(-1).argmax())
+            position_in[0] = position
+            logits = method.execute([token_in, position_in])[0]
+        return {"decode_tps": SPEED_TOKENS / (time.perf_counter() - started)}
+
+    loop_speed()
+    bare_one("Hi", 4)
+    return versus_bare(runs, loop_speed, lambda: bare_one(SPEED_PROMPT, SPEED_TOKENS)[1])
+
+
 def worker_sampling(model_dir: Path, runs: int) -> dict:
     """The per-token cost of full sampling (temperature 0.7, top_k 40, top_p
     0.9, repetition penalty 1.1: the local runner's defaults) vs the bare
@@ -479,6 +509,7 @@ WORKERS = {
     "bare": worker_bare,
     "eager": worker_eager,
     "overhead": worker_overhead,
+    "pyloop": worker_pyloop,
     "sampling": worker_sampling,
     "multiturn": worker_multiturn,
     "llamacpp": worker_llamacpp,
@@ -540,7 +571,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["overhead", "sampling", "multiturn"],
+        choices=["overhead", "pyloop", "sampling", "multiturn"],
         help="run just this measurement on the prepared default model and print it",
     )
     parser.add_argument("--model-dir", type=Path)
