@@ -14,19 +14,13 @@ import pytest
 from tests.support.browser import chromium, watched_page
 from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
-from tests.support.scripted_server import Reply, ScriptedServer
+from tests.support.scripted_server import Reply
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SHOTS = screenshot_dir()
 PASSWORD = "alice-password-123"
 INSTRUCTIONS = "Speak like a pirate of the harbour."
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with ScriptedServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

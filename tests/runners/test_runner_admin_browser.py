@@ -14,7 +14,7 @@ import pytest
 from tests.support.browser import chromium, watched_page
 from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
-from tests.support.scripted_server import Reply, ScriptedServer, free_port
+from tests.support.scripted_server import Reply, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -22,12 +22,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = screenshot_dir()
 PASSWORD = "admin-password-123"
 API_KEY = "sk-browser-admin-0f1e2d3c4b5a6978"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with ScriptedServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

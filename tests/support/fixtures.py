@@ -35,6 +35,14 @@ def _scripted_server_session() -> Iterator[ScriptedServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedServer]:
+    """A scripted server of the test module's own, for a module-scoped site
+    (a browser test's Daphne) whose runner config points at it."""
+    with ScriptedServer() as server:
+        yield server
+
+
 @pytest.fixture
 def scripted_server(_scripted_server_session: ScriptedServer) -> ScriptedServer:
     _scripted_server_session.reset()
