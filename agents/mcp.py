@@ -49,6 +49,11 @@ class _Listing:
     at: float
     tools: tuple[Tool, ...]
     ok: bool
+    detail: str = ""
+
+    def names(self) -> list[str]:
+        """The tools' names on their server (without the `<server>__` prefix)."""
+        return [t.name.split(SEPARATOR, 1)[1] for t in self.tools]
 
 
 _listings: dict[int, _Listing] = {}
@@ -192,9 +197,22 @@ def _save_status(pk: int, ok: bool, detail: str, tools: list[Tool]) -> None:
 async def check(row: McpServer) -> tuple[bool, str, list[Tool]]:
     """List `row` now, remember the result and save it for the admin."""
     ok, detail, tools = await list_server(row)
-    _listings[row.pk] = _Listing(row.version, time.monotonic(), tuple(tools), ok)
+    _listings[row.pk] = _Listing(row.version, time.monotonic(), tuple(tools), ok, detail)
     await database_sync_to_async(_save_status)(row.pk, ok, detail, tools)
     return ok, detail, tools
+
+
+async def current_listing(row: McpServer) -> _Listing:
+    """`row`'s listing: the one kept when it is for its version and younger
+    than MCP_STATUS_TTL_SECONDS, else listed now (the admin's checks)."""
+    cached = _listings.get(row.pk)
+    if (
+        cached is None
+        or cached.version != row.version
+        or time.monotonic() - cached.at > limits.MCP_STATUS_TTL_SECONDS
+    ):
+        await check(row)
+    return _listings[row.pk]
 
 
 def _renew(row: McpServer) -> None:

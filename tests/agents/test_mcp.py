@@ -258,6 +258,40 @@ def test_the_admin_shows_status_and_never_the_headers(admin_client, user):
     assert "not json" not in response.content.decode()
 
 
+def test_a_policy_names_a_tool_that_exists(admin_client):
+    from asgiref.sync import async_to_sync
+
+    local = async_to_sync(stdio_server)()
+    gone = McpServer.objects.create(name="gone", transport="http", url="http://127.0.0.1:9/mcp")
+
+    def add(**fields):
+        form = {"server": "", "tool": "", "policy": "ask"} | fields
+        return admin_client.post("/admin/agents/toolpolicy/add/", form, follow=True)
+
+    # A typo would leave the real tool allowed: refused, with the real names.
+    page = add(tool="calculater").content.decode()
+    assert "There is no built-in tool named &#x27;calculater&#x27;" in page
+    assert "calculator, current_time, fetch_url" in page
+    page = add(server=local.pk, tool="ecko").content.decode()
+    assert "The MCP server local lists no tool named &#x27;ecko&#x27;" in page
+    assert "echo" in page and "sleep" in page
+    assert not ToolPolicy.objects.exists()
+
+    assert add(tool="fetch_url").redirect_chain
+    page = add(server=local.pk, tool="echo")
+    assert page.redirect_chain and "down" not in page.content.decode()
+    assert set(ToolPolicy.objects.values_list("tool", "policy")) == {
+        ("fetch_url", "ask"),
+        ("echo", "ask"),
+    }
+    # A server that is down cannot be asked: kept, with a warning saying so.
+    page = add(server=gone.pk, tool="anything")
+    assert page.redirect_chain
+    assert "The MCP server gone is down (" in page.content.decode()
+    assert "could not be checked against its tools" in page.content.decode()
+    assert ToolPolicy.objects.filter(server=gone, tool="anything").exists()
+
+
 async def test_stop_during_an_mcp_call_and_a_hanging_one(user, scripted_server):
     import asyncio
 
