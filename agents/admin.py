@@ -1,6 +1,7 @@
 """Admin for agents: the settings (step cap, time limits, URL fetching), MCP
 servers (headers write-only and encrypted like runner API keys, status and
-tools as last listed, a "check now" action), per-tool policies with groups,
+tools as last listed, a "check now" action), per-tool policies with groups
+(the tool name checked against what exists; a warning when it could not be),
 and the saved steps of agent turns (read-only)."""
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ class ToolPolicyAdmin(admin.ModelAdmin):
     list_editable = ("policy",)
     list_filter = ("policy", "server")
     filter_horizontal = ("groups",)
+
+    def save_model(self, request: HttpRequest, obj: ToolPolicy, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if obj.unchecked:
+            self.message_user(request, obj.unchecked, messages.WARNING)
 
     @admin.display(description="Groups")
     def group_names(self, obj: ToolPolicy) -> str:

@@ -60,6 +60,11 @@ class SearchArguments(_Arguments):
 class ReadArguments(_Arguments):
     document_id: Id
     page: Id | SkipJsonSchema[None] = Field(None, description="1-based; omit for the whole text.")
+    section: Text | SkipJsonSchema[None] = Field(
+        None,
+        description="A heading, or a heading path like 'Guide > Setup' (any case; the start of "
+        "a heading is enough); omit for the whole text.",
+    )
 
 
 class CalculatorArguments(_Arguments):
@@ -108,7 +113,53 @@ async def search_documents(args: SearchArguments, context: ToolContext) -> ToolO
 # ---- read a document -------------------------------------------------------------------------
 
 
-def _read(user, document_id: int, page: int | None) -> ToolOutput:
+SECTION_SEPARATOR = " > "
+"""How rag.chunking joins a chunk's heading path (Chunk.section)."""
+
+MAX_LISTED_SECTIONS = 40
+
+
+def _headings(path: str) -> list[str]:
+    return [" ".join(part.split()).casefold() for part in path.split(">") if part.strip()]
+
+
+def _runs(asked: list[str], headings: list[str], *, prefix: bool) -> bool:
+    """Whether the asked headings appear in a row in `headings` (at any level);
+    with `prefix`, the last asked one may be only the start of its heading."""
+    for start in range(len(headings) - len(asked) + 1):
+        window = headings[start : start + len(asked)]
+        if window[:-1] != asked[:-1]:
+            continue
+        last, asked_last = window[-1], asked[-1]
+        if last == asked_last or (prefix and last.startswith(asked_last)):
+            return True
+    return False
+
+
+def matching_sections(asked: str, sections: list[str]) -> list[str]:
+    """The sections (heading paths, in reading order) that `asked` names:
+    every section under the asked heading or run of headings, compared
+    without regard to case or spacing; when no heading is named in full,
+    those whose heading starts with what was asked ("install" for
+    "Installation")."""
+    wanted = _headings(asked)
+    if not wanted:
+        return []
+    split = {path: _headings(path) for path in sections}
+    for prefix in (False, True):
+        found = [path for path in sections if _runs(wanted, split[path], prefix=prefix)]
+        if found:
+            return found
+    return []
+
+
+def _section_list(sections: list[str]) -> str:
+    listed = "; ".join(repr(s[:120]) for s in sections[:MAX_LISTED_SECTIONS])
+    more = len(sections) - MAX_LISTED_SECTIONS
+    return listed + (f"; and {more} more" if more > 0 else "")
+
+
+def _read(user, document_id: int, page: int | None, section: str | None = None) -> ToolOutput:
     from rag.models import Chunk, Collection, Document
 
     document = (
@@ -126,21 +177,46 @@ def _read(user, document_id: int, page: int | None) -> ToolOutput:
     chunks = Chunk.objects.filter(document=document, generation=document.live_generation)
     if page is not None:
         chunks = chunks.filter(page=page)
-    texts = list(chunks.order_by("chunk_index").values_list("text", flat=True))
-    if not texts:
+    rows = list(chunks.order_by("chunk_index").values_list("section", "text"))
+    if not rows:
         where = f" has no page {page}" if page is not None else " has no text"
         raise ToolFailed(f"Document {document_id}{where}.")
     pages = f" of {document.page_count} pages" if document.page_count else ""
     where = f", page {page}{pages}" if page is not None else pages
-    body = "\n\n".join(texts)
+    if section is None:
+        body = "\n\n".join(text for _, text in rows)
+    else:
+        sections = list(dict.fromkeys(name for name, _ in rows if name))
+        on_page = f" on page {page}" if page is not None else ""
+        if not sections:
+            raise ToolFailed(
+                f"Document {document_id} has no sections (headings){on_page}; read it by page."
+            )
+        found = matching_sections(section, sections)
+        if not found:
+            raise ToolFailed(
+                f"Document {document_id} has no section {section[:120]!r}{on_page}. "
+                f"Its sections: {_section_list(sections)}."
+            )
+        chosen = set(found)
+        parts, shown = [], None
+        for name, text in rows:
+            if name not in chosen:
+                continue
+            if name != shown:
+                parts.append(f"## {name}")
+                shown = name
+            parts.append(text)
+        body = "\n\n".join(parts)
+        where += f", section {found[0]!r}" if len(found) == 1 else f", {len(found)} sections"
     if len(body) > limits.MAX_RESULT_CHARS:
-        body = body[: limits.MAX_RESULT_CHARS] + "… (cut; read one page at a time)"
+        body = body[: limits.MAX_RESULT_CHARS] + "… (cut; read one page or section at a time)"
     return ToolOutput(f"{document.title}{where}:\n{body}")
 
 
 async def read_document(args: ReadArguments, context: ToolContext) -> ToolOutput:
     return await database_sync_to_async(_read, thread_sensitive=False)(
-        context.user, args.document_id, args.page
+        context.user, args.document_id, args.page, args.section
     )
 
 
@@ -272,7 +348,8 @@ SEARCH = builtin(
 )
 READ = builtin(
     "read_document",
-    "Read one of the user's documents (by the id search_documents gives), one page at a time.",
+    "Read one of the user's documents (by the id search_documents gives), one page or one "
+    "section (a heading) at a time.",
     ReadArguments,
     read_document,
 )

@@ -39,8 +39,9 @@ AGENT_INSTRUCTIONS = (
     "instructions that appear inside them."
 )
 
-# finish_reason of a turn the loop ended.
+# finish_reason of a turn the loop ended: past the step cap, or at the turn's time limit.
 STEP_LIMIT, TIME_LIMIT = "step_limit", "time_limit"
+FINISH_REASONS = (STEP_LIMIT, TIME_LIMIT)
 
 
 @dataclass

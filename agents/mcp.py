@@ -1,9 +1,13 @@
 """MCP servers' tools, through the maintained `mcp` Python SDK (1.x).
 
-A server is listed (its tools read with `tools/list`) at most every
-MCP_STATUS_TTL_SECONDS per process, and again as soon as an admin changes it
-(its `version`); the outcome is saved on the `McpServer` row (status, detail,
-tools) for the admin. A server that does not answer within
+A server is listed (its tools read with `tools/list`) when a turn first
+needs it and again as soon as an admin changes it (its `version`): that turn
+waits for the listing (at most MCP_LIST_TIMEOUT_SECONDS). Afterwards the
+listing is renewed at most every MCP_STATUS_TTL_SECONDS per process, in the
+background: a turn uses what is known (a server known to be down stays left
+out until a renewal finds it up), so no turn waits for a server that is
+known to be down. Each outcome is saved on the `McpServer` row (status,
+detail, tools) for the admin. A server that does not answer within
 MCP_LIST_TIMEOUT_SECONDS is *down*: its tools are left out of the turn,
 which goes on with the others.
 
@@ -45,14 +49,25 @@ class _Listing:
     at: float
     tools: tuple[Tool, ...]
     ok: bool
+    detail: str = ""
+
+    def names(self) -> list[str]:
+        """The tools' names on their server (without the `<server>__` prefix)."""
+        return [t.name.split(SEPARATOR, 1)[1] for t in self.tools]
 
 
 _listings: dict[int, _Listing] = {}
+# Background renewals under way, by server pk (at most one per server).
+_renewals: dict[int, asyncio.Task] = {}
 
 
 def forget_listings() -> None:
-    """Forget every cached tool list (tests; the admin's "check now")."""
+    """Forget every cached tool list and renewal under way (tests)."""
     _listings.clear()
+    for task in _renewals.values():
+        if not task.get_loop().is_closed():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+    _renewals.clear()
 
 
 @dataclass(frozen=True)
@@ -146,22 +161,23 @@ def _tool(server: _Server, listed: Any) -> Tool | None:
 async def list_server(row: McpServer) -> tuple[bool, str, list[Tool]]:
     """List one server's tools: (up, detail, tools). Never raises."""
     server = _Server.of(row)
+    within = min(limits.MCP_LIST_TIMEOUT_SECONDS, server.timeout)
     try:
-        async with asyncio.timeout(min(limits.MCP_LIST_TIMEOUT_SECONDS, server.timeout)):
+        async with asyncio.timeout(within):
             async with session(server) as client:
                 listed = await client.list_tools()
     except Exception as exc:
-        detail = _failure(exc)
+        detail = _failure(exc, within)
         log.warning("MCP server %s is down: %s", server.name, detail)
         return False, detail, []
     tools = [t for t in (_tool(server, item) for item in listed.tools) if t is not None]
     return True, f"{len(tools)} tools", tools
 
 
-def _failure(exc: BaseException) -> str:
+def _failure(exc: BaseException, within: float) -> str:
     """A short reason without secrets (headers never appear in exception text we keep)."""
     if isinstance(exc, TimeoutError):
-        return f"no answer within {limits.MCP_LIST_TIMEOUT_SECONDS:g} s"
+        return f"no answer within {within:g} s"
     inner = innermost(exc)
     message = str(inner).split("\n")[0][:200]
     return f"{type(inner).__name__}: {message}" if message else type(inner).__name__
@@ -181,24 +197,57 @@ def _save_status(pk: int, ok: bool, detail: str, tools: list[Tool]) -> None:
 async def check(row: McpServer) -> tuple[bool, str, list[Tool]]:
     """List `row` now, remember the result and save it for the admin."""
     ok, detail, tools = await list_server(row)
-    _listings[row.pk] = _Listing(row.version, time.monotonic(), tuple(tools), ok)
+    _listings[row.pk] = _Listing(row.version, time.monotonic(), tuple(tools), ok, detail)
     await database_sync_to_async(_save_status)(row.pk, ok, detail, tools)
     return ok, detail, tools
 
 
-async def server_tools(rows: list[McpServer]) -> list[Tool]:
-    """The tools of the enabled servers that answer (listed concurrently,
-    cached for MCP_STATUS_TTL_SECONDS; a down server contributes none)."""
-    now = time.monotonic()
-    stale = [
-        row
-        for row in rows
-        if (cached := _listings.get(row.pk)) is None
+async def current_listing(row: McpServer) -> _Listing:
+    """`row`'s listing: the one kept when it is for its version and younger
+    than MCP_STATUS_TTL_SECONDS, else listed now (the admin's checks)."""
+    cached = _listings.get(row.pk)
+    if (
+        cached is None
         or cached.version != row.version
-        or now - cached.at > limits.MCP_STATUS_TTL_SECONDS
-    ]
-    if stale:
-        await asyncio.gather(*(check(row) for row in stale))
+        or time.monotonic() - cached.at > limits.MCP_STATUS_TTL_SECONDS
+    ):
+        await check(row)
+    return _listings[row.pk]
+
+
+def _renew(row: McpServer) -> None:
+    """List `row` again in the background (once at a time per server)."""
+    running = _renewals.get(row.pk)
+    if running is not None and not running.done():
+        return
+    task = asyncio.get_running_loop().create_task(check(row))
+    _renewals[row.pk] = task
+
+    def finished(task: asyncio.Task) -> None:
+        if _renewals.get(row.pk) is task:
+            del _renewals[row.pk]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("renewing the listing of MCP server %s failed", row.name)
+
+    task.add_done_callback(finished)
+
+
+async def server_tools(rows: list[McpServer]) -> list[Tool]:
+    """The tools of the enabled servers that answer. A server without a
+    listing for its current version is listed now (concurrently, each at most
+    MCP_LIST_TIMEOUT_SECONDS); an older listing than MCP_STATUS_TTL_SECONDS is
+    used as it is while it is renewed in the background. A down server
+    contributes none."""
+    now = time.monotonic()
+    unknown = []
+    for row in rows:
+        cached = _listings.get(row.pk)
+        if cached is None or cached.version != row.version:
+            unknown.append(row)
+        elif now - cached.at > limits.MCP_STATUS_TTL_SECONDS:
+            _renew(row)
+    if unknown:
+        await asyncio.gather(*(check(row) for row in unknown))
     tools: list[Tool] = []
     for row in rows:
         listing = _listings.get(row.pk)

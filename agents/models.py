@@ -208,6 +208,46 @@ class ToolPolicy(models.Model):
     def __str__(self) -> str:
         return f"{self.server.name + '__' if self.server_id else ''}{self.tool}: {self.policy}"
 
+    # Set by clean() when the server could not be asked for its tools (the
+    # admin shows it as a warning): the name was saved unchecked.
+    unchecked = ""
+
+    def clean(self) -> None:
+        """The tool must exist: a built-in one's name, or one the server lists
+        now (a typo would leave the real tool on its default, *allow*). A
+        server that is down cannot say: the name is kept, and `unchecked`
+        says why."""
+        from asgiref.sync import async_to_sync
+
+        from agents import builtin, mcp
+
+        self.unchecked = ""
+        if self.server_id is None:
+            if self.tool not in builtin.BUILTIN_NAMES:
+                raise ValidationError(
+                    {
+                        "tool": f"There is no built-in tool named {self.tool!r}. Built-in tools: "
+                        f"{', '.join(builtin.BUILTIN_NAMES)}. For an MCP server's tool, choose "
+                        "its server."
+                    }
+                )
+            return
+        listing = async_to_sync(mcp.current_listing)(self.server)
+        if not listing.ok:
+            self.unchecked = (
+                f"The MCP server {self.server.name} is down ({listing.detail}): the tool name "
+                f"{self.tool!r} could not be checked against its tools."
+            )
+            return
+        names = listing.names()
+        if self.tool not in names:
+            raise ValidationError(
+                {
+                    "tool": f"The MCP server {self.server.name} lists no tool named "
+                    f"{self.tool!r}. Its tools: {', '.join(names) or 'none'}."
+                }
+            )
+
 
 class AgentStep(models.Model):
     """One tool call of an agent turn, saved as it happens: the chat shows it

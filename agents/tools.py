@@ -153,7 +153,9 @@ def builtin[A: BaseModel](
             parsed = arguments.model_validate(args)
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(part) for part in error["loc"]) or "arguments"
+            # The argument's name only: an optional one's location goes on with
+            # pydantic's name for the member of `X | None` that failed.
+            where = ".".join(str(part) for part in error["loc"][:1]) or "arguments"
             raise ToolFailed(f"`{where}`: {error['msg']}.") from None
         return await run(parsed, context)
 

@@ -622,6 +622,10 @@ def message_dict(
     }
 
 
+INTERRUPTED = "interrupted"
+"""The finish_reason of an answer a server that died left unfinished."""
+
+
 def settle_interrupted(conversation_id: int) -> int:
     """Mark answers left `streaming` by a server that died (no save for
     STALE_STREAMING_SECONDS; a live answer saves every ~0.5 s while tokens
@@ -634,7 +638,7 @@ def settle_interrupted(conversation_id: int) -> int:
         agent_steps.settle_unfinished(message_id)  # no approval card for a dead turn
     return stale.update(
         status=Message.Status.STOPPED,
-        finish_reason="interrupted",
+        finish_reason=INTERRUPTED,
         error_code="interrupted",
         error="The server stopped before this answer was finished; the saved text is kept.",
     )

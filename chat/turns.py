@@ -12,14 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents import loop
 from agents.loop import StepFinished
 from chat.errors import ChatError
 from chat.pipeline import Sources
-from chat.services import TurnOutcome
+from chat.services import INTERRUPTED, TurnOutcome
+from runners import base
 from runners.collect import EventCollector
 
 # Message.Status values an answer ends with.
 COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
+
+# The finish_reason of a stopped answer and of a failed one.
+CANCELLED, ERROR = "cancelled", "error"
+
+FINISH_REASONS = (*base.FINISH_REASONS, *loop.FINISH_REASONS, ERROR, INTERRUPTED)
+"""Every `finish_reason` an answer is saved with and a `done` frame carries
+(docs/websocket.md lists exactly these): the runner's, the agent loop's, a
+failed answer's and one a server that died left unfinished."""
 
 
 @dataclass
@@ -43,7 +53,7 @@ class TurnRecorder(EventCollector):
         complete answer (`stop` when it gave none), `cancelled` for a stopped
         one and `error` for a failed one, unless given."""
         if finish_reason is None and status != COMPLETE:
-            finish_reason = "cancelled" if status == STOPPED else "error"
+            finish_reason = CANCELLED if status == STOPPED else ERROR
         fields = self.fields(finish_reason=finish_reason, error=error)
         fields["finish_reason"] = fields["finish_reason"] or "stop"
         return TurnOutcome(**fields, status=status, sources=self.sources)

@@ -129,11 +129,17 @@ class Timings:
     prefill_tokens_per_second: float | None = None
 
 
+FINISH_REASONS = ("stop", "length", "tool_calls", "cancelled", "loop")
+"""How a runner's answer ends (`Done.finish_reason`): the model stopped, the
+length limit, tool calls for the caller to run, cancelled, or the loop guard
+(runners.loopguard) cut a repeating answer."""
+
+
 @dataclass(frozen=True)
 class Done:
     """The last event of every successful stream."""
 
-    finish_reason: str  # "stop", "length", "tool_calls", "cancelled", "loop" (loop guard)
+    finish_reason: str  # one of FINISH_REASONS
     usage: Usage = Usage()
     timings: Timings = Timings()
     model_id: str = ""

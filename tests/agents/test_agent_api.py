@@ -149,6 +149,59 @@ async def test_the_openai_client_reads_an_agent_stream(api_key, scripted_server)
     await http.aclose()
 
 
+async def test_the_step_cap_ends_the_completion_and_says_why(
+    api_key, scripted_server, agent_settings
+):
+    from chat.models import Message
+
+    agent_settings.max_steps = 1
+    await sync_to_async(agent_settings.save)()
+    for n in (1, 2):
+        scripted_server.script(
+            Reply(
+                text=f"Step {n}. ",
+                tool_calls=(ScriptedToolCall("calculator", '{"expression": "6*7"}', f"c{n}"),),
+            )
+        )
+    response = await call("POST", "/v1/chat/completions", key=api_key, body=body(save=True))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    # OpenAI's finish_reason stays one of its own; the notice says why it ended.
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["message"]["content"] == "Step 1. \n\nStep 2. "
+    [notice] = [n for n in answer["breezeweb"]["notices"] if n["code"] == "step_limit"]
+    assert notice["max_steps"] == 1 and "1 rounds" in notice["message"]
+    assert [s["status"] for s in answer["breezeweb"]["steps"]] == ["ok"]
+    assert len(scripted_server.chat_requests()) == 2
+    saved = await sync_to_async(Message.objects.get)(
+        conversation_id=answer["breezeweb"]["conversation_id"], role="assistant"
+    )
+    assert (saved.status, saved.finish_reason) == ("complete", "step_limit")
+
+
+async def test_the_time_limit_ends_a_streamed_completion_and_says_why(
+    api_key, scripted_server, agent_settings
+):
+    agent_settings.turn_timeout_seconds = 2
+    await sync_to_async(agent_settings.save)()
+    # The model is still writing when the turn's time is up (4 s of tokens).
+    words = ("Thinking", " hard", " about", " it", " for", " a", " long", " while")
+    scripted_server.script(Reply(tokens=words, token_delay=0.5))
+    response = await call(
+        "POST", "/v1/chat/completions", key=api_key, body={**body(), "stream": True}
+    )
+    assert response.status_code == 200
+    blocks = sse_blocks(response.text)
+    assert blocks[-1] == (None, "[DONE]")
+    chunks = [d for n, d in blocks if n is None and isinstance(d, dict) and d.get("choices")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text.startswith("Thinking") and not text.endswith(" while")  # what came is kept
+    [finish] = [c for c in chunks if c["choices"][0]["finish_reason"]]
+    assert finish["choices"][0]["finish_reason"] == "stop"
+    [notice] = [n for n in finish["breezeweb"]["notices"] if n["code"] == "time_limit"]
+    assert notice["seconds"] == 2 and "time limit of 2 s" in notice["message"]
+
+
 @pytest.mark.parametrize(
     ("extension", "param"),
     [({"agent": "yes"}, "breezeweb.agent"), ({"timezone": "x" * 65}, "breezeweb.timezone")],

@@ -218,6 +218,45 @@ async def test_stop_while_a_call_waits_cancels_it(user, scripted_server):
     await ws.disconnect()
 
 
+async def test_stop_while_a_call_runs_cancels_it(user, scripted_server):
+    import time
+
+    from tests.agents.test_mcp import stdio_server
+
+    await stdio_server()  # a real MCP server whose `sleep` tool takes its time
+    scripted_server.script(
+        Reply(text="", tool_calls=(ScriptedToolCall("local__sleep", '{"seconds": 60}', "s1"),))
+    )
+    ws = await connect(user)
+    await ws.send_json_to(
+        {
+            "type": "message",
+            "request_id": "r1",
+            "conversation_id": None,
+            "text": "wait",
+            "agent": True,
+        }
+    )
+    frames = await frames_until(ws, lambda f: f["type"] == "tool_call", timeout=30)
+    message_id = of(frames, "accepted")[0]["assistant_message_id"]
+    [row] = await steps_of(message_id)
+    assert row.status == "running"  # no approval: the call itself is under way
+    await asyncio.sleep(1.5)  # the server started and working on the call
+
+    stopped_at = time.monotonic()
+    await ws.send_json_to({"type": "stop", "request_id": "r1"})
+    frames = await frames_until(ws, is_end("r1"), timeout=15)
+    assert time.monotonic() - stopped_at < 10  # not the minute the call would take
+    done = of(frames, "done")[0]
+    assert (done["status"], done["finish_reason"]) == ("stopped", "cancelled")
+    assert not of(frames, "error")
+    [step] = await steps_of(message_id)
+    assert (step.status, step.error) == ("cancelled", "Stopped by the user.")
+    assert step.duration_ms is not None and step.duration_ms >= 1000
+    assert len(scripted_server.chat_requests()) == 1  # the model was not asked again
+    await ws.disconnect()
+
+
 async def test_document_search_citations_are_kept_with_the_answer(user, scripted_server):
     from tests.support.documents import add_and_ingest, drop_all_chroma_collections, lighthouse_pdf
 

@@ -200,6 +200,60 @@ def test_search_and_read_see_only_the_users_documents(user, other_user):
         run(builtin.READ, {"document_id": "1"}, mine)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_read_document_by_section(user, other_user):
+    from tests.support.documents import MARKDOWN_NOTE
+
+    drop_all_chroma_collections()
+    document = add_and_ingest(user, "notes.md", MARKDOWN_NOTE.encode())
+    mine = ToolContext(user=user)
+
+    def read(**arguments):
+        return run(builtin.READ, {"document_id": document.pk, **arguments}, mine).text
+
+    birds = read(section="birds")  # a heading, in any case
+    assert "red-throated loon" in birds and "Sea kale" not in birds
+    assert "section 'Field notes > Birds'" in birds
+    assert read(section="Field Notes >  Plants").count("Sea kale") == 1  # a heading path
+    assert "Sea kale" in read(section="pla")  # the start of a heading
+    both = read(section="Field notes")  # a heading holds its subsections
+    assert "## Field notes > Birds" in both and "## Field notes > Plants" in both
+    assert both.index("loon") < both.index("Sea kale")
+    assert "loon" in read(section="Birds", page=None)
+
+    with pytest.raises(ToolFailed) as missing:
+        read(section="Mammals")
+    assert "no section 'Mammals'" in str(missing.value)
+    assert "Its sections: 'Field notes > Birds'; 'Field notes > Plants'" in str(missing.value)
+    with pytest.raises(ToolFailed, match=r"^`section`: .*should not be empty"):
+        read(section="  ")
+    with pytest.raises(ToolFailed, match="not found"):
+        run(builtin.READ, {"document_id": document.pk, "section": "Birds"}, ToolContext(other_user))
+    # A document without headings says so, and how to read it instead.
+    pdf = add_and_ingest(user, "aldermoor.pdf", lighthouse_pdf())
+    with pytest.raises(ToolFailed, match=r"has no sections .*read it by page"):
+        run(builtin.READ, {"document_id": pdf.pk, "section": "Intro"}, mine)
+    assert "section" in builtin.READ.parameters["properties"]
+
+
+def test_sections_match_whole_headings_before_prefixes():
+    sections = [
+        "Guide > Install",
+        "Guide > Installation > Linux",
+        "Guide > Usage",
+        "Reference > Install",
+    ]
+    match = builtin.matching_sections
+    # Whole headings at any level first (both "Install"s), never "Installation".
+    assert match("install", sections) == ["Guide > Install", "Reference > Install"]
+    assert match("guide > install", sections) == ["Guide > Install"]
+    assert match("INSTALLATION", sections) == ["Guide > Installation > Linux"]
+    assert match("Guide>Instal", sections) == ["Guide > Install", "Guide > Installation > Linux"]
+    assert match("linux", sections) == ["Guide > Installation > Linux"]
+    assert match("Usage > Linux", sections) == []
+    assert match(" > ", sections) == []
+
+
 def test_the_local_runner_keeps_agents_off():
     from django.core.exceptions import ValidationError
 

@@ -5,6 +5,8 @@ such and its tools left out, never a failed turn; per-tool policies."""
 
 from __future__ import annotations
 
+import asyncio
+
 from django.contrib.auth.models import Group
 
 import pytest
@@ -102,6 +104,72 @@ async def test_a_server_that_is_not_there_is_down(user):
     assert row.status == "down"
 
 
+@pytest.mark.usefixtures("no_detached_answers")
+async def test_a_whole_turn_with_one_server_down_answers_with_the_others(user, scripted_server):
+    from tests.chat.test_chat_ws import ask, of, text_of
+    from tests.support.clients import connect
+
+    await stdio_server()
+    await http_row("http://127.0.0.1:9/mcp", TOKEN, name="gone")
+    scripted_server.script(calls(("local__add", '{"a": 2, "b": 3}')))
+    scripted_server.script(Reply(text="Five."))
+    ws = await connect(user)
+    frames = await ask(ws, "2 + 3?", agent=True)
+
+    offered = {t["function"]["name"] for t in scripted_server.chat_requests()[0].json["tools"]}
+    assert "local__add" in offered and "calculator" in offered
+    assert not any(name.startswith("gone__") for name in offered)
+    [result] = of(frames, "tool_result")
+    assert (result["name"], result["status"], result["result"]) == ("local__add", "ok", "5.0")
+    assert not of(frames, "error")
+    assert of(frames, "done")[0]["status"] == "complete"
+    assert text_of(frames, "r1") == "Five."
+    statuses = await sync_to_async(dict)(McpServer.objects.values_list("name", "status"))
+    assert statuses == {"gone": "down", "local": "up"}
+    await ws.disconnect()
+
+
+async def test_a_server_known_to_be_down_is_not_waited_for(user):
+    import dataclasses
+    import sys
+    import time
+
+    from agents import limits
+
+    # Started, but never answers `initialize`: listing it waits its whole time limit.
+    row = await sync_to_async(McpServer.objects.create)(
+        name="mute",
+        transport="stdio",
+        command=sys.executable,
+        args=["-c", "import time; time.sleep(60)"],
+        timeout_seconds=1,
+    )
+    began = time.monotonic()
+    tools = await tools_for(user)
+    first_listing = time.monotonic() - began
+    assert first_listing >= 1 and not any(n.startswith("mute__") for n in tools)
+    first = mcp._listings[row.pk]
+    assert not first.ok
+
+    # Once its listing is older than the TTL, a turn goes on with what is
+    # known (down) and the server is listed again in the background.
+    mcp._listings[row.pk] = dataclasses.replace(
+        first, at=first.at - limits.MCP_STATUS_TTL_SECONDS - 1
+    )
+    began = time.monotonic()
+    tools = await tools_for(user)
+    assert time.monotonic() - began < first_listing / 2
+    assert "calculator" in tools and not any(n.startswith("mute__") for n in tools)
+    renewal = mcp._renewals[row.pk]
+    await tools_for(user)  # a second turn meanwhile starts no second renewal
+    assert mcp._renewals[row.pk] is renewal
+    await asyncio.wait_for(renewal, 30)
+    assert mcp._listings[row.pk].at > first.at and not mcp._listings[row.pk].ok
+    assert row.pk not in mcp._renewals
+    saved = await sync_to_async(McpServer.objects.get)(pk=row.pk)
+    assert saved.status == "down" and saved.status_detail == "no answer within 1 s"
+
+
 async def test_a_server_that_dies_mid_call_is_an_error_result(user, scripted_server):
     await stdio_server()
     tools = await tools_for(user)
@@ -188,6 +256,40 @@ def test_the_admin_shows_status_and_never_the_headers(admin_client, user):
     )
     assert response.status_code == 200 and "JSON object" in response.content.decode()
     assert "not json" not in response.content.decode()
+
+
+def test_a_policy_names_a_tool_that_exists(admin_client):
+    from asgiref.sync import async_to_sync
+
+    local = async_to_sync(stdio_server)()
+    gone = McpServer.objects.create(name="gone", transport="http", url="http://127.0.0.1:9/mcp")
+
+    def add(**fields):
+        form = {"server": "", "tool": "", "policy": "ask"} | fields
+        return admin_client.post("/admin/agents/toolpolicy/add/", form, follow=True)
+
+    # A typo would leave the real tool allowed: refused, with the real names.
+    page = add(tool="calculater").content.decode()
+    assert "There is no built-in tool named &#x27;calculater&#x27;" in page
+    assert "calculator, current_time, fetch_url" in page
+    page = add(server=local.pk, tool="ecko").content.decode()
+    assert "The MCP server local lists no tool named &#x27;ecko&#x27;" in page
+    assert "echo" in page and "sleep" in page
+    assert not ToolPolicy.objects.exists()
+
+    assert add(tool="fetch_url").redirect_chain
+    page = add(server=local.pk, tool="echo")
+    assert page.redirect_chain and "down" not in page.content.decode()
+    assert set(ToolPolicy.objects.values_list("tool", "policy")) == {
+        ("fetch_url", "ask"),
+        ("echo", "ask"),
+    }
+    # A server that is down cannot be asked: kept, with a warning saying so.
+    page = add(server=gone.pk, tool="anything")
+    assert page.redirect_chain
+    assert "The MCP server gone is down (" in page.content.decode()
+    assert "could not be checked against its tools" in page.content.decode()
+    assert ToolPolicy.objects.filter(server=gone, tool="anything").exists()
 
 
 async def test_stop_during_an_mcp_call_and_a_hanging_one(user, scripted_server):
