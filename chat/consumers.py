@@ -206,10 +206,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"You can send {settings.CHAT_MESSAGES_PER_MINUTE} messages a minute; "
                 f"try again in {decision.retry_after} s."
             )
-            error = ChatError("rate_limited", message, retryable=True, status=429)
-            await self.send_frame(
-                error_frame(frame.request_id, error, retry_after_s=decision.retry_after)
+            error = ChatError(
+                "rate_limited",
+                message,
+                retryable=True,
+                status=429,
+                retry_after=decision.retry_after,
             )
+            await self.send_frame(error_frame(frame.request_id, error))
             return
         lease = await services.acquire_generation_slot(user_id)
         if lease is None:
@@ -217,19 +221,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"You already have {settings.CHAT_MAX_CONCURRENT_PER_USER} answers "
                 "being generated; stop one or wait for it to finish."
             )
-            error = ChatError("rate_limited", message, retryable=True, status=429)
-            retry = services.SLOT_RETRY_AFTER_SECONDS
-            await self.send_frame(error_frame(frame.request_id, error, retry_after_s=retry))
+            error = ChatError(
+                "rate_limited",
+                message,
+                retryable=True,
+                status=429,
+                retry_after=services.SLOT_RETRY_AFTER_SECONDS,
+            )
+            await self.send_frame(error_frame(frame.request_id, error))
             return
         try:
             # The user's budgets (accounts.quotas), before anything is saved.
             await database_sync_to_async(quotas.charge)(self.user)
         except quotas.QuotaExceeded as exc:
             await lease.release()
-            error = websocket_error(exc)
-            await self.send_frame(
-                error_frame(frame.request_id, error, retry_after_s=exc.retry_after)
-            )
+            await self.send_frame(error_frame(frame.request_id, websocket_error(exc)))
             return
         outbox = FrameOutbox(self.send_frame, TOKEN_FRAME_INTERVAL_SECONDS)
         # The clock of the turn's timings starts at the frame's arrival.

@@ -267,6 +267,7 @@ class Attachments:
                 "wait for one to end.",
                 retryable=True,
                 status=429,
+                retry_after=services.SLOT_RETRY_AFTER_SECONDS,
             )
         answer = await self._saved(frame.conversation_id, frame.message_id)
         attachment = Attachment(
