@@ -99,6 +99,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # concurrency slot stays taken until it finishes.
             for task in tasks:
                 detach(task)
+            await self._hold_credentials(tasks)
         else:
             for task in tasks:
                 if not task.cancelling():
@@ -108,6 +109,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.attachments.close()
         for group in (self.documents_group, *self.credential_groups):
             await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def _hold_credentials(self, tasks: list[asyncio.Task]) -> None:
+        """The answers left running must not outlive the credential that
+        started them: the process' answer hub listens for its end in this
+        socket's place (accounts.revocation), and stops them at once if it
+        ended before the hub was listening."""
+        hub = answer_hub()
+        running = [task for task in tasks if not task.done()]
+        if not running:
+            return
+        for task in running:
+            await hub.hold_credentials(task, self.credential_groups)
+        if not await database_sync_to_async(credential_still_valid)(self.scope):
+            hub.stop_tasks(running)
 
     async def credential_ended(self, event: dict) -> None:
         """The key was revoked, the session logged out or the user deactivated
