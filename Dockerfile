@@ -3,7 +3,8 @@
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    DATA_DIR=/data MODELS_DIR=/app/models BREEZEWEB_MODEL_CACHE=/app/.model-cache
+    DATA_DIR=/data MODELS_DIR=/app/models BREEZEWEB_MODEL_CACHE=/app/.model-cache \
+    PROXY_HEADERS=false
 
 RUN apt-get update && apt-get install -y --no-install-recommends curl \
     && rm -rf /var/lib/apt/lists/* \
@@ -31,4 +32,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
 
-CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py bootstrap && exec daphne -b 0.0.0.0 -p 8000 --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216 breezeweb.asgi:application"]
+# PROXY_HEADERS=true (README, "Deploying to production"): behind a reverse proxy
+# the client's address is X-Forwarded-For's, so sign-in throttling counts each
+# client and not the proxy. Never without a proxy: clients would choose it.
+CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py bootstrap && exec daphne -b 0.0.0.0 -p 8000 $([ \"$PROXY_HEADERS\" = true ] && echo --proxy-headers) --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216 breezeweb.asgi:application"]

@@ -5,8 +5,11 @@ authenticated with: its API key (`auth.key.<id>`), or its session
 (`auth.session.<digest>`, a digest so the session key never reaches Redis),
 and its user (`auth.user.<id>`). When the key is revoked or deleted, the
 session logs out, or the user is deactivated or deleted, a `credential.ended`
-message goes to that group once the change is committed: the consumer stops
-its answers (saved as `stopped`) and closes the socket with 4401. With
+message (naming the group) goes to that group once the change is committed:
+the consumer stops its answers (saved as `stopped`) and closes the socket with
+4401. Answers that outlived their socket (CHAT_CONTINUE_AFTER_DISCONNECT) are
+stopped the same way by the answer hub of their process, which joins the
+groups of the socket that started them when it closes (chat/live.py). With
 REDIS_URL the channel layer is Redis, so this reaches sockets on every Daphne
 process; without it, the in-memory layer of this process.
 
@@ -67,7 +70,9 @@ def end_sockets(group: str, reason: str) -> None:
         if layer is None:
             return
         try:
-            async_to_sync(layer.group_send)(group, {"type": MESSAGE_TYPE, "reason": reason})
+            async_to_sync(layer.group_send)(
+                group, {"type": MESSAGE_TYPE, "reason": reason, "group": group}
+            )
         except Exception:
             # The change itself stands; the sockets then end on their next
             # reconnect. Logged without the group name's credential digest.

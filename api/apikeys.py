@@ -17,6 +17,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.models import ApiKey
+from chat.inputs import clean_name as display_name
 from chat.limits import MAX_ACTIVE_KEYS
 
 
@@ -33,6 +34,14 @@ class ApiKeyForm(forms.Form):
     def __init__(self, *args, user=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.user = user
+
+    def clean_name(self) -> str:
+        """The name as shown (chat.inputs.clean_name: control characters
+        removed, whitespace collapsed); one of nothing but those is missing."""
+        name = display_name(self.cleaned_data["name"])
+        if not name:
+            raise forms.ValidationError(self.fields["name"].error_messages["required"])
+        return name
 
     def clean(self):
         cleaned = super().clean()

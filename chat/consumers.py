@@ -99,6 +99,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # concurrency slot stays taken until it finishes.
             for task in tasks:
                 detach(task)
+            await self._hold_credentials(tasks)
         else:
             for task in tasks:
                 if not task.cancelling():
@@ -108,6 +109,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.attachments.close()
         for group in (self.documents_group, *self.credential_groups):
             await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def _hold_credentials(self, tasks: list[asyncio.Task]) -> None:
+        """The answers left running must not outlive the credential that
+        started them: the process' answer hub listens for its end in this
+        socket's place (accounts.revocation), and stops them at once if it
+        ended before the hub was listening."""
+        hub = answer_hub()
+        running = [task for task in tasks if not task.done()]
+        if not running:
+            return
+        for task in running:
+            await hub.hold_credentials(task, self.credential_groups)
+        if not await database_sync_to_async(credential_still_valid)(self.scope):
+            hub.stop_tasks(running)
 
     async def credential_ended(self, event: dict) -> None:
         """The key was revoked, the session logged out or the user deactivated
@@ -206,10 +221,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"You can send {settings.CHAT_MESSAGES_PER_MINUTE} messages a minute; "
                 f"try again in {decision.retry_after} s."
             )
-            error = ChatError("rate_limited", message, retryable=True, status=429)
-            await self.send_frame(
-                error_frame(frame.request_id, error, retry_after_s=decision.retry_after)
+            error = ChatError(
+                "rate_limited",
+                message,
+                retryable=True,
+                status=429,
+                retry_after=decision.retry_after,
             )
+            await self.send_frame(error_frame(frame.request_id, error))
             return
         lease = await services.acquire_generation_slot(user_id)
         if lease is None:
@@ -217,19 +236,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"You already have {settings.CHAT_MAX_CONCURRENT_PER_USER} answers "
                 "being generated; stop one or wait for it to finish."
             )
-            error = ChatError("rate_limited", message, retryable=True, status=429)
-            retry = services.SLOT_RETRY_AFTER_SECONDS
-            await self.send_frame(error_frame(frame.request_id, error, retry_after_s=retry))
+            error = ChatError(
+                "rate_limited",
+                message,
+                retryable=True,
+                status=429,
+                retry_after=services.SLOT_RETRY_AFTER_SECONDS,
+            )
+            await self.send_frame(error_frame(frame.request_id, error))
             return
         try:
             # The user's budgets (accounts.quotas), before anything is saved.
             await database_sync_to_async(quotas.charge)(self.user)
         except quotas.QuotaExceeded as exc:
             await lease.release()
-            error = websocket_error(exc)
-            await self.send_frame(
-                error_frame(frame.request_id, error, retry_after_s=exc.retry_after)
-            )
+            await self.send_frame(error_frame(frame.request_id, websocket_error(exc)))
             return
         outbox = FrameOutbox(self.send_frame, TOKEN_FRAME_INTERVAL_SECONDS)
         # The clock of the turn's timings starts at the frame's arrival.

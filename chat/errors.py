@@ -16,6 +16,7 @@ table: the websocket through `TURN_ERRORS` and `WEBSOCKET_CODES` below (its code
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 from accounts.quotas import QuotaExceeded
@@ -92,7 +93,9 @@ INTERNAL_ERROR = "internal_error"
 # save them onto a failed answer (`Message.error_code`, `Message.error`).
 TURN_ERRORS: dict[type[BaseException], Callable[[BaseException], ChatError]] = {
     ChatError: lambda exc: exc,
-    RunnerError: lambda exc: ChatError(exc.code.value, exc.message, retryable=exc.retryable),
+    RunnerError: lambda exc: ChatError(
+        exc.code.value, exc.message, retryable=exc.retryable, retry_after=exc.retry_after
+    ),
     GuardianBlocked: lambda exc: ChatError("guardian_blocked", exc.message),
     QuotaExceeded: lambda exc: ChatError(
         "quota_exceeded",
@@ -125,14 +128,17 @@ def websocket_error(exc: BaseException, fallback: str = "Something went wrong.")
     return ChatError(INTERNAL_ERROR, fallback, retryable=True, status=500)
 
 
-def error_frame(request_id: str | None, error: ChatError, **extra) -> dict:
-    """The `error` frame of docs/websocket.md."""
-    return {
+def error_frame(request_id: str | None, error: ChatError) -> dict:
+    """The `error` frame of docs/websocket.md; `retry_after_s` (whole seconds,
+    at least 1) when the error says when to try again."""
+    frame = {
         "type": "error",
         "request_id": request_id,
         "code": error.code,
         "message": error.message,
         "retryable": error.retryable,
         **error.data,
-        **extra,
     }
+    if error.retry_after is not None:
+        frame["retry_after_s"] = max(1, math.ceil(error.retry_after))
+    return frame

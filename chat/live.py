@@ -53,6 +53,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
+from accounts.revocation import MESSAGE_TYPE as CREDENTIAL_ENDED
 from chat import limits, services
 from chat.errors import ChatError, error_frame
 from chat.frames import AttachFrame
@@ -151,21 +152,93 @@ class LiveAnswer:
 
 
 class AnswerHub:
-    """The answers generated in this process, reachable from any process."""
+    """The answers generated in this process, reachable from any process.
+
+    It also stands in for the sockets of answers that outlived them
+    (`hold_credentials`): a closed socket no longer hears that its key was
+    revoked or its session logged out (accounts/revocation.py), so the hub
+    joins those credential groups for the answers it left behind and stops
+    them (saved as `stopped`) when the credential ends."""
 
     def __init__(self) -> None:
         self._answers: dict[int, LiveAnswer] = {}
         self._channel: str | None = None
         self._serving: asyncio.Task | None = None
         self._finishing: set[asyncio.Task] = set()
+        # Detached generations -> the credential groups of the socket that started them.
+        self._held: dict[asyncio.Task, tuple[str, ...]] = {}
+        self._members: dict[str, int] = {}  # credential group -> how many held tasks
 
-    async def add(self, answer: LiveAnswer) -> None:
-        layer = get_channel_layer()
+    async def _channel_of(self, layer) -> str:
         if self._channel is None:
             self._channel = await layer.new_channel()
             self._serving = asyncio.get_running_loop().create_task(self._serve(layer))
+        return self._channel
+
+    async def add(self, answer: LiveAnswer) -> None:
+        layer = get_channel_layer()
+        channel = await self._channel_of(layer)
         self._answers[answer.message_id] = answer
-        await layer.group_add(answer_group(answer.message_id), self._channel)
+        await layer.group_add(answer_group(answer.message_id), channel)
+
+    async def hold_credentials(self, task: asyncio.Task, groups: list[str]) -> None:
+        """`task` is a generation whose socket closed, started with the
+        credential of `groups` (accounts.revocation.groups_for): stop it when
+        that credential ends, from any process. The caller then checks the
+        credential (it may have ended before the hub joined the groups) and
+        calls `stop_tasks` if it did."""
+        if task.done() or task in self._held or not groups:
+            return
+        layer = get_channel_layer()
+        channel = await self._channel_of(layer)
+        self._held[task] = tuple(groups)
+        task.add_done_callback(self._task_ended)
+        for group in groups:
+            self._members[group] = self._members.get(group, 0) + 1
+            if self._members[group] == 1:
+                await layer.group_add(group, channel)
+
+    def stop_held(self, group: str) -> int:
+        """Stop the held generations started with the credential of `group`;
+        how many."""
+        return self.stop_tasks([task for task, groups in self._held.items() if group in groups])
+
+    def stop_tasks(self, tasks: list[asyncio.Task]) -> int:
+        """Stop these held generations, each at most once (a second cancel
+        could cut short its final save); how many."""
+        stopped = 0
+        for task in tasks:
+            if task not in self._held:
+                continue
+            self._forget_held(task)
+            if not task.done():
+                task.cancel()
+                stopped += 1
+        return stopped
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        self._forget_held(task)
+
+    def _forget_held(self, task: asyncio.Task) -> None:
+        groups = self._held.pop(task, ())
+        left = []
+        for group in groups:
+            self._members[group] -= 1
+            if self._members[group] == 0:
+                del self._members[group]
+                left.append(group)
+        if left and self._channel is not None:
+            leaving = asyncio.get_running_loop().create_task(self._leave_groups(left))
+            self._finishing.add(leaving)
+            leaving.add_done_callback(self._finishing.discard)
+
+    async def _leave_groups(self, groups: list[str]) -> None:
+        layer = get_channel_layer()
+        for group in groups:
+            if group in self._members:  # held again meanwhile
+                continue
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, self._channel)
 
     def finish(self, answer: LiveAnswer, done: dict | None) -> None:
         """The answer ended (its final state is saved): forget it, and tell the
@@ -215,6 +288,10 @@ class AnswerHub:
                 answer.snapshot()
         elif message["type"] == "answer.stop" and answer is not None:
             answer.stop()
+        elif message["type"] == CREDENTIAL_ENDED and message.get("group"):
+            stopped = self.stop_held(message["group"])
+            if stopped:
+                log.info("stopped %d detached answers: their credential ended", stopped)
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AnswerHub] = weakref.WeakKeyDictionary()
@@ -267,6 +344,7 @@ class Attachments:
                 "wait for one to end.",
                 retryable=True,
                 status=429,
+                retry_after=services.SLOT_RETRY_AFTER_SECONDS,
             )
         answer = await self._saved(frame.conversation_id, frame.message_id)
         attachment = Attachment(

@@ -260,6 +260,51 @@ def test_logging_out_on_one_process_ends_that_sessions_socket_on_another(
     _assert_stopped_and_closed(frames, code, started, ended, accepted)
 
 
+def test_revoking_a_key_on_one_process_stops_its_detached_answer_on_another(
+    two_web_processes, user, scripted_runner, scripted_server
+):
+    """An answer whose socket closed goes on in its process
+    (CHAT_CONTINUE_AFTER_DISCONNECT); revoking its key on the other process
+    stops it there, saved as `stopped`."""
+    first, second = two_web_processes
+    key, raw = ApiKey.issue(user, "scaleout")
+    scripted_server.default_reply = SLOW
+    browser = _login(first, "alice", "alice-password-123")
+
+    async def scenario() -> tuple[int, float]:
+        ws, accepted = await _streaming_socket(
+            f"ws://127.0.0.1:{second.port}/ws/chat/", {"Authorization": f"Bearer {raw}"}
+        )
+        await ws.close()
+        message_id = accepted["assistant_message_id"]
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(_status, message_id) == "streaming"
+        started = time.monotonic()
+        response = await asyncio.to_thread(
+            _csrf_post, browser, first, f"/settings/api-keys/{key.pk}/revoke/"
+        )
+        assert response.status_code == 302
+        while await asyncio.to_thread(_status, message_id) == "streaming":
+            assert time.monotonic() - started < 5, "the detached answer went on"
+            await asyncio.sleep(0.05)
+        return message_id, time.monotonic() - started
+
+    message_id, took = asyncio.run(scenario())
+    saved = Message.objects.get(pk=message_id)
+    assert (saved.status, bool(saved.content)) == ("stopped", True)
+    # Within a second of the revoke, give or take the answer's last save.
+    assert took < 1.5, f"stopped {took:.2f} s after the revoke"
+
+
+def _status(message_id: int) -> str:
+    from django.db import close_old_connections
+
+    try:
+        return Message.objects.values_list("status", flat=True).get(pk=message_id)
+    finally:
+        close_old_connections()
+
+
 def test_a_real_daphne_refusal_is_a_close_code_the_client_sees(two_web_processes, user):
     first, _ = two_web_processes
     browser = _login(first, "alice", "alice-password-123")

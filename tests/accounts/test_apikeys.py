@@ -88,6 +88,17 @@ def test_a_key_needs_a_name_and_a_bad_form_creates_nothing(browser, user):
     assert not ApiKey.objects.exists()
 
 
+def test_a_keys_name_is_saved_without_control_characters(browser, user):
+    response = browser.post(PAGE, {"name": "ci\x1b[31m\tjobs\u2028\x85 nightly\r\n"})
+    assert response.status_code == 201
+    assert ApiKey.objects.get(user=user).name == "ci [31m jobs nightly"
+    # A name of nothing but control characters is no name.
+    response = browser.post(PAGE, {"name": "\x07\x1b\u2029"})
+    assert response.status_code == 400
+    assert "This field is required." in response.content.decode()
+    assert ApiKey.objects.count() == 1
+
+
 def test_the_forms_are_csrf_protected(user):
     strict = Client(enforce_csrf_checks=True)
     strict.force_login(user)

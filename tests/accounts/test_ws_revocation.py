@@ -7,10 +7,12 @@ across two Daphne processes: tests/test_scaleout.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 from django.test import Client
+from django.utils import timezone
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -161,3 +163,81 @@ async def test_deactivating_the_user_closes_every_socket_of_theirs(user):
     await assert_ended_within_a_second(browser, sync_to_async(deactivate), None)
     _, code = await until_closed(program)
     assert code == 4401
+
+
+# ---- answers that outlived their socket (CHAT_CONTINUE_AFTER_DISCONNECT) -------------------
+
+
+async def saved_status(message_id: int, *, becomes: str | None = None, within: float = 1.0):
+    """The saved status of the answer; with `becomes`, waited for (up to `within` s)."""
+    deadline = time.monotonic() + within
+    while True:
+        status = await sync_to_async(Message.objects.values_list("status", flat=True).get)(
+            pk=message_id
+        )
+        if becomes is None or status == becomes or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.02)
+
+
+async def detached_answer(headers) -> int:
+    """An answer started on a socket that then closed; still being generated."""
+    ws = await open_socket(headers)
+    accepted = await start_answer(ws)
+    await ws.disconnect()
+    message_id = accepted["assistant_message_id"]
+    assert await saved_status(message_id) == "streaming"
+    return message_id
+
+
+async def test_revoking_a_key_stops_the_answers_that_outlived_its_sockets(
+    user, scripted_runner, scripted_server, settings
+):
+    settings.CHAT_CONTINUE_AFTER_DISCONNECT = True
+    scripted_server.default_reply = SLOW
+    key, raw = await sync_to_async(ApiKey.issue)(user, "script")
+    _, other_raw = await sync_to_async(ApiKey.issue)(user, "other")
+    revoked = await detached_answer([(b"authorization", f"Bearer {raw}".encode())])
+    bystander = await detached_answer([(b"authorization", f"Bearer {other_raw}".encode())])
+    started = time.monotonic()
+    await sync_to_async(key.revoke)()
+    assert await saved_status(revoked, becomes="stopped") == "stopped"
+    assert time.monotonic() - started < 1.0
+    saved = await sync_to_async(Message.objects.get)(pk=revoked)
+    assert saved.content  # the partial answer is kept
+    # The answer started with another key of the same user goes on.
+    await asyncio.sleep(0.3)
+    assert await saved_status(bystander) == "streaming"
+
+
+async def test_logging_out_stops_the_answers_that_outlived_that_sessions_socket(
+    user, scripted_runner, scripted_server, settings
+):
+    settings.CHAT_CONTINUE_AFTER_DISCONNECT = True
+    scripted_server.default_reply = SLOW
+    client, headers = await sync_to_async(logged_in)(user)
+    _, other_headers = await sync_to_async(logged_in)(user)  # another browser
+    ended = await detached_answer(headers)
+    other = await detached_answer(other_headers)
+    response = await sync_to_async(client.post)("/logout/")
+    assert response.status_code in (200, 302)
+    assert await saved_status(ended, becomes="stopped") == "stopped"
+    await asyncio.sleep(0.3)
+    assert await saved_status(other) == "streaming"
+
+
+async def test_a_credential_that_ended_unheard_stops_the_answer_when_its_socket_closes(
+    user, scripted_runner, scripted_server, settings
+):
+    """Revoked while the socket was closing, before the hub listened in its
+    place: no message reaches the hub, the check after joining does."""
+    settings.CHAT_CONTINUE_AFTER_DISCONNECT = True
+    scripted_server.default_reply = SLOW
+    key, raw = await sync_to_async(ApiKey.issue)(user, "script")
+    ws = await open_socket([(b"authorization", f"Bearer {raw}".encode())])
+    accepted = await start_answer(ws)
+    # Revoked without the signal (as if its message was lost), then closed.
+    await sync_to_async(ApiKey.objects.filter(pk=key.pk).update)(revoked_at=timezone.now())
+    await ws.disconnect()
+    message_id = accepted["assistant_message_id"]
+    assert await saved_status(message_id, becomes="stopped") == "stopped"

@@ -18,7 +18,7 @@ from django.utils import timezone
 import pytest
 from asgiref.sync import sync_to_async
 
-from chat import live
+from chat import live, services
 from chat.errors import ChatError
 from chat.frames import AttachFrame, decode
 from chat.limits import MAX_ATTACHED_PER_SOCKET
@@ -328,6 +328,7 @@ async def test_a_socket_follows_a_bounded_number_of_answers(user, monkeypatch):
     await ws.disconnect()
     assert (duplicate["code"], duplicate["request_id"]) == ("duplicate_request_id", "a0")
     assert (refused["code"], refused["retryable"]) == ("rate_limited", True)
+    assert refused["retry_after_s"] == services.SLOT_RETRY_AFTER_SECONDS
 
 
 async def test_without_an_attacher_the_answer_publishes_nothing_per_token(

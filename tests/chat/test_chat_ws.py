@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import time
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 from accounts.models import ApiKey
 from breezeweb.asgi import application
+from chat import services
 from chat.consumers import finish_detached
 from chat.models import Conversation, Message
 from tests.support.clients import WS_PATH, connect, session_headers
@@ -803,6 +805,7 @@ async def test_too_many_concurrent_answers_are_rate_limited(
         "c",
         True,
     )
+    assert limited["retry_after_s"] == services.SLOT_RETRY_AFTER_SECONDS
     for rid in ("a", "b"):
         await ws.send_json_to({"type": "stop", "request_id": rid})
     frames += await frames_until(ws, lambda f: f["type"] == "done" and f["request_id"] == "b")
@@ -827,6 +830,7 @@ async def test_the_concurrency_limit_holds_across_sockets(
     await two.send_json_to({"type": "message", "request_id": "b", "text": "second"})
     frame = await two.receive_json_from(timeout=5)
     assert (frame["type"], frame["code"]) == ("error", "rate_limited")
+    assert frame["retry_after_s"] == services.SLOT_RETRY_AFTER_SECONDS
     await one.disconnect()
     await two.disconnect()
 
@@ -841,7 +845,37 @@ async def test_messages_per_minute_are_limited(user, scripted_runner, scripted_s
     await ws.disconnect()
     assert (frame["type"], frame["code"], frame["retryable"]) == ("error", "rate_limited", True)
     assert "2 messages a minute" in frame["message"]
+    # When the oldest counted message leaves the minute, in whole seconds.
+    assert isinstance(frame["retry_after_s"], int) and 1 <= frame["retry_after_s"] <= 60
+    assert f"try again in {frame['retry_after_s']} s" in frame["message"]
     assert await sync_to_async(Message.objects.filter(role="user").count)() == 2
+
+
+async def test_a_runner_that_rate_limits_says_when_to_try_again(
+    user, scripted_runner, scripted_server
+):
+    scripted_server.script(Reply(status=429, headers={"Retry-After": "7"}))
+    ws = await connect(user)
+    frames = await ask(ws, "busy?")
+    await ws.disconnect()
+    (error,) = of(frames, "error")
+    assert (error["code"], error["retryable"], error["retry_after_s"]) == ("rate_limited", True, 7)
+    assert frames[-1]["status"] == "failed"
+
+
+async def test_every_runner_paused_says_when_the_circuit_closes(
+    user, scripted_runner, scripted_server
+):
+    from runners.router import circuits
+
+    for _ in range(circuits.threshold):
+        circuits.failure("scripted")
+    ws = await connect(user)
+    frames = await ask(ws, "anyone?")
+    await ws.disconnect()
+    (error,) = of(frames, "error")
+    assert error["code"] == "unavailable"
+    assert 1 <= error["retry_after_s"] <= math.ceil(circuits.cooldown_s)
 
 
 # ---- slow clients ----------------------------------------------------------------------------
