@@ -313,6 +313,18 @@ def test_every_marked_string_is_in_the_catalogs():
     assert marked_templates - {e.msgid for e in _catalog("zh_Hant", "django")} == set()
 
 
+def test_templates_show_dates_in_the_languages_formats():
+    """What people read is formatted with the language's formats (`*_FORMAT`);
+    a fixed format (`Y-m-d`) only in a `<time datetime>`, for machines."""
+    fixed = []
+    for template in TEMPLATES.rglob("*.html"):
+        source = re.sub(r"""datetime=(["'])\{\{.*?\}\}\1""", " ", template.read_text())
+        for match in re.finditer(r"""\|date:(["'])(.*?)\1""", source):
+            if not match.group(2).endswith("_FORMAT"):
+                fixed.append(f"{template.relative_to(TEMPLATES)}: {match.group(0)}")
+    assert fixed == []
+
+
 # ---- the pages ---------------------------------------------------------------------------
 
 
@@ -331,6 +343,19 @@ def test_the_switcher_overrides_the_browser(client, user, compiled_translations)
     assert response.status_code == 302 and response["Location"] == "/login/"
     page = client.get("/login/", HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "登入" in page and '<option value="zh-hant" lang="zh-hant" selected>' in page
+
+
+@pytest.mark.django_db
+def test_the_settings_pages_have_the_switcher_and_local_dates(client, user, compiled_translations):
+    client.force_login(user)  # (records the session, as a sign-in does)
+    client.post("/i18n/setlang/", {"language": "zh-hant", "next": "/settings/sessions/"})
+    for path in ("/settings/sessions/", "/settings/usage/", "/settings/password/"):
+        page = client.get(path).content.decode()
+        assert 'id="language-select-settings"' in page, path
+        assert '<option value="zh-hant" lang="zh-hant" selected>' in page, path
+    # The session's start, in the Chinese date format.
+    sessions = client.get("/settings/sessions/").content.decode()
+    assert re.search(r"<time datetime=\"[^\"]+\">\d{4}年\d{1,2}月\d{1,2}日", sessions), sessions
 
 
 @pytest.mark.django_db

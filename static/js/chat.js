@@ -9,11 +9,10 @@ import { linkCitations, sourcesNode } from "./citations.js";
 import { renderStep, renderSteps } from "./agent.js";
 import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
-import { el, gettext, ngettext, tr } from "./dom.js";
+import { LANG, el, gettext, ngettext, tr } from "./dom.js";
 
 // Text goes through Django's JavaScript catalog (/jsi18n/, loaded before this
 // module); without it, English.
-const LANG = document.documentElement.lang || undefined;
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
