@@ -328,6 +328,23 @@ def test_every_marked_string_is_in_the_catalogs():
     assert marked_python - {e.msgid for e in _catalog("zh_Hant", "django")} == set()
 
 
+def test_every_websocket_error_code_has_a_translated_message():
+    """The chat shows an error in the page's language by its code
+    (static/js/errors.js); the codes are the websocket's one table."""
+    from chat.errors import WEBSOCKET_CODES
+
+    source = (ROOT / "static" / "js" / "errors.js").read_text()
+    table = source.split("export const ERROR_TEXT = {", 1)[1].split("\n};", 1)[0]
+    messages = dict(re.findall(r"""^\s+(\w+): gettext\("((?:[^"\\]|\\.)*)"\)""", table, re.M))
+    assert WEBSOCKET_CODES - set(messages) == set(), "add them to static/js/errors.js"
+    # Other keys are codes saved on an answer by the chat service, not typos.
+    services = (ROOT / "chat" / "services.py").read_text()
+    extra = set(messages) - WEBSOCKET_CODES
+    assert {code for code in extra if f'error_code="{code}"' not in services} == set()
+    chinese = {e.msgid: e.msgstr for e in _catalog("zh_Hant", "djangojs")}
+    assert [code for code, msgid in messages.items() if not chinese.get(msgid)] == []
+
+
 def test_templates_show_dates_in_the_languages_formats():
     """What people read is formatted with the language's formats (`*_FORMAT`);
     a fixed format (`Y-m-d`) only in a `<time datetime>`, for machines."""

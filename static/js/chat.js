@@ -10,6 +10,7 @@ import { renderStep, renderSteps } from "./agent.js";
 import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 import { LANG, el, gettext, ngettext, tr } from "./dom.js";
+import { errorText } from "./errors.js";
 
 // Text goes through Django's JavaScript catalog (/jsi18n/, loaded before this
 // module); without it, English.
@@ -63,7 +64,9 @@ async function api(path, options = {}) {
   if (response.status === 204) return null;
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const error = new Error((body.error && body.error.message) || tr(gettext("HTTP error %(status)s"), { status: response.status }));
+    const error = new Error(body.error
+      ? errorText(body.error.code, body.error.message)
+      : tr(gettext("HTTP error %(status)s"), { status: response.status }));
     error.code = body.error && body.error.code;
     throw error;
   }
@@ -179,7 +182,8 @@ function decorate(node, m) {
     details.title = gettext("runner · model · throughput · time to first token");
     meta.append(details);
     if (m.status === "failed" || (m.status === "stopped" && m.error)) {
-      meta.append(el("span", "msg-error", m.error || gettext("The answer failed.")));
+      const text = m.error_code || m.error ? errorText(m.error_code, m.error) : gettext("The answer failed.");
+      meta.append(el("span", "msg-error", text));
     }
   }
   const actions = node.querySelector(".msg-actions");
@@ -681,11 +685,7 @@ function frameError(p, f) {
     // After the turn was saved, retrying means answering it again; before, sending it again.
     retry = p.assistantId ? () => regenerate() : () => resend(p.frame);
   }
-  const messages = {
-    rate_limited: f.message,
-    guardian_blocked: tr(gettext("Blocked by a content rule: %(reason)s"), { reason: f.message }),
-  };
-  showBanner(messages[f.code] || f.message || gettext("Something went wrong."), retry);
+  showBanner(errorText(f.code, f.message, f.quota), retry);
   els.banner.dataset.kind = "error";
   if (p && !p.assistantId) {
     // Refused before anything was saved: give the text back to the composer.
@@ -707,7 +707,7 @@ function finishPending(p, f) {
       id: p.assistantId, role: "assistant", content: p.text, status: f.status || "complete",
       runner: f.runner || p.routed?.runner, model: f.model || p.routed?.model,
       fallback: f.fallback ?? p.routed?.fallback, usage: f.usage, timings: f.timings,
-      sources: p.sources, error: p.error?.message,
+      sources: p.sources, error: p.error?.message, error_code: p.error?.code,
     };
     renderMarkdown(p.body, p.text);
     decorate(p.node, m);
