@@ -619,8 +619,7 @@ function handleFrame(f) {
       if (p && f.step_id != null) { if (p.node) { renderStep(p.node, { ...f, status: "running" }, decide); scrollDown(); } }
       else if (p) { p.text += `\n\n\`${tr(gettext("tool call: %(call)s"), { call: `${f.name}(${f.arguments})` })}\`\n`; scheduleRender(p); }
       break;
-    // The approval card must be seen: scrolled into view whatever the position.
-    case "approval_request": if (p && p.node) { renderStep(p.node, { ...f, status: "awaiting_approval" }, decide); scrollDown(true); } break;
+    case "approval_request": if (p && p.node) approvalRequested(p, f); break;
     case "tool_result": if (p && p.node) { renderStep(p.node, f, decide); scrollDown(); } break;
     case "approval": break;
     case "error": frameError(p, f); break;
@@ -629,9 +628,22 @@ function handleFrame(f) {
   }
 }
 
-// The answer to an approval card (agent.js), from this socket whichever turn it belongs to.
+// An approval card must be seen and heard: scrolled into view whatever the
+// position, announced, and the focus on Approve (in the conversation shown).
+function approvalRequested(p, f) {
+  const block = renderStep(p.node, { ...f, status: "awaiting_approval" }, decide);
+  scrollDown(true);
+  if (p.conversationId !== state.conversationId) return;
+  announce(tr(gettext("Approval needed: run the tool %(tool)s? Approve or Deny."), { tool: f.name }));
+  const approve = block.querySelector(".approval-card .approve");
+  if (approve) approve.focus();
+}
+
+// The answer to an approval card (agent.js), from this socket whichever turn
+// it belongs to; the focus goes back to the message box (the card goes away).
 function decide(stepId, approved) {
   send({ type: "approve", request_id: requestId(), step_id: stepId, approved });
+  els.prompt.focus();
 }
 
 function accepted(p, f) {
