@@ -28,7 +28,7 @@ export const ERROR_TEXT = {
   nothing_to_regenerate: gettext("This conversation has no message to answer."),
   unknown_runner: gettext("That runner is not available to you."),
   rate_limited: gettext("Too many answers or messages at once; wait a moment and try again."),
-  quota_exceeded: gettext("Your budget is spent: %(used)s of %(limit)s used. It starts over at %(when)s."),
+  quota_exceeded: gettext("Quota reached: %(used)s of %(limit)s used, %(remaining)s left. It starts over at %(when)s."),
   guardian_blocked: gettext("Blocked by a content rule: %(detail)s"),
   credential_ended: gettext("You were signed out (or your key was revoked). Sign in again."),
   internal_error: gettext("Something went wrong on the server."),
@@ -51,7 +51,10 @@ export function errorText(code, message, quota) {
     if (!quota) return message || format;
     const when = quota.resets_at ? new Date(quota.resets_at).toLocaleString(LANG) : "—";
     const number = new Intl.NumberFormat(LANG);
-    return tr(format, { used: number.format(quota.used), limit: number.format(quota.limit), when });
+    return tr(format, {
+      used: number.format(quota.used), limit: number.format(quota.limit),
+      remaining: number.format(quota.remaining), when,
+    });
   }
   return tr(format, { detail: message || "" });
 }

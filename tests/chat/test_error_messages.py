@@ -24,7 +24,7 @@ def test_errors_read_in_chinese_by_code_and_unknown_codes_keep_the_servers_text(
                 window.gettext = (s) => catalog[s] || s;
                 document.documentElement.lang = "zh-hant";
                 const { errorText } = await import("/static/js/errors.js");
-                const quota = { used: 1200, limit: 1000, resets_at: "2026-12-02T00:00:00Z" };
+                const quota = { used: 1200, limit: 1000, remaining: 0, resets_at: "2026-12-02T00:00:00Z" };
                 return [
                     errorText("timeout", "Runner timed out after 60 s."),
                     errorText("guardian_blocked", "No passwords, please."),
@@ -37,6 +37,6 @@ def test_errors_read_in_chinese_by_code_and_unknown_codes_keep_the_servers_text(
         )
     assert shown[0] == "執行器回應逾時。"
     assert shown[1] == "已被內容規則阻擋\uff1aNo passwords, please."  # the rule's own words
-    assert shown[2].startswith("你的額度已用完\uff1a已使用 1,200\uff0f1,000。將於 2026")
+    assert shown[2].startswith("已達額度上限\uff1a已使用 1,200\uff0f1,000\uff0c剩餘 0。將於 2026")
     assert shown[3] == "A title cannot be empty."  # not a websocket code: the server's text
     assert shown[4] == "發生錯誤。"
