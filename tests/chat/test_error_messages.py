@@ -24,7 +24,9 @@ def test_errors_read_in_chinese_by_code_and_unknown_codes_keep_the_servers_text(
                 window.gettext = (s) => catalog[s] || s;
                 document.documentElement.lang = "zh-hant";
                 const { errorText } = await import("/static/js/errors.js");
-                const quota = { used: 1200, limit: 1000, remaining: 0, resets_at: "2026-12-02T00:00:00Z" };
+                const quota = {
+                    used: 1200, limit: 1000, remaining: 0, resets_at: "2026-12-02T00:00:00Z",
+                };
                 return [
                     errorText("timeout", "Runner timed out after 60 s."),
                     errorText("guardian_blocked", "No passwords, please."),
