@@ -7,6 +7,7 @@ from django.contrib.auth.models import User
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from accounts import selfservice
 from accounts.models import ApiKey, Invite, Quota
@@ -25,7 +26,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # Keys are issued from the user's settings page, where the raw key is shown once.
         return False
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description=_("Revoke selected keys"))
     def revoke(self, request, queryset):
         for key in queryset.filter(revoked_at__isnull=True):
             key.revoke()
@@ -91,7 +92,7 @@ class TeamUserAdmin(UserAdmin):
 
     actions = ["deactivate"]
 
-    @admin.action(description="Deactivate (ends their sessions and open chats at once)")
+    @admin.action(description=_("Deactivate (ends their sessions and open chats at once)"))
     def deactivate(self, request, queryset):
         for user in queryset.filter(is_active=True):
             selfservice.deactivate(user)

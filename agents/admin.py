@@ -13,6 +13,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.translation import gettext_lazy as _
 
 from asgiref.sync import async_to_sync
 
@@ -96,12 +97,12 @@ class McpServerAdmin(admin.ModelAdmin):
     actions = ["check_now"]
     fieldsets = (
         (None, {"fields": ("name", "transport", "enabled", "timeout_seconds")}),
-        ("Streamable HTTP", {"fields": ("url", "stored_headers", "headers", "clear_headers")}),
+        (_("Streamable HTTP"), {"fields": ("url", "stored_headers", "headers", "clear_headers")}),
         ("stdio", {"fields": ("command", "args")}),
-        ("Last listed", {"fields": ("status", "status_detail", "checked_at", "tool_names")}),
+        (_("Last listed"), {"fields": ("status", "status_detail", "checked_at", "tool_names")}),
     )
 
-    @admin.display(description="Stored headers")
+    @admin.display(description=_("Stored headers"))
     def stored_headers(self, obj: McpServer) -> str:
         if not obj.headers_encrypted:
             return "None stored."
@@ -111,11 +112,11 @@ class McpServerAdmin(admin.ModelAdmin):
         # Names only: a header's value is a secret.
         return "Stored, encrypted: " + ", ".join(f"{n}: ••••••••" for n in names)
 
-    @admin.display(description="Tools")
+    @admin.display(description=_("Tools"))
     def tool_names(self, obj: McpServer) -> str:
         return ", ".join(t.get("name", "") for t in obj.tools or []) or "-"
 
-    @admin.action(description="List their tools now (shows whether they are up)")
+    @admin.action(description=_("List their tools now (shows whether they are up)"))
     def check_now(self, request: HttpRequest, queryset: QuerySet) -> None:
         for server in queryset:
             ok, detail, _ = async_to_sync(mcp.check)(server)
@@ -135,7 +136,7 @@ class ToolPolicyAdmin(admin.ModelAdmin):
         if obj.unchecked:
             self.message_user(request, obj.unchecked, messages.WARNING)
 
-    @admin.display(description="Groups")
+    @admin.display(description=_("Groups"))
     def group_names(self, obj: ToolPolicy) -> str:
         return ", ".join(g.name for g in obj.groups.all()) or "everyone"
 

@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponsePermanentRedirect
 from django.urls import include, path, re_path, register_converter
+from django.utils.translation import gettext_lazy as _
 from django.views.i18n import JavaScriptCatalog
 
 from api.inputs import IdConverter
@@ -17,8 +18,8 @@ handler403 = "api.middleware.permission_denied"
 handler404 = "api.middleware.page_not_found"
 handler500 = "api.middleware.server_error"
 
-admin.site.site_header = "BreezeWeb administration"
-admin.site.site_title = "BreezeWeb admin"
+admin.site.site_header = _("BreezeWeb administration")
+admin.site.site_title = _("BreezeWeb admin")
 admin.site.index_template = "admin/runners/index.html"  # adds the runner dashboard link
 
 # Admin pages of models that moved out of the `breezeweb` app keep working.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.utils.translation import gettext_lazy
 
 from chat import limits
 from core.fields import optional_link
@@ -67,7 +68,7 @@ class Conversation(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
-    title = models.CharField(max_length=200, default="New chat")
+    title = models.CharField(max_length=200, default=gettext_lazy("New chat"))
     pinned_runner = optional_link(
         "runners.RunnerConfig",
         on_delete=models.SET_NULL,

@@ -16,6 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from accounts import limits
 from agents import steps as agent_steps
@@ -76,7 +77,7 @@ def title_from(text: str) -> str:
     """A conversation title from its first user message: one line, truncated."""
     line = clean_name(text)
     if not line:
-        return "Image chat"
+        return gettext("Image chat")
     if len(line) <= TITLE_MAX_CHARS:
         return line
     return line[: TITLE_MAX_CHARS - 1].rstrip() + "…"
@@ -469,7 +470,7 @@ def delete_project(user, project_id: int) -> None:
 def create_conversation(user, *, title: str = "", project_id: int | None = None) -> dict:
     """An empty conversation (in a project, with its defaults): the API's way
     to start a chat whose first message then comes over the websocket or /v1."""
-    title = clean_name(title)[:MAX_TITLE_CHARS] or "New chat"
+    title = clean_name(title)[:MAX_TITLE_CHARS] or gettext("New chat")
     with transaction.atomic():
         project = _owned_project(user, project_id) if project_id is not None else None
         conversation = _new_conversation(user, title, project)

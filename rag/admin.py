@@ -6,6 +6,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from rag import uploads, worker
 from rag.models import Collection, Document
@@ -30,7 +31,7 @@ class CollectionAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "owner", "shared", "groups")}),
         (
-            "Retrieval",
+            _("Retrieval"),
             {
                 "fields": ("search_mode", "keyword_weight", "top_k", "rerank", "score_floor"),
                 "description": "Hybrid (the default) fuses keyword (BM25) and vector search; "
@@ -41,7 +42,7 @@ class CollectionAdmin(admin.ModelAdmin):
     search_fields = ("name", "owner__username")
     filter_horizontal = ("groups",)
 
-    @admin.display(description="Documents")
+    @admin.display(description=_("Documents"))
     def documents(self, obj: Collection) -> int:
         return obj.documents.count()
 
@@ -148,24 +149,24 @@ class DocumentAdmin(admin.ModelAdmin):
             return super().log_addition(request, obj, message)
         return None
 
-    @admin.display(description="Progress")
+    @admin.display(description=_("Progress"))
     def progress_percent(self, obj: Document) -> str:
         if obj.status == Document.Status.PROCESSING:
             return f"{obj.progress * 100:.0f}%"
         return "100%" if obj.status == Document.Status.READY else "—"
 
-    @admin.display(description="Error")
+    @admin.display(description=_("Error"))
     def short_error(self, obj: Document):
         if not obj.error:
             return ""
         return format_html('<span title="{}">{}</span>', obj.error, obj.error[:60])
 
-    @admin.action(description="Re-ingest selected documents")
+    @admin.action(description=_("Re-ingest selected documents"))
     def reingest_selected(self, request, queryset):
         count = self._each(queryset, uploads.reingest)
         self.message_user(request, f"{count} document(s) queued for ingestion.")
 
-    @admin.action(description="Delete selected documents (file and chunks)")
+    @admin.action(description=_("Delete selected documents (file and chunks)"))
     def delete_with_chunks(self, request, queryset):
         count = self._each(queryset, uploads.delete_document)
         self.message_user(request, f"{count} document(s) deleted with their chunks.")

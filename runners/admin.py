@@ -21,6 +21,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext
+from django.utils.translation import gettext_lazy as _
 
 from asgiref.sync import async_to_sync
 
@@ -78,15 +79,15 @@ class RunnerConfigAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "kind", "enabled", "priority")}),
         (
-            "Model and endpoint",
+            _("Model and endpoint"),
             {"fields": ("model_id", "endpoint", "stored_key", "api_key", "clear_api_key")},
         ),
         (
-            "Generation",
+            _("Generation"),
             {"fields": ("temperature", "max_tokens", "context_tokens", "timeout_seconds")},
         ),
         (
-            "Capabilities",
+            _("Capabilities"),
             {
                 "fields": ("enable_vision", "enable_agents", "enable_rag"),
                 "description": "Every runner has llm. A request with an image needs vlm "
@@ -95,7 +96,7 @@ class RunnerConfigAdmin(admin.ModelAdmin):
             },
         ),
         (
-            "Access",
+            _("Access"),
             {
                 "fields": ("groups",),
                 "description": "Which groups may use this runner (docs/teams.md). With no "
@@ -103,7 +104,7 @@ class RunnerConfigAdmin(admin.ModelAdmin):
                 "and use it.",
             },
         ),
-        ("Advanced", {"fields": ("extra_params", "version", "created_at", "updated_at")}),
+        (_("Advanced"), {"fields": ("extra_params", "version", "created_at", "updated_at")}),
     )
     filter_horizontal = ("groups",)
 
@@ -113,19 +114,19 @@ class RunnerConfigAdmin(admin.ModelAdmin):
 
     # ---- list columns ---------------------------------------------------------------
 
-    @admin.display(description="Kind", ordering="kind")
+    @admin.display(description=_("Kind"), ordering="kind")
     def kind_shown(self, obj: RunnerConfig) -> str:
         return obj.kind  # the short name: the list is wide enough already
 
-    @admin.display(description="Capabilities")
+    @admin.display(description=_("Capabilities"))
     def capabilities_shown(self, obj: RunnerConfig) -> str:
         return ", ".join(obj.capabilities)
 
-    @admin.display(description="Endpoint", ordering="endpoint")
+    @admin.display(description=_("Endpoint"), ordering="endpoint")
     def endpoint_shown(self, obj: RunnerConfig) -> str:
         return shown_endpoint(obj.endpoint)
 
-    @admin.display(description="Circuit")
+    @admin.display(description=_("Circuit"))
     def circuit(self, obj: RunnerConfig) -> str:
         state = circuits.state(obj.name)
         failures = circuits.circuits.get(obj.name)
@@ -137,14 +138,14 @@ class RunnerConfigAdmin(admin.ModelAdmin):
             f" ({count} failures)" if count else "",
         )
 
-    @admin.display(description="Health")
+    @admin.display(description=_("Health"))
     def health(self, obj: RunnerConfig) -> str:
         url = reverse("admin:runners_runnerconfig_health", args=[obj.pk])
         return format_html(
             '<span class="runner-health" data-health-url="{}">{}</span>', url, gettext("checking…")
         )
 
-    @admin.display(description="Stored API key")
+    @admin.display(description=_("Stored API key"))
     def stored_key(self, obj: RunnerConfig | None) -> str:
         return key_status(obj if obj and obj.pk else None)
 
@@ -175,7 +176,7 @@ class RunnerConfigAdmin(admin.ModelAdmin):
 
     # ---- actions --------------------------------------------------------------------
 
-    @admin.action(description="Check health of the selected runners")
+    @admin.action(description=_("Check health of the selected runners"))
     def check_health(self, request: HttpRequest, queryset: QuerySet[RunnerConfig]) -> None:
         configs = list(queryset)
 
@@ -190,7 +191,9 @@ class RunnerConfigAdmin(admin.ModelAdmin):
             self.message_user(request, text, messages.SUCCESS if report.ok else messages.ERROR)
 
     # Runs real inference (and may cost money on a remote server): editors only.
-    @admin.action(description="Send a test prompt to the selected runners", permissions=["change"])
+    @admin.action(
+        description=_("Send a test prompt to the selected runners"), permissions=["change"]
+    )
     def send_test_prompt(
         self, request: HttpRequest, queryset: QuerySet[RunnerConfig]
     ) -> HttpResponse | None:
@@ -253,15 +256,15 @@ class RunRecordAdmin(admin.ModelAdmin):
     search_fields = ("runner_name", "model_id", "error")
     list_per_page = 50
 
-    @admin.display(description="TTFT", ordering="time_to_first_token_ms")
+    @admin.display(description=_("TTFT"), ordering="time_to_first_token_ms")
     def ttft(self, obj: RunRecord) -> str:
         return _ms(obj.time_to_first_token_ms)
 
-    @admin.display(description="Total", ordering="total_ms")
+    @admin.display(description=_("Total"), ordering="total_ms")
     def total(self, obj: RunRecord) -> str:
         return _ms(obj.total_ms)
 
-    @admin.display(description="Tokens/s", ordering="tokens_per_second")
+    @admin.display(description=_("Tokens/s"), ordering="tokens_per_second")
     def tokens_per_second_shown(self, obj: RunRecord) -> str:
         return "-" if obj.tokens_per_second is None else f"{obj.tokens_per_second:.1f}"
 

@@ -98,7 +98,33 @@ def answered(site, browser):
     return url
 
 
-def _open_test_prompt(page, site):
+@pytest.fixture(scope="module")
+def links(site, answered):
+    """Addresses the audited pages need, made on the site: the answered chat, a
+    share link of it (seen logged out), an unused invite, and a chat whose
+    answer has two versions (the version arrows)."""
+    conversation = int(answered.rstrip("/").rsplit("/", 1)[1])
+    made = manage(
+        site.env,
+        "shell",
+        "-c",
+        "import json;from django.contrib.auth.models import User;"
+        "from accounts.selfservice import make_invite;from chat.sharing import create_share;"
+        "from chat.models import Conversation, Message;"
+        "carol = User.objects.get(username='carol');"
+        f"share = create_share(carol, {conversation})['url'];"
+        "c = Conversation.objects.create(owner=carol, title='Two versions');"
+        "q = Message.objects.create(conversation=c, role='user', content='Say hello.');"
+        "Message.objects.create(conversation=c, role='assistant', content='Hello.');"
+        "Message.objects.create(conversation=c, role='assistant', content='Hi!', parent=q);"
+        "print(json.dumps({'share': share, 'invite': f'/invite/{make_invite(carol)[1]}/',"
+        " 'branched': f'/c/{c.pk}/'}))",
+    )
+    paths = json.loads(made.strip().splitlines()[-1])
+    return {"chat": answered, **{key: f"{site.url}{path}" for key, path in paths.items()}}
+
+
+def _open_test_prompt(page, site, links):
     page.goto(f"{site.url}/admin/runners/runnerconfig/")
     page.locator("input.action-select").first.check()
     page.select_option("select[name=action]", "send_test_prompt")
@@ -106,19 +132,48 @@ def _open_test_prompt(page, site):
     page.wait_for_selector("textarea[name=prompt]")
 
 
-# (name, path or callable, selector that shows the page is ready)
+def _open_runner_change_form(page, site, links):
+    page.goto(f"{site.url}/admin/runners/runnerconfig/")
+    page.locator("th.field-name a").first.click()
+
+
+def _chat_with(opener: str):
+    """The answered chat with `opener` clicked (a dialog or panel open)."""
+
+    def open_(page, site, links):
+        page.goto(links["chat"])
+        page.wait_for_selector(".msg-assistant .msg-actions button")
+        page.click(opener)
+
+    return open_
+
+
+# (name, path or callable, selector that shows the page is ready). A path is
+# a site path or a key of `links`; names in LOGGED_OUT are seen signed out.
 PAGES = [
     ("login", "/login/", "#id_username"),
-    ("chat", None, ".msg-assistant .msg-actions button"),
+    ("chat", "chat", ".msg-assistant .msg-actions button"),
+    ("chat-share-dialog", _chat_with("#share-open"), "#share-dialog[open]"),
+    ("chat-project-dialog", _chat_with("#new-project"), "#project-dialog[open]"),
+    ("chat-shortcuts-dialog", _chat_with("#show-shortcuts"), "#shortcuts[open]"),
+    ("chat-documents-panel", _chat_with("#toggle-docs"), "#documents:not([hidden])"),
     ("new-chat", "/", "#conn-status[data-state=open]"),
+    ("shared", "share", "#shared-title"),
+    ("invite", "invite", "form input[type=password]"),
     ("api-keys", "/settings/api-keys/", "#create-title"),
+    ("usage", "/settings/usage/", "#usage-periods"),
+    ("password", "/settings/password/", "form input[type=password]"),
+    ("sessions", "/settings/sessions/", "#session-list"),
     ("api-docs", "/api/docs", "#endpoints"),
     ("admin-index", "/admin/", "#runner-dashboard-link"),
     ("admin-runners-app", "/admin/runners/", "#runner-dashboard-link"),
     ("admin-runner-list", "/admin/runners/runnerconfig/", ".runner-health"),
+    ("admin-runner-change", _open_runner_change_form, "#runnerconfig_form"),
     ("admin-runner-dashboard", "/admin/runners/dashboard/", "#runner-stats-1"),
     ("admin-test-prompt", _open_test_prompt, "textarea[name=prompt]"),
+    ("admin-usage", "/admin/usage/", "#usage-totals"),
 ]
+LOGGED_OUT = {"login", "shared", "invite"}
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
@@ -126,17 +181,15 @@ PAGES = [
 def test_every_page_passes_axe_and_logs_no_error(
     site, browser, request, name, target, ready, scheme
 ):
-    answered = request.getfixturevalue("answered") if target is None else None
+    links = {} if name == "login" else request.getfixturevalue("links")
     context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme=scheme)
     page = watched_page(context)
-    if name == "login":
-        page.goto(f"{site.url}/login/")
-    else:
+    if name not in LOGGED_OUT:
         _login(page, site)
-        if callable(target):
-            target(page, site)
-        else:
-            page.goto(answered if target is None else f"{site.url}{target}")
+    if callable(target):
+        target(page, site, links)
+    else:
+        page.goto(links.get(target) or f"{site.url}{target}")
     page.wait_for_selector(ready, timeout=30_000)
     if name == "admin-runner-list":  # health cells filled in by health.js
         page.wait_for_function(
@@ -148,6 +201,21 @@ def test_every_page_passes_axe_and_logs_no_error(
     assert _axe(page) == []
     assert page.problems == []
     context.close()
+
+
+def test_the_first_run_page_passes_axe(browser, tmp_path):
+    """/setup/, shown only while no account exists: a site of its own."""
+    with live_site(tmp_path / "first-run") as empty:
+        for scheme in ("light", "dark"):
+            context = browser.new_context(
+                viewport={"width": 1280, "height": 820}, color_scheme=scheme
+            )
+            page = watched_page(context)
+            page.goto(f"{empty.url}/setup/")
+            page.wait_for_selector("#id_password2")
+            assert _axe(page) == [], scheme
+            assert page.problems == []
+            context.close()
 
 
 def test_the_chinese_chat_passes_axe(site, browser, answered):
@@ -174,14 +242,14 @@ FOCUS_PROBE = """() => {
 }"""
 
 
-def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, answered):
+def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, links):
     context = browser.new_context(viewport={"width": 1280, "height": 820})
     page = watched_page(context)
     _login(page, site)
-    page.goto(answered)
-    page.wait_for_selector(".msg-assistant .msg-actions button")
+    page.goto(links["branched"])  # an answer with two versions: the arrows too
+    page.wait_for_selector(".msg-assistant .msg-actions .branch-prev")
     seen = []  # from the message box (focused on load) round to it again
-    for _ in range(80):
+    for _ in range(150):
         page.keyboard.press("Tab")
         probe = page.evaluate(FOCUS_PROBE)
         if probe["tag"] == "body":
@@ -193,13 +261,17 @@ def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, 
     texts = {p["text"] for p in seen}
     expected_ids = {
         "new-chat", "search", "show-shortcuts", "runner-select", "rag-toggle",
-        "toggle-docs", "prompt", "send", "language-select-chat",
+        "toggle-docs", "prompt", "send", "language-select-chat", "new-project",
+        "share-open", "agent-toggle", "export-all", "import-open",
     }  # fmt: skip
     assert expected_ids <= by_id, expected_ids - by_id
-    assert {"Copy", "Regenerate", "Edit", "API keys", "Admin", "Sign out", "Switch"} <= texts
+    assert {"Copy", "Regenerate", "Edit", "Fork", "Pin"} <= texts
+    assert {"API keys", "Admin", "Sign out", "Switch"} <= texts
     assert any(p["cls"] == "conversation-link" for p in seen)
-    assert any(p["text"].startswith("Rename ") for p in seen)
-    assert any(p["text"].startswith("Delete ") for p in seen)
+    for action in ("Move ", "Rename ", "Delete "):
+        assert any(p["text"].startswith(action) for p in seen), action
+    # The version arrows: the earlier version's (the later one is disabled).
+    assert "Previous version" in texts
     assert any(p["cls"] == "skip-link" for p in seen)
     # Every stop shows where the focus is.
     assert [p for p in seen if not (p["ring"] and p["visible"])] == []

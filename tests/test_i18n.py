@@ -10,6 +10,8 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+from django.utils import translation
+
 import polib
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +32,8 @@ READ_ATTRIBUTES = {"title", "placeholder", "aria-label", "aria-description", "al
 # Elements whose text is code or key names, not prose.
 VERBATIM_ELEMENTS = {"script", "style", "code", "pre", "kbd"}
 WORD = re.compile(r"[A-Za-z]{2,}")
+# A Python string marked for translation, as its one literal argument.
+PYTHON_MARKED = re.compile(r"""\b(?:_|gettext|gettext_lazy)\(\s*"((?:[^"\\]|\\.)*)"\s*[,)]""")
 
 
 # ---- the template scanner ----------------------------------------------------------------
@@ -311,6 +315,46 @@ def test_every_marked_string_is_in_the_catalogs():
         for match in re.finditer(r"""\{%\s*translate\s+(["'])(.*?)\1""", template.read_text()):
             marked_templates.add(match.group(2))
     assert marked_templates - {e.msgid for e in _catalog("zh_Hant", "django")} == set()
+    # Python: gettext("…") / gettext_lazy("…") / _("…") with one literal (the admin's
+    # column and action names, the default chat titles, error messages).
+    marked_python = set()
+    skipped = {".venv", "tests", "bench", "staticfiles", "data", "migrations"}
+    for module in ROOT.rglob("*.py"):
+        if skipped & set(module.relative_to(ROOT).parts):
+            continue
+        for match in PYTHON_MARKED.finditer(module.read_text()):
+            marked_python.add(match.group(1))
+    assert marked_python, "the Python scan found nothing"
+    assert marked_python - {e.msgid for e in _catalog("zh_Hant", "django")} == set()
+
+
+def test_every_websocket_error_code_has_a_translated_message():
+    """The chat shows an error in the page's language by its code
+    (static/js/errors.js); the codes are the websocket's one table."""
+    from chat.errors import WEBSOCKET_CODES
+
+    source = (ROOT / "static" / "js" / "errors.js").read_text()
+    table = source.split("export const ERROR_TEXT = {", 1)[1].split("\n};", 1)[0]
+    messages = dict(re.findall(r"""^\s+(\w+): gettext\("((?:[^"\\]|\\.)*)"\)""", table, re.M))
+    assert WEBSOCKET_CODES - set(messages) == set(), "add them to static/js/errors.js"
+    # Other keys are codes saved on an answer by the chat service, not typos.
+    services = (ROOT / "chat" / "services.py").read_text()
+    extra = set(messages) - WEBSOCKET_CODES
+    assert {code for code in extra if f'error_code="{code}"' not in services} == set()
+    chinese = {e.msgid: e.msgstr for e in _catalog("zh_Hant", "djangojs")}
+    assert [code for code, msgid in messages.items() if not chinese.get(msgid)] == []
+
+
+def test_templates_show_dates_in_the_languages_formats():
+    """What people read is formatted with the language's formats (`*_FORMAT`);
+    a fixed format (`Y-m-d`) only in a `<time datetime>`, for machines."""
+    fixed = []
+    for template in TEMPLATES.rglob("*.html"):
+        source = re.sub(r"""datetime=(["'])\{\{.*?\}\}\1""", " ", template.read_text())
+        for match in re.finditer(r"""\|date:(["'])(.*?)\1""", source):
+            if not match.group(2).endswith("_FORMAT"):
+                fixed.append(f"{template.relative_to(TEMPLATES)}: {match.group(0)}")
+    assert fixed == []
 
 
 # ---- the pages ---------------------------------------------------------------------------
@@ -331,6 +375,36 @@ def test_the_switcher_overrides_the_browser(client, user, compiled_translations)
     assert response.status_code == 302 and response["Location"] == "/login/"
     page = client.get("/login/", HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "登入" in page and '<option value="zh-hant" lang="zh-hant" selected>' in page
+
+
+@pytest.mark.django_db
+def test_the_settings_pages_have_the_switcher_and_local_dates(client, user, compiled_translations):
+    client.force_login(user)  # (records the session, as a sign-in does)
+    client.post("/i18n/setlang/", {"language": "zh-hant", "next": "/settings/sessions/"})
+    for path in ("/settings/sessions/", "/settings/usage/", "/settings/password/"):
+        page = client.get(path).content.decode()
+        assert 'id="language-select-settings"' in page, path
+        assert '<option value="zh-hant" lang="zh-hant" selected>' in page, path
+    # The session's start, in the Chinese date format.
+    sessions = client.get("/settings/sessions/").content.decode()
+    assert re.search(r"<time datetime=\"[^\"]+\">\d{4}年\d{1,2}月\d{1,2}日", sessions), sessions
+
+
+@pytest.mark.django_db
+def test_the_admin_and_new_chats_in_chinese(client, admin_user, compiled_translations):
+    from chat import services
+    from runners.models import RunnerConfig
+
+    RunnerConfig.objects.create(name="idle", kind="llamastack", enabled=False)
+    client.force_login(admin_user)
+    page = client.get("/admin/runners/runnerconfig/", HTTP_ACCEPT_LANGUAGE="zh-Hant")
+    text = page.content.decode()
+    assert "BreezeWeb 管理" in text and "健康狀態" in text and "斷路器" in text
+    assert "檢查所選執行器的健康狀態" in text  # an action's name
+    with translation.override("zh-hant"):
+        assert services.create_conversation(admin_user)["title"] == "新對話"
+    with translation.override("en"):
+        assert services.create_conversation(admin_user)["title"] == "New chat"
 
 
 @pytest.mark.django_db

@@ -55,7 +55,10 @@ export function renderStep(node, step, decide) {
     block.open = true;
     const card = el("div", "approval-card");
     card.setAttribute("role", "group");
-    card.append(el("p", "approval-question", gettext("Run this tool with these arguments?")));
+    const question = el("p", "approval-question", gettext("Run this tool with these arguments?"));
+    question.id = `approval-question-${step.step_id}`;
+    card.setAttribute("aria-labelledby", question.id);
+    card.append(question);
     const approve = el("button", "btn small approve", gettext("Approve"));
     const deny = el("button", "btn small deny", gettext("Deny"));
     approve.type = deny.type = "button";

@@ -9,11 +9,11 @@ import { linkCitations, sourcesNode } from "./citations.js";
 import { renderStep, renderSteps } from "./agent.js";
 import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snippetNode, updateGauge } from "./conversations.js";
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
-import { el, gettext, ngettext, tr } from "./dom.js";
+import { LANG, el, gettext, ngettext, tr } from "./dom.js";
+import { errorText } from "./errors.js";
 
 // Text goes through Django's JavaScript catalog (/jsi18n/, loaded before this
 // module); without it, English.
-const LANG = document.documentElement.lang || undefined;
 
 const boot = JSON.parse(document.getElementById("boot").textContent);
 const $ = (id) => document.getElementById(id);
@@ -64,7 +64,9 @@ async function api(path, options = {}) {
   if (response.status === 204) return null;
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const error = new Error((body.error && body.error.message) || tr(gettext("HTTP error %(status)s"), { status: response.status }));
+    const error = new Error(body.error
+      ? errorText(body.error.code, body.error.message)
+      : tr(gettext("HTTP error %(status)s"), { status: response.status }));
     error.code = body.error && body.error.code;
     throw error;
   }
@@ -180,7 +182,8 @@ function decorate(node, m) {
     details.title = gettext("runner · model · throughput · time to first token");
     meta.append(details);
     if (m.status === "failed" || (m.status === "stopped" && m.error)) {
-      meta.append(el("span", "msg-error", m.error || gettext("The answer failed.")));
+      const text = m.error_code || m.error ? errorText(m.error_code, m.error) : gettext("The answer failed.");
+      meta.append(el("span", "msg-error", text));
     }
   }
   const actions = node.querySelector(".msg-actions");
@@ -616,8 +619,7 @@ function handleFrame(f) {
       if (p && f.step_id != null) { if (p.node) { renderStep(p.node, { ...f, status: "running" }, decide); scrollDown(); } }
       else if (p) { p.text += `\n\n\`${tr(gettext("tool call: %(call)s"), { call: `${f.name}(${f.arguments})` })}\`\n`; scheduleRender(p); }
       break;
-    // The approval card must be seen: scrolled into view whatever the position.
-    case "approval_request": if (p && p.node) { renderStep(p.node, { ...f, status: "awaiting_approval" }, decide); scrollDown(true); } break;
+    case "approval_request": if (p && p.node) approvalRequested(p, f); break;
     case "tool_result": if (p && p.node) { renderStep(p.node, f, decide); scrollDown(); } break;
     case "approval": break;
     case "error": frameError(p, f); break;
@@ -626,9 +628,22 @@ function handleFrame(f) {
   }
 }
 
-// The answer to an approval card (agent.js), from this socket whichever turn it belongs to.
+// An approval card must be seen and heard: scrolled into view whatever the
+// position, announced, and the focus on Approve (in the conversation shown).
+function approvalRequested(p, f) {
+  const block = renderStep(p.node, { ...f, status: "awaiting_approval" }, decide);
+  scrollDown(true);
+  if (p.conversationId !== state.conversationId) return;
+  announce(tr(gettext("Approval needed: run the tool %(tool)s? Approve or Deny."), { tool: f.name }));
+  const approve = block.querySelector(".approval-card .approve");
+  if (approve) approve.focus();
+}
+
+// The answer to an approval card (agent.js), from this socket whichever turn
+// it belongs to; the focus goes back to the message box (the card goes away).
 function decide(stepId, approved) {
   send({ type: "approve", request_id: requestId(), step_id: stepId, approved });
+  els.prompt.focus();
 }
 
 function accepted(p, f) {
@@ -682,11 +697,7 @@ function frameError(p, f) {
     // After the turn was saved, retrying means answering it again; before, sending it again.
     retry = p.assistantId ? () => regenerate() : () => resend(p.frame);
   }
-  const messages = {
-    rate_limited: f.message,
-    guardian_blocked: tr(gettext("Blocked by a content rule: %(reason)s"), { reason: f.message }),
-  };
-  showBanner(messages[f.code] || f.message || gettext("Something went wrong."), retry);
+  showBanner(errorText(f.code, f.message, f.quota), retry);
   els.banner.dataset.kind = "error";
   if (p && !p.assistantId) {
     // Refused before anything was saved: give the text back to the composer.
@@ -708,7 +719,7 @@ function finishPending(p, f) {
       id: p.assistantId, role: "assistant", content: p.text, status: f.status || "complete",
       runner: f.runner || p.routed?.runner, model: f.model || p.routed?.model,
       fallback: f.fallback ?? p.routed?.fallback, usage: f.usage, timings: f.timings,
-      sources: p.sources, error: p.error?.message,
+      sources: p.sources, error: p.error?.message, error_code: p.error?.code,
     };
     renderMarkdown(p.body, p.text);
     decorate(p.node, m);

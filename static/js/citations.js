@@ -3,7 +3,7 @@
 // number. Cited numbers become links to their source; sources the answer did
 // not cite are listed apart, never as cited. No innerHTML: text nodes only.
 
-import { el, gettext, tr } from "./dom.js";
+import { LANG, el, gettext, tr } from "./dom.js";
 
 const CITATION = /\[(\d{1,3})\]/g;
 
@@ -67,7 +67,7 @@ function sourceItem(s, n) {
   item.append(el("strong", null, s.title || tr(gettext("Document %(id)s"), { id: s.document_id })));
   if (s.page != null) item.append(el("span", "muted", ` · ${tr(gettext("p. %(page)s"), { page: s.page })}`));
   if (typeof s.score === "number") {
-    const score = new Intl.NumberFormat(document.documentElement.lang || undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    const score = new Intl.NumberFormat(LANG, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
     item.append(el("span", "muted", ` · ${score.format(s.score)}`));
   }
   item.append(el("blockquote", null, s.snippet || ""));

@@ -4,7 +4,7 @@
 // pinning. chat.js owns the list itself and calls in here.
 // Everything the server sends is shown as text, never as HTML.
 
-import { el, gettext, ngettext, tr } from "./dom.js";
+import { LANG, el, gettext, ngettext, tr } from "./dom.js";
 
 // A search match: the snippet as text, with <mark> around the ranges that matched.
 export function snippetNode(match) {
@@ -267,7 +267,7 @@ export class Sharing {
     const li = el("li");
     li.dataset.active = String(share.active);
     const state = share.revoked ? gettext("revoked") : share.active ? gettext("active") : gettext("expired");
-    const until = share.expires_at ? ` · ${tr(gettext("until %(when)s"), { when: new Date(share.expires_at).toLocaleString() })}` : "";
+    const until = share.expires_at ? ` · ${tr(gettext("until %(when)s"), { when: new Date(share.expires_at).toLocaleString(LANG) })}` : "";
     li.append(el("code", "", `${share.prefix}…`), el("span", "", `${state}${until} · ${tr(ngettext("%(count)s view", "%(count)s views", share.views), { count: share.views })}`));
     if (!share.revoked) {
       const revoke = el("button", "link-btn danger", gettext("Revoke"));
@@ -339,7 +339,7 @@ export function updateGauge(messages, runners) {
   meter.low = runner.context_tokens * 0.7;
   meter.high = runner.context_tokens * 0.9;
   meter.optimum = 0;
-  const label = tr(gettext("Context: %(used)s / %(limit)s tokens"), { used: used.toLocaleString(), limit: runner.context_tokens.toLocaleString() });
+  const label = tr(gettext("Context: %(used)s / %(limit)s tokens"), { used: used.toLocaleString(LANG), limit: runner.context_tokens.toLocaleString(LANG) });
   gauge.querySelector(".gauge-label").textContent = label;
   meter.setAttribute("aria-label", label);
   gauge.hidden = false;

@@ -8,6 +8,8 @@ const interpolate = window.interpolate
   || ((format, values) => format.replace(/%\((\w+)\)s/g, (_, name) => String(values[name])));
 // A translated format with named values: tr(gettext("%(n)s files"), { n: 3 }).
 export const tr = (format, values) => interpolate(format, values, true);
+// The page's language (<html lang>: "en", "zh-hant"), for dates and numbers.
+export const LANG = document.documentElement.lang || undefined;
 
 // An element with a class (or none) and text content (never HTML).
 export function el(tag, cls, text) {

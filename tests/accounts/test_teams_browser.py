@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.browser import chromium
+from tests.support.browser import chromium, watched_page
 from tests.support.processes import live_site, manage, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
@@ -44,9 +44,7 @@ def _send(page, text: str) -> None:
 
 def test_first_run_chat_quota_message_and_usage_page(fresh_site, browser, scripted_server):
     context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme="light")
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page = watched_page(context)
 
     # 1. A fresh install: the sign-in page leads to the first-run page.
     page.goto(f"{fresh_site.url}/")
@@ -100,5 +98,5 @@ def test_first_run_chat_quota_message_and_usage_page(fresh_site, browser, script
     assert page.locator("#usage-by-runner tr[data-runner=scripted]").count() == 1
     assert "1 / 1" in page.locator("#usage-quota").inner_text()
     page.screenshot(path=str(SHOTS / "usage-page.png"))
-    assert errors == []
+    assert page.problems == []
     context.close()

@@ -9,6 +9,7 @@ import pytest
 
 from tests.chat.test_browser import PASSWORD, _login
 from tests.support.browser import chromium as launch_chromium
+from tests.support.browser import watched_page
 from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, ScriptedToolCall
@@ -44,9 +45,7 @@ def time_call(call_id: str) -> Reply:
 
 
 def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
-    page = chromium.new_context(viewport={"width": 1280, "height": 820}).new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page = watched_page(chromium.new_context(viewport={"width": 1280, "height": 820}))
     _login(page, agent_site)
     page.check("#agent-toggle")
 
@@ -83,7 +82,12 @@ def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
     assert (
         "UTC" in page.locator(".step[data-status=awaiting_approval] .step-arguments").inner_text()
     )
-    card.locator(".approve").click()
+    # Announced, and the focus on Approve: answered from the keyboard.
+    page.wait_for_function(
+        "() => document.getElementById('announcer').textContent.includes('current_time')"
+    )
+    assert page.evaluate("document.activeElement.className") == "btn small approve"
+    page.keyboard.press("Enter")
     page.wait_for_function(
         "() => [...document.querySelectorAll('.msg-assistant')].pop()"
         ".querySelector('.step[data-status=ok] .step-name')?.textContent === 'current_time'",
@@ -112,4 +116,4 @@ def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
     statuses = page.locator(".step").evaluate_all("(nodes) => nodes.map((n) => n.dataset.status)")
     assert statuses == ["ok", "ok", "denied"]
     assert page.is_checked("#agent-toggle")
-    assert errors == []
+    assert page.problems == []
