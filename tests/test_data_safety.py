@@ -3,6 +3,8 @@
 - the test suite runs in its own DATA_DIR: a server from the same checkout,
   serving and answering searches, is left byte-identical by a slice of the
   suite run with the environment pointing at that server's data;
+- a server's Redis database (0, the default) keeps every key while the
+  scale-out pass's cache-clearing tests run with REDIS_URL pointing at it;
 - a second process on the embedded store is refused with a clear message;
 - no document is ever stuck: a store that fails inside ingestion and again
   inside the cleanup ends `failed` with a reason; the watchdog settles runs
@@ -84,6 +86,82 @@ def test_settings_use_the_runs_own_temporary_data_dir():
         assert Path(path).is_relative_to(data_dir)
     assert os.environ["DATA_DIR"] == str(data_dir)  # what the processes tests start get
     assert not django_settings.CHROMA_URL
+
+
+def test_the_main_pass_ignores_the_shells_database_and_redis():
+    if os.environ.get("BREEZEWEB_SCALEOUT_PASS") == "1":
+        pytest.skip("the scale-out pass uses PostgreSQL and Redis on purpose")
+    assert "REDIS_URL" not in os.environ and "DATABASE_URL" not in os.environ
+    assert not django_settings.REDIS_URL
+    assert django_settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("url", "worker", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", "", "redis://127.0.0.1:6379/10"),
+        ("redis://127.0.0.1:6379", "gw1", "redis://127.0.0.1:6379/11"),
+        ("redis://:pw@redis:6379/3", "gw0", "redis://:pw@redis:6379/10"),
+        ("redis://127.0.0.1:6379/12", "gw2", "redis://127.0.0.1:6379/14"),
+    ],
+)
+def test_the_scaleout_pass_uses_redis_databases_a_server_does_not(url, worker, expected):
+    assert hermetic.redis_for_worker(url, worker) == expected
+
+
+SERVER_REDIS_DB = 0  # README, .env.example and compose.yaml serve from it
+
+
+@pytest.mark.scaleout
+@pytest.mark.skipif(
+    os.environ.get("BREEZEWEB_SCALEOUT_PASS") != "1",
+    reason="needs Redis: runs in the scale-out pass",
+)
+def test_the_scaleout_pass_leaves_a_servers_redis_database_untouched():
+    """A server's cache and channel layer live in Redis database 0; the
+    cache-clearing tests (FLUSHDB) run with the shell's REDIS_URL pointing
+    there, as a developer's would, and every key of the server survives."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import redis
+
+    ours = urlsplit(django_settings.REDIS_URL)
+    assert int(ours.path.strip("/")) >= hermetic.FIRST_TEST_REDIS_DB
+    server_url = urlunsplit(ours._replace(path=f"/{SERVER_REDIS_DB}"))
+    server = redis.Redis.from_url(server_url)
+    tag = f"breezeweb-data-safety-{os.getpid()}-{time.monotonic_ns()}"
+    seeded = {
+        f"{tag}:cache": b"a cached page",
+        f"{tag}:asgi:group:documents.user.1": b"a live socket",
+        f"{tag}:rag:resume-ingestion": b"1",
+    }
+    for key, value in seeded.items():
+        server.set(key, value, ex=600)
+    try:
+        # The child keeps this worker's PYTEST_XDIST_WORKER, so it lands on this
+        # worker's own database (this test waits for it): never another
+        # worker's, and never the server's.
+        env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+        env.update(BREEZEWEB_SCALEOUT_PASS="1", REDIS_URL=server_url)
+        slice_ = [
+            "tests/accounts/test_limits.py::test_exactly_n_are_admitted_under_concurrent_threads",
+            "tests/accounts/test_limits.py::"
+            "test_exactly_n_are_admitted_under_concurrent_asyncio_callers",
+        ]
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *slice_],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "2 passed" in run.stdout, run.stdout[-2000:]
+        assert {key: server.get(key) for key in seeded} == seeded
+    finally:
+        server.delete(*seeded)
+        server.close()
 
 
 # --- a real server next to the suite -----------------------------------------------------
