@@ -88,6 +88,30 @@ def test_settings_use_the_runs_own_temporary_data_dir():
     assert not django_settings.CHROMA_URL
 
 
+def test_the_pytest_script_loads_the_hermetic_plugin_as_python_m_pytest_does():
+    """`pytest` (unlike `python -m pytest`) does not put the working directory
+    on sys.path: pyproject's `pythonpath` does, before `-p tests.support.hermetic`."""
+    script = Path(sys.executable).parent / "pytest"
+    if not script.exists():
+        pytest.skip(f"no pytest script next to {sys.executable}")
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTEST_ADDOPTS"}}
+    run = subprocess.run(
+        [
+            str(script),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_data_safety.py::test_settings_use_the_runs_own_temporary_data_dir",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 def test_the_main_pass_ignores_the_shells_database_and_redis():
     if os.environ.get("BREEZEWEB_SCALEOUT_PASS") == "1":
         pytest.skip("the scale-out pass uses PostgreSQL and Redis on purpose")
