@@ -610,6 +610,44 @@ def test_a_collection_lost_behind_the_servers_back_heals_and_upload_and_search_w
     assert chunk_count(lighthouse) == 3
 
 
+class _VanishingAfterFirstBatch:
+    """A real Chroma collection that another process deletes right after the
+    first batch of a write lands in it."""
+
+    def __init__(self, real, name: str) -> None:
+        self._real, self._name, self.batches = real, name, []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def upsert(self, **kwargs):
+        self._real.upsert(**kwargs)
+        self.batches.append(list(kwargs["ids"]))
+        if len(self.batches) == 1:
+            store.get_client().delete_collection(self._name)
+
+
+@pytest.mark.django_db
+def test_a_collection_lost_between_two_batches_of_a_write_loses_no_chunk(
+    rag_thread, user, monkeypatch, caplog
+):
+    collection = Collection.personal_for(user)
+    real = store.collection(collection.chroma_name)
+    vanishing = _VanishingAfterFirstBatch(real, collection.chroma_name)
+    store._handles[collection.chroma_name] = vanishing
+    monkeypatch.setattr(store, "_max_batch", 1)  # three chunks: three batches
+    caplog.set_level(logging.WARNING, logger="rag")
+
+    document = add_and_ingest(user, "lighthouse.pdf", docs.lighthouse_pdf(), collection)
+
+    assert len(vanishing.batches) == 1  # then the handle was found stale
+    assert "vanished under its cached handle" in caplog.text
+    assert "2 of 3 chunks are in the store after writing them" in caplog.text
+    assert (document.status, document.chunk_count) == ("ready", 3)
+    assert chunk_count(document) == 3
+    assert retrieve(user, LIGHTHOUSE_QUESTION).sources[0].page == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_search_finding_the_collection_gone_rebuilds_it(rag_thread, user, caplog):
     document = add_and_ingest(user, "lighthouse.pdf", docs.lighthouse_pdf())
