@@ -44,7 +44,7 @@ from rag.retrieval import retrieve
 from tests.support import documents as docs
 from tests.support import hermetic
 from tests.support.documents import add_and_ingest, chunk_count
-from tests.support.processes import ROOT, Daphne
+from tests.support.processes import ROOT, Daphne, manage, site_env
 
 LIGHTHOUSE_QUESTION = docs.LIGHTHOUSE_QUESTIONS[0][0]  # page 1
 
@@ -555,6 +555,86 @@ def test_a_restart_fails_a_document_that_crashed_every_run_instead_of_looping(ra
     assert worker.resume_unfinished() == []
     document.refresh_from_db()
     assert document.status == "failed" and "re-ingest" in document.error
+
+
+LEAVE_DEAD_RUN = """
+from datetime import timedelta
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.utils import timezone
+from rag.models import Collection, Document
+from rag.worker import MAX_ATTEMPTS
+call_command("migrate", verbosity=0, interactive=False)
+user, _ = get_user_model().objects.get_or_create(username="dora")
+document = Document.objects.create(
+    owner=user, collection=Collection.personal_for(user), title=TITLE,
+    file="documents/0/" + TITLE, sha256=TITLE, status="processing", progress=0.95,
+    ingest_token="dead-run", attempts=MAX_ATTEMPTS,
+    heartbeat_at=timezone.now() - timedelta(seconds=SECONDS_AGO),
+)
+print(document.pk)
+"""
+
+
+def _leave_dead_run(env: dict[str, str], title: str, seconds_ago: float) -> int:
+    """What a server killed in the middle of an ingestion leaves in its
+    database, written by a process of its own."""
+    code = f"TITLE = {title!r}\nSECONDS_AGO = {seconds_ago!r}\n" + LEAVE_DEAD_RUN
+    return int(manage(env, "shell", "-c", code).strip().splitlines()[-1])
+
+
+def _status(data_dir: Path, document_id: int) -> tuple[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(data_dir / "db.sqlite3", timeout=20) as db:
+        row = db.execute(
+            "SELECT status, error FROM rag_document WHERE id = ?", (document_id,)
+        ).fetchone()
+    return tuple(row)
+
+
+def test_a_server_settles_what_a_dead_run_left_as_soon_as_it_serves(tmp_path):
+    """No upload, no documents API call, no admin page: Daphne starting is
+    enough for the documents a dead run left `processing` to be settled, and
+    its watchdog keeps settling those that die while it serves."""
+    data_dir = tmp_path / "data"
+    env = site_env(data_dir, RAG_INGEST_WORKER="thread", RAG_INGEST_STALL_SECONDS="1")
+    before_start = _leave_dead_run(env, "before-the-restart.pdf", seconds_ago=600)
+    server = Daphne(env).start(timeout=120)  # waits for /healthz, nothing else
+    try:
+        expected = ("failed", worker.STALLED_REASON.format(attempts=worker.MAX_ATTEMPTS))
+        assert _wait_for(lambda: _status(data_dir, before_start) == expected, 30), (
+            _status(data_dir, before_start),
+            server.log_tail(),
+        )
+        # A run that dies while the server is up, after it resumed (once, at
+        # the start): the watchdog's sweeps settle it.
+        while_serving = _leave_dead_run(env, "while-serving.pdf", seconds_ago=0)
+        assert _wait_for(lambda: _status(data_dir, while_serving) == expected, 30), (
+            server.log_tail()
+        )
+        assert "/api/documents" not in server.log_tail()
+    finally:
+        server.stop()
+
+
+def test_importing_the_application_starts_no_ingestion_thread(tmp_path):
+    """`migrate`, `runworker` and the tests import breezeweb.asgi: only a
+    serving Daphne starts the worker and the watchdog."""
+    code = (
+        "import threading, time, breezeweb.asgi; time.sleep(1);"
+        "print(sorted(t.name for t in threading.enumerate()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=site_env(tmp_path / "data", RAG_INGEST_WORKER="thread"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rag-ingest" not in run.stdout and "MainThread" in run.stdout, run.stdout
 
 
 # --- the store heals itself -----------------------------------------------------------
