@@ -278,6 +278,72 @@ class LiveServer:
         }
 
 
+def tree_listing(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every entry under `root` (a symbolic link to a directory is followed
+    once, as the checkout's `data/` may be one): its size and mtime, or None
+    for a directory; nothing is read, the prepared models are gigabytes.
+    SQLite's `-shm` index is left out (readers update it by design)."""
+    listing: dict[str, tuple[int, int] | None] = {}
+    if not root.exists():
+        return listing
+    base = root.resolve()
+    for folder, dirs, files in os.walk(base):
+        here = Path(folder)
+        for name in dirs:
+            listing[str((here / name).relative_to(base))] = None
+        for name in files:
+            if name.endswith("-shm"):
+                continue
+            stat = (here / name).lstat()
+            listing[str((here / name).relative_to(base))] = (stat.st_size, stat.st_mtime_ns)
+    return listing
+
+
+def _users_data() -> dict[str, dict]:
+    """What the suite must never write: the checkout's data/ and the user's
+    model cache (both may be absent)."""
+    return {
+        "data/": tree_listing(ROOT / "data"),
+        "model cache": tree_listing(hermetic.SHARED_MODEL_CACHE),
+    }
+
+
+def _building(listing: dict) -> bool:
+    """A `prepare_model` (the user's, not the suite's) is building into the
+    model cache: its `.build-*` folder is there."""
+    return any(Path(name).name.startswith(".build-") for name in listing)
+
+
+def assert_users_data_unchanged(before: dict[str, dict]) -> None:
+    after = _users_data()
+    if _building(before["model cache"]):
+        # Someone's `make run` started a build before the suite did: it writes
+        # there meanwhile. (A build started by the suite itself still shows.)
+        before = {**before, "model cache": {}}
+        after = {**after, "model cache": {}}
+    assert after == before, (
+        "the suite changed the checkout's data/ or the user's model cache (or a "
+        "server from this checkout was writing there meanwhile)"
+    )
+
+
+def test_the_listing_of_the_users_data_sees_a_new_or_rewritten_file(tmp_path):
+    real = tmp_path / "real"
+    (real / "models").mkdir(parents=True)
+    (real / "db.sqlite3").write_bytes(b"x")
+    (tmp_path / "data").symlink_to(real)  # as a worktree's data/ may be
+    before = tree_listing(tmp_path / "data")
+    assert set(before) == {"models", "db.sqlite3"}
+    (real / "models" / "new").write_bytes(b"")
+    assert tree_listing(tmp_path / "data") != before
+    os.remove(real / "models" / "new")
+    assert tree_listing(tmp_path / "data") == before
+    (real / "db.sqlite3").write_bytes(b"y")
+    os.utime(real / "db.sqlite3", ns=(0, 0))
+    assert tree_listing(tmp_path / "data") != before
+    assert tree_listing(tmp_path / "absent") == {}
+
+
 @pytest.fixture(scope="module")
 def serving_server(tmp_path_factory):
     server = LiveServer(tmp_path_factory.mktemp("live-server") / "data")
@@ -300,6 +366,7 @@ def test_the_suite_leaves_a_running_servers_data_byte_identical(serving_server, 
     snapshot = serving_server.snapshot()
     assert any(name.startswith("chroma/") for name in snapshot)
     assert any(name.startswith("uploads/documents/") for name in snapshot)
+    users_data = _users_data()
 
     # A developer's shell and .env both point at the server's data.
     dotenv = tmp_path / "developer.env"
@@ -335,6 +402,7 @@ def test_the_suite_leaves_a_running_servers_data_byte_identical(serving_server, 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "5 passed" in run.stdout, run.stdout[-2000:]
 
+    assert_users_data_unchanged(users_data)
     assert serving_server.snapshot() == snapshot
     assert serving_server.search(LIGHTHOUSE_QUESTION) == before
 
