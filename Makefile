@@ -10,11 +10,14 @@ PORT ?= 8000
 # with a clear error frame); Daphne's default of 1 MB would drop the socket.
 DAPHNE_ARGS ?= --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
-TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/10
 # Both passes run in this many pytest-xdist workers, a test file per worker at
 # a time (module fixtures such as a browser test's site start once). In the
 # scale-out pass each worker has its own PostgreSQL test database
-# (pytest-django) and its own Redis database (tests/support/hermetic.py).
+# (pytest-django's test_<name>_gw<n>) and its own Redis database, 10 + n on the
+# server TEST_REDIS_URL names (tests/support/hermetic.py): never database 0,
+# where `make run` / compose.yaml keep a server's cache and channel layer.
+# The main pass ignores DATABASE_URL / REDIS_URL from the shell.
 PYTEST_WORKERS ?= 2
 
 # A Python >= 3.12: $(PYTHON) if set, else python3.12 / python3.13 when they

@@ -23,9 +23,12 @@ from accounts.ws_auth import WebsocketAuthStack  # noqa: E402
 from breezeweb.server import adjust_daphne  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from rag.consumers import IngestWorker  # noqa: E402
+from rag.worker import start_serving  # noqa: E402
 from runners.registry import preload_local_runners  # noqa: E402
 
-adjust_daphne()
+# The ingestion worker and its watchdog start when Daphne serves (not here:
+# `migrate`, `runworker` and the tests import this module too).
+adjust_daphne(on_start=start_serving)
 
 
 def _handler_with(middleware: list[str]) -> ASGIHandler:

@@ -13,6 +13,9 @@ the `ingest` command). The guarantees:
 - A failure removes every chunk of the document before it is marked `failed`
   with a human reason, and any failure (also one while cleaning up) ends in
   `failed`: a document is never left `processing` by a run that is alive.
+- Every chunk written is checked to be in the store before the document is
+  `ready`: a collection lost between two batches of the write took the earlier
+  batches with it, so the whole write is done again.
 - While it runs, a heartbeat stamps the document every few seconds; the
   watchdog in rag.worker settles a document whose run died (crash, kill).
 """
@@ -48,6 +51,10 @@ PARSED_AT = 0.05  # progress once parsed and chunked
 EMBEDDED_AT = 0.95  # progress once embedded (writing remains)
 
 ProgressCallback = Callable[[Document, int, int], None]
+
+
+class ChunksLost(RuntimeError):
+    """The store kept losing the run's chunks while they were written."""
 
 
 class _Superseded(Exception):
@@ -154,6 +161,9 @@ def ingest_document(document_id: int, *, on_progress: ProgressCallback | None = 
         except Exception as exc:
             if isinstance(exc, FileRejected):
                 reason = exc.message
+            elif isinstance(exc, ChunksLost):
+                reason = f"{exc}; re-ingest"
+                log.warning("document %s: %s", document_id, exc)
             elif isinstance(exc, store.StoreLocked):
                 reason = f"the vector store is busy: {exc}; then re-ingest"
                 log.warning("document %s: %s", document_id, exc)
@@ -200,7 +210,7 @@ def _index(
         if chunk.page is not None:
             meta["page"] = chunk.page
         metadatas.append(meta)
-    store.add_chunks(chroma_name, ids, np.concatenate(vectors), [c.text for c in chunks], metadatas)
+    _write_chunks(document, chroma_name, token, ids, np.concatenate(vectors), chunks, metadatas)
     rows = [
         Chunk(
             document_id=document.pk,
@@ -247,6 +257,39 @@ def _index(
         time.perf_counter() - started,
     )
     return IngestionResult(document.pk, "ready", chunk_count=total)
+
+
+# Whole writes of one run's chunks before it gives up: each lost to a
+# collection that vanished (and was recreated) while it was being written.
+WRITE_ATTEMPTS = 3
+
+
+def _write_chunks(document, chroma_name, token, ids, vectors, chunks, metadatas) -> None:
+    """Write the run's chunks and check that the store holds every one of them.
+
+    A write in several batches retries only the batch that found the collection
+    gone (rag.store), so the batches written before it went with the old
+    collection: counted afterwards, they are missing, and the whole write is
+    done again (upserts: chunks already there are only rewritten)."""
+    texts = [c.text for c in chunks]
+    total = len(ids)
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        store.add_chunks(chroma_name, ids, vectors, texts, metadatas)
+        stored = store.count_document_chunks(chroma_name, document.pk, generation=token)
+        if stored == total:
+            return
+        log.warning(
+            "document %s: %d of %d chunks are in the store after writing them (the "
+            "collection was lost during the write); writing them again (%d of %d)",
+            document.pk,
+            stored,
+            total,
+            attempt,
+            WRITE_ATTEMPTS,
+        )
+    raise ChunksLost(
+        f"the vector store lost chunks while they were written, {WRITE_ATTEMPTS} times"
+    )
 
 
 def _clean_up_superseded(document_id: int, token: str, chroma_name: str) -> None:

@@ -326,10 +326,12 @@ def delete_document(name: str, document_id: int, *, generation: str = "", keep: 
     _with_collection(name, lambda target: target.delete(where=where))
 
 
-def count_document_chunks(name: str, document_id: int) -> int:
-    found = _with_collection(
-        name, lambda target: target.get(where={"document_id": int(document_id)}, include=[])
-    )
+def count_document_chunks(name: str, document_id: int, *, generation: str = "") -> int:
+    """How many chunks of a document the store holds: all, or one `generation`'s."""
+    where: dict = {"document_id": int(document_id)}
+    if generation:
+        where = {"$and": [where, {"generation": generation}]}
+    found = _with_collection(name, lambda target: target.get(where=where, include=[]))
     return len(found["ids"])
 
 

@@ -1,22 +1,24 @@
 """Where ingestion jobs run.
 
 - Default (no Redis): one daemon thread per process with a FIFO queue, started
-  on first use. One thread is enough: embedding is CPU bound and the model is
-  serialised anyway.
+  when the server starts serving (or on first use). One thread is enough:
+  embedding is CPU bound and the model is serialised anyway.
 - With `RAG_INGEST_WORKER=channels` (the default when REDIS_URL is set): jobs go
   to the Channels channel `ingest`, consumed by `python manage.py runworker
   ingest` processes (rag.consumers.IngestWorker).
 
 Resuming: documents left `queued` or `processing` by a stopped process are
-re-queued when the worker starts (first upload, first documents API call, the
-admin's document list, `manage.py resume_ingestion`), never in
-AppConfig.ready.
+re-queued when the worker starts: when Daphne starts serving
+(`start_serving`, from breezeweb.server), or on first use elsewhere (an
+upload, the documents API, the admin's document list, `manage.py
+resume_ingestion`), never in AppConfig.ready nor at import.
 
-The watchdog: a daemon thread started with the worker (in every web process)
-sweeps every RAG_INGEST_STALL_SECONDS / 4. A `processing` document whose run
-has not beaten its heartbeat for RAG_INGEST_STALL_SECONDS (its worker, thread
-or process died) goes back to `queued` and is dispatched again, or is `failed`
-with a reason once MAX_ATTEMPTS runs have died on it; a `queued` document whose
+The watchdog: a daemon thread started with the worker (in every web process,
+from the moment it serves) sweeps every RAG_INGEST_STALL_SECONDS / 4. A
+`processing` document whose run has not beaten its heartbeat for
+RAG_INGEST_STALL_SECONDS (its worker, thread or process died) goes back to
+`queued` and is dispatched again, or is `failed` with a reason once
+MAX_ATTEMPTS runs have died on it; a `queued` document whose
 job was lost (a dead thread, an expired channel message) is dispatched again.
 Sweeps are conditional updates, so any number of processes may run them.
 """
@@ -121,6 +123,25 @@ def ensure_started() -> None:
             requeue_outdated()
         except Exception:
             log.exception("could not queue outdated documents for re-indexing")
+
+
+def start_serving() -> None:
+    """A web process starts serving (breezeweb.server calls this on Daphne's
+    event loop): note that loop, then start the worker and the watchdog and
+    resume unfinished work in a thread of its own, so documents a dead run
+    left `processing` are settled without waiting for anyone to use the
+    documents API."""
+    remember_event_loop()
+    threading.Thread(target=_start_for_serving, name="rag-ingest-start", daemon=True).start()
+
+
+def _start_for_serving() -> None:
+    try:
+        ensure_started()
+    except Exception:
+        log.exception("could not start document ingestion")
+    finally:
+        connections.close_all()
 
 
 def outdated_documents():

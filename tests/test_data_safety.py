@@ -3,6 +3,8 @@
 - the test suite runs in its own DATA_DIR: a server from the same checkout,
   serving and answering searches, is left byte-identical by a slice of the
   suite run with the environment pointing at that server's data;
+- a server's Redis database (0, the default) keeps every key while the
+  scale-out pass's cache-clearing tests run with REDIS_URL pointing at it;
 - a second process on the embedded store is refused with a clear message;
 - no document is ever stuck: a store that fails inside ingestion and again
   inside the cleanup ends `failed` with a reason; the watchdog settles runs
@@ -42,7 +44,7 @@ from rag.retrieval import retrieve
 from tests.support import documents as docs
 from tests.support import hermetic
 from tests.support.documents import add_and_ingest, chunk_count
-from tests.support.processes import ROOT, Daphne
+from tests.support.processes import ROOT, Daphne, manage, site_env
 
 LIGHTHOUSE_QUESTION = docs.LIGHTHOUSE_QUESTIONS[0][0]  # page 1
 
@@ -84,6 +86,106 @@ def test_settings_use_the_runs_own_temporary_data_dir():
         assert Path(path).is_relative_to(data_dir)
     assert os.environ["DATA_DIR"] == str(data_dir)  # what the processes tests start get
     assert not django_settings.CHROMA_URL
+
+
+def test_the_pytest_script_loads_the_hermetic_plugin_as_python_m_pytest_does():
+    """`pytest` (unlike `python -m pytest`) does not put the working directory
+    on sys.path: pyproject's `pythonpath` does, before `-p tests.support.hermetic`."""
+    script = Path(sys.executable).parent / "pytest"
+    if not script.exists():
+        pytest.skip(f"no pytest script next to {sys.executable}")
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTEST_ADDOPTS"}}
+    run = subprocess.run(
+        [
+            str(script),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_data_safety.py::test_settings_use_the_runs_own_temporary_data_dir",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_the_main_pass_ignores_the_shells_database_and_redis():
+    if os.environ.get("BREEZEWEB_SCALEOUT_PASS") == "1":
+        pytest.skip("the scale-out pass uses PostgreSQL and Redis on purpose")
+    assert "REDIS_URL" not in os.environ and "DATABASE_URL" not in os.environ
+    assert not django_settings.REDIS_URL
+    assert django_settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("url", "worker", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", "", "redis://127.0.0.1:6379/10"),
+        ("redis://127.0.0.1:6379", "gw1", "redis://127.0.0.1:6379/11"),
+        ("redis://:pw@redis:6379/3", "gw0", "redis://:pw@redis:6379/10"),
+        ("redis://127.0.0.1:6379/12", "gw2", "redis://127.0.0.1:6379/14"),
+    ],
+)
+def test_the_scaleout_pass_uses_redis_databases_a_server_does_not(url, worker, expected):
+    assert hermetic.redis_for_worker(url, worker) == expected
+
+
+SERVER_REDIS_DB = 0  # README, .env.example and compose.yaml serve from it
+
+
+@pytest.mark.scaleout
+@pytest.mark.skipif(
+    os.environ.get("BREEZEWEB_SCALEOUT_PASS") != "1",
+    reason="needs Redis: runs in the scale-out pass",
+)
+def test_the_scaleout_pass_leaves_a_servers_redis_database_untouched():
+    """A server's cache and channel layer live in Redis database 0; the
+    cache-clearing tests (FLUSHDB) run with the shell's REDIS_URL pointing
+    there, as a developer's would, and every key of the server survives."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import redis
+
+    ours = urlsplit(django_settings.REDIS_URL)
+    assert int(ours.path.strip("/")) >= hermetic.FIRST_TEST_REDIS_DB
+    server_url = urlunsplit(ours._replace(path=f"/{SERVER_REDIS_DB}"))
+    server = redis.Redis.from_url(server_url)
+    tag = f"breezeweb-data-safety-{os.getpid()}-{time.monotonic_ns()}"
+    seeded = {
+        f"{tag}:cache": b"a cached page",
+        f"{tag}:asgi:group:documents.user.1": b"a live socket",
+        f"{tag}:rag:resume-ingestion": b"1",
+    }
+    for key, value in seeded.items():
+        server.set(key, value, ex=600)
+    try:
+        # The child keeps this worker's PYTEST_XDIST_WORKER, so it lands on this
+        # worker's own database (this test waits for it): never another
+        # worker's, and never the server's.
+        env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+        env.update(BREEZEWEB_SCALEOUT_PASS="1", REDIS_URL=server_url)
+        slice_ = [
+            "tests/accounts/test_limits.py::test_exactly_n_are_admitted_under_concurrent_threads",
+            "tests/accounts/test_limits.py::"
+            "test_exactly_n_are_admitted_under_concurrent_asyncio_callers",
+        ]
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *slice_],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "2 passed" in run.stdout, run.stdout[-2000:]
+        assert {key: server.get(key) for key in seeded} == seeded
+    finally:
+        server.delete(*seeded)
+        server.close()
 
 
 # --- a real server next to the suite -----------------------------------------------------
@@ -176,6 +278,72 @@ class LiveServer:
         }
 
 
+def tree_listing(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every entry under `root` (a symbolic link to a directory is followed
+    once, as the checkout's `data/` may be one): its size and mtime, or None
+    for a directory; nothing is read, the prepared models are gigabytes.
+    SQLite's `-shm` index is left out (readers update it by design)."""
+    listing: dict[str, tuple[int, int] | None] = {}
+    if not root.exists():
+        return listing
+    base = root.resolve()
+    for folder, dirs, files in os.walk(base):
+        here = Path(folder)
+        for name in dirs:
+            listing[str((here / name).relative_to(base))] = None
+        for name in files:
+            if name.endswith("-shm"):
+                continue
+            stat = (here / name).lstat()
+            listing[str((here / name).relative_to(base))] = (stat.st_size, stat.st_mtime_ns)
+    return listing
+
+
+def _users_data() -> dict[str, dict]:
+    """What the suite must never write: the checkout's data/ and the user's
+    model cache (both may be absent)."""
+    return {
+        "data/": tree_listing(ROOT / "data"),
+        "model cache": tree_listing(hermetic.SHARED_MODEL_CACHE),
+    }
+
+
+def _building(listing: dict) -> bool:
+    """A `prepare_model` (the user's, not the suite's) is building into the
+    model cache: its `.build-*` folder is there."""
+    return any(Path(name).name.startswith(".build-") for name in listing)
+
+
+def assert_users_data_unchanged(before: dict[str, dict]) -> None:
+    after = _users_data()
+    if _building(before["model cache"]):
+        # Someone's `make run` started a build before the suite did: it writes
+        # there meanwhile. (A build started by the suite itself still shows.)
+        before = {**before, "model cache": {}}
+        after = {**after, "model cache": {}}
+    assert after == before, (
+        "the suite changed the checkout's data/ or the user's model cache (or a "
+        "server from this checkout was writing there meanwhile)"
+    )
+
+
+def test_the_listing_of_the_users_data_sees_a_new_or_rewritten_file(tmp_path):
+    real = tmp_path / "real"
+    (real / "models").mkdir(parents=True)
+    (real / "db.sqlite3").write_bytes(b"x")
+    (tmp_path / "data").symlink_to(real)  # as a worktree's data/ may be
+    before = tree_listing(tmp_path / "data")
+    assert set(before) == {"models", "db.sqlite3"}
+    (real / "models" / "new").write_bytes(b"")
+    assert tree_listing(tmp_path / "data") != before
+    os.remove(real / "models" / "new")
+    assert tree_listing(tmp_path / "data") == before
+    (real / "db.sqlite3").write_bytes(b"y")
+    os.utime(real / "db.sqlite3", ns=(0, 0))
+    assert tree_listing(tmp_path / "data") != before
+    assert tree_listing(tmp_path / "absent") == {}
+
+
 @pytest.fixture(scope="module")
 def serving_server(tmp_path_factory):
     server = LiveServer(tmp_path_factory.mktemp("live-server") / "data")
@@ -198,6 +366,7 @@ def test_the_suite_leaves_a_running_servers_data_byte_identical(serving_server, 
     snapshot = serving_server.snapshot()
     assert any(name.startswith("chroma/") for name in snapshot)
     assert any(name.startswith("uploads/documents/") for name in snapshot)
+    users_data = _users_data()
 
     # A developer's shell and .env both point at the server's data.
     dotenv = tmp_path / "developer.env"
@@ -233,6 +402,7 @@ def test_the_suite_leaves_a_running_servers_data_byte_identical(serving_server, 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "5 passed" in run.stdout, run.stdout[-2000:]
 
+    assert_users_data_unchanged(users_data)
     assert serving_server.snapshot() == snapshot
     assert serving_server.search(LIGHTHOUSE_QUESTION) == before
 
@@ -455,6 +625,86 @@ def test_a_restart_fails_a_document_that_crashed_every_run_instead_of_looping(ra
     assert document.status == "failed" and "re-ingest" in document.error
 
 
+LEAVE_DEAD_RUN = """
+from datetime import timedelta
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.utils import timezone
+from rag.models import Collection, Document
+from rag.worker import MAX_ATTEMPTS
+call_command("migrate", verbosity=0, interactive=False)
+user, _ = get_user_model().objects.get_or_create(username="dora")
+document = Document.objects.create(
+    owner=user, collection=Collection.personal_for(user), title=TITLE,
+    file="documents/0/" + TITLE, sha256=TITLE, status="processing", progress=0.95,
+    ingest_token="dead-run", attempts=MAX_ATTEMPTS,
+    heartbeat_at=timezone.now() - timedelta(seconds=SECONDS_AGO),
+)
+print(document.pk)
+"""
+
+
+def _leave_dead_run(env: dict[str, str], title: str, seconds_ago: float) -> int:
+    """What a server killed in the middle of an ingestion leaves in its
+    database, written by a process of its own."""
+    code = f"TITLE = {title!r}\nSECONDS_AGO = {seconds_ago!r}\n" + LEAVE_DEAD_RUN
+    return int(manage(env, "shell", "-c", code).strip().splitlines()[-1])
+
+
+def _status(data_dir: Path, document_id: int) -> tuple[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(data_dir / "db.sqlite3", timeout=20) as db:
+        row = db.execute(
+            "SELECT status, error FROM rag_document WHERE id = ?", (document_id,)
+        ).fetchone()
+    return tuple(row)
+
+
+def test_a_server_settles_what_a_dead_run_left_as_soon_as_it_serves(tmp_path):
+    """No upload, no documents API call, no admin page: Daphne starting is
+    enough for the documents a dead run left `processing` to be settled, and
+    its watchdog keeps settling those that die while it serves."""
+    data_dir = tmp_path / "data"
+    env = site_env(data_dir, RAG_INGEST_WORKER="thread", RAG_INGEST_STALL_SECONDS="1")
+    before_start = _leave_dead_run(env, "before-the-restart.pdf", seconds_ago=600)
+    server = Daphne(env).start(timeout=120)  # waits for /healthz, nothing else
+    try:
+        expected = ("failed", worker.STALLED_REASON.format(attempts=worker.MAX_ATTEMPTS))
+        assert _wait_for(lambda: _status(data_dir, before_start) == expected, 30), (
+            _status(data_dir, before_start),
+            server.log_tail(),
+        )
+        # A run that dies while the server is up, after it resumed (once, at
+        # the start): the watchdog's sweeps settle it.
+        while_serving = _leave_dead_run(env, "while-serving.pdf", seconds_ago=0)
+        assert _wait_for(lambda: _status(data_dir, while_serving) == expected, 30), (
+            server.log_tail()
+        )
+        assert "/api/documents" not in server.log_tail()
+    finally:
+        server.stop()
+
+
+def test_importing_the_application_starts_no_ingestion_thread(tmp_path):
+    """`migrate`, `runworker` and the tests import breezeweb.asgi: only a
+    serving Daphne starts the worker and the watchdog."""
+    code = (
+        "import threading, time, breezeweb.asgi; time.sleep(1);"
+        "print(sorted(t.name for t in threading.enumerate()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=site_env(tmp_path / "data", RAG_INGEST_WORKER="thread"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rag-ingest" not in run.stdout and "MainThread" in run.stdout, run.stdout
+
+
 # --- the store heals itself -----------------------------------------------------------
 
 
@@ -506,6 +756,44 @@ def test_a_collection_lost_behind_the_servers_back_heals_and_upload_and_search_w
         assert response.status_code == 200, response.content
         assert response.json()["results"][0]["title"] == title
     assert chunk_count(lighthouse) == 3
+
+
+class _VanishingAfterFirstBatch:
+    """A real Chroma collection that another process deletes right after the
+    first batch of a write lands in it."""
+
+    def __init__(self, real, name: str) -> None:
+        self._real, self._name, self.batches = real, name, []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def upsert(self, **kwargs):
+        self._real.upsert(**kwargs)
+        self.batches.append(list(kwargs["ids"]))
+        if len(self.batches) == 1:
+            store.get_client().delete_collection(self._name)
+
+
+@pytest.mark.django_db
+def test_a_collection_lost_between_two_batches_of_a_write_loses_no_chunk(
+    rag_thread, user, monkeypatch, caplog
+):
+    collection = Collection.personal_for(user)
+    real = store.collection(collection.chroma_name)
+    vanishing = _VanishingAfterFirstBatch(real, collection.chroma_name)
+    store._handles[collection.chroma_name] = vanishing
+    monkeypatch.setattr(store, "_max_batch", 1)  # three chunks: three batches
+    caplog.set_level(logging.WARNING, logger="rag")
+
+    document = add_and_ingest(user, "lighthouse.pdf", docs.lighthouse_pdf(), collection)
+
+    assert len(vanishing.batches) == 1  # then the handle was found stale
+    assert "vanished under its cached handle" in caplog.text
+    assert "2 of 3 chunks are in the store after writing them" in caplog.text
+    assert (document.status, document.chunk_count) == ("ready", 3)
+    assert chunk_count(document) == 3
+    assert retrieve(user, LIGHTHOUSE_QUESTION).sources[0].page == 1
 
 
 @pytest.mark.django_db(transaction=True)

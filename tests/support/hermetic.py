@@ -13,6 +13,11 @@ inherit the environment):
   what must not be used). It is removed when the run ends.
 - No `.env` is read (`BREEZEWEB_ENV_FILE` points nowhere) and `CHROMA_URL` is
   dropped: tests never write into a real Chroma server.
+- `DATABASE_URL` and `REDIS_URL` are dropped too (SQLite in `DATA_DIR`, the
+  in-memory channel layer and cache), except in the scale-out pass
+  (`BREEZEWEB_SCALEOUT_PASS=1`), where PostgreSQL is pytest-django's `test_`
+  database and Redis a database numbered 10 or more (`redis_for_worker`),
+  never the database 0 a server uses by default.
 - `MODELS_DIR` defaults to the checkout's prepared model (only read).
 - `BREEZEWEB_MODEL_CACHE` (where `prepare_model` keeps builds and takes its
   locks) is inside `DATA_DIR` too; the user's cache is named in
@@ -54,20 +59,39 @@ os.environ["BREEZEWEB_SHARED_MODEL_CACHE"] = str(SHARED_MODEL_CACHE)
 os.environ["BREEZEWEB_MODEL_CACHE"] = str(DATA_DIR / "model-cache")
 
 
-def _redis_for_worker(url: str, worker: str) -> str:
-    """The Redis URL of one worker of a parallel run: database base + n for
-    worker gw<n>, so the workers' channel layers, limiters and caches never
-    see each other's keys (pytest-django gives each its own test database)."""
+# Redis databases a server never uses by default (README, .env.example and
+# compose.yaml serve from database 0): the scale-out pass flushes its databases
+# (cache.clear() is FLUSHDB) and sends to the `ingest` channel and the
+# documents groups, which a live worker on the same database would receive.
+FIRST_TEST_REDIS_DB = 10
+
+
+def redis_for_worker(url: str, worker: str) -> str:
+    """The Redis URL of one process of the scale-out pass: the server `url`
+    names, database base + n for worker gw<n> (n = 0 without pytest-xdist),
+    where base is the URL's database but never below FIRST_TEST_REDIS_DB. So
+    the workers' channel layers, limiters and caches never see each other's
+    keys (pytest-django gives each its own test database), nor a server's."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    base = int(parts.path.strip("/") or 0)
-    return urlunsplit(parts._replace(path=f"/{base + int(worker.removeprefix('gw'))}"))
+    base = max(int(parts.path.strip("/") or 0), FIRST_TEST_REDIS_DB)
+    n = int(worker.removeprefix("gw")) if worker.startswith("gw") else 0
+    return urlunsplit(parts._replace(path=f"/{base + n}"))
 
 
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _WORKER.startswith("gw") and os.environ.get("REDIS_URL"):
-    os.environ["REDIS_URL"] = _redis_for_worker(os.environ["REDIS_URL"], _WORKER)
+if os.environ.get("BREEZEWEB_SCALEOUT_PASS") == "1":
+    # PostgreSQL is safe as it is: pytest-django creates and drops its own
+    # `test_<name>` database (`test_<name>_gw<n>` per worker), never <name>.
+    if os.environ.get("REDIS_URL"):
+        os.environ["REDIS_URL"] = redis_for_worker(
+            os.environ["REDIS_URL"], os.environ.get("PYTEST_XDIST_WORKER", "")
+        )
+else:
+    # The main pass runs on the embedded defaults whatever the shell says: a
+    # developer's DATABASE_URL / REDIS_URL name the server they run.
+    os.environ.pop("DATABASE_URL", None)
+    os.environ.pop("REDIS_URL", None)
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789")
 # Tests load models when they need them (and measure it); servers they start
 # inherit this.
