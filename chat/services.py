@@ -501,7 +501,11 @@ def list_conversations(
     rows = Conversation.objects.filter(owner=user)
     if project_id is not None:
         rows = rows.filter(project_id=project_id)
-    hits = search.search(user.pk, query, limit=min(limit, MAX_SEARCH_HITS)) if query else None
+    hits = (
+        search.search(user.pk, query, project_id=project_id, limit=min(limit, MAX_SEARCH_HITS))
+        if query
+        else None
+    )
     if hits is None:
         if query:
             rows = rows.filter(title__icontains=query)
