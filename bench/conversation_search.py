@@ -15,7 +15,8 @@ types into the box: a word growing letter by letter ("f", "fu", "fun", ...,
 the last word is a prefix while typing), whole words, and two words, each
 asked by a few users. The baseline reads its own copy of the old index (the
 old FTS5 table, filled from the same rows), so both run in the same process on
-the same database.
+the same database. A second table times the ranking query alone on the
+message index with its prefix indexes and on a copy without them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ BEFORE_SCHEMA = (
     "tokenize = 'porter unicode61 remove_diacritics 2')",
     "INSERT INTO bench_before_fts(rowid, conv, text) "
     "SELECT id, conversation_id, content FROM breezeweb_message",
+)
+NO_PREFIX_SCHEMA = (
+    "CREATE VIRTUAL TABLE bench_noprefix_fts USING fts5(owner, conv UNINDEXED, text, "
+    "tokenize = 'porter unicode61 remove_diacritics 2')",
+    "INSERT INTO bench_noprefix_fts(rowid, owner, conv, text) "
+    "SELECT rowid, owner, conv, text FROM chat_message_fts",
+)
+# chat.search's ranking query, on a table named in place of chat_message_fts.
+RANKING = (
+    "SELECT m.id, m.conversation_id, -bm25({t}, 0.0, 0.0, 1.0) FROM {t} "
+    "JOIN breezeweb_message m ON m.id = {t}.rowid "
+    "JOIN breezeweb_conversation c ON c.id = m.conversation_id "
+    "WHERE {t} MATCH %s AND c.owner_id = %s "
+    "ORDER BY bm25({t}, 0.0, 0.0, 1.0), m.id DESC LIMIT %s"
 )
 BEFORE = (
     "SELECT m.id, m.conversation_id, -bm25(bench_before_fts, 0.0, 1.0), "
@@ -109,7 +124,7 @@ def main() -> None:
         batch_size=5000,
     )
     with connection.cursor() as cursor:
-        for statement in BEFORE_SCHEMA:
+        for statement in BEFORE_SCHEMA + NO_PREFIX_SCHEMA:
             cursor.execute(statement)
     print(
         f"{args.messages:,} messages of {args.users} users ({len(conversations):,} conversations) "
@@ -167,7 +182,44 @@ def main() -> None:
         f"ratios before / now: p50 {statistics.median(b) / statistics.median(n):.2f}x, "
         f"p95 {percentile(b, 95) / percentile(n, 95):.2f}x, max {max(b) / max(n):.2f}x"
     )
+    prefix_indexes(connection, search, asked, askers, args.rounds)
     Path(connection.settings_dict["NAME"]).unlink(missing_ok=True)
+
+
+def prefix_indexes(connection, search, asked: list[str], askers: list[int], rounds: int) -> None:
+    """The ranking query alone, with the message index's prefix indexes and on
+    a copy without them, by what was typed: what the prefix indexes buy."""
+    tables = {"with prefix indexes": "chat_message_fts", "without": "bench_noprefix_fts"}
+    times: dict[tuple[str, bool], list[float]] = {}
+    for round_ in range(rounds + 1):  # the first round warms the pages
+        for query in asked:
+            short = len(query) <= 3
+            for user_id in askers:
+                match = search._Sqlite(user_id, search._terms(query)).match
+                for name, table in tables.items():
+                    with connection.cursor() as cursor:
+                        t = time.perf_counter()
+                        cursor.execute(RANKING.format(t=table), [match, user_id, search.CANDIDATES])
+                        cursor.fetchall()
+                    if round_:
+                        ms = (time.perf_counter() - t) * 1000
+                        times.setdefault((name, short), []).append(ms)
+    print("ranking query alone, message index with and without prefix indexes:")
+    print("| typed | index | p50 | p95 |")
+    print("|---|---|---|---|")
+    for short in (True, False):
+        for name in tables:
+            values = times[(name, short)]
+            print(
+                f"| {'1-3 letters' if short else '4+ letters, words'} | {name} "
+                f"| {statistics.median(values):.2f} ms | {percentile(values, 95):.2f} ms |"
+            )
+        with_, without = (times[(name, short)] for name in tables)
+        print(
+            f"ratios without / with ({'1-3 letters' if short else '4+ letters, words'}): "
+            f"p50 {statistics.median(without) / statistics.median(with_):.2f}x, "
+            f"p95 {percentile(without, 95) / percentile(with_, 95):.2f}x"
+        )
 
 
 if __name__ == "__main__":
