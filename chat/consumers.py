@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.conf import settings
 
@@ -392,7 +392,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await saver.forget(message_id)
             try:
                 await aclose_old_connections()
-                await database_sync_to_async(services.finish_message)(message_id, outcome)
+                cost = await database_sync_to_async(services.finish_message)(message_id, outcome)
+                outcome = replace(outcome, cost=cost)
             except Exception:
                 log.exception("could not save the answer of chat request %s", rid)
             if error is not None:

@@ -107,7 +107,8 @@ class FrameOutbox:
 def done_frame(request_id: str, conversation_id: int, message_id: int, answer: Any) -> dict:
     """The `done` frame of docs/websocket.md. `answer` is how the answer ended:
     a `chat.services.TurnOutcome` just saved, or the saved `chat.models.Message`
-    itself (an attach after the end); both have these fields."""
+    itself (an attach after the end); both have these fields, and `cost`
+    (chat.services.answer_cost) once the answer is saved."""
     return {
         "type": "done",
         "request_id": request_id,
@@ -127,4 +128,5 @@ def done_frame(request_id: str, conversation_id: int, message_id: int, answer: A
             "tokens_per_second": answer.tokens_per_second,
             "total_ms": answer.total_ms,
         },
+        "cost": getattr(answer, "cost", None),
     }

@@ -4,22 +4,27 @@ The database's own engine, as rag.lexical does it for documents (and with its
 words: `query_terms`, the FTS5 tokenizer, PostgreSQL's input and config):
 
 - **Embedded default (SQLite)**: two FTS5 tables, `chat_message_fts` (rowid =
-  the message's id) and `chat_title_fts` (rowid = the conversation's id, with
-  an `owner` column, `u<user id>`, that the query names). Triggers on
+  the message's id) and `chat_title_fts` (rowid = the conversation's id), each
+  with an `owner` column, `u<user id>`, that the query names, so FTS5 reads
+  only the caller's postings before ranking; the message index has prefix
+  indexes for the first letters typed. Triggers on
   `breezeweb_message` and `breezeweb_conversation` keep them in step in the
   same transaction as the row change: a message saved, streamed into, edited
   or deleted (a deleted conversation's messages included) is searchable, or
-  not, at once. Each trigger reads only its own table: SQLite checks a
+  not, at once. No trigger reads another Django table: SQLite checks a
   trigger's tables when a migration rebuilds one, so a trigger on messages
-  that read conversations would break every later migration of that table.
+  that read conversations would break every later migration of that table;
+  a message's owner is read from `chat_title_fts` instead.
   A migration that rebuilds either table ends with `install()` (as 0003
   does), and so does every `migrate` (post_migrate).
   Ranked by BM25; snippets by FTS5's `snippet()`.
 - **Scale-out (PostgreSQL)**: stored generated `tsvector` columns on both
   tables with GIN indexes, ranked by `ts_rank_cd`; snippets by `ts_headline`.
 
-Either way the query joins the conversation and checks its owner in SQL: one
-user's search never sees another's words.
+Either way the query joins the conversation and checks its owner (and the
+project, when one is asked) in SQL, before ranking: one user's search never
+sees another's words, and a project's best matches are its own best, not
+what is left of the user's best.
 
 Words are matched stemmed, all of them (AND), the last one also as a prefix so
 the sidebar finds "pyth" while the user is still typing "python".
@@ -27,6 +32,7 @@ the sidebar finds "pyth" while the user is still typing "python".
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from django.db import connection as default_connection
@@ -42,7 +48,13 @@ PG_HEADLINE = (
     f"StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=24, MinWords=10, "
     "MaxFragments=1, FragmentDelimiter=' … '"
 )
+# The caller's conversations (and one project's, when the third parameter is
+# not NULL), a condition of every ranked query on both engines.
+OWNED = "c.owner_id = %s AND (%s IS NULL OR c.project_id = %s)"
 CANDIDATES = 500  # best-ranked messages read before grouping them by conversation
+# FTS5 prefix indexes: the first letters typed ("p", "py", "pyt") read one
+# prepared list instead of merging those of every word they start.
+FTS5_PREFIXES = "1 2 3"
 
 
 @dataclass(frozen=True)
@@ -92,113 +104,148 @@ def _pg_query(terms: list[str]) -> str:
     return " & ".join(f"'{t}'" + (":*" if i == len(terms) - 1 else "") for i, t in enumerate(terms))
 
 
-def search(user_id: int, query: str, *, limit: int = 50, using=None) -> list[Hit] | None:
-    """The user's conversations matching `query`, best first (at most `limit`).
-    None when the query has no searchable word (only stop words or
-    punctuation): the caller decides what that means."""
+def search(
+    user_id: int, query: str, *, project_id: int | None = None, limit: int = 50, using=None
+) -> list[Hit] | None:
+    """The user's conversations matching `query` (only those of one project
+    with `project_id`), best first (at most `limit`). None when the query has
+    no searchable word (only stop words or punctuation): the caller decides
+    what that means."""
     terms = _terms(query)
     if not terms:
         return None
     conn = using or default_connection
+    engine = _Postgres(terms) if conn.vendor == "postgresql" else _Sqlite(user_id, terms)
+    # The owner and the project are conditions of the ranked queries themselves
+    # (OWNED): the best `limit` of this user's (project's) chats, never a filter
+    # applied to the best of a larger set.
+    project = None if project_id is None else int(project_id)
+    owned = [int(user_id), project, project]
     with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            messages, titles = _postgres(cursor, user_id, terms)
-        else:
-            messages, titles = _sqlite(cursor, user_id, terms)
-    best: dict[int, Hit] = {}
-    for message_id, conversation_id, score, marked in messages:
-        if conversation_id not in best:  # rows come best first
-            text, ranges = split_marks(marked)
-            best[conversation_id] = Hit(conversation_id, score, message_id, text, ranges)
-    for conversation_id, score, marked in titles:
-        hit = best.get(conversation_id)
-        if hit is None:
-            text, ranges = split_marks(marked)
-            best[conversation_id] = Hit(conversation_id, score, None, text, ranges)
-        else:  # words in the title and the text: the title adds to the message's score
-            best[conversation_id] = Hit(
-                conversation_id, hit.score + score, hit.message_id, hit.snippet, hit.highlights
-            )
-    ranked = sorted(best.values(), key=lambda h: (-h.score, -h.conversation_id))
-    return ranked[:limit]
+        messages = engine.messages(cursor, owned)
+        titles = engine.titles(cursor, owned)
+        best: dict[int, Hit] = {}
+        for message_id, conversation_id, score in messages:
+            if conversation_id not in best:  # rows come best first
+                best[conversation_id] = Hit(conversation_id, score, message_id, "", ())
+        for conversation_id, score, marked in titles:
+            hit = best.get(conversation_id)
+            if hit is None:
+                text, ranges = split_marks(marked)
+                best[conversation_id] = Hit(conversation_id, score, None, text, ranges)
+            else:  # words in the title and the text: the title adds to the message's score
+                best[conversation_id] = Hit(
+                    conversation_id, hit.score + score, hit.message_id, "", ()
+                )
+        ranked = sorted(best.values(), key=lambda h: (-h.score, -h.conversation_id))[:limit]
+        # Snippets (which re-read the text) only for the messages shown.
+        snippets = engine.snippets(cursor, [h.message_id for h in ranked if h.message_id])
+    return [
+        Hit(h.conversation_id, h.score, h.message_id, *split_marks(snippets.get(h.message_id, "")))
+        if h.message_id
+        else h
+        for h in ranked
+    ]
 
 
-def _sqlite(cursor, user_id: int, terms: list[str]):
-    words = _fts5_words(terms)
-    cursor.execute(
-        "SELECT m.id, m.conversation_id, -bm25(chat_message_fts, 0.0, 1.0), "
-        "snippet(chat_message_fts, 1, %s, %s, '…', %s) "
-        "FROM chat_message_fts JOIN breezeweb_message m ON m.id = chat_message_fts.rowid "
-        "JOIN breezeweb_conversation c ON c.id = m.conversation_id "
-        "WHERE chat_message_fts MATCH %s AND c.owner_id = %s "
-        "ORDER BY bm25(chat_message_fts, 0.0, 1.0), m.id DESC LIMIT %s",
-        [MARK_START, MARK_END, SNIPPET_TOKENS, words, int(user_id), CANDIDATES],
-    )
-    messages = cursor.fetchall()
-    cursor.execute(
-        "SELECT c.id, -bm25(chat_title_fts, 0.0, 1.0), highlight(chat_title_fts, 1, %s, %s) "
-        "FROM chat_title_fts JOIN breezeweb_conversation c ON c.id = chat_title_fts.rowid "
-        "WHERE chat_title_fts MATCH %s AND c.owner_id = %s LIMIT %s",
-        [
-            MARK_START,
-            MARK_END,
-            f'owner : "u{int(user_id)}" AND title : ({words})',
-            int(user_id),
-            CANDIDATES,
-        ],
-    )
-    return messages, cursor.fetchall()
+class _Sqlite:
+    """FTS5: the owner is a column of both indexes, so a query reads only the
+    caller's postings (`owner : "u<id>" AND ...`) before BM25 ranks them."""
+
+    def __init__(self, user_id: int, terms: list[str]):
+        self.words = _fts5_words(terms)
+        self.match = f'owner : "u{int(user_id)}" AND text : ({self.words})'
+
+    def messages(self, cursor, owned: list) -> list[tuple[int, int, float]]:
+        cursor.execute(
+            "SELECT m.id, m.conversation_id, -bm25(chat_message_fts, 0.0, 0.0, 1.0) "
+            "FROM chat_message_fts JOIN breezeweb_message m ON m.id = chat_message_fts.rowid "
+            "JOIN breezeweb_conversation c ON c.id = m.conversation_id "
+            "WHERE chat_message_fts MATCH %s AND " + OWNED + " "
+            "ORDER BY bm25(chat_message_fts, 0.0, 0.0, 1.0), m.id DESC LIMIT %s",
+            [self.match, *owned, CANDIDATES],
+        )
+        return cursor.fetchall()
+
+    def titles(self, cursor, owned: list) -> list[tuple[int, float, str]]:
+        cursor.execute(
+            "SELECT c.id, -bm25(chat_title_fts, 0.0, 1.0), highlight(chat_title_fts, 1, %s, %s) "
+            "FROM chat_title_fts JOIN breezeweb_conversation c ON c.id = chat_title_fts.rowid "
+            "WHERE chat_title_fts MATCH %s AND " + OWNED + " LIMIT %s",
+            [
+                MARK_START,
+                MARK_END,
+                self.match.replace("text : (", "title : (", 1),
+                *owned,
+                CANDIDATES,
+            ],
+        )
+        return cursor.fetchall()
+
+    def snippets(self, cursor, message_ids: list[int]) -> dict[int, str]:
+        if not message_ids:
+            return {}
+        cursor.execute(
+            "SELECT rowid, snippet(chat_message_fts, 2, %s, %s, '…', %s) FROM chat_message_fts "
+            "WHERE chat_message_fts MATCH %s AND +rowid IN (SELECT value FROM json_each(%s))",
+            [MARK_START, MARK_END, SNIPPET_TOKENS, self.match, json.dumps(message_ids)],
+        )
+        return dict(cursor.fetchall())
 
 
-def _postgres(cursor, user_id: int, terms: list[str]):
-    tsquery = _pg_query(terms)
-    # Ranked first on the index alone; headlines (which re-read the text) only
-    # for the best message of each conversation.
-    cursor.execute(
-        "SELECT DISTINCT ON (conversation_id) id, conversation_id, score FROM ("
-        "SELECT m.id, m.conversation_id, ts_rank_cd(m.search, q, 1) AS score "
-        "FROM breezeweb_message m JOIN breezeweb_conversation c ON c.id = m.conversation_id, "
-        "to_tsquery(%s::regconfig, %s) q "
-        "WHERE c.owner_id = %s AND m.search @@ q ORDER BY score DESC, m.id DESC LIMIT %s"
-        ") best ORDER BY conversation_id, score DESC, id DESC",
-        [PG_CONFIG, tsquery, int(user_id), CANDIDATES],
-    )
-    best = cursor.fetchall()
-    messages = []
-    if best:
+class _Postgres:
+    """Generated tsvector columns with GIN indexes, ranked by ts_rank_cd."""
+
+    def __init__(self, terms: list[str]):
+        self.tsquery = _pg_query(terms)
+
+    def messages(self, cursor, owned: list) -> list[tuple[int, int, float]]:
+        cursor.execute(
+            "SELECT m.id, m.conversation_id, ts_rank_cd(m.search, q, 1) AS score "
+            "FROM breezeweb_message m JOIN breezeweb_conversation c ON c.id = m.conversation_id, "
+            "to_tsquery(%s::regconfig, %s) q "
+            "WHERE m.search @@ q AND " + OWNED + " ORDER BY score DESC, m.id DESC LIMIT %s",
+            [PG_CONFIG, self.tsquery, *owned, CANDIDATES],
+        )
+        return [(mid, cid, float(score)) for mid, cid, score in cursor.fetchall()]
+
+    def titles(self, cursor, owned: list) -> list[tuple[int, float, str]]:
+        cursor.execute(
+            "SELECT c.id, ts_rank_cd(c.search, q, 1), ts_headline(%s::regconfig, c.title, q, %s) "
+            "FROM breezeweb_conversation c, to_tsquery(%s::regconfig, %s) q "
+            "WHERE c.search @@ q AND " + OWNED + " LIMIT %s",
+            [PG_CONFIG, PG_HEADLINE, PG_CONFIG, self.tsquery, *owned, CANDIDATES],
+        )
+        return [(cid, float(score), marked) for cid, score, marked in cursor.fetchall()]
+
+    def snippets(self, cursor, message_ids: list[int]) -> dict[int, str]:
+        if not message_ids:
+            return {}
         cursor.execute(
             "SELECT m.id, ts_headline(%s::regconfig, m.content, to_tsquery(%s::regconfig, %s), %s) "
             "FROM breezeweb_message m WHERE m.id = ANY(%s)",
-            [PG_CONFIG, PG_CONFIG, tsquery, PG_HEADLINE, [row[0] for row in best]],
+            [PG_CONFIG, PG_CONFIG, self.tsquery, PG_HEADLINE, message_ids],
         )
-        headlines = dict(cursor.fetchall())
-        messages = sorted(
-            ((mid, cid, float(score), headlines.get(mid, "")) for mid, cid, score in best),
-            key=lambda row: (-row[2], -row[0]),
-        )
-    cursor.execute(
-        "SELECT c.id, ts_rank_cd(c.search, q, 1), ts_headline(%s::regconfig, c.title, q, %s) "
-        "FROM breezeweb_conversation c, to_tsquery(%s::regconfig, %s) q "
-        "WHERE c.owner_id = %s AND c.search @@ q LIMIT %s",
-        [PG_CONFIG, PG_HEADLINE, PG_CONFIG, tsquery, int(user_id), CANDIDATES],
-    )
-    titles = [(cid, float(score), marked) for cid, score, marked in cursor.fetchall()]
-    return messages, titles
+        return dict(cursor.fetchall())
 
 
 # --- schema -------------------------------------------------------------------------
+
 
 INDEX = TextIndex(
     label="conversation search",
     sqlite_tables=("chat_message_fts", "chat_title_fts"),
     sqlite_schema=(
-        "CREATE VIRTUAL TABLE IF NOT EXISTS chat_message_fts USING fts5("
-        f"conv UNINDEXED, text, tokenize = '{FTS5_TOKENIZE}')",
         "CREATE VIRTUAL TABLE IF NOT EXISTS chat_title_fts USING fts5("
         f"owner, title, tokenize = '{FTS5_TOKENIZE}')",
+        "CREATE VIRTUAL TABLE IF NOT EXISTS chat_message_fts USING fts5("
+        f"owner, conv UNINDEXED, text, tokenize = '{FTS5_TOKENIZE}', prefix = '{FTS5_PREFIXES}')",
+        # A message's owner is read from the title index (whose rowid is the
+        # conversation's id), never from breezeweb_conversation (see above).
         "CREATE TRIGGER IF NOT EXISTS chat_message_fts_insert AFTER INSERT ON breezeweb_message "
-        "BEGIN INSERT INTO chat_message_fts(rowid, conv, text) "
-        "VALUES (new.id, new.conversation_id, new.content); END",
+        "BEGIN INSERT INTO chat_message_fts(rowid, owner, conv, text) VALUES (new.id, "
+        "(SELECT owner FROM chat_title_fts WHERE rowid = new.conversation_id), "
+        "new.conversation_id, new.content); END",
         "CREATE TRIGGER IF NOT EXISTS chat_message_fts_delete AFTER DELETE ON breezeweb_message "
         "BEGIN DELETE FROM chat_message_fts WHERE rowid = old.id; END",
         # Only when the text changes (a streaming answer is saved every ~0.5 s; its
@@ -206,26 +253,32 @@ INDEX = TextIndex(
         "CREATE TRIGGER IF NOT EXISTS chat_message_fts_update "
         "AFTER UPDATE OF content ON breezeweb_message BEGIN "
         "DELETE FROM chat_message_fts WHERE rowid = old.id; "
-        "INSERT INTO chat_message_fts(rowid, conv, text) "
-        "VALUES (new.id, new.conversation_id, new.content); END",
+        "INSERT INTO chat_message_fts(rowid, owner, conv, text) VALUES (new.id, "
+        "(SELECT owner FROM chat_title_fts WHERE rowid = new.conversation_id), "
+        "new.conversation_id, new.content); END",
         "CREATE TRIGGER IF NOT EXISTS chat_title_fts_insert AFTER INSERT ON breezeweb_conversation "
         "BEGIN INSERT INTO chat_title_fts(rowid, owner, title) "
         "VALUES (new.id, 'u' || new.owner_id, new.title); END",
         "CREATE TRIGGER IF NOT EXISTS chat_title_fts_delete AFTER DELETE ON breezeweb_conversation "
         "BEGIN DELETE FROM chat_title_fts WHERE rowid = old.id; END",
+        # A new owner (never done by the app) also moves the messages' owner; the
+        # condition is constant, so a rename does not scan the message index.
         "CREATE TRIGGER IF NOT EXISTS chat_title_fts_update "
         "AFTER UPDATE OF title, owner_id ON breezeweb_conversation BEGIN "
         "DELETE FROM chat_title_fts WHERE rowid = old.id; "
         "INSERT INTO chat_title_fts(rowid, owner, title) "
-        "VALUES (new.id, 'u' || new.owner_id, new.title); END",
+        "VALUES (new.id, 'u' || new.owner_id, new.title); "
+        "UPDATE chat_message_fts SET owner = 'u' || new.owner_id "
+        "WHERE old.owner_id IS NOT new.owner_id AND conv = new.id; END",
     ),
     sqlite_reindex=(
-        "DELETE FROM chat_message_fts",
-        "INSERT INTO chat_message_fts(rowid, conv, text) "
-        "SELECT id, conversation_id, content FROM breezeweb_message",
         "DELETE FROM chat_title_fts",
         "INSERT INTO chat_title_fts(rowid, owner, title) "
         "SELECT id, 'u' || owner_id, title FROM breezeweb_conversation",
+        "DELETE FROM chat_message_fts",
+        "INSERT INTO chat_message_fts(rowid, owner, conv, text) "
+        "SELECT m.id, 'u' || c.owner_id, m.conversation_id, m.content FROM breezeweb_message m "
+        "JOIN breezeweb_conversation c ON c.id = m.conversation_id",
     ),
     postgres_tables=("breezeweb_message", "breezeweb_conversation"),
     postgres_schema=(

@@ -71,6 +71,7 @@ class TurnOutcome(Outcome):
 
     status: str  # Message.Status value: complete, stopped or failed
     sources: list[dict[str, Any]] = field(default_factory=list)
+    cost: dict[str, Any] | None = None  # answer_cost(), once saved (the `done` frame's)
 
 
 def title_from(text: str) -> str:
@@ -305,9 +306,10 @@ def flush_contents(contents: dict[int, str]) -> None:
             )
 
 
-def finish_message(message_id: int, outcome: TurnOutcome) -> None:
+def finish_message(message_id: int, outcome: TurnOutcome) -> dict[str, Any] | None:
     """Save the final state of an assistant message (and settle any of its
-    agent steps the end cut short)."""
+    agent steps the end cut short). Returns its cost (answer_cost), for the
+    `done` frame."""
     agent_steps.settle_unfinished(message_id)
     Message.objects.filter(pk=message_id).update(
         content=outcome.content,
@@ -326,6 +328,7 @@ def finish_message(message_id: int, outcome: TurnOutcome) -> None:
         error=outcome.error,
         updated_at=timezone.now(),
     )
+    return answer_cost(outcome.runner_name, outcome.prompt_tokens, outcome.completion_tokens)
 
 
 def record_exchange(
@@ -502,7 +505,11 @@ def list_conversations(
     rows = Conversation.objects.filter(owner=user)
     if project_id is not None:
         rows = rows.filter(project_id=project_id)
-    hits = search.search(user.pk, query, limit=min(limit, MAX_SEARCH_HITS)) if query else None
+    hits = (
+        search.search(user.pk, query, project_id=project_id, limit=min(limit, MAX_SEARCH_HITS))
+        if query
+        else None
+    )
     if hits is None:
         if query:
             rows = rows.filter(title__icontains=query)
@@ -583,15 +590,35 @@ def prices() -> dict[str, RunnerPrice]:
     return {p.runner.name: p for p in RunnerPrice.objects.select_related("runner")}
 
 
+def answer_cost(
+    runner_name: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    priced: dict[str, RunnerPrice] | None = None,
+) -> dict[str, Any] | None:
+    """What an answer cost at its runner's price now (`amount`, `currency`);
+    None when the runner has no price or the answer no token counts. `priced`:
+    prices() already read (a list of messages), else this runner's is read."""
+    if prompt_tokens is None and completion_tokens is None:
+        return None
+    if priced is None:
+        price = (
+            RunnerPrice.objects.filter(runner__name=runner_name).first() if runner_name else None
+        )
+    else:
+        price = priced.get(runner_name)
+    if price is None:
+        return None
+    return {"amount": price.cost(prompt_tokens, completion_tokens), "currency": price.currency}
+
+
 def message_dict(
     m: Message,
     siblings: list[int] | None = None,
     priced: dict[str, RunnerPrice] | None = None,
     steps: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    price = (priced or {}).get(m.runner_name)
     usage = {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens}
-    has_usage = m.prompt_tokens is not None or m.completion_tokens is not None
     return {
         "id": m.pk,
         "parent_id": m.parent_id,
@@ -605,11 +632,7 @@ def message_dict(
         "fallback": m.fallback,
         "finish_reason": m.finish_reason,
         "usage": usage,
-        "cost": (
-            {"amount": price.cost(m.prompt_tokens, m.completion_tokens), "currency": price.currency}
-            if price and has_usage
-            else None
-        ),
+        "cost": answer_cost(m.runner_name, m.prompt_tokens, m.completion_tokens, priced or {}),
         "timings": {
             "time_to_first_token_ms": m.time_to_first_token_ms,
             "tokens_per_second": m.tokens_per_second,
@@ -667,6 +690,8 @@ def answer_to_attach(
             )
     if answer.status == Message.Status.STREAMING and settle_interrupted(answer.conversation_id):
         answer.refresh_from_db()
+    # Read by chat.outbox.done_frame when the answer has ended.
+    answer.cost = answer_cost(answer.runner_name, answer.prompt_tokens, answer.completion_tokens)
     return answer
 
 

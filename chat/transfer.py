@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -375,8 +376,34 @@ def save_conversation(
 # ---- import jobs ------------------------------------------------------------------------------
 
 
+# An import in progress saves its job after every conversation (its heartbeat,
+# `updated_at`); one that has not for this long was stopped by a restart (its
+# thread died with the process) and is settled as failed.
+STALE_AFTER_SECONDS = 300
+STALE_ERROR = "The import stopped when the server restarted; import the file again."
+
+
 def _upload_path(job_id: int) -> Path:
     return Path(settings.DATA_DIR) / "imports" / f"{int(job_id)}.json"
+
+
+def settle_stale(job_ids: list[int] | None = None) -> int:
+    """Mark queued or running jobs whose heartbeat is older than
+    STALE_AFTER_SECONDS as failed with STALE_ERROR, and delete their uploads
+    (those of `job_ids` only, when given). Returns how many were settled. A
+    job's thread that is only slow notices at its next save and stops."""
+    cutoff = timezone.now() - timedelta(seconds=STALE_AFTER_SECONDS)
+    rows = ImportJob.objects.filter(status__in=LIVE, updated_at__lt=cutoff)
+    if job_ids is not None:
+        rows = rows.filter(pk__in=job_ids)
+    settled = 0
+    for job_id in list(rows.values_list("pk", flat=True)):
+        # Conditional: a job that saved progress meanwhile is not settled.
+        settled += ImportJob.objects.filter(
+            pk=job_id, status__in=LIVE, updated_at__lt=cutoff
+        ).update(status=ImportJob.Status.FAILED, error=STALE_ERROR, updated_at=timezone.now())
+        _upload_path(job_id).unlink(missing_ok=True)
+    return settled
 
 
 def job_dict(job: ImportJob) -> dict[str, Any]:
@@ -395,6 +422,7 @@ def job_dict(job: ImportJob) -> dict[str, Any]:
 def start_import(user, raw: bytes, *, background: bool = True) -> dict[str, Any]:
     """Keep the upload and queue its import; the answer is the job (poll it).
     `background` False runs it now (management commands, tests of the parser)."""
+    settle_stale()  # uploads a restart left behind go before a new one is kept
     job = ImportJob.objects.create(owner=user)
     path = _upload_path(job.pk)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +438,8 @@ def start_import(user, raw: bytes, *, background: bool = True) -> dict[str, Any]
 
 
 def get_job(user, job_id: int) -> dict[str, Any] | None:
+    """The user's job; one a restart stopped is answered as failed (settle_stale)."""
+    settle_stale([job_id])
     job = ImportJob.objects.filter(pk=job_id, owner=user).first()
     return job_dict(job) if job else None
 
@@ -419,8 +449,10 @@ def run_import(job_id: int) -> None:
     path = _upload_path(job_id)
     try:
         job = ImportJob.objects.select_related("owner").get(pk=job_id)
+        if job.status not in LIVE:
+            return  # settled meanwhile
         job.status = ImportJob.Status.RUNNING
-        job.save(update_fields=["status", "updated_at"])
+        _beat(job, "status")
         try:
             data = json.loads(path.read_bytes().decode("utf-8-sig"))
         except (ValueError, RecursionError) as exc:
@@ -434,7 +466,7 @@ def run_import(job_id: int) -> None:
         if not isinstance(records, list):
             raise ImportRefused("`conversations` is not a list.")
         job.source_format, job.total = kind, len(records)
-        job.save(update_fields=["source_format", "total", "updated_at"])
+        _beat(job, "source_format", "total")
         imported, skipped = [], []
         for index, record in enumerate(_iterate(records, kind)):
             title, result = record
@@ -458,14 +490,18 @@ def run_import(job_id: int) -> None:
                     )
             job.done = index + 1
             job.report = {"imported": imported, "skipped": skipped}
-            job.save(update_fields=["done", "report", "updated_at"])
+            _beat(job, "done", "report")
         job.status = ImportJob.Status.DONE
-        job.save(update_fields=["status", "updated_at"])
+        _beat(job, "status")
+    except Settled:
+        log.warning("import %s was settled as stopped while it ran; it stops here", job_id)
     except ImportRefused as exc:
-        ImportJob.objects.filter(pk=job_id).update(status=ImportJob.Status.FAILED, error=str(exc))
+        ImportJob.objects.filter(pk=job_id, status__in=LIVE).update(
+            status=ImportJob.Status.FAILED, error=str(exc)
+        )
     except Exception:
         log.exception("import %s failed", job_id)
-        ImportJob.objects.filter(pk=job_id).update(
+        ImportJob.objects.filter(pk=job_id, status__in=LIVE).update(
             status=ImportJob.Status.FAILED, error="The import failed; the server logged why."
         )
     finally:
@@ -477,6 +513,24 @@ def run_import(job_id: int) -> None:
 
 class ImportRefused(Exception):
     """The file as a whole cannot be imported; the message says why."""
+
+
+class Settled(Exception):
+    """The job was settled as failed (settle_stale) while its thread ran."""
+
+
+LIVE = (ImportJob.Status.QUEUED, ImportJob.Status.RUNNING)
+
+
+def _beat(job: ImportJob, *fields: str) -> None:
+    """Save the job's progress (its heartbeat), unless it was settled
+    meanwhile: then stop, rather than bring a failed job back to life."""
+    values = {f: getattr(job, f) for f in fields}
+    saved = ImportJob.objects.filter(pk=job.pk, status__in=LIVE).update(
+        **values, updated_at=timezone.now()
+    )
+    if not saved:
+        raise Settled
 
 
 def _iterate(records: list[Any], kind: str) -> Iterator[tuple[str, IncomingConversation | str]]:

@@ -12,11 +12,14 @@ rag.lexical over document chunks).
 after every `migrate` (`after_migrate`, a post_migrate receiver), because
 SQLite drops a table's triggers when a later migration rebuilds the table;
 when triggers were missing, every row is indexed again so index and rows
-agree.
+agree. A table or trigger whose definition changed in the code (a new column,
+a prefix index) is dropped and made again, and every row indexed again: an
+existing database takes a new index definition at its next `migrate`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ from django.db import connection as default_connection
 from django.db import connections
 
 TRIGGER_EVENTS = ("insert", "delete", "update")
+_CREATED = re.compile(r"CREATE (VIRTUAL TABLE|TRIGGER) IF NOT EXISTS (\w+)")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class TextIndex:
                 return
             if conn.vendor != "sqlite":
                 raise NotImplementedError(f"no {self.label} for {conn.vendor}")
+            self._drop_changed(cursor)
             triggers = [
                 f"{table}_{event}" for table in self.sqlite_tables for event in TRIGGER_EVENTS
             ]
@@ -54,6 +59,27 @@ class TextIndex:
             if not complete:
                 for statement in self.sqlite_reindex:
                     cursor.execute(statement)
+
+    def _drop_changed(self, cursor) -> None:
+        """SQLite: drop an FTS5 table or trigger whose definition is not the one
+        in `sqlite_schema` (a new column, a prefix index, a trigger that writes
+        it differently), with the triggers of a dropped table, so install()
+        creates them anew and indexes every row again."""
+        cursor.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'trigger')")
+        existing = dict(cursor.fetchall())
+        for statement in self.sqlite_schema:
+            created = _CREATED.match(statement)
+            if created is None:
+                continue
+            kind, name = created.groups()
+            if name not in existing or existing[name] == statement.replace(" IF NOT EXISTS", "", 1):
+                continue
+            if kind == "TRIGGER":
+                cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
+                continue
+            for event in TRIGGER_EVENTS:
+                cursor.execute(f"DROP TRIGGER IF EXISTS {name}_{event}")
+            cursor.execute(f"DROP TABLE {name}")
 
     def uninstall(self, conn=None) -> None:
         conn = conn or default_connection

@@ -718,7 +718,7 @@ function finishPending(p, f) {
     const m = {
       id: p.assistantId, role: "assistant", content: p.text, status: f.status || "complete",
       runner: f.runner || p.routed?.runner, model: f.model || p.routed?.model,
-      fallback: f.fallback ?? p.routed?.fallback, usage: f.usage, timings: f.timings,
+      fallback: f.fallback ?? p.routed?.fallback, usage: f.usage, timings: f.timings, cost: f.cost,
       sources: p.sources, error: p.error?.message, error_code: p.error?.code,
     };
     renderMarkdown(p.body, p.text);

@@ -296,6 +296,9 @@ export class Sharing {
   }
 }
 
+// Longer than the server's chat.transfer.STALE_AFTER_SECONDS (300 s).
+const IMPORT_STALL_MS = 6 * 60 * 1000;
+
 // Import a BreezeWeb export or ChatGPT's conversations.json: the server works
 // through it in the background; the banner shows its progress, then its report.
 export function initImport({ api, onDone, say }) {
@@ -307,7 +310,13 @@ export function initImport({ api, onDone, say }) {
     if (!file) return;
     try {
       let job = await api("/api/imports", { method: "POST", body: file, headers: { "Content-Type": "application/json" } });
+      // Polled until done or failed (the server settles an import a restart
+      // stopped as failed); a job whose progress does not move for longer than
+      // the server waits before settling it is given up on here too.
+      let progress = -1, moved = Date.now();
       while (job.status === "queued" || job.status === "running") {
+        if (job.done !== progress) { progress = job.done; moved = Date.now(); }
+        if (Date.now() - moved > IMPORT_STALL_MS) { say(gettext("The import is not progressing; reload the page later to see if it finished.")); return; }
         say(tr(gettext("Importing %(name)s: %(done)s / %(total)s"), { name: file.name, done: job.done, total: job.total || "?" }));
         await new Promise((resolve) => setTimeout(resolve, 700));
         job = await api(`/api/imports/${job.id}`);

@@ -7,6 +7,7 @@ tests/support/screenshots.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ def site(tmp_path_factory, upstream):
     runner (`remote`, the scripted server)."""
     data = tmp_path_factory.mktemp("conversations-site")
     setup = create_user("alice", PASSWORD) + remote_runner(upstream.url, "remote", priority=10)
+    setup += (  # a price, so an answer shows its cost
+        "from chat.models import RunnerPrice;RunnerPrice.objects.create("
+        "runner=RunnerConfig.objects.get(name='remote'), currency='EUR', "
+        "prompt_per_million=2.5, completion_per_million=10)\n"
+    )
     with live_site(
         data,
         setup,
@@ -87,7 +93,9 @@ def test_projects_branches_search_pins_and_forks(page, upstream):
     # The context gauge: the answer's prompt + answer tokens of the runner's budget.
     page.wait_for_selector("#context-gauge:not([hidden])")
     assert "38 / 2,048" in page.inner_text("#context-gauge")
-    assert "30 + 8 tokens" in page.locator(".msg-assistant .msg-meta").last.inner_text()
+    meta = page.locator(".msg-assistant .msg-meta").last.inner_text()
+    # The cost from the live `done` frame, without a reload: 30 x 2.5 + 8 x 10 per million.
+    assert "30 + 8 tokens" in meta and "≈ 0.0002 EUR" in meta
     system = [m for m in upstream.chat_requests()[-1].json["messages"] if m["role"] == "system"]
     assert INSTRUCTIONS in system[0]["content"]
     page.wait_for_selector(".conversation-item:has-text('Where is the treasure?')")
@@ -174,3 +182,38 @@ def test_share_link_and_export_from_the_share_dialog(page, site, upstream):
     assert text.startswith("# Any chess advice?") and "Use **bold** moves." in text
     assert "## Assistant (remote · scripted-model" in text
     page.click("#share-close")
+
+
+def test_an_import_reports_when_it_is_done(page):
+    """The page polls the import job until it ends, then reports it (and
+    stops polling: the banner's text is the report, not the progress)."""
+    export = {
+        "format": "breezeweb.conversations",
+        "version": 1,
+        "conversations": [
+            {
+                "title": "Imported lighthouse chat",
+                "messages": [
+                    {"id": 1, "parent": None, "role": "user", "content": "Who keeps the light?"},
+                    {"id": 2, "parent": 1, "role": "assistant", "content": "The keeper."},
+                ],
+            },
+            {"title": "Broken", "messages": "not a list"},
+        ],
+    }
+    page.set_input_files(
+        "#import-input",
+        files=[
+            {
+                "name": "conversations.json",
+                "mimeType": "application/json",
+                "buffer": json.dumps(export).encode(),
+            }
+        ],
+    )
+    page.wait_for_function(
+        "() => document.getElementById('banner-text').textContent.startsWith('Imported')",
+        timeout=30_000,
+    )
+    assert page.inner_text("#banner-text") == "Imported 1, skipped 1."
+    page.wait_for_selector(".conversation-item:has-text('Imported lighthouse chat')")

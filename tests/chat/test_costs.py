@@ -12,7 +12,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import RunnerPrice
-from tests.chat.test_chat_ws import ask, of
+from tests.chat.test_chat_ws import ask, frames_until, is_end, of
 from tests.support.clients import connect
 from tests.support.scripted_server import Reply
 
@@ -38,6 +38,13 @@ async def test_an_answer_of_a_priced_runner_shows_its_tokens_and_cost(
     cid = of(frames, "accepted")[0]["conversation_id"]
     done = of(frames, "done")[0]
     assert done["usage"] == {"prompt_tokens": 1000, "completion_tokens": 400}
+    # The cost travels on the live `done` frame (the page shows it without a
+    # reload) and on the `done` of an attach after the end, as the API says it.
+    cost = {"amount": pytest.approx(1000 * 2.5e-6 + 400 * 10e-6), "currency": "EUR"}
+    assert done["cost"] == cost
+    await ws.send_json_to({"type": "attach", "request_id": "a1", "message_id": done["message_id"]})
+    attached = await frames_until(ws, is_end("a1"))
+    assert of(attached, "done")[0]["cost"] == cost
     await ws.disconnect()
 
     def check():
@@ -55,3 +62,8 @@ async def test_an_answer_of_a_priced_runner_shows_its_tokens_and_cost(
         assert answer["cost"] is None and answer["usage"]["prompt_tokens"] == 1000
 
     await sync_to_async(check)()
+    # Nor on the next answer's `done`.
+    ws = await connect(user)
+    unpriced = of(await ask(ws, "And this?", request_id="r2", conversation_id=cid), "done")[0]
+    await ws.disconnect()
+    assert unpriced["usage"]["prompt_tokens"] is not None and unpriced["cost"] is None

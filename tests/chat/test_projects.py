@@ -244,3 +244,60 @@ def test_bad_conversation_changes_are_refused(user, body, code):
         False,
         None,
     )
+
+
+async def test_the_projects_collections_reach_a_websocket_chat(user, harbour, scripted_server):
+    """A new chat started in a project over the websocket searches the
+    project's collections (keyword search: no embedding model needed), and
+    only those: another readable collection's passage is not used."""
+    from rag.models import Chunk, Document
+
+    def documents():
+        made = []
+        for name, text in (
+            ("Charts", "The treasure is buried under the old lighthouse."),
+            ("Elsewhere", "The treasure is in the bank vault."),
+        ):
+            collection = Collection.objects.create(name=name, owner=user, search_mode="keyword")
+            document = Document.objects.create(
+                collection=collection,
+                owner=user,
+                title=f"{name}.md",
+                sha256=name,
+                size=1,
+                status="ready",
+            )
+            Chunk.objects.create(
+                document=document,
+                collection=collection,
+                generation="g",
+                chunk_index=0,
+                chroma_id=f"{name}:g:0",
+                text=text,
+            )
+            made.append(collection)
+        return made
+
+    charts, _elsewhere = await sync_to_async(documents)()
+    await sync_to_async(
+        lambda: patch(
+            client_of(user),
+            f"/api/projects/{harbour['id']}",
+            {"rag": True, "collections": [charts.pk]},
+        )
+    )()
+    ws = await connect(user)
+    frames = await ask(ws, "Where is the treasure buried?", project_id=harbour["id"])
+    await ws.disconnect()
+    conversation = await sync_to_async(Conversation.objects.get)(
+        pk=of(frames, "accepted")[0]["conversation_id"]
+    )
+    assert conversation.rag_enabled
+    assert await sync_to_async(
+        lambda: list(conversation.collections.values_list("pk", flat=True))
+    )() == [charts.pk]
+    sources = of(frames, "sources")[0]["sources"]
+    assert [s["title"] for s in sources] == ["Charts.md"]
+    sent = scripted_server.chat_requests()[-1].json["messages"]
+    asked = " ".join(m["content"] for m in sent if isinstance(m["content"], str))
+    assert "old lighthouse" in asked and "bank vault" not in asked

@@ -166,3 +166,106 @@ def test_the_api_searches_and_answers_matches(client, user, other_user):
     assert match["highlights"] == [[6, 13]]
     listed = client.get("/api/conversations").json()["conversations"]
     assert "match" not in listed[0]
+
+
+def test_a_project_search_ranks_within_the_project_not_within_the_users_best(user):
+    """The project is a condition of the ranked query: a weak match inside the
+    project is found even when more than a page of the user's other chats
+    match better."""
+    project = services.save_project(user, None, {"name": "Garden"})
+    for i in range(search.CANDIDATES // 5 + 60):
+        chat(user, f"Other {i}", "tulip tulip tulips, tulip " * 3)
+    inside = chat(
+        user,
+        "Planting",
+        "Bulbs: " + " ".join(f"word{i}" for i in range(80)) + " and one tulip.",
+    )
+    services.update_conversation(user, inside.pk, {"project_id": project["id"]})
+    everywhere = found(user, "tulip")
+    assert len(everywhere) == 50 and inside.pk not in [r["id"] for r in everywhere]
+    in_project = services.list_conversations(user, query="tulip", project_id=project["id"])
+    assert [r["id"] for r in in_project] == [inside.pk]
+    assert marked(in_project[0]) == ["tulip"]
+    hits = search.search(user.pk, "tulip", project_id=project["id"])
+    assert [h.conversation_id for h in hits] == [inside.pk]
+    # Titles too, and another project's chats stay out.
+    titled = chat(user, "Tulip calendar", "when?")
+    assert [
+        r["id"] for r in services.list_conversations(user, query="tulip", project_id=project["id"])
+    ] == [inside.pk]
+    services.update_conversation(user, titled.pk, {"project_id": project["id"]})
+    assert {
+        r["id"] for r in services.list_conversations(user, query="tulip", project_id=project["id"])
+    } == {inside.pk, titled.pk}
+
+
+def test_a_real_edit_keeps_both_texts_findable_and_a_hit_can_be_on_another_branch(user):
+    start = services.begin_message(user, conversation_id=None, text="How do I prune roses?")
+    services.finish_message(start.assistant_message_id, _outcome("Cut above an outward bud."))
+    edit = services.begin_edit(
+        user,
+        conversation_id=start.conversation_id,
+        message_id=start.user_message_id,
+        text="How do I prune hydrangeas?",
+    )
+    services.finish_message(edit.assistant_message_id, _outcome("Wait until spring."))
+    # The edit is a new message beside the original: both are searchable.
+    new = found(user, "hydrangeas")
+    assert [r["match"]["message_id"] for r in new] == [edit.user_message_id]
+    old = found(user, "roses")
+    assert [r["match"]["message_id"] for r in old] == [start.user_message_id]
+    # The old text is on the branch that is no longer shown ...
+    shown = services.conversation_messages(user, start.conversation_id)["messages"]
+    assert start.user_message_id not in [m["id"] for m in shown]
+    assert found(user, "outward")[0]["match"]["message_id"] == start.assistant_message_id
+    # ... and opening the hit (the page's PATCH) shows its branch, answer included.
+    services.update_conversation(
+        user, start.conversation_id, {"active_message_id": old[0]["match"]["message_id"]}
+    )
+    shown = services.conversation_messages(user, start.conversation_id)["messages"]
+    assert [m["id"] for m in shown] == [start.user_message_id, start.assistant_message_id]
+
+
+def _outcome(text: str) -> services.TurnOutcome:
+    return services.TurnOutcome(content=text, status="complete")
+
+
+def test_the_index_definitions_are_the_ones_installed(db):
+    """install() compares each FTS5 table and trigger with its definition and
+    makes a changed one again (re-indexing every row); the definitions as
+    installed must read back identical, or every `migrate` would re-index."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the FTS5 schema is SQLite's")
+    from rag import lexical
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name, sql FROM sqlite_master")
+        installed = dict(cursor.fetchall())
+    for index in (search.INDEX, lexical.INDEX):
+        for statement in index.sqlite_schema:
+            name = statement.split("IF NOT EXISTS ", 1)[1].split()[0]
+            assert installed[name] == statement.replace(" IF NOT EXISTS", "", 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_index_of_an_older_definition_is_made_again_with_its_rows(user, other_user):
+    """A database indexed before the owner column (the message index matched
+    every user's words) takes the new definition at its next migrate."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the FTS5 schema is SQLite's")
+    search.uninstall(connection)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE VIRTUAL TABLE chat_message_fts USING fts5(conv UNINDEXED, text)")
+            cursor.execute(
+                "CREATE TRIGGER chat_message_fts_insert AFTER INSERT ON breezeweb_message "
+                "BEGIN INSERT INTO chat_message_fts(rowid, conv, text) "
+                "VALUES (new.id, new.conversation_id, new.content); END"
+            )
+        mine = chat(user, "Mine", "a message about zeppelins")
+        chat(other_user, "Theirs", "zeppelins too")
+    finally:
+        search.install(connection)
+    assert [r["id"] for r in found(user, "zeppelin")] == [mine.pk]
+    later = chat(user, "Later", "more zeppelins")
+    assert {r["id"] for r in found(user, "zeppelin")} == {mine.pk, later.pk}

@@ -134,3 +134,44 @@ def test_a_bad_expiry_is_refused(user, chat, days):
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "bad_expires_in_days"
     assert not ShareLink.objects.exists()
+
+
+def test_a_snapshot_holds_the_shown_branch_only(user):
+    """Regenerated answers and edits are branches; the link shares the branch
+    shown when it was made, never the others (nor a branch shown later)."""
+    conversation = Conversation.objects.create(owner=user, title="Bread")
+    question = Message.objects.create(
+        conversation=conversation, role="user", content="Rye or wheat?"
+    )
+    Message.objects.create(conversation=conversation, role="assistant", content="first answer: rye")
+    shown = Message.objects.create(
+        conversation=conversation, role="assistant", content="regenerated: wheat", parent=question
+    )
+    edited = Message(conversation=conversation, role="user", content="edited: spelt or emmer?")
+    edited.root = True
+    edited.save()
+    Message.objects.create(
+        conversation=conversation, role="assistant", content="edit answer: spelt"
+    )
+    owner = client_of(user)
+    response = owner.patch(
+        f"/api/conversations/{conversation.pk}",
+        json.dumps({"active_message_id": shown.pk}),
+        content_type="application/json",
+    )
+    assert response.status_code == 200
+    link = share(owner, conversation)
+    # The owner looks at another branch afterwards: the snapshot does not follow.
+    owner.patch(
+        f"/api/conversations/{conversation.pk}",
+        json.dumps({"active_message_id": edited.pk}),
+        content_type="application/json",
+    )
+    response = Client().get(link["url"])
+    assert [(m["role"], m["content"]) for m in boot_of(response)["messages"]] == [
+        ("user", "Rye or wheat?"),
+        ("assistant", "regenerated: wheat"),
+    ]
+    html = response.content.decode()
+    for hidden in ("first answer", "spelt", "emmer"):
+        assert hidden not in html

@@ -249,3 +249,82 @@ def test_messages_no_database_can_hold_are_skipped_with_a_reason(user):
     kept = Message.objects.get(content="ok")
     assert (kept.status, kept.prompt_tokens) == ("complete", None)  # bad details dropped
     assert ImportJob.objects.get().status == "done"
+
+
+def _stale_job(owner, status: str) -> ImportJob:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chat import transfer
+
+    job = ImportJob.objects.create(owner=owner, status=status, total=3, done=1)
+    old = timezone.now() - timedelta(seconds=transfer.STALE_AFTER_SECONDS + 1)
+    ImportJob.objects.filter(pk=job.pk).update(updated_at=old)
+    path = transfer._upload_path(job.pk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"[]")
+    return job
+
+
+def test_an_import_a_restart_stopped_is_settled_as_failed_when_polled(user, other_user):
+    """The import's thread dies with the process; its job would stay `running`
+    and the page poll forever. Without a heartbeat for STALE_AFTER_SECONDS it
+    is answered failed, with a reason, and its upload is deleted."""
+    from chat import transfer
+
+    stopped = _stale_job(user, "running")
+    queued = _stale_job(user, "queued")
+    alive = ImportJob.objects.create(owner=user, status="running", total=3, done=1)
+    client = client_of(user)
+    job = client.get(f"/api/imports/{stopped.pk}").json()
+    assert job["status"] == "failed" and job["error"] == transfer.STALE_ERROR
+    assert job["done"] == 1  # what it had done is kept
+    assert not transfer._upload_path(stopped.pk).exists()
+    # Another user's poll of it settles it but shows nothing.
+    assert client_of(other_user).get(f"/api/imports/{queued.pk}").status_code == 404
+    assert ImportJob.objects.get(pk=queued.pk).status == "failed"
+    assert not transfer._upload_path(queued.pk).exists()
+    # A job that saved progress recently is running, not stale.
+    assert client.get(f"/api/imports/{alive.pk}").json()["status"] == "running"
+
+
+def test_a_new_import_settles_every_stale_job_and_a_slow_thread_stops(
+    user, other_user, monkeypatch
+):
+    from chat import transfer
+
+    theirs = _stale_job(other_user, "running")
+    import_file(
+        client_of(user),
+        json.dumps(
+            {"format": "breezeweb.conversations", "version": 1, "conversations": []}
+        ).encode(),
+    )
+    assert ImportJob.objects.get(pk=theirs.pk).status == "failed"
+    assert not transfer._upload_path(theirs.pk).exists()
+    # A thread that was only slow finds its job settled at its next save and
+    # stops there: the job stays failed, it is not brought back to `done`.
+    data = {
+        "format": "breezeweb.conversations",
+        "version": 1,
+        "conversations": [
+            {
+                "title": f"c{i}",
+                "messages": [{"id": 1, "parent": None, "role": "user", "content": "hi"}],
+            }
+            for i in range(3)
+        ],
+    }
+    saved = []
+    real_save = transfer.save_conversation
+
+    def save_then_settle(owner, incoming):
+        saved.append(incoming)
+        ImportJob.objects.filter(owner=owner).update(status="failed", error=transfer.STALE_ERROR)
+        return real_save(owner, incoming)
+
+    monkeypatch.setattr(transfer, "save_conversation", save_then_settle)
+    job = transfer.start_import(user, json.dumps(data).encode(), background=False)
+    assert job["status"] == "failed" and job["error"] == transfer.STALE_ERROR
+    assert len(saved) == 1
