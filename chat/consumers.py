@@ -222,14 +222,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(error_frame(frame.request_id, error, retry_after_s=retry))
             return
         try:
-            # The user's budgets (accounts.quotas), before anything is saved.
-            await database_sync_to_async(quotas.charge)(self.user)
-        except quotas.QuotaExceeded as exc:
+            # The runner, then the user's budgets, before anything is saved: a
+            # turn refused for its runner is not counted (services.admit_turn).
+            await database_sync_to_async(services.admit_turn)(self.user, frame.runner)
+        except (ChatError, quotas.QuotaExceeded) as exc:
             await lease.release()
             error = websocket_error(exc)
-            await self.send_frame(
-                error_frame(frame.request_id, error, retry_after_s=exc.retry_after)
-            )
+            retry = getattr(exc, "retry_after", None)
+            extra = {"retry_after_s": retry} if retry is not None else {}
+            await self.send_frame(error_frame(frame.request_id, error, **extra))
             return
         outbox = FrameOutbox(self.send_frame, TOKEN_FRAME_INTERVAL_SECONDS)
         # The clock of the turn's timings starts at the frame's arrival.

@@ -18,7 +18,7 @@ from asgiref.sync import sync_to_async
 from accounts import quotas, usage
 from accounts.models import ApiKey, Quota
 from chat.models import Message
-from runners.models import RunRecord
+from runners.models import RunnerConfig, RunRecord
 from tests.support.clients import call, connect
 from tests.support.fixtures import runner_config
 from tests.support.scripted_server import Reply
@@ -239,3 +239,33 @@ def test_concurrent_turns_are_charged_exactly_up_to_the_budget(user):
         thread.join(30)
     assert sorted(outcomes) == [False] * 13 + [True] * 7
     assert quotas.status(user)[0].remaining == 0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fresh_process_state", "no_detached_answers")
+async def test_a_websocket_turn_refused_for_its_runner_uses_up_no_message(
+    user, scripted_runner, scripted_server
+):
+    """As the API checks `model` before it counts, a websocket turn no runner
+    could take (unknown_runner, no_runner) uses up no message."""
+    await sync_to_async(make_quota)(user=user, metric="messages", period="day", limit=1)
+    ws = await connect(user)
+    await ws.send_json_to(
+        {"type": "message", "request_id": "r1", "text": "pinned", "runner": "nowhere"}
+    )
+    frame = await ws.receive_json_from(timeout=10)
+    assert (frame["type"], frame["code"]) == ("error", "unknown_runner"), frame
+    await sync_to_async(RunnerConfig.objects.update)(enabled=False)
+    await ws.send_json_to({"type": "message", "request_id": "r2", "text": "auto"})
+    while (frame := await ws.receive_json_from(timeout=10))["type"] != "error":
+        pass
+    assert frame["code"] == "no_runner", frame  # the question is kept (test_chat_ws)
+    assert (await sync_to_async(quotas.status)(user))[0].used == 0
+    await sync_to_async(RunnerConfig.objects.update)(enabled=True)
+    scripted_server.script(Reply("the one answer"))
+    await ws.send_json_to({"type": "message", "request_id": "r3", "text": "counted"})
+    while (frame := await ws.receive_json_from(timeout=10))["type"] != "done":
+        assert frame["type"] != "error", frame
+    await ws.disconnect()
+    assert (await sync_to_async(quotas.status)(user))[0].used == 1
+    assert not await sync_to_async(Message.objects.filter(content="pinned").exists)()
