@@ -6,6 +6,11 @@ create the admin account at /setup/, once.
 `FirstRun` row (a fixed primary key) and the superuser in one transaction, so
 when two browsers submit at once exactly one account is created and the other
 request gets `FirstRunClosed`.
+
+Whatever creates the first account (this page, `createsuperuser`,
+`DJANGO_SUPERUSER_*`, a single sign-on user, the admin), `connect_receivers`
+records the first run when it is saved, so the page never reopens after
+every account is deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
+from django.db.models.signals import post_save
 
 from accounts.models import FirstRun
 
@@ -47,3 +53,18 @@ def create_first_admin(form) -> object:
             return user
     except IntegrityError:
         raise FirstRunClosed from None
+
+
+def _account_created(sender, instance, created: bool, raw: bool = False, **kwargs) -> None:
+    """The first account saved closes the first run, however it was created
+    (`create_first_admin` inserted the row already: nothing to do then)."""
+    if not created or raw:
+        return
+    if not FirstRun.objects.filter(pk=1).exists():
+        FirstRun.objects.get_or_create(pk=1, defaults={"username": instance.get_username()})
+
+
+def connect_receivers() -> None:
+    post_save.connect(
+        _account_created, sender=get_user_model(), dispatch_uid="firstrun-account-created"
+    )

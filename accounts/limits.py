@@ -14,6 +14,11 @@
   nothing: allowed only when every window has room, then counted in every
   one, atomically (one Lua script on Redis, one lock locally).
   `peek([...])` reports the same without counting.
+- `reserve(budgets, ...)` / `release(keys, member)`: holds on budgets whose
+  use is known only when a turn ends (tokens): a turn is admitted only when
+  every budget has room for what it may spend, recorded use plus the holds of
+  the turns in flight, and holds that until its own record is saved
+  (optimistic against the records, atomic across processes; see below).
 - `acquire_slot(key, limit)` -> `SlotLease | None`: at most `limit`
   concurrent holders (the websocket's answers per user, the API's streams per
   key). A lease outlives a crashed process at most `ttl_s`.
@@ -39,13 +44,18 @@ from asgiref.sync import sync_to_async
 
 __all__ = [
     "RateDecision",
+    "Reservation",
     "SlotLease",
     "acquire_slot",
     "ahit",
+    "generations",
     "hit",
     "hit_many",
     "peek",
+    "release",
+    "reserve",
     "reset",
+    "reset_holds",
     "reset_slots",
 ]
 
@@ -271,3 +281,183 @@ async def acquire_slot(key: str, limit: int, *, ttl_s: int = SLOT_TTL_SECONDS) -
 def reset_slots(key: str) -> None:
     """Forget every slot held for `key` (tests, or an admin unblocking someone)."""
     cache.delete(_slot_key(key))
+
+
+# ---- holds: budgets whose use is known only afterwards ---------------------------------
+#
+# A budget's use is what its owner recorded (a sum the caller reads, e.g. in
+# SQL) plus what the turns in flight hold. `reserve` admits a turn only when
+# every budget has room for it, and holds its amount until `release`,
+# atomically across processes (one Lua script with Redis, one lock locally).
+# The records and the holds are two stores, so `reserve` is optimistic: the
+# caller reads the budgets' generations, then their recorded use, then
+# reserves with those generations. A turn ends by saving its record, then
+# `release` (which bumps the generations): a reserve whose generations moved
+# meanwhile may have read the records before that save and the holds after
+# it, so it is refused as `stale` and the caller reads again. A hold whose
+# process died expires after `ttl_s`.
+
+Budget = tuple[str, int, int, bool]  # (key, recorded use, limit, shares the token grant)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """`outcome`: ok (held), full (budget `index` has no room; `used` is
+    its recorded + held use) or stale (read again). `grant`: the amount
+    held in the token budgets (between `need` and `want`)."""
+
+    outcome: str
+    grant: int = 0
+    index: int = -1
+    used: int = 0
+
+
+def _hold_keys(key: str) -> tuple[str, str]:
+    return f"breezeweb:hold:{key}", f"breezeweb:hold-gen:{key}"
+
+
+# KEYS: per budget its holds (a hash member -> "amount:deadline_ms") and its
+# generation. ARGV: member, need, want, ttl in ms, then per budget: recorded,
+# limit, 1 when it takes the token grant (else it takes 1), the generation
+# read. Returns {outcome (1 ok, 0 full, -1 stale), grant, index, used}.
+_RESERVE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member, need, want, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #KEYS / 2
+local grant = want
+for i = 1, n do
+  local a = 4 + (i - 1) * 4
+  if tonumber(redis.call('GET', KEYS[2 * i]) or '0') ~= tonumber(ARGV[a + 4]) then
+    return {-1, 0, i - 1, 0}
+  end
+  local held = 0
+  local all = redis.call('HGETALL', KEYS[2 * i - 1])
+  for j = 1, #all, 2 do
+    local amount, deadline = string.match(all[j + 1], '(%d+):(%d+)')
+    if tonumber(deadline) < now then
+      redis.call('HDEL', KEYS[2 * i - 1], all[j])
+    else
+      held = held + tonumber(amount)
+    end
+  end
+  local used = tonumber(ARGV[a + 1]) + held
+  local room = tonumber(ARGV[a + 2]) - used
+  if ARGV[a + 3] == '1' then
+    if room < need then return {0, 0, i - 1, used} end
+    if room < grant then grant = room end
+  elseif room < 1 then
+    return {0, 0, i - 1, used}
+  end
+end
+for i = 1, n do
+  local amount = 1
+  if ARGV[4 + (i - 1) * 4 + 3] == '1' then amount = grant end
+  redis.call('HSET', KEYS[2 * i - 1], member, amount .. ':' .. (now + ttl))
+  redis.call('PEXPIRE', KEYS[2 * i - 1], ttl)
+end
+return {1, grant, -1, 0}
+"""
+
+# KEYS: per budget its holds and its generation; ARGV: member, ttl in ms.
+_RELEASE_LUA = """
+for i = 1, #KEYS / 2 do
+  redis.call('HDEL', KEYS[2 * i - 1], ARGV[1])
+  redis.call('INCR', KEYS[2 * i])
+  redis.call('PEXPIRE', KEYS[2 * i], tonumber(ARGV[2]))
+end
+return 1
+"""
+
+
+@memoize
+def _hold_scripts(location: str):
+    import redis
+
+    client = redis.Redis.from_url(location)
+    return client.register_script(_RESERVE_LUA), client.register_script(_RELEASE_LUA)
+
+
+def generations(keys: Sequence[str]) -> list[int]:
+    """Each budget's generation: read before its recorded use, passed to `reserve`."""
+    if not keys:
+        return []
+    names = [_hold_keys(key)[1] for key in keys]
+    if _uses_redis():
+        found = _hold_scripts(_location())[0].registered_client.mget(names)
+    else:
+        with _LOCAL_LOCK:
+            found = [cache.get(name) for name in names]
+    return [int(value or 0) for value in found]
+
+
+def _reserve_local(budgets, member, need, want, gens, ttl_s) -> Reservation:
+    with _LOCAL_LOCK:
+        now = clock()
+        grant, holds = want, []
+        for i, ((key, recorded, limit, tokens), gen) in enumerate(zip(budgets, gens, strict=True)):
+            held_key, gen_key = _hold_keys(key)
+            if int(cache.get(gen_key) or 0) != gen:
+                return Reservation("stale", index=i)
+            held = {m: v for m, v in (cache.get(held_key) or {}).items() if v[1] >= now}
+            holds.append(held)
+            used = recorded + sum(amount for amount, _ in held.values())
+            room = limit - used
+            if room < (need if tokens else 1):
+                return Reservation("full", index=i, used=used)
+            if tokens:
+                grant = min(grant, room)
+        for (key, _, _, tokens), held in zip(budgets, holds, strict=True):
+            held[member] = (grant if tokens else 1, now + ttl_s)
+            cache.set(_hold_keys(key)[0], held, timeout=ttl_s)
+        return Reservation("ok", grant=grant)
+
+
+def reserve(
+    budgets: Sequence[Budget],
+    member: str,
+    *,
+    need: int,
+    want: int,
+    generations: Sequence[int],
+    ttl_s: int,
+) -> Reservation:
+    """Hold room for one turn in every budget, or in none: 1 in each budget
+    without the token flag; in the token budgets one grant, as much of `want`
+    as all of them have room for and at least `need`."""
+    if _uses_redis():
+        args: list = [member, need, want, ttl_s * 1000]
+        keys: list[str] = []
+        for (key, recorded, limit, tokens), gen in zip(budgets, generations, strict=True):
+            keys += _hold_keys(key)
+            args += [recorded, limit, 1 if tokens else 0, gen]
+        outcome, grant, index, used = (int(v) for v in _hold_scripts(_location())[0](keys, args))
+        name = {1: "ok", 0: "full", -1: "stale"}[outcome]
+        return Reservation(name, grant=grant, index=index, used=used)
+    return _reserve_local(budgets, member, need, want, generations, ttl_s)
+
+
+def release(keys: Sequence[str], member: str, ttl_s: int) -> None:
+    """Give back `member`'s hold in each budget (its record is saved by now)."""
+    if not keys:
+        return
+    if _uses_redis():
+        names = [name for key in keys for name in _hold_keys(key)]
+        _hold_scripts(_location())[1](names, [member, ttl_s * 1000])
+        return
+    with _LOCAL_LOCK:
+        for key in keys:
+            held_key, gen_key = _hold_keys(key)
+            held = cache.get(held_key) or {}
+            held.pop(member, None)
+            cache.set(held_key, held, timeout=ttl_s)
+            cache.set(gen_key, int(cache.get(gen_key) or 0) + 1, timeout=ttl_s)
+
+
+def reset_holds(key: str) -> None:
+    """Forget every hold on `key` (tests, or an admin)."""
+    names = _hold_keys(key)
+    if _uses_redis():
+        _hold_scripts(_location())[0].registered_client.delete(*names)
+    else:
+        cache.delete_many(list(names))

@@ -8,13 +8,19 @@ docs/teams.md). Checked before a turn starts, by both interfaces:
   of the user's message budgets has room, and then counted in all of them.
   A calendar period is one limiter key (the period's first day is in it),
   with a window longer than the period, so nothing leaves it early.
-- **Tokens** are only known once a turn ends, so they are checked, not
-  counted: a turn starts while the tokens recorded this period (RunRecords,
-  summed in SQL) are below the budget; the turn that crosses it finishes.
-- **Per-runner budgets** (tokens or messages answered by that runner) are
-  checked the same way from the records; a runner whose budget is spent is
-  left out of the router's candidates (`auto` picks another), and a turn
-  pinned to it is refused.
+- **Tokens, and messages on one runner** are held, then recorded: once the
+  router has chosen a runner and fitted the prompt, `reserve` holds an upper
+  bound of what the answer may spend (the prompt's tokens + its
+  `max_tokens`, lowered to what is left; one message on a per-runner message
+  budget) in every budget it counts in, admitted only when recorded use
+  (RunRecords, summed in SQL) plus every hold in flight leaves room
+  (`accounts.limits.reserve`: atomic across processes with `REDIS_URL`).
+  The router gives the hold back once the attempt's record is saved, so the
+  record takes its place: concurrent turns never spend past a budget.
+  Before that, `charge` refuses a turn whose token budgets are already
+  spent, and `within_budget` leaves out of the router's candidates a runner
+  whose budget is spent (`auto` picks another; a turn pinned to it is
+  refused).
 
 Over budget raises `QuotaExceeded`: the `quota_exceeded` error (429 over
 HTTP, an `error` frame on the websocket) saying what is left and when it
@@ -24,6 +30,9 @@ starts over.
 from __future__ import annotations
 
 import math
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -34,11 +43,16 @@ from django.utils.translation import gettext as _
 
 from accounts import limits, usage
 from accounts.models import Quota
+from runners.base import NotAdmitted
 from runners.models import RunRecord
 
 # Limiter windows: longer than any day (daylight saving) or month, so a
 # period's count never expires before the period ends.
 _WINDOW_S = {Quota.Period.DAY: 25 * 3600, Quota.Period.MONTH: 32 * 86400}
+# How long a turn's hold outlives a process that died holding it.
+HOLD_TTL_S = 3600
+# Reads of the records a reservation retries when turns end meanwhile.
+_RESERVE_ATTEMPTS = 100
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,7 @@ class QuotaStatus:
         }
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(NotAdmitted):
     """A turn refused because a budget is spent."""
 
     code = "quota_exceeded"
@@ -235,6 +249,73 @@ def within_budget(user, candidates: list, now: datetime | None = None) -> list:
     return kept
 
 
+@dataclass
+class Hold:
+    """One attempt's hold on its budgets (`reserve`). `max_tokens`: the
+    answer's cap when a token budget lowered it to what is left."""
+
+    keys: tuple[str, ...] = ()
+    member: str = ""
+    max_tokens: int | None = None
+    released: bool = False
+
+    def release(self) -> None:
+        """Give the hold back: call once the attempt's record is saved."""
+        if not self.released and self.keys:
+            limits.release(self.keys, self.member, HOLD_TTL_S)
+        self.released = True
+
+
+def reserve(
+    user,
+    runner_id: int,
+    prompt_tokens: Callable[[], int],
+    max_tokens: int,
+    now: datetime | None = None,
+) -> Hold:
+    """Hold what an answer of runner `runner_id` may spend in every budget of
+    `user` it counts in: its tokens budgets (all runners' and this one's) and
+    this runner's message budgets; the all-runner message budgets were
+    counted by `charge`. Tokens: `prompt_tokens()` + `max_tokens`, lowered to
+    what every token budget has left, at least the prompt and one token of
+    answer (`Hold.max_tokens` is then the answer's cap). Raises QuotaExceeded
+    when a budget has no room; nothing is held then."""
+    now = now or timezone.now()
+    held = [
+        (quota, *_period(quota.period, now))
+        for quota in quotas_of(user)
+        if quota.runner_id in (None, runner_id) and not _counted_by_limiter(quota)
+    ]
+    if not held:
+        return Hold()
+    tokens = any(q.metric == Quota.Metric.TOKENS for q, _start, _end in held)
+    prompt = prompt_tokens() if tokens else 0
+    keys = tuple(_window(quota, start)[0] for quota, start, _end in held)
+    member = uuid.uuid4().hex
+    for _attempt in range(_RESERVE_ATTEMPTS):
+        gens = limits.generations(keys)
+        budgets = [
+            (key, _recorded(quota, user, start), quota.limit, quota.metric == Quota.Metric.TOKENS)
+            for key, (quota, start, _end) in zip(keys, held, strict=True)
+        ]
+        found = limits.reserve(
+            budgets,
+            member,
+            need=prompt + 1,
+            want=prompt + max_tokens,
+            generations=gens,
+            ttl_s=HOLD_TTL_S,
+        )
+        if found.outcome == "ok":
+            return Hold(keys, member, found.grant - prompt if tokens else None)
+        if found.outcome == "full":
+            quota, _start, end = held[found.index]
+            raise QuotaExceeded(_status(quota, found.used, end))
+        time.sleep(0.001)  # stale: a turn ended meanwhile; read the records again
+    quota, start, end = held[0]
+    raise QuotaExceeded(_status(quota, _recorded(quota, user, start), end))
+
+
 def headers(states: list[QuotaStatus]) -> dict[str, str]:
     """`X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens}`: the tightest
     budget of each kind (fewest left), `Reset` in seconds."""
@@ -251,8 +332,9 @@ def headers(states: list[QuotaStatus]) -> dict[str, str]:
 
 
 def reset(quota: Quota, now: datetime | None = None) -> None:
-    """Forget the current period's message count of `quota` (tests, or an
-    admin giving someone a fresh start)."""
+    """Forget the current period's message count and holds of `quota`
+    (tests, or an admin giving someone a fresh start)."""
     start, _end = _period(quota.period, now or timezone.now())
     key, _limit, window_s = _window(quota, start)
     limits.reset(key, window_s)
+    limits.reset_holds(key)

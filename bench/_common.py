@@ -18,11 +18,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def setup_django(name: str, *, models: bool = False, unset: tuple[str, ...] = ()) -> Path:
+def setup_django(
+    name: str, *, models: bool = False, unset: tuple[str, ...] = (), database_url: str = ""
+) -> Path:
     """Django in this process on a fresh DATA_DIR (SQLite, embedded Chroma):
     a benchmark never touches the checkout's data or a configured server.
     `models`: read the prepared models from the checkout's data/models (unless
-    MODELS_DIR says otherwise); `unset`: further variables to ignore."""
+    MODELS_DIR says otherwise); `unset`: further variables to ignore;
+    `database_url`: a database the benchmark asks for explicitly instead."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"bw-bench-{name}-"))
     os.environ["DATA_DIR"] = str(data_dir)
     if models:
@@ -32,6 +35,8 @@ def setup_django(name: str, *, models: bool = False, unset: tuple[str, ...] = ()
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     for var in ("DATABASE_URL", "REDIS_URL", "CHROMA_URL", *unset):
         os.environ.pop(var, None)
+    if database_url:
+        os.environ["DATABASE_URL"] = database_url
 
     import django
 

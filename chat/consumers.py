@@ -246,9 +246,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(error_frame(frame.request_id, error))
             return
         try:
-            # The user's budgets (accounts.quotas), before anything is saved.
-            await database_sync_to_async(quotas.charge)(self.user)
-        except quotas.QuotaExceeded as exc:
+            # The runner, then the user's budgets, before anything is saved: a
+            # turn refused for its runner is not counted (services.admit_turn).
+            await database_sync_to_async(services.admit_turn)(self.user, frame.runner)
+        except (ChatError, quotas.QuotaExceeded) as exc:
             await lease.release()
             await self.send_frame(error_frame(frame.request_id, websocket_error(exc)))
             return

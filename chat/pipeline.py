@@ -278,10 +278,33 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         yield event
 
 
+def _admission(user):
+    """The router's `admit` hook for `user`'s turn: holds what the chosen
+    runner's answer may spend in their budgets (accounts.quotas.reserve; the
+    prompt counted as `fit_to_budget` counts it), lowering the answer's
+    `max_tokens` to what a token budget has left."""
+    if user is None:
+        return None
+
+    async def admit(config, runner: Runner, request: ChatRequest):
+        hold = await database_sync_to_async(quotas.reserve)(
+            user,
+            config.pk,
+            lambda: sum(_tokens(runner, m) for m in request.messages),
+            request.max_tokens or 0,
+        )
+        if hold.max_tokens is not None and hold.max_tokens < (request.max_tokens or 0):
+            request = replace(request, max_tokens=hold.max_tokens)
+        return request, hold
+
+    return admit
+
+
 async def _guarded(
     turn: TurnInput, request: ChatRequest, rules, candidates, context: str = ""
 ) -> AsyncIterator[Any]:
-    """One model answer: routed, fitted to the runner, output rules applied."""
+    """One model answer: routed, fitted to the runner, admitted by the
+    user's budgets, output rules applied."""
     output = OutputFilter(rules)
     events = route(
         request,
@@ -293,6 +316,7 @@ async def _guarded(
         candidates=candidates,
         user=turn.user,
         api_key_id=turn.api_key_id,
+        admit=_admission(turn.user),
     )
     try:
         async for event in events:

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext
 
-from accounts import limits
+from accounts import limits, quotas
 from agents import steps as agent_steps
 from chat import search
 from chat.errors import ChatError
@@ -26,9 +26,10 @@ from chat.inputs import clean_name
 from chat.limits import MAX_SEARCH_HITS, MAX_TITLE_CHARS, TITLE_MAX_CHARS
 from chat.models import Conversation, Message, Project, RunnerPrice
 from rag.models import Collection
-from runners.base import ChatMessage
+from runners.base import ChatMessage, RunnerError
 from runners.collect import Outcome
 from runners.models import RunnerConfig
+from runners.router import load_candidates
 
 __all__ = ["ChatError"]  # re-exported: the one error type (chat.errors)
 
@@ -156,6 +157,24 @@ def _resolve_runner(user, name: str | None) -> RunnerConfig | None:
             "unknown_runner", f"There is no enabled runner named {name!r} that you may use."
         )
     return config
+
+
+def admit_turn(user, runner: str | None) -> list:
+    """Count one websocket turn against the user's budgets
+    (`accounts.quotas.charge`, which raises QuotaExceeded), unless no runner
+    could take it: as the API checks `model` before it counts, a named runner
+    the user may not use is refused first, uncounted and unsaved
+    (`unknown_runner`, the rule of `begin_message`), and with no runner open
+    to the user at all (the router's rule) nothing is counted: the turn goes
+    on to be refused by the pipeline with `no_runner`, its question kept."""
+    if runner and runner != "auto":
+        _resolve_runner(user, runner)
+    else:
+        try:
+            load_candidates(frozenset(), None, False, user)
+        except RunnerError:
+            return []
+    return quotas.charge(user)
 
 
 def _readable_collections(user, ids: tuple[int, ...]) -> list[int]:

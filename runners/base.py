@@ -151,6 +151,12 @@ Event = TokenDelta | ToolCall | Notice | Done
 # ---- errors ------------------------------------------------------------------------
 
 
+class NotAdmitted(Exception):
+    """Raised by the router's `admit` hook: the caller may not have this
+    runner answer now (a budget of theirs is spent). `auto` tries the next
+    runner; a turn pinned to it fails with this error."""
+
+
 class ErrorCode(StrEnum):
     NOT_LOADED = "not_loaded"
     INVALID_INPUT = "invalid_input"

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from django.conf import settings
 
@@ -32,6 +33,7 @@ from runners.base import (
     Done,
     ErrorCode,
     Event,
+    NotAdmitted,
     Notice,
     Runner,
     RunnerError,
@@ -224,6 +226,7 @@ class _Attempt:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     tokens_per_second: float | None = None
+    hold: Any = None  # what `admit` returned: given back once the record is saved
 
     @property
     def ttft_ms(self) -> float | None:
@@ -261,6 +264,9 @@ def _save_record(
         user_id=attempt.user_id,
         api_key_id=attempt.api_key_id,
     )
+    if attempt.hold is not None:
+        # The record now counts what the attempt spent: its hold is given back.
+        attempt.hold.release()
     metrics.observe_attempt(
         attempt.config.name,
         status,
@@ -288,6 +294,10 @@ def _with_defaults(request: ChatRequest, config: RunnerConfig) -> ChatRequest:
 
 
 Prepare = Callable[[ChatRequest, Runner], tuple[ChatRequest, list[Notice]]]
+# `admit(config, runner, request)` -> (request, hold): the caller's last word
+# on a chosen runner, once the request is fitted to it; raises NotAdmitted.
+# `hold.release()` (sync) is called once the attempt's record is saved.
+Admit = Callable[[RunnerConfig, Runner, ChatRequest], Awaitable[tuple[ChatRequest, Any]]]
 
 
 async def route(
@@ -301,6 +311,7 @@ async def route(
     candidates: list[RunnerConfig] | None = None,
     user=None,
     api_key_id: int | None = None,
+    admit: Admit | None = None,
 ) -> AsyncIterator[Event | Routed]:
     """Answer `request` with the best available runner, falling back before
     the first token. `prepare(request, runner)` fits the request to a runner
@@ -309,7 +320,9 @@ async def route(
     saves a database round trip when the caller already read them; otherwise
     they are the runners `user` may use (every runner when None: trusted
     callers only). Every attempt's `RunRecord` names `user` and `api_key_id`
-    (usage accounting). Yields
+    (usage accounting). `admit` (see `Admit`) may refuse a runner once it is
+    chosen and fitted (the caller's budgets): `auto` goes on to the next
+    one, a pinned turn fails with its NotAdmitted. Yields
     `Routed` before a runner's first event, then the notices, then the
     runner's events."""
     needed = request.needed_capabilities()
@@ -326,6 +339,7 @@ async def route(
     tried: list[str] = []
     last_error: RunnerError | None = None
     skipped_open: list[str] = []
+    refused: NotAdmitted | None = None
     for config in candidates:
         if not pinned and not circuits.allow(config.name):
             skipped_open.append(config.name)
@@ -385,10 +399,29 @@ async def route(
                 )
             await _fail(attempt, error, source, message_id, capability, counts=False)
             raise error from None
+        if admit is not None:
+            try:
+                routed_request, attempt.hold = await admit(config, runner, routed_request)
+            except NotAdmitted as exc:
+                # Not this runner's failure, and not an attempt: no record.
+                circuits.release(config.name)
+                tried.pop()
+                if pinned:
+                    raise
+                refused = exc
+                continue
+            except BaseException:
+                circuits.release(config.name)
+                raise
 
-        yield Routed(config.name, config.model_id, bool(attempt.fallback), tuple(tried))
-        for notice in notices:
-            yield notice
+        try:
+            yield Routed(config.name, config.model_id, bool(attempt.fallback), tuple(tried))
+            for notice in notices:
+                yield notice
+        except BaseException:
+            if attempt.hold is not None:  # closed before the runner ran: nothing spent
+                await asyncio.shield(database_sync_to_async(attempt.hold.release)())
+            raise
         stream = runner.stream(routed_request)
         guard = LoopGuard(loop_settings(config.extra_params))
         try:
@@ -451,6 +484,8 @@ async def route(
         finally:
             await stream.aclose()
 
+    if refused is not None and last_error is None:
+        raise refused
     if last_error is not None:
         if len(tried) > 1:
             raise RunnerError(

@@ -361,6 +361,54 @@ def test_a_message_quota_holds_exactly_across_two_web_processes(
     assert len(scripted_server.chat_requests()) == 5
 
 
+def test_token_and_runner_budgets_hold_exactly_across_two_web_processes(
+    two_web_processes, user, scripted_server
+):
+    """Twelve requests at once, split between two processes: a budget of 300
+    tokens a day (each answer may take 10 tokens) and one of three messages
+    a day on the preferred runner. Every answer held its bound in Redis
+    before its runner ran (accounts.quotas.reserve), so the records stay
+    within both budgets: the preferred runner answers exactly three, `auto`
+    sends the rest to the spare one until the tokens run out."""
+    from django.db.models import F, Sum
+
+    from accounts import quotas
+    from accounts.models import Quota
+    from runners.models import RunRecord
+
+    first, second = two_web_processes
+    _, key = ApiKey.issue(user, "scaleout")
+    preferred = runner_config(scripted_server.url, "remote", priority=10, max_tokens=10)
+    runner_config(scripted_server.url, "spare", priority=5, max_tokens=10)
+    for fields in (
+        {"metric": "tokens", "limit": 300},
+        {"metric": "messages", "limit": 3, "runner": preferred},
+    ):
+        quotas.reset(Quota.objects.create(user=user, period="day", **fields))
+    scripted_server.default_reply = Reply(tokens=("tick ",) * 40, token_delay=0.01)
+
+    async def scenario() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{server.url}/v1/chat/completions", headers=headers, json=body)
+                    for server in (first, second) * 6
+                )
+            )
+
+    answers = asyncio.run(scenario())
+    refused = [a for a in answers if a.status_code != 200]
+    assert refused and len(refused) < 12, [a.text[:200] for a in answers]
+    assert {a.json()["error"]["code"] for a in refused} == {"quota_exceeded"}
+    rows = RunRecord.objects.filter(user=user)
+    spent = rows.aggregate(n=Sum(F("prompt_tokens") + F("completion_tokens")))["n"]
+    assert spent <= 300, list(rows.values_list("runner_name", "prompt_tokens", "completion_tokens"))
+    assert rows.filter(runner_name="remote", status="ok").count() == 3
+    assert rows.filter(runner_name="spare", status="ok").count() == 12 - len(refused) - 3
+
+
 # ---- attaching to an answer generated on another process --------------------------------
 
 

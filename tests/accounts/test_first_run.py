@@ -92,7 +92,10 @@ def test_a_request_that_passed_the_open_check_loses_at_the_constraint():
 def test_make_run_prints_the_url_only_while_no_account_exists(capsys, user):
     call_command("first_run_url", "http://127.0.0.1:8000")
     assert capsys.readouterr().out == ""
-    user.delete()
+    user.delete()  # the first account was recorded: the page stays closed
+    call_command("first_run_url", "http://127.0.0.1:8000")
+    assert capsys.readouterr().out == ""
+    FirstRun.objects.all().delete()  # as on a fresh install
     call_command("first_run_url", "http://127.0.0.1:8000/")
     assert "http://127.0.0.1:8000/setup/" in capsys.readouterr().out
 
@@ -162,3 +165,23 @@ def test_two_browsers_submitting_at_once_create_exactly_one_admin(fresh_site):
     assert browsers[0].get("/setup/").status_code == 404
     for browser in browsers:
         browser.close()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("how", ["createsuperuser", "sso"])
+def test_an_admin_made_without_the_page_closes_it_even_after_every_account_is_deleted(
+    client, monkeypatch, how
+):
+    """`createsuperuser` (and DJANGO_SUPERUSER_*, its non-interactive form) or
+    a single sign-on user creates the first account: the first run is
+    recorded then, so deleting every account does not reopen /setup/."""
+    if how == "createsuperuser":
+        monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", PASSWORD)
+        call_command("createsuperuser", "--noinput", username="boss", email="boss@example.com")
+    else:  # what accounts/oidc.py does on a first sign-in: a plain user save
+        get_user_model().objects.create_user("carol", password=None)
+    assert FirstRun.objects.get().username in {"boss", "carol"}
+    get_user_model().objects.all().delete()
+    assert client.get("/setup/").status_code == 404
+    assert client.post("/setup/", _form()).status_code == 404
+    assert not get_user_model().objects.exists()

@@ -18,7 +18,7 @@ from asgiref.sync import sync_to_async
 from accounts import quotas, usage
 from accounts.models import ApiKey, Quota
 from chat.models import Message
-from runners.models import RunRecord
+from runners.models import RunnerConfig, RunRecord
 from tests.support.clients import call, connect
 from tests.support.fixtures import runner_config
 from tests.support.scripted_server import Reply
@@ -239,3 +239,206 @@ def test_concurrent_turns_are_charged_exactly_up_to_the_budget(user):
         thread.join(30)
     assert sorted(outcomes) == [False] * 13 + [True] * 7
     assert quotas.status(user)[0].remaining == 0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fresh_process_state", "no_detached_answers")
+async def test_a_websocket_turn_refused_for_its_runner_uses_up_no_message(
+    user, scripted_runner, scripted_server
+):
+    """As the API checks `model` before it counts, a websocket turn no runner
+    could take (unknown_runner, no_runner) uses up no message."""
+    await sync_to_async(make_quota)(user=user, metric="messages", period="day", limit=1)
+    ws = await connect(user)
+    await ws.send_json_to(
+        {"type": "message", "request_id": "r1", "text": "pinned", "runner": "nowhere"}
+    )
+    frame = await ws.receive_json_from(timeout=10)
+    assert (frame["type"], frame["code"]) == ("error", "unknown_runner"), frame
+    await sync_to_async(RunnerConfig.objects.update)(enabled=False)
+    await ws.send_json_to({"type": "message", "request_id": "r2", "text": "auto"})
+    while (frame := await ws.receive_json_from(timeout=10))["type"] != "error":
+        pass
+    assert frame["code"] == "no_runner", frame  # the question is kept (test_chat_ws)
+    assert (await sync_to_async(quotas.status)(user))[0].used == 0
+    await sync_to_async(RunnerConfig.objects.update)(enabled=True)
+    scripted_server.script(Reply("the one answer"))
+    await ws.send_json_to({"type": "message", "request_id": "r3", "text": "counted"})
+    while (frame := await ws.receive_json_from(timeout=10))["type"] != "done":
+        assert frame["type"] != "error", frame
+    await ws.disconnect()
+    assert (await sync_to_async(quotas.status)(user))[0].used == 1
+    assert not await sync_to_async(Message.objects.filter(content="pinned").exists)()
+
+
+# ---- tokens and per-runner messages, exactly: holds ---------------------------------------
+
+
+@pytest.fixture
+def records_lock(monkeypatch):
+    """A lock the threads take around their own RunRecord writes, and that
+    quotas' reads of the records take too, on SQLite only: the in-memory
+    test database refuses a reader while another thread writes ("table is
+    locked") where a file database or PostgreSQL waits. Only the SQL
+    statements are serialized; the gaps between reading the records,
+    holding, saving a record and giving a hold back stay open to races."""
+    import contextlib
+    import threading
+
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        return contextlib.nullcontext()
+    lock = threading.Lock()
+    recorded = quotas._recorded
+
+    def locked(*args, **kwargs):
+        with lock:
+            return recorded(*args, **kwargs)
+
+    monkeypatch.setattr(quotas, "_recorded", locked)
+    return lock
+
+
+def _threads(count: int, work) -> None:
+    """`work()` in `count` threads started at one barrier, each closing its
+    own database connection."""
+    import threading
+
+    from django.db import connection as main_connection
+
+    start = threading.Barrier(count)
+
+    def run() -> None:
+        from django.db import connection
+
+        start.wait()
+        try:
+            work()
+        finally:
+            if connection is not main_connection:
+                connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
+@pytest.mark.scaleout
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_turns_never_spend_a_token_budget_past_its_limit(user, records_lock):
+    """Sixteen threads run three turns each against 100 tokens: each holds
+    its prompt (4) + max_tokens (6) before it runs, records what it spent
+    (all of its grant) and gives the hold back. Without holds every turn
+    would start while the records are below 100 and spend 480."""
+    make_quota(user=user, metric="tokens", period="day", limit=100)
+    outcomes: list[tuple[bool, int | None]] = []
+
+    def turns() -> None:
+        for _ in range(3):
+            try:
+                hold = quotas.reserve(user, 1, lambda: 4, 6)
+            except quotas.QuotaExceeded:
+                outcomes.append((False, None))
+                continue
+            with records_lock:
+                RunRecord.objects.create(
+                    runner_name="scripted",
+                    status="ok",
+                    prompt_tokens=4,
+                    completion_tokens=hold.max_tokens,
+                    user=user,
+                )
+            hold.release()
+            outcomes.append((True, hold.max_tokens))
+
+    _threads(16, turns)
+    assert len(outcomes) == 48
+    spent = quotas.status(user)[0].used
+    assert 95 <= spent <= 100, outcomes  # refused only once less than 4 + 1 was left
+    admitted = [cap for ok, cap in outcomes if ok]
+    assert all(1 <= cap <= 6 for cap in admitted) and len(admitted) < 48
+    with pytest.raises(quotas.QuotaExceeded) as caught:
+        quotas.reserve(user, 1, lambda: 4, 6)
+    assert caught.value.status.used == spent
+
+
+@pytest.mark.scaleout
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_turns_on_a_runner_are_held_exactly_to_its_message_budget(user, records_lock):
+    """Twenty threads at once on a runner whose budget is seven messages:
+    exactly seven are held (and answered), whatever the order of records."""
+    private = runner_config("http://127.0.0.1:9", "private")
+    make_quota(user=user, metric="messages", period="day", limit=7, runner=private)
+    admitted: list[bool] = []
+
+    def turn() -> None:
+        try:
+            hold = quotas.reserve(user, private.pk, lambda: 1, 1)
+        except quotas.QuotaExceeded:
+            admitted.append(False)
+            return
+        with records_lock:
+            RunRecord.objects.create(runner=private, runner_name="private", status="ok", user=user)
+        hold.release()
+        admitted.append(True)
+
+    _threads(20, turn)
+    assert sorted(admitted) == [False] * 13 + [True] * 7
+    assert RunRecord.objects.filter(runner=private).count() == 7
+    # A failed attempt gives its hold back and is not an answered message.
+    assert quotas.status(user)[0].used == 7
+
+
+@pytest.mark.django_db
+def test_a_failed_turn_gives_its_hold_back(user):
+    private = runner_config("http://127.0.0.1:9", "private")
+    make_quota(user=user, metric="messages", period="day", limit=1, runner=private)
+    hold = quotas.reserve(user, private.pk, lambda: 1, 1)
+    with pytest.raises(quotas.QuotaExceeded):  # the one message is held
+        quotas.reserve(user, private.pk, lambda: 1, 1)
+    RunRecord.objects.create(runner=private, runner_name="private", status="failed", user=user)
+    hold.release()
+    quotas.reserve(user, private.pk, lambda: 1, 1)  # the failure spent no message
+
+
+@pytest.mark.scaleout
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fresh_process_state")
+async def test_concurrent_turns_through_the_router_stay_within_a_token_budget(
+    user, scripted_runner, scripted_server
+):
+    """Eight turns at once through the pipeline, each answer able to take 10
+    tokens: the router holds prompt + max_tokens for each once it chose the
+    runner, lowers the last admitted answer's max_tokens to what is left and
+    refuses the rest; the records never pass the budget."""
+    from chat.pipeline import TurnInput, run_turn
+    from runners.base import ChatMessage, Done
+
+    await sync_to_async(RunnerConfig.objects.filter(pk=scripted_runner.pk).update)(max_tokens=10)
+    limit = 150
+    await sync_to_async(make_quota)(user=user, metric="tokens", period="day", limit=limit)
+    for _ in range(8):
+        scripted_server.script(Reply(tokens=("tick ",) * 40, token_delay=0.01))
+
+    async def turn():
+        done = None
+        try:
+            async for event in run_turn(
+                TurnInput(user=user, messages=(ChatMessage("user", "hi"),))
+            ):
+                done = event if isinstance(event, Done) else done
+        except quotas.QuotaExceeded as exc:
+            return exc
+        return done
+
+    outcomes = await asyncio.gather(*(turn() for _ in range(8)))
+    refused = [o for o in outcomes if isinstance(o, quotas.QuotaExceeded)]
+    answered = [o for o in outcomes if isinstance(o, Done)]
+    assert refused and answered and len(refused) + len(answered) == 8, outcomes
+    spent = (await sync_to_async(quotas.status)(user))[0].used
+    assert spent <= limit
+    caps = [r.json["max_tokens"] for r in scripted_server.chat_requests()]
+    assert len(caps) == len(answered) and max(caps) == 10, caps

@@ -133,6 +133,27 @@ def test_the_dashboard_sums_per_user_and_per_group_per_day(user, other_user, dja
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("zone", "when", "day"),
+    [
+        # No daylight saving: one UTC offset over the window (SQLite: date() in SQL).
+        ("Asia/Taipei", datetime(2026, 11, 29, 16, 30, tzinfo=UTC), "2026-11-30"),
+        ("America/Los_Angeles", datetime(2026, 11, 30, 7, 30, tzinfo=UTC), "2026-11-29"),
+        # A window across a daylight-saving change (the zone's own conversion).
+        ("Europe/Berlin", datetime(2026, 10, 24, 22, 30, tzinfo=UTC), "2026-10-25"),
+    ],
+)
+def test_the_dashboard_days_are_local_calendar_days(user, settings, zone, when, day):
+    from django.utils import timezone as django_timezone
+
+    settings.TIME_ZONE = zone
+    record(user, "local", 10, 1, when=when)
+    with django_timezone.override(zone):
+        rows = usage.over_time(NOW - timedelta(days=60), NOW + timedelta(hours=1), "user")
+    assert [(r.day.isoformat(), r.totals.total_tokens) for r in rows] == [(day, 11)]
+
+
+@pytest.mark.django_db
 def test_the_dashboard_page_and_csv_are_for_staff_and_escape_formulas(
     user, admin_user, django_user_model
 ):
