@@ -1,8 +1,8 @@
 // BreezeWeb chat: one ES module, no inline scripts (strict CSP).
 // Talks to /ws/chat/ (docs/websocket.md) and the small JSON endpoints under /api/.
-// Answers are Markdown rendered by marked, sanitized by DOMPurify to an allow-list
-// (markdown.js), highlighted by highlight.js; user messages are shown as plain
-// text, never as HTML.
+// Answers are Markdown rendered by marked (raw HTML in them shown as text),
+// sanitized by DOMPurify to an allow-list (markdown.js), highlighted by
+// highlight.js; user messages are shown as plain text, never as HTML.
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";

@@ -1,6 +1,7 @@
 // A shared conversation (/s/<token>/): read-only, rendered as the chat renders
-// it. User messages are text; answers are Markdown through the same sanitizer
-// (markdown.js) and highlighter, with their sources.
+// it. User messages are text; answers are Markdown through the same renderer
+// and sanitizer (markdown.js: raw HTML in an answer is shown as text) and
+// highlighter, with their sources.
 
 import { markdownToSafeHtml } from "./markdown.js";
 import { linkCitations, sourcesNode } from "./citations.js";

@@ -141,11 +141,38 @@ def test_projects_branches_search_pins_and_forks(page, upstream):
     assert page.problems == []
 
 
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def _shows_hostile_html_as_text(page) -> None:
+    """The answer's Markdown is rendered, its raw HTML shown as the characters
+    written: no <img>, no dialog, and no console report (nothing was parsed,
+    so the CSP had no inline handler to refuse)."""
+    page.wait_for_selector(".msg-assistant strong:text('bold')")
+    body = page.locator(".msg-assistant .msg-body").last
+    assert body.inner_text().strip() == f"Use bold moves. {HOSTILE}"
+    assert page.locator(".msg img").count() == 0
+    assert page.problems == []
+
+
 def test_share_link_and_export_from_the_share_dialog(page, site, upstream):
-    upstream.script(Reply(text="Use **bold** moves. <img src=x onerror=alert(1)>"))
+    upstream.script(Reply(text=f"Use **bold** moves. {HOSTILE}"))
     page.click("#new-chat")
+    chat_alerts: list[str] = []
+
+    def on_dialog(dialog) -> None:
+        chat_alerts.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     _send(page, "Any chess advice?")
     _answers_done(page, 1)
+    _shows_hostile_html_as_text(page)  # as it streamed in
+    page.reload()
+    page.wait_for_selector("#conn-status[data-state=open]", timeout=30_000)
+    _shows_hostile_html_as_text(page)  # as saved
+    page.remove_listener("dialog", on_dialog)
+    assert chat_alerts == []
     page.click("#share-open")
     page.click("#share-create")
     page.wait_for_function("() => document.getElementById('share-url').value.includes('/s/')")
@@ -157,16 +184,11 @@ def test_share_link_and_export_from_the_share_dialog(page, site, upstream):
     alerts: list[str] = []
     shared.on("dialog", lambda d: (alerts.append(d.message), d.dismiss()))
     shared.goto(link)
-    shared.wait_for_selector(".msg-assistant strong:text('bold')")
+    # (Checked before the revoked link's expected 404 below.)
+    _shows_hostile_html_as_text(shared)
     assert shared.locator(".msg-user").inner_text() == "Any chess advice?"
-    assert shared.locator(".msg img").count() == 0 and alerts == []
+    assert alerts == []
     _shot(shared, "conversation-shared.png")
-    # (Checked before the revoked link's expected 404 below.) One report is
-    # expected: the answer's hostile <img onerror>, refused by the page's CSP
-    # while DOMPurify parses it in an inert document (Chromium checks the
-    # handler even there); it never runs and the page shows no <img>.
-    sanitized = "console error: Executing inline event handler violates"
-    assert [p for p in shared.problems if not (p.startswith(sanitized) and "purify" in p)] == []
 
     page.click("#share-list button:text('Revoke')")
     page.wait_for_selector("#share-list li[data-active=false]")
