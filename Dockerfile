@@ -32,7 +32,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
 
-# PROXY_HEADERS=true (README, "Deploying to production"): behind a reverse proxy
-# the client's address is X-Forwarded-For's, so sign-in throttling counts each
-# client and not the proxy. Never without a proxy: clients would choose it.
-CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py bootstrap && exec daphne -b 0.0.0.0 -p 8000 $([ \"$PROXY_HEADERS\" = true ] && echo --proxy-headers) --websocket-max-message-size 16777216 --websocket-max-frame-size 16777216 breezeweb.asgi:application"]
+# manage.py serve (breezeweb/serve.py): one Daphne process, or one per core
+# with REDIS_URL and CHROMA_URL (WEB_PROCESSES). PROXY_HEADERS=true (README,
+# "Deploying to production"): behind a reverse proxy the client's address is
+# X-Forwarded-For's, so sign-in throttling counts each client and not the
+# proxy. Never without a proxy: clients would choose it.
+CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py bootstrap && exec python manage.py serve --bind 0.0.0.0 --port 8000"]

@@ -221,6 +221,14 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+# --- Serving (breezeweb/serve.py, `manage.py serve`) ---------------------------
+# "auto": one Daphne process per core when REDIS_URL and CHROMA_URL are set, one
+# otherwise; or a whole number of processes.
+WEB_PROCESSES = env.str("WEB_PROCESSES", default="auto")
+# Daphne's --proxy-headers: the client's address from X-Forwarded-For. Only
+# behind a proxy that sets that header itself; exactly `true` turns it on.
+PROXY_HEADERS = env.str("PROXY_HEADERS", default="false") == "true"
+
 # --- Chroma and RAG ------------------------------------------------------------
 CHROMA_URL = env.str("CHROMA_URL", default="")
 CHROMA_PATH = DATA_DIR / "chroma"

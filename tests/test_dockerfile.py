@@ -1,8 +1,8 @@
 """The image's start command (Dockerfile CMD), run by the shell as the image
-runs it, with `python` and `daphne` on PATH replaced by scripts that print
-their arguments: Daphne gets `--proxy-headers` exactly when PROXY_HEADERS=true
-(README, "Deploying to production"), and the same websocket limits as
-`make run`."""
+runs it with `python` on PATH replaced by a script that prints its arguments,
+then its `manage.py serve` line run for real with --dry-run: Daphne gets
+`--proxy-headers` exactly when PROXY_HEADERS=true (README, "Deploying to
+production"), and the same websocket limits as `make run`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -28,14 +29,15 @@ def image_default(name: str) -> str:
     return dict(pair.split("=", 1) for pair in env.split())[name]
 
 
-def daphne_argv(tmp_path, **env: str) -> list[str]:
-    """The arguments the image's CMD starts Daphne with."""
+def serve_argv(tmp_path, **env: str) -> list[str]:
+    """The `manage.py serve` command line the image's CMD ends with (run by the
+    shell as the image runs it, `python` replaced by a script printing its
+    arguments)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name in ("python", "daphne"):
-        script = bin_dir / name
-        script.write_text(f'#!/bin/sh\nprintf "{name}"; printf " %s" "$@"; echo\n')
-        script.chmod(0o755)
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "python"
+    script.write_text('#!/bin/sh\nprintf "python"; printf " %s" "$@"; echo\n')
+    script.chmod(0o755)
     result = subprocess.run(
         image_cmd(),
         env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
@@ -44,8 +46,25 @@ def daphne_argv(tmp_path, **env: str) -> list[str]:
         timeout=30,
         check=True,
     )
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("daphne ")]
+    (line,) = [line for line in result.stdout.splitlines() if " serve " in line]
     return line.split()[1:]
+
+
+def daphne_argv(tmp_path, **env: str) -> list[str]:
+    """The arguments the image's CMD starts Daphne with: its `manage.py serve`
+    line run for real with --dry-run (the embedded defaults: one process)."""
+    argv = serve_argv(tmp_path, **env)
+    result = subprocess.run(
+        [sys.executable, *argv, "--dry-run"],
+        cwd=ROOT,
+        env={**os.environ, "DATA_DIR": str(tmp_path / "data"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (line,) = [line for line in result.stdout.splitlines() if " -m daphne " in line]
+    return line.split(" -m daphne ", 1)[1].split()
 
 
 def test_the_image_does_not_trust_forwarded_addresses_by_default(tmp_path):
@@ -68,3 +87,7 @@ def test_behind_a_proxy_daphne_takes_the_client_address_from_the_proxy(tmp_path)
     joined = " ".join(argv)
     assert " ".join(DAPHNE_ARGS) in joined
     assert argv[:4] == ["-b", "0.0.0.0", "-p", "8000"]
+
+
+def test_the_image_serves_through_manage_py_serve_on_port_8000(tmp_path):
+    assert serve_argv(tmp_path)[:6] == ["manage.py", "serve", "--bind", "0.0.0.0", "--port", "8000"]

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from rag import store, topk, worker
@@ -27,7 +23,7 @@ from rag.retrieval import retrieve
 from rag.uploads import delete_document, reingest
 from tests.support import documents as docs
 from tests.support.documents import add_and_ingest
-from tests.support.scripted_server import free_port
+from tests.support.processes import chroma_server
 
 SCALEOUT_PASS = os.environ.get("BREEZEWEB_SCALEOUT_PASS") == "1"
 
@@ -59,35 +55,13 @@ LIGHTHOUSE = (
 )
 
 
-def _chroma_server(tmp: Path):
-    binary = Path(shutil.which("chroma") or Path(os.sys.executable).with_name("chroma"))
-    port = free_port()
-    process = subprocess.Popen(
-        [str(binary), "run", "--path", str(tmp), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"chroma run exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("chroma run did not answer within 60 s")
-
-
 @pytest.fixture(scope="module")
 def vector_store(tmp_path_factory):
     """Embedded Chroma normally; a real Chroma server in the scale-out pass."""
     if not SCALEOUT_PASS:
         yield "embedded"
         return
-    process, url = _chroma_server(tmp_path_factory.mktemp("chroma-server"))
+    process, url = chroma_server(tmp_path_factory.mktemp("chroma-server"))
     try:
         yield url
     finally:

@@ -23,13 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from breezeweb.serve import WEBSOCKET_ARGS
 from tests.support.scripted_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 # As `make run` and the Dockerfile serve: websocket frames up to 16 MiB reach
 # the application, which refuses what is over CHAT_MAX_FRAME_BYTES itself.
-DAPHNE_ARGS = ("--websocket-max-message-size", "16777216", "--websocket-max-frame-size", "16777216")
+DAPHNE_ARGS = WEBSOCKET_ARGS  # breezeweb.serve: what make run and the image give Daphne
 
 
 def site_env(data_dir: Path, **settings: str) -> dict[str, str]:
@@ -62,6 +63,30 @@ def manage(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"manage.py {args[0]} failed:\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+def chroma_server(tmp: Path) -> tuple[subprocess.Popen, str]:
+    """`chroma run` (the installed chromadb's server) on a free port of
+    127.0.0.1, storing in `tmp`: the process and its URL."""
+    binary = Path(shutil.which("chroma") or Path(sys.executable).with_name("chroma"))
+    port = free_port()
+    process = subprocess.Popen(
+        [str(binary), "run", "--path", str(tmp), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"chroma run exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("chroma run did not answer within 60 s")
 
 
 class Process:
@@ -130,6 +155,17 @@ class Daphne(Process):
         self.popen.kill()
         self.popen.wait(timeout=15)
         self.start()
+
+
+class Served(Daphne):
+    """`manage.py serve` (breezeweb.serve: one Daphne process, or several on one
+    socket per WEB_PROCESSES) on a free port of 127.0.0.1; started means
+    /healthz answers."""
+
+    def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
+        super().__init__(env, log)
+        self.argv = [sys.executable, "manage.py", "serve", "--bind", "127.0.0.1"]
+        self.argv += ["--port", str(self.port)]
 
 
 def create_user(username: str, password: str, *, admin: bool = False) -> str:
