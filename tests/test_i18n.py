@@ -373,6 +373,19 @@ def test_every_notice_code_has_a_translated_message():
     assert made and [m for m in made if not m.startswith("NoticeCode.")] == []
 
 
+def test_every_import_error_code_has_a_translated_message():
+    """The page shows why an import failed by the job's `error_code`
+    (static/js/conversations.js); the codes are chat.transfer.IMPORT_ERRORS."""
+    from chat.transfer import IMPORT_ERRORS
+
+    source = (ROOT / "static" / "js" / "conversations.js").read_text()
+    table = source.split("export const IMPORT_ERROR_TEXT = {", 1)[1].split("\n};", 1)[0]
+    messages = dict(re.findall(r"""^\s+(\w+): gettext\("((?:[^"\\]|\\.)*)"\)""", table, re.M))
+    assert set(messages) == set(IMPORT_ERRORS), "static/js/conversations.js: IMPORT_ERROR_TEXT"
+    chinese = {e.msgid: e.msgstr for e in _catalog("zh_Hant", "djangojs")}
+    assert [code for code, msgid in messages.items() if not chinese.get(msgid)] == []
+
+
 def test_templates_show_dates_in_the_languages_formats():
     """What people read is formatted with the language's formats (`*_FORMAT`);
     a fixed format (`Y-m-d`) only in a `<time datetime>`, for machines."""

@@ -3,7 +3,8 @@ its data (static/js/notices.js, docs/i18n.md): a real turn in Chinese whose
 old turns were left out to fit a small context, in headless Debian Chromium
 against a real Daphne process answering through the scripted chat-completions
 server; and the module itself with the real Chinese catalog, unknown codes and
-unreadable data included. tests/test_i18n.py checks the map has every code."""
+unreadable data included. Also a failed import's reason by its code
+(static/js/conversations.js). tests/test_i18n.py checks both maps have every code."""
 
 from __future__ import annotations
 
@@ -93,3 +94,22 @@ def test_a_chinese_page_shows_a_real_trimmed_notice_translated(
         assert text.endswith(" 則訊息。")
         assert "oldest" not in text
         assert page.problems == []
+
+
+def test_an_import_failure_reads_in_chinese_by_its_code():
+    """static/js/conversations.js: a failed import job's `error_code` shows
+    the translated reason; a job without a known code shows the server's."""
+    with static_page() as page:
+        shown = page.evaluate(
+            """async (catalog) => {
+                window.gettext = (s) => catalog[s] || s;
+                const { importErrorText } = await import("/static/js/conversations.js");
+                return [
+                    importErrorText({ error_code: "stale", error: "The import stopped ..." }),
+                    importErrorText({ error_code: "", error: "An older job's words." }),
+                ];
+            }""",
+            _chinese(),
+        )
+    assert shown[0] == "伺服器重新啟動\uff0c匯入因此中斷\uff1b請重新匯入檔案。"
+    assert shown[1] == "An older job's words."
