@@ -27,7 +27,16 @@ from typing import Any, Protocol
 
 from agents import limits
 from agents.tools import Tool, ToolContext, ToolFailed, ToolOutput, innermost
-from runners.base import ChatMessage, ChatRequest, Done, Notice, TokenDelta, ToolCall, Usage
+from runners.base import (
+    ChatMessage,
+    ChatRequest,
+    Done,
+    Notice,
+    NoticeCode,
+    TokenDelta,
+    ToolCall,
+    Usage,
+)
 from runners.guardian import GuardianBlocked, OutputFilter, Rule, check_input
 from runners.router import Routed
 
@@ -40,7 +49,7 @@ AGENT_INSTRUCTIONS = (
 )
 
 # finish_reason of a turn the loop ended: past the step cap, or at the turn's time limit.
-STEP_LIMIT, TIME_LIMIT = "step_limit", "time_limit"
+STEP_LIMIT, TIME_LIMIT = NoticeCode.STEP_LIMIT.value, NoticeCode.TIME_LIMIT.value
 FINISH_REASONS = (STEP_LIMIT, TIME_LIMIT)
 
 
@@ -303,7 +312,7 @@ async def run_agent(
                 return
             if round_number > conf.max_steps:
                 yield Notice(
-                    STEP_LIMIT,
+                    NoticeCode.STEP_LIMIT,
                     f"The agent stopped after {conf.max_steps} rounds of tool calls (the "
                     "administrator's limit); the answer so far is kept.",
                     {"max_steps": conf.max_steps},
@@ -335,7 +344,7 @@ async def run_agent(
             )
     except TimeoutError:
         yield Notice(
-            TIME_LIMIT,
+            NoticeCode.TIME_LIMIT,
             f"The agent reached its time limit of {conf.turn_timeout_seconds:g} s; "
             "the answer so far is kept.",
             {"seconds": conf.turn_timeout_seconds},

@@ -922,6 +922,11 @@ ImportJob = reply(
     progress=(float, Field(ge=0, le=1)),
     report=ImportReport | dict[str, Any],
     error=about(str, "Why the file could not be imported."),
+    error_code=about(
+        str,
+        "Why, as a code: `stale` (a restart stopped it), `not_json`, `unknown_format`, "
+        "`not_a_list`, `internal`; empty unless failed.",
+    ),
 )
 Cost = reply(
     "Cost",

@@ -24,7 +24,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
-from django.utils import timezone
+from django.utils import timezone, translation
+from django.utils.translation import gettext_lazy
 
 from chat.inputs import clean_name
 from chat.limits import MAX_TEXT_CHARS, MAX_TITLE_CHARS
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 FORMAT = "breezeweb.conversations"
 VERSION = 1
 ROLES = ("system", "user", "assistant")
-IMPORTED_TITLE = "Imported chat"
+# The title of an imported conversation that has none, in the importer's language.
+IMPORTED_TITLE = gettext_lazy("Imported chat")
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -351,7 +353,7 @@ def save_conversation(
             usable.append(m)
     if not usable:
         return None, skipped or ["it has no messages"]
-    conversation = Conversation.objects.create(owner=user, title=title or IMPORTED_TITLE)
+    conversation = Conversation.objects.create(owner=user, title=title or str(IMPORTED_TITLE))
     saved: dict[Any, int] = {}
     for m in usable:
         key = m.key if isinstance(m.key, str | int) and not isinstance(m.key, bool) else None
@@ -380,7 +382,18 @@ def save_conversation(
 # `updated_at`); one that has not for this long was stopped by a restart (its
 # thread died with the process) and is settled as failed.
 STALE_AFTER_SECONDS = 300
-STALE_ERROR = "The import stopped when the server restarted; import the file again."
+
+# Why a whole import failed: its `error_code` -> its English `error` (the API's
+# text; the page shows a translated message per code, static/js/conversations.js,
+# which tests/test_i18n.py checks). `not_json` adds the parser's own words.
+IMPORT_ERRORS: dict[str, str] = {
+    "stale": "The import stopped when the server restarted; import the file again.",
+    "not_json": "The file is not JSON text",
+    "unknown_format": "The file is neither a BreezeWeb export nor ChatGPT's conversations.json.",
+    "not_a_list": "`conversations` is not a list.",
+    "internal": "The import failed; the server logged why.",
+}
+STALE_ERROR = IMPORT_ERRORS["stale"]
 
 
 def _upload_path(job_id: int) -> Path:
@@ -401,7 +414,12 @@ def settle_stale(job_ids: list[int] | None = None) -> int:
         # Conditional: a job that saved progress meanwhile is not settled.
         settled += ImportJob.objects.filter(
             pk=job_id, status__in=LIVE, updated_at__lt=cutoff
-        ).update(status=ImportJob.Status.FAILED, error=STALE_ERROR, updated_at=timezone.now())
+        ).update(
+            status=ImportJob.Status.FAILED,
+            error=STALE_ERROR,
+            error_code="stale",
+            updated_at=timezone.now(),
+        )
         _upload_path(job_id).unlink(missing_ok=True)
     return settled
 
@@ -416,6 +434,7 @@ def job_dict(job: ImportJob) -> dict[str, Any]:
         "progress": round(job.done / job.total, 3) if job.total else 0.0,
         "report": job.report,
         "error": job.error,
+        "error_code": job.error_code,
     }
 
 
@@ -429,7 +448,11 @@ def start_import(user, raw: bytes, *, background: bool = True) -> dict[str, Any]
     path.write_bytes(raw)
     if background:
         name = f"import-{job.pk}"
-        start = threading.Thread(target=run_import, args=(job.pk,), name=name, daemon=True).start
+        # The conversations it makes are titled in the language of the request.
+        language = translation.get_language()
+        start = threading.Thread(
+            target=run_import, args=(job.pk, language), name=name, daemon=True
+        ).start
         transaction.on_commit(start)
     else:
         run_import(job.pk)
@@ -444,8 +467,15 @@ def get_job(user, job_id: int) -> dict[str, Any] | None:
     return job_dict(job) if job else None
 
 
-def run_import(job_id: int) -> None:
-    """Work through one import job; never raises (a failure is the job's `error`)."""
+def run_import(job_id: int, language: str | None = None) -> None:
+    """Work through one import job; never raises (a failure is the job's
+    `error` and `error_code`). `language`: that of the request that started it
+    (the current one when None), for the default title."""
+    with translation.override(language or translation.get_language()):
+        _run_import(job_id)
+
+
+def _run_import(job_id: int) -> None:
     path = _upload_path(job_id)
     try:
         job = ImportJob.objects.select_related("owner").get(pk=job_id)
@@ -456,15 +486,13 @@ def run_import(job_id: int) -> None:
         try:
             data = json.loads(path.read_bytes().decode("utf-8-sig"))
         except (ValueError, RecursionError) as exc:
-            raise ImportRefused(f"The file is not JSON text: {str(exc)[:200]}") from None
+            raise ImportRefused("not_json", f": {str(exc)[:200]}") from None
         kind = detect(data)
         if kind is None:
-            raise ImportRefused(
-                "The file is neither a BreezeWeb export nor ChatGPT's conversations.json."
-            )
+            raise ImportRefused("unknown_format")
         records = _conversations_of(data, kind)
         if not isinstance(records, list):
-            raise ImportRefused("`conversations` is not a list.")
+            raise ImportRefused("not_a_list")
         job.source_format, job.total = kind, len(records)
         _beat(job, "source_format", "total")
         imported, skipped = [], []
@@ -497,12 +525,14 @@ def run_import(job_id: int) -> None:
         log.warning("import %s was settled as stopped while it ran; it stops here", job_id)
     except ImportRefused as exc:
         ImportJob.objects.filter(pk=job_id, status__in=LIVE).update(
-            status=ImportJob.Status.FAILED, error=str(exc)
+            status=ImportJob.Status.FAILED, error=str(exc), error_code=exc.code
         )
     except Exception:
         log.exception("import %s failed", job_id)
         ImportJob.objects.filter(pk=job_id, status__in=LIVE).update(
-            status=ImportJob.Status.FAILED, error="The import failed; the server logged why."
+            status=ImportJob.Status.FAILED,
+            error=IMPORT_ERRORS["internal"],
+            error_code="internal",
         )
     finally:
         path.unlink(missing_ok=True)
@@ -512,7 +542,12 @@ def run_import(job_id: int) -> None:
 
 
 class ImportRefused(Exception):
-    """The file as a whole cannot be imported; the message says why."""
+    """The file as a whole cannot be imported: `code` (one of IMPORT_ERRORS)
+    says why, its message and `detail` in English."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(IMPORT_ERRORS[code] + detail)
+        self.code = code
 
 
 class Settled(Exception):

@@ -104,15 +104,33 @@ class ToolCall:
     arguments: str
 
 
+class NoticeCode(StrEnum):
+    """Every code a `Notice` can carry, and its `data`: the one definition
+    (docs/websocket.md lists them; the chat page shows a translated message
+    per code, static/js/notices.js, which tests/test_i18n.py checks)."""
+
+    QUEUED = "queued"  # position: in the local runner's queue
+    TRIMMED = "trimmed"  # dropped: oldest turns left out to fit the context
+    LOOP = "loop"  # unit: what the answer kept repeating
+    FALLBACK = "fallback"  # failed: the runner that failed; code: its ErrorCode
+    STEP_LIMIT = "step_limit"  # max_steps: the agent's cap on rounds of tool calls
+    TIME_LIMIT = "time_limit"  # seconds: the agent turn's time limit
+
+
 @dataclass(frozen=True)
 class Notice:
     """Something the user should know that is not answer text, e.g.
     `queued` (position in the local runner's queue) or `trimmed` (old turns
-    left out to fit the context)."""
+    left out to fit the context). `code` is one of `NoticeCode` (a plain
+    string once made); `message` is English, for programs and as the page's
+    fallback."""
 
     code: str
     message: str
     data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", NoticeCode(self.code).value)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runners.base import Notice
+from runners.base import Notice, NoticeCode
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def loop_notice(unit: str) -> Notice:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return Notice(
-        code="loop",
+        code=NoticeCode.LOOP,
         message="The answer started repeating itself, so it was stopped there.",
         data={"unit": shown},
     )

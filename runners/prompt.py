@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from runners.base import ChatMessage, Notice
+from runners.base import ChatMessage, Notice, NoticeCode
 
 
 def drop_oldest(
@@ -42,7 +42,7 @@ def drop_oldest(
 def trimmed_notice(dropped: int, runner: str, context_tokens: int) -> Notice:
     """What the user is told when `dropped` turns were left out."""
     return Notice(
-        "trimmed",
+        NoticeCode.TRIMMED,
         f"The {dropped} oldest message(s) were left out to fit "
         f"{runner}'s context of {context_tokens} tokens.",
         {"dropped": dropped},

@@ -35,6 +35,7 @@ from runners.base import (
     Event,
     NotAdmitted,
     Notice,
+    NoticeCode,
     Runner,
     RunnerError,
     Timings,
@@ -458,7 +459,7 @@ async def route(
                 raise
             last_error = exc
             yield Notice(
-                "fallback",
+                NoticeCode.FALLBACK,
                 f"{config.name} failed ({exc.message}); trying the next runner.",
                 {"failed": config.name, "code": exc.code.value},
             )

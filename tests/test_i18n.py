@@ -345,6 +345,47 @@ def test_every_websocket_error_code_has_a_translated_message():
     assert [code for code, msgid in messages.items() if not chinese.get(msgid)] == []
 
 
+def test_every_notice_code_has_a_translated_message():
+    """The chat shows a notice in the page's language by its code
+    (static/js/notices.js): one entry per code of runners.base.NoticeCode,
+    each message translated, and every notice the server makes takes its
+    code from there."""
+    from runners.base import NoticeCode
+
+    codes = {code.value for code in NoticeCode}
+    source = (ROOT / "static" / "js" / "notices.js").read_text()
+    table = source.split("export const NOTICE_TEXT = {", 1)[1].split("\n};", 1)[0]
+    entries = re.split(r"^  (\w+): ", table, flags=re.M)[1:]
+    messages = dict(zip(entries[::2], entries[1::2], strict=True))
+    assert set(messages) == codes, "static/js/notices.js: one entry per NoticeCode"
+    chinese = {e.msgid: e.msgstr or e.msgstr_plural.get(0) for e in _catalog("zh_Hant", "djangojs")}
+    for code, body in messages.items():
+        msgids = re.findall(r'(?:gettext|ngettext)\(\s*"((?:[^"\\]|\\.)*)"', body)
+        assert msgids, f"{code}: no gettext/ngettext message"
+        assert all(chinese.get(m) for m in msgids), f"{code}: not translated"
+    # The emitters: every Notice(...) outside the tests names a NoticeCode.
+    made = []
+    for module in ROOT.rglob("*.py"):
+        parts = set(module.relative_to(ROOT).parts)
+        if parts & {".venv", "tests", "bench", "staticfiles", "data"}:
+            continue
+        made += re.findall(r"\bNotice\(\s*(?:code=)?([^,)\s]+)", module.read_text())
+    assert made and [m for m in made if not m.startswith("NoticeCode.")] == []
+
+
+def test_every_import_error_code_has_a_translated_message():
+    """The page shows why an import failed by the job's `error_code`
+    (static/js/conversations.js); the codes are chat.transfer.IMPORT_ERRORS."""
+    from chat.transfer import IMPORT_ERRORS
+
+    source = (ROOT / "static" / "js" / "conversations.js").read_text()
+    table = source.split("export const IMPORT_ERROR_TEXT = {", 1)[1].split("\n};", 1)[0]
+    messages = dict(re.findall(r"""^\s+(\w+): gettext\("((?:[^"\\]|\\.)*)"\)""", table, re.M))
+    assert set(messages) == set(IMPORT_ERRORS), "static/js/conversations.js: IMPORT_ERROR_TEXT"
+    chinese = {e.msgid: e.msgstr for e in _catalog("zh_Hant", "djangojs")}
+    assert [code for code, msgid in messages.items() if not chinese.get(msgid)] == []
+
+
 def test_templates_show_dates_in_the_languages_formats():
     """What people read is formatted with the language's formats (`*_FORMAT`);
     a fixed format (`Y-m-d`) only in a `<time datetime>`, for machines."""

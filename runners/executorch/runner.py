@@ -51,6 +51,7 @@ from runners.base import (
     Event,
     Health,
     Notice,
+    NoticeCode,
     RunnerError,
     Timings,
     TokenDelta,
@@ -984,7 +985,7 @@ class ExecuTorchRunner:
                     if position and position != last_position:
                         last_position = position
                         yield Notice(
-                            code="queued",
+                            code=NoticeCode.QUEUED,
                             message=f"Waiting for the local model: position {position} in "
                             "the queue.",
                             data={"position": position},

@@ -11,6 +11,7 @@ import { Projects, Sharing, branchNav, costText, initImport, revealMessage, snip
 import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 import { LANG, el, gettext, ngettext, tr } from "./dom.js";
 import { errorText } from "./errors.js";
+import { noticeText } from "./notices.js";
 
 // Text goes through Django's JavaScript catalog (/jsi18n/, loaded before this
 // module); without it, English.
@@ -677,9 +678,9 @@ function accepted(p, f) {
 }
 
 function showNotice(p, f) {
-  const note = el("div", "notice", f.message);
+  const note = el("div", "notice", noticeText(f.code, f.message, f.data));
   note.dataset.code = f.code;
-  const existing = p.node.querySelector(`.notice[data-code="${f.code}"]`);
+  const existing = p.node.querySelector(`.notice[data-code="${CSS.escape(String(f.code))}"]`);
   if (existing) existing.replaceWith(note); else p.node.insertBefore(note, p.body);
 }
 

@@ -299,6 +299,21 @@ export class Sharing {
 // Longer than the server's chat.transfer.STALE_AFTER_SECONDS (300 s).
 const IMPORT_STALL_MS = 6 * 60 * 1000;
 
+// Why an import failed, by the job's `error_code` (chat.transfer.IMPORT_ERRORS,
+// which tests/test_i18n.py checks against this map); a job without a code
+// (an older one) or with a code this map does not know shows the server's `error`.
+export const IMPORT_ERROR_TEXT = {
+  stale: gettext("The import stopped when the server restarted; import the file again."),
+  not_json: gettext("The file is not JSON text."),
+  unknown_format: gettext("The file is neither a BreezeWeb export nor ChatGPT's conversations.json."),
+  not_a_list: gettext("The file's list of conversations is not a list."),
+  internal: gettext("The import failed; the server logged why."),
+};
+
+export function importErrorText(job) {
+  return Object.hasOwn(IMPORT_ERROR_TEXT, job.error_code) ? IMPORT_ERROR_TEXT[job.error_code] : job.error;
+}
+
 // Import a BreezeWeb export or ChatGPT's conversations.json: the server works
 // through it in the background; the banner shows its progress, then its report.
 export function initImport({ api, onDone, say }) {
@@ -321,7 +336,7 @@ export function initImport({ api, onDone, say }) {
         await new Promise((resolve) => setTimeout(resolve, 700));
         job = await api(`/api/imports/${job.id}`);
       }
-      if (job.status === "failed") { say(tr(gettext("Import failed: %(error)s"), { error: job.error })); return; }
+      if (job.status === "failed") { say(tr(gettext("Import failed: %(error)s"), { error: importErrorText(job) })); return; }
       const imported = job.report.imported.length;
       const skipped = job.report.skipped.length;
       const partly = job.report.imported.filter((c) => c.skipped_messages.length).length;

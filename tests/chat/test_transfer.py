@@ -197,20 +197,23 @@ def test_a_chatgpt_export_imports_with_its_branches(user):
 
 
 @pytest.mark.parametrize(
-    ("payload", "error"),
+    ("payload", "error", "code"),
     [
-        (b"not json", "not JSON"),
-        (b'{"hello": 1}', "neither"),
-        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (b"not json", "not JSON", "not_json"),
+        (b'{"hello": 1}', "neither", "unknown_format"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON", "not_json"),
         (
             json.dumps({"format": "breezeweb.conversations", "conversations": 5}).encode(),
             "not a list",
+            "not_a_list",
         ),
     ],
 )
-def test_files_that_cannot_be_imported_fail_with_a_reason(user, payload, error):
+def test_files_that_cannot_be_imported_fail_with_a_reason(user, payload, error, code):
+    """The reason in English (`error`) and as a code the page translates."""
     job = import_file(client_of(user), payload)
     assert job["status"] == "failed" and error in job["error"]
+    assert job["error_code"] == code
     assert not Conversation.objects.exists()
 
 
@@ -279,6 +282,7 @@ def test_an_import_a_restart_stopped_is_settled_as_failed_when_polled(user, othe
     client = client_of(user)
     job = client.get(f"/api/imports/{stopped.pk}").json()
     assert job["status"] == "failed" and job["error"] == transfer.STALE_ERROR
+    assert job["error_code"] == "stale"
     assert job["done"] == 1  # what it had done is kept
     assert not transfer._upload_path(stopped.pk).exists()
     # Another user's poll of it settles it but shows nothing.
@@ -328,3 +332,17 @@ def test_a_new_import_settles_every_stale_job_and_a_slow_thread_stops(
     job = transfer.start_import(user, json.dumps(data).encode(), background=False)
     assert job["status"] == "failed" and job["error"] == transfer.STALE_ERROR
     assert len(saved) == 1
+
+
+def test_an_untitled_import_is_titled_in_the_language_of_its_request(user, compiled_translations):
+    """Like a new chat's default title: the importer's language (here zh-Hant
+    from Accept-Language), though the import runs off the request."""
+    record = {"messages": [{"id": 1, "parent": None, "role": "user", "content": "hi"}]}
+    payload = json.dumps({"format": "breezeweb.conversations", "conversations": [record]})
+    client = client_of(user)
+    client.defaults["HTTP_ACCEPT_LANGUAGE"] = "zh-TW"
+    job = import_file(client, payload.encode())
+    assert job["report"]["imported"][0]["title"] == "匯入的對話"
+    client.defaults["HTTP_ACCEPT_LANGUAGE"] = "en"
+    job = import_file(client, payload.encode())
+    assert job["report"]["imported"][0]["title"] == "Imported chat"
