@@ -2,7 +2,8 @@
 each, through BreezeWeb and through the bare transport, in one run.
 
     .venv/bin/python bench/streaming_scale.py [--streams 100,200] [--tokens 100]
-                                             [--token-delay 0.02]
+                                             [--token-delay 0.02] [--processes N]
+                                             [--redis-url URL]
 
 - **bare**: Daphne + a Channels consumer that sends the token frames itself
   (bench/_bare_ws.py): the transport's own cost.
@@ -12,6 +13,11 @@ each, through BreezeWeb and through the bare transport, in one run.
   upstream in its own process (bench/websocket_chat.py's echo server), whose
   answer names its stream so the client checks every token arrives once, in
   order, on the right socket.
+- **BreezeWeb xN**: the same site served by `manage.py serve` with N Daphne
+  processes on one port (`--processes`, default: the machine's cores; 0 leaves
+  it out), sharing Redis (`--redis-url`, a database of its own, emptied first)
+  and a `chroma run` server, as docs/scaling.md deploys it. Its CPU is the sum
+  over its processes.
 
 Per run: streams complete and byte-exact, TTFT p50/p99, p50/p99 gap between
 token frames of a stream, and the server process's CPU time (user + system,
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -33,7 +40,7 @@ import psutil
 from _common import percentile
 from websocket_chat import Site, one_stream, paced_upstream
 
-from tests.support.processes import Process
+from tests.support.processes import Process, Served, chroma_server
 from tests.support.scripted_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -73,9 +80,51 @@ class BareSite:
         self.process.stop()
 
 
+class PerCoreSite(Site):
+    """The site served by `manage.py serve` with `processes` Daphne processes
+    on one port, on Redis and a Chroma server (docs/scaling.md)."""
+
+    def __init__(self, concurrency: int, processes: int, redis_url: str) -> None:
+        super().__init__(concurrency)
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()  # the benchmark's own database
+        self.chroma, chroma_url = chroma_server(self.data / "chroma-server")
+        self.env.update(
+            REDIS_URL=redis_url,
+            CHROMA_URL=chroma_url,
+            WEB_PROCESSES=str(processes),
+            RAG_INGEST_WORKER="channels",
+        )
+        self.daphne = Served(self.env, log=self.data / "serve.log")
+        self.url = f"127.0.0.1:{self.daphne.port}"
+
+    def stop(self) -> None:
+        super().stop()
+        self.chroma.kill()
+        self.chroma.wait()
+
+
+async def warm_up(site, chats: int) -> None:
+    """`chats` chats at once, twice: every process of the site pays its
+    one-time costs (imports, the upstream client) before anything is timed."""
+    for _ in range(2):
+        start = asyncio.Event()
+        start.set()
+        await asyncio.gather(*(one_stream(site, i, 5, start, []) for i in range(chats)))
+
+
 def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    """The CPU time of `pid` and of every process under it (user + system)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 async def run(site, pid: int, n: int, tokens: int) -> dict:
@@ -114,6 +163,8 @@ def main() -> None:
     parser.add_argument("--streams", default="100,200")
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--token-delay", type=float, default=0.02)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
     args = parser.parse_args()
     sizes = [int(s) for s in args.streams.split(",")]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -125,26 +176,32 @@ def main() -> None:
     )
     rows = []
     bare = BareSite(args.tokens, args.token_delay)
-    site = Site(max(sizes))
+    sites = [("BreezeWeb", Site(max(sizes)))]
+    if args.processes > 0:
+        per_core = PerCoreSite(max(sizes), args.processes, args.redis_url)
+        sites.append((f"BreezeWeb x{args.processes}", per_core))
     try:
         bare.start()
-        site.prepare()
-        site.start()
-        with paced_upstream(site, args.tokens, args.token_delay):
-            warm = asyncio.Event()
-            warm.set()
-            asyncio.run(one_stream(site, 0, args.tokens, warm, []))  # one-time costs
+        with contextlib.ExitStack() as stack:
+            for _, site in sites:
+                # Every chat goes to the upstream: no process loads the local model.
+                site.env["PRELOAD_LOCAL_RUNNERS"] = "false"
+                site.daphne.env["PRELOAD_LOCAL_RUNNERS"] = "false"
+                site.prepare()
+                site.start()
+                stack.enter_context(paced_upstream(site, args.tokens, args.token_delay))
+                asyncio.run(warm_up(site, 4 * args.processes))
             for n in sizes:
-                for name, target, pid in (
-                    ("bare", bare, bare.pid),
-                    ("BreezeWeb", site, site.daphne.popen.pid),
-                ):
+                targets = [("bare", bare, bare.pid)]
+                targets += [(name, site, site.daphne.popen.pid) for name, site in sites]
+                for name, target, pid in targets:
                     result = asyncio.run(run(target, pid, n, args.tokens))
                     rows.append((n, name, result))
                     print(f"  {n} streams, {name}: done", flush=True)
     finally:
         bare.stop()
-        site.stop()
+        for _, site in sites:
+            site.stop()
     print(
         "\n| streams | server | complete, exact | TTFT p50 | TTFT p99 | gap p50 | gap p99 "
         "| frames/stream | CPU per token | server CPU | tokens/s |"
@@ -158,9 +215,11 @@ def main() -> None:
             f"{r['tokens_per_s']:.0f} |"
         )
     print()
-    for (n, _, bare_run), (_, _, ours) in zip(rows[::2], rows[1::2], strict=True):
-        ratio = ours["cpu_us_per_token"] / bare_run["cpu_us_per_token"]
-        print(f"{n} streams: BreezeWeb / bare CPU per token = {ratio:.2f}x (goal <= 1.5)")
+    bare_runs = {n: r for n, name, r in rows if name == "bare"}
+    for n, name, ours in rows:
+        if name != "bare":
+            ratio = ours["cpu_us_per_token"] / bare_runs[n]["cpu_us_per_token"]
+            print(f"{n} streams: {name} / bare CPU per token = {ratio:.2f}x (goal <= 1.5)")
     failed = [(n, name, r["bad"]) for n, name, r in rows if r["complete"] != n]
     if failed:
         print(f"incomplete or inexact streams: {failed}")
