@@ -395,9 +395,14 @@ function markActive() {
   });
 }
 
-async function openConversation(id, push = true, messageId = null) {
+async function openConversation(id, push = true, messageId = null, background = false) {
   try {
     const conversation = await api(`/api/conversations/${id}`);
+    // A background refresh never takes away an edit in progress, nor shows a
+    // conversation the user has left meanwhile.
+    if (background && (els.messages.querySelector(".edit-box") || state.conversationId !== id)) {
+      return conversation;
+    }
     state.conversationId = conversation.id;
     state.projectId = conversation.project_id;
     if (push) history.pushState({ id }, "", `/c/${id}/${messageId ? `#m${messageId}` : ""}`);
@@ -735,9 +740,10 @@ function finishPending(p, f) {
   }
   updateComposer();
   refreshRegenerate();
-  // A regenerated or edited turn made a new branch: reload to show its "n / m".
+  // A regenerated or edited turn made a new branch: reload to show its "n / m"
+  // (in the background: a message the user started editing meanwhile stays).
   if (p.frame && p.frame.type !== "message" && p.conversationId === state.conversationId) {
-    openConversation(state.conversationId, false);
+    openConversation(state.conversationId, false, null, true);
   }
 }
 
