@@ -29,7 +29,7 @@ from accounts.ws_auth import CLOSE_UNAUTHENTICATED
 from agents.loop import ApprovalRequested, StepFinished, StepStarted
 from agents.steps import decide
 from chat import services
-from chat.errors import TURN_ERRORS, ChatError, error_frame, websocket_error
+from chat.errors import TURN_ERRORS, ChatError, error_frame, rate_limited, websocket_error
 from chat.frames import (
     ApproveFrame,
     AttachFrame,
@@ -221,14 +221,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"You can send {settings.CHAT_MESSAGES_PER_MINUTE} messages a minute; "
                 f"try again in {decision.retry_after} s."
             )
-            error = ChatError(
-                "rate_limited",
-                message,
-                retryable=True,
-                status=429,
-                retry_after=decision.retry_after,
+            await self.send_frame(
+                error_frame(frame.request_id, rate_limited(message, decision.retry_after))
             )
-            await self.send_frame(error_frame(frame.request_id, error))
             return
         lease = await services.acquire_generation_slot(user_id)
         if lease is None:
@@ -236,14 +231,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"You already have {settings.CHAT_MAX_CONCURRENT_PER_USER} answers "
                 "being generated; stop one or wait for it to finish."
             )
-            error = ChatError(
-                "rate_limited",
-                message,
-                retryable=True,
-                status=429,
-                retry_after=services.SLOT_RETRY_AFTER_SECONDS,
-            )
-            await self.send_frame(error_frame(frame.request_id, error))
+            retry = services.SLOT_RETRY_AFTER_SECONDS
+            await self.send_frame(error_frame(frame.request_id, rate_limited(message, retry)))
             return
         try:
             # The runner, then the user's budgets, before anything is saved: a

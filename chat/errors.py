@@ -53,6 +53,11 @@ class ChatError(Exception):
         return f"{type(self).__name__}({self.code!r}, {self.message!r}, status={self.status})"
 
 
+def rate_limited(message: str, retry_after: float) -> ChatError:
+    """A `rate_limited` refusal (HTTP 429) that says when to try again."""
+    return ChatError("rate_limited", message, retryable=True, status=429, retry_after=retry_after)
+
+
 # ---- the websocket ---------------------------------------------------------------------
 
 # Every code an `error` frame can carry: the websocket's own and the runners'

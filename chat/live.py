@@ -55,7 +55,7 @@ from channels.layers import get_channel_layer
 
 from accounts.revocation import MESSAGE_TYPE as CREDENTIAL_ENDED
 from chat import limits, services
-from chat.errors import ChatError, error_frame
+from chat.errors import ChatError, error_frame, rate_limited
 from chat.frames import AttachFrame
 from chat.models import Message
 from chat.outbox import TOKEN_FRAME_INTERVAL_SECONDS, FrameOutbox, done_frame
@@ -338,13 +338,10 @@ class Attachments:
     async def attach(self, frame: AttachFrame) -> None:
         """Answer an `attach` frame. Raises ChatError (not_found, rate_limited)."""
         if len(self._by_request) >= limits.MAX_ATTACHED_PER_SOCKET:
-            raise ChatError(
-                "rate_limited",
+            raise rate_limited(
                 f"This connection follows {limits.MAX_ATTACHED_PER_SOCKET} answers already; "
                 "wait for one to end.",
-                retryable=True,
-                status=429,
-                retry_after=services.SLOT_RETRY_AFTER_SECONDS,
+                services.SLOT_RETRY_AFTER_SECONDS,
             )
         answer = await self._saved(frame.conversation_id, frame.message_id)
         attachment = Attachment(

@@ -64,6 +64,19 @@ def two_web_processes(transactional_db):
         second.stop()
 
 
+async def _completions_on_both(first: Daphne, second: Daphne, key: str, n: int) -> list:
+    """`n` completions at once, alternating between the two processes."""
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(
+            *(
+                client.post(f"{server.url}/v1/chat/completions", headers=headers, json=body)
+                for server in [first, second] * (n // 2)
+            )
+        )
+
+
 def _models(server: Daphne, key: str) -> list[str]:
     response = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200, response.text
@@ -341,18 +354,7 @@ def test_a_message_quota_holds_exactly_across_two_web_processes(
     quotas.reset(quota)
     scripted_server.default_reply = Reply(text="counted")
 
-    async def scenario() -> list[httpx.Response]:
-        headers = {"Authorization": f"Bearer {key}"}
-        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(
-                *(
-                    client.post(f"{server.url}/v1/chat/completions", headers=headers, json=body)
-                    for server in (first, second) * 6
-                )
-            )
-
-    answers = asyncio.run(scenario())
+    answers = asyncio.run(_completions_on_both(first, second, key, 12))
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [200] * 5 + [429] * 7, [a.text[:200] for a in answers]
     assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {
@@ -387,18 +389,7 @@ def test_token_and_runner_budgets_hold_exactly_across_two_web_processes(
         quotas.reset(Quota.objects.create(user=user, period="day", **fields))
     scripted_server.default_reply = Reply(tokens=("tick ",) * 40, token_delay=0.01)
 
-    async def scenario() -> list[httpx.Response]:
-        headers = {"Authorization": f"Bearer {key}"}
-        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(
-                *(
-                    client.post(f"{server.url}/v1/chat/completions", headers=headers, json=body)
-                    for server in (first, second) * 6
-                )
-            )
-
-    answers = asyncio.run(scenario())
+    answers = asyncio.run(_completions_on_both(first, second, key, 12))
     refused = [a for a in answers if a.status_code != 200]
     assert refused and len(refused) < 12, [a.text[:200] for a in answers]
     assert {a.json()["error"]["code"] for a in refused} == {"quota_exceeded"}

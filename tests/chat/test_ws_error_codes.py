@@ -142,7 +142,8 @@ def test_every_code_the_websocket_can_raise_by_name_is_in_the_table_and_the_docs
     # The walk reaches beyond the consumer: the chat service and live answers too.
     assert {"bad_json", "credential_ended", "quota_exceeded"} <= set(codes)
     assert "services" in codes["nothing_to_regenerate"] and "services" in codes["not_editable"]
-    assert "live" in codes["rate_limited"] and "frames" in codes["bad_image"]
+    assert "live" in codes["not_found"] and "frames" in codes["bad_image"]
+    assert "errors" in codes["rate_limited"]  # chat.errors.rate_limited, from the consumer and live
     unknown = {code: sorted(where) for code, where in codes.items() if code not in WEBSOCKET_CODES}
     assert not unknown, f"raised on the websocket's paths but not in WEBSOCKET_CODES: {unknown}"
     undocumented = set(codes) - documented_codes()
