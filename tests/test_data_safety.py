@@ -136,6 +136,20 @@ def test_the_scaleout_pass_uses_redis_databases_a_server_does_not(url, worker, e
 SERVER_REDIS_DB = 0  # README, .env.example and compose.yaml serve from it
 
 
+def run_slice(tests: list[str], env: dict[str, str], *, passed: int) -> None:
+    """Run these tests of the suite in a pytest of its own with `env`; all pass."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"{passed} passed" in run.stdout, run.stdout[-2000:]
+
+
 @pytest.mark.scaleout
 @pytest.mark.skipif(
     os.environ.get("BREEZEWEB_SCALEOUT_PASS") != "1",
@@ -172,16 +186,7 @@ def test_the_scaleout_pass_leaves_a_servers_redis_database_untouched():
             "tests/accounts/test_limits.py::"
             "test_exactly_n_are_admitted_under_concurrent_asyncio_callers",
         ]
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *slice_],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert "2 passed" in run.stdout, run.stdout[-2000:]
+        run_slice(slice_, env, passed=2)
         assert {key: server.get(key) for key in seeded} == seeded
     finally:
         server.delete(*seeded)
@@ -445,16 +450,7 @@ def test_the_suite_leaves_a_running_servers_data_byte_identical(serving_server, 
         "tests/rag/test_rag.py::test_a_pdf_is_retrievable_by_a_question_with_the_right_page",
         "tests/rag/test_rag.py::test_delete_removes_the_file_and_every_chunk",
     ]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *slice_],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "5 passed" in run.stdout, run.stdout[-2000:]
+    run_slice(slice_, env, passed=5)
 
     assert_users_data_unchanged(users_data, serving or bool(servers_on_the_checkouts_data()))
     assert serving_server.snapshot() == snapshot
