@@ -82,8 +82,14 @@ def daphne_command(address: list[str], extra: tuple[str, ...] = ()) -> list[str]
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """The one listening socket the processes share. IPv4 only: Daphne adopts
+    a socket (`--fd`) as an IPv4 one."""
+    if ":" in host:
+        raise ValueError(
+            f"several web processes listen on an IPv4 address, not {host!r} "
+            "(bind 0.0.0.0, or set WEB_PROCESSES=1)"
+        )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(socket.SOMAXCONN)

@@ -80,6 +80,16 @@ def test_the_command_says_how_it_serves_and_refuses_what_cannot_work(tmp_path):
         manage(env, "serve", "--dry-run", "--processes", "2")
 
 
+def test_the_shared_socket_is_ipv4_and_says_so_otherwise():
+    with pytest.raises(ValueError, match="IPv4"):
+        serve.listening_socket("::1", 0)
+    sock = serve.listening_socket("127.0.0.1", 0)
+    try:
+        assert sock.getsockname()[1] > 0 and sock.get_inheritable()
+    finally:
+        sock.close()
+
+
 # ---- for real: two processes on one port -------------------------------------------------
 
 

@@ -48,5 +48,8 @@ class Command(BaseCommand):
         self.stdout.flush()
         if chosen.processes == 1:
             os.execv(command[0], command)  # noqa: S606 - our own argv, no shell
-        sock = serve.listening_socket(bind, port)
+        try:
+            sock = serve.listening_socket(bind, port)
+        except (ValueError, OSError) as exc:
+            raise CommandError(str(exc)) from None
         raise SystemExit(serve.Supervisor(sock, chosen.processes, extra).run())
