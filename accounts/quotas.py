@@ -228,15 +228,18 @@ def charge(user, now: datetime | None = None) -> list[QuotaStatus]:
     return checked + states
 
 
-def within_budget(user, candidates: list, now: datetime | None = None) -> list:
+def within_budget(
+    user, candidates: list, now: datetime | None = None, budgets: list[Quota] | None = None
+) -> list:
     """The runner configs among `candidates` whose per-runner budgets for
     `user` are not spent. Raises QuotaExceeded when that leaves none.
-    `user=None` (a trusted caller, like the router's) has no budgets."""
+    `user=None` (a trusted caller, like the router's) has no budgets.
+    `budgets`: the user's quotas when the caller read them already."""
     if user is None:
         return candidates
     now = now or timezone.now()
     spent: dict[int, QuotaStatus] = {}
-    for quota in quotas_of(user):
+    for quota in quotas_of(user) if budgets is None else budgets:
         if not quota.runner_id or quota.runner_id in spent:
             continue
         start, end = _period(quota.period, now)
@@ -272,6 +275,7 @@ def reserve(
     prompt_tokens: Callable[[], int],
     max_tokens: int,
     now: datetime | None = None,
+    budgets: list[Quota] | None = None,
 ) -> Hold:
     """Hold what an answer of runner `runner_id` may spend in every budget of
     `user` it counts in: its tokens budgets (all runners' and this one's) and
@@ -279,11 +283,12 @@ def reserve(
     counted by `charge`. Tokens: `prompt_tokens()` + `max_tokens`, lowered to
     what every token budget has left, at least the prompt and one token of
     answer (`Hold.max_tokens` is then the answer's cap). Raises QuotaExceeded
-    when a budget has no room; nothing is held then."""
+    when a budget has no room; nothing is held then. `budgets`: the user's
+    quotas when the caller read them already (this turn's)."""
     now = now or timezone.now()
     held = [
         (quota, *_period(quota.period, now))
-        for quota in quotas_of(user)
+        for quota in (quotas_of(user) if budgets is None else budgets)
         if quota.runner_id in (None, runner_id) and not _counted_by_limiter(quota)
     ]
     if not held:

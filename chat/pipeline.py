@@ -224,17 +224,18 @@ def _retrieve(turn: TurnInput, query: str):
 
 @database_sync_to_async
 def _turn_settings(needed, pinned: str | None, need_rag: bool, user):
-    """Guardian rules and the runner candidates `user` may use, in one
-    database round trip. A "no runner" error is returned, not raised: the
-    input rules speak first. Raises QuotaExceeded when every candidate's
-    per-runner budget is spent."""
+    """Guardian rules, the runner candidates `user` may use and the user's
+    quotas (read once for the turn), in one trip to the database thread. A
+    "no runner" error is returned, not raised: the input rules speak first.
+    Raises QuotaExceeded when every candidate's per-runner budget is spent."""
     rules = enabled_rules()
     try:
         candidates = load_candidates(needed, pinned, need_rag, user)
     except RunnerError as exc:
-        return rules, None, exc
+        return rules, None, exc, []
+    budgets = quotas.quotas_of(user) if user is not None else []
     # Runners whose per-runner budget (accounts.quotas) is spent are left out.
-    return rules, quotas.within_budget(user, candidates), None
+    return rules, quotas.within_budget(user, candidates, budgets=budgets), None, budgets
 
 
 async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
@@ -256,7 +257,7 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
         async for event in _agent_turn(turn, request):
             yield event
         return
-    rules, candidates, no_runner = await _turn_settings(
+    rules, candidates, no_runner, budgets = await _turn_settings(
         request.needed_capabilities(), turn.pinned_runner, turn.rag, turn.user
     )
     last_text = turn.messages[-1].content
@@ -274,16 +275,17 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
 
     if context and request.temperature is None:
         request = replace(request, temperature=GROUNDED_TEMPERATURE)
-    async for event in _guarded(turn, request, rules, candidates, context):
+    async for event in _guarded(turn, request, rules, candidates, budgets, context):
         yield event
 
 
-def _admission(user):
+def _admission(user, budgets: list):
     """The router's `admit` hook for `user`'s turn: holds what the chosen
     runner's answer may spend in their budgets (accounts.quotas.reserve; the
     prompt counted as `fit_to_budget` counts it), lowering the answer's
-    `max_tokens` to what a token budget has left."""
-    if user is None:
+    `max_tokens` to what a token budget has left. None (no hook, no trip to
+    the database) when the user has no quota at all."""
+    if user is None or not budgets:
         return None
 
     async def admit(config, runner: Runner, request: ChatRequest):
@@ -292,6 +294,7 @@ def _admission(user):
             config.pk,
             lambda: sum(_tokens(runner, m) for m in request.messages),
             request.max_tokens or 0,
+            budgets=budgets,
         )
         if hold.max_tokens is not None and hold.max_tokens < (request.max_tokens or 0):
             request = replace(request, max_tokens=hold.max_tokens)
@@ -301,7 +304,7 @@ def _admission(user):
 
 
 async def _guarded(
-    turn: TurnInput, request: ChatRequest, rules, candidates, context: str = ""
+    turn: TurnInput, request: ChatRequest, rules, candidates, budgets: list, context: str = ""
 ) -> AsyncIterator[Any]:
     """One model answer: routed, fitted to the runner, admitted by the
     user's budgets, output rules applied."""
@@ -316,7 +319,7 @@ async def _guarded(
         candidates=candidates,
         user=turn.user,
         api_key_id=turn.api_key_id,
-        admit=_admission(turn.user),
+        admit=_admission(turn.user, budgets),
     )
     try:
         async for event in events:
@@ -354,7 +357,7 @@ async def _agent_turn(turn: TurnInput, request: ChatRequest) -> AsyncIterator[An
 
     # The built-in tools are always offered: an agent turn needs the `agent` capability.
     needed = request.needed_capabilities() | {Capability.AGENT}
-    rules, candidates, no_runner = await _turn_settings(
+    rules, candidates, no_runner, budgets = await _turn_settings(
         needed, turn.pinned_runner, False, turn.user
     )
     check_input(turn.messages[-1].content, rules)
@@ -377,7 +380,7 @@ async def _agent_turn(turn: TurnInput, request: ChatRequest) -> AsyncIterator[An
     cited: list[dict] = []
     async for event in run_agent(
         request,
-        lambda req: _guarded(turn, req, rules, candidates),
+        lambda req: _guarded(turn, req, rules, candidates, budgets),
         tools,
         context,
         store,
