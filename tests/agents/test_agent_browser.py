@@ -38,6 +38,14 @@ def chromium():
         yield browser
 
 
+EXPLANATION = (
+    "The answer is **42**. The calculator multiplied 6 by 7: six groups of seven make "
+    "forty-two. You can check it by adding seven six times: 7, 14, 21, 28, 35, 42. The "
+    "product is the same whichever order you multiply the two numbers in, because "
+    "multiplication is commutative."
+)
+
+
 def time_call(call_id: str) -> Reply:
     return Reply(
         text="", tool_calls=(ScriptedToolCall("current_time", '{"timezone": "UTC"}', call_id),)
@@ -56,9 +64,8 @@ def test_steps_live_approvals_and_reload(agent_site, chromium, scripted_server):
             tool_calls=(ScriptedToolCall("calculator", '{"expression": "6 * 7"}', "c1"),),
         )
     )
-    scripted_server.script(
-        Reply(text="The answer is forty two " + "indeed " * 40, token_delay=0.05)
-    )
+    # Some 50 words at 20 a second: the step shows while the answer streams.
+    scripted_server.script(Reply(text=EXPLANATION, token_delay=0.05))
     page.fill("#prompt", "What is 6 * 7?")
     page.keyboard.press("Enter")
     page.wait_for_selector(
