@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from tests.support.processes import DAPHNE_ARGS, ROOT
+from breezeweb.serve import WEBSOCKET_ARGS
+from tests.support.processes import ROOT
 
 
 def image_cmd() -> list[str]:
@@ -85,7 +86,7 @@ def test_behind_a_proxy_daphne_takes_the_client_address_from_the_proxy(tmp_path)
     assert argv[-1] == "breezeweb.asgi:application"
     # The websocket limits of `make run` and the test servers, in both cases.
     joined = " ".join(argv)
-    assert " ".join(DAPHNE_ARGS) in joined
+    assert " ".join(WEBSOCKET_ARGS) in joined
     assert argv[:4] == ["-b", "0.0.0.0", "-p", "8000"]
 
 

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 
 from agents.models import AgentStep, ToolPolicy
 from chat.models import Message
-from tests.chat.test_chat_ws import ask, frames_until, is_end, of, text_of
+from tests.chat.test_chat_ws import ask, frames_until, is_end, of, send_message, text_of
 from tests.support.clients import call, connect
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
@@ -49,15 +49,7 @@ async def paused_at_approval(user, scripted_server, *answers: str):
     for answer in answers:
         scripted_server.script(Reply(text=answer))
     ws = await connect(user)
-    await ws.send_json_to(
-        {
-            "type": "message",
-            "request_id": "r1",
-            "conversation_id": None,
-            "text": "6*7?",
-            "agent": True,
-        }
-    )
+    await send_message(ws, "6*7?", agent=True)
     frames = await frames_until(ws, lambda f: f["type"] == "approval_request")
     return ws, frames
 
@@ -228,15 +220,7 @@ async def test_stop_while_a_call_runs_cancels_it(user, scripted_server):
         Reply(text="", tool_calls=(ScriptedToolCall("local__sleep", '{"seconds": 60}', "s1"),))
     )
     ws = await connect(user)
-    await ws.send_json_to(
-        {
-            "type": "message",
-            "request_id": "r1",
-            "conversation_id": None,
-            "text": "wait",
-            "agent": True,
-        }
-    )
+    await send_message(ws, "wait", agent=True)
     frames = await frames_until(ws, lambda f: f["type"] == "tool_call", timeout=30)
     message_id = of(frames, "accepted")[0]["assistant_message_id"]
     [row] = await steps_of(message_id)

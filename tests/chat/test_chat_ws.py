@@ -78,7 +78,8 @@ def messages_of(conversation_id) -> list[Message]:
     return list(Message.objects.filter(conversation_id=conversation_id).order_by("id"))
 
 
-async def ask(ws, text, request_id="r1", conversation_id=None, **extra) -> list[dict]:
+async def send_message(ws, text, request_id="r1", conversation_id=None, **extra) -> None:
+    """Send a `message` frame (its other fields in `extra`)."""
     await ws.send_json_to(
         {
             "type": "message",
@@ -88,6 +89,11 @@ async def ask(ws, text, request_id="r1", conversation_id=None, **extra) -> list[
             **extra,
         }
     )
+
+
+async def ask(ws, text, request_id="r1", conversation_id=None, **extra) -> list[dict]:
+    """Send a `message` frame and read the frames up to the end of its answer."""
+    await send_message(ws, text, request_id, conversation_id, **extra)
     return await frames_until(ws, is_end(request_id))
 
 

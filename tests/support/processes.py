@@ -23,14 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from breezeweb.serve import WEBSOCKET_ARGS
+from breezeweb.serve import APPLICATION, WEBSOCKET_ARGS
 from tests.support.scripted_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-# As `make run` and the Dockerfile serve: websocket frames up to 16 MiB reach
-# the application, which refuses what is over CHAT_MAX_FRAME_BYTES itself.
-DAPHNE_ARGS = WEBSOCKET_ARGS  # breezeweb.serve: what make run and the image give Daphne
 
 
 def site_env(data_dir: Path, **settings: str) -> dict[str, str]:
@@ -127,14 +123,15 @@ class Process:
 
 
 class Daphne(Process):
-    """breezeweb.asgi served by Daphne on a free port of 127.0.0.1, the port
-    kept across restarts; started means /healthz answers."""
+    """breezeweb.asgi served by Daphne on a free port of 127.0.0.1 with the
+    websocket limits `make run` and the image give it (breezeweb.serve), the
+    port kept across restarts; started means /healthz answers."""
 
     def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
-        super().__init__([*argv, *DAPHNE_ARGS, "breezeweb.asgi:application"], env, log)
+        super().__init__([*argv, *WEBSOCKET_ARGS, APPLICATION], env, log)
 
     def start(self, timeout: float = 60) -> Daphne:
         super().start()
