@@ -124,11 +124,16 @@ def _uses_redis() -> bool:
 
 
 @memoize
-def _redis_script(location: str):
+def _redis_client(location: str):
+    """One client (one connection pool) per Redis location for every script."""
     import redis
 
-    client = redis.Redis.from_url(location)
-    return client.register_script(_SLIDING_WINDOW_LUA)
+    return redis.Redis.from_url(location)
+
+
+@memoize
+def _redis_script(location: str):
+    return _redis_client(location).register_script(_SLIDING_WINDOW_LUA)
 
 
 def _location() -> str:
@@ -224,7 +229,7 @@ async def ahit(key: str, limit: int, window_s: int = 60) -> RateDecision:
 def reset(key: str, window_s: int = 60) -> None:
     """Forget `key`'s window (tests, or an admin unblocking someone)."""
     if _uses_redis():
-        _redis_script(_location()).registered_client.delete(_window_key(key, window_s))
+        _redis_client(_location()).delete(_window_key(key, window_s))
     else:
         cache.delete(_window_key(key, window_s))
 
@@ -372,9 +377,7 @@ return 1
 
 @memoize
 def _hold_scripts(location: str):
-    import redis
-
-    client = redis.Redis.from_url(location)
+    client = _redis_client(location)
     return client.register_script(_RESERVE_LUA), client.register_script(_RELEASE_LUA)
 
 
@@ -384,7 +387,7 @@ def generations(keys: Sequence[str]) -> list[int]:
         return []
     names = [_hold_keys(key)[1] for key in keys]
     if _uses_redis():
-        found = _hold_scripts(_location())[0].registered_client.mget(names)
+        found = _redis_client(_location()).mget(names)
     else:
         with _LOCAL_LOCK:
             found = [cache.get(name) for name in names]
@@ -458,6 +461,6 @@ def reset_holds(key: str) -> None:
     """Forget every hold on `key` (tests, or an admin)."""
     names = _hold_keys(key)
     if _uses_redis():
-        _hold_scripts(_location())[0].registered_client.delete(*names)
+        _redis_client(_location()).delete(*names)
     else:
         cache.delete_many(list(names))
