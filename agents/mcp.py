@@ -202,15 +202,20 @@ async def check(row: McpServer) -> tuple[bool, str, list[Tool]]:
     return ok, detail, tools
 
 
-async def current_listing(row: McpServer) -> _Listing:
-    """`row`'s listing: the one kept when it is for its version and younger
-    than MCP_STATUS_TTL_SECONDS, else listed now (the admin's checks)."""
+def _age(row: McpServer, now: float) -> str:
+    """What this process knows of `row`'s tools: `unknown` (no listing for its
+    current version), `old` (listed more than MCP_STATUS_TTL_SECONDS ago) or
+    `fresh`."""
     cached = _listings.get(row.pk)
-    if (
-        cached is None
-        or cached.version != row.version
-        or time.monotonic() - cached.at > limits.MCP_STATUS_TTL_SECONDS
-    ):
+    if cached is None or cached.version != row.version:
+        return "unknown"
+    return "old" if now - cached.at > limits.MCP_STATUS_TTL_SECONDS else "fresh"
+
+
+async def current_listing(row: McpServer) -> _Listing:
+    """`row`'s listing: the one kept when it is fresh, else listed now (the
+    admin's checks)."""
+    if _age(row, time.monotonic()) != "fresh":
         await check(row)
     return _listings[row.pk]
 
@@ -241,10 +246,10 @@ async def server_tools(rows: list[McpServer]) -> list[Tool]:
     now = time.monotonic()
     unknown = []
     for row in rows:
-        cached = _listings.get(row.pk)
-        if cached is None or cached.version != row.version:
+        age = _age(row, now)
+        if age == "unknown":
             unknown.append(row)
-        elif now - cached.at > limits.MCP_STATUS_TTL_SECONDS:
+        elif age == "old":
             _renew(row)
     if unknown:
         await asyncio.gather(*(check(row) for row in unknown))

@@ -192,7 +192,7 @@ class AnswerHub:
         layer = get_channel_layer()
         channel = await self._channel_of(layer)
         self._held[task] = tuple(groups)
-        task.add_done_callback(self._task_ended)
+        task.add_done_callback(self._forget_held)
         for group in groups:
             self._members[group] = self._members.get(group, 0) + 1
             if self._members[group] == 1:
@@ -215,9 +215,6 @@ class AnswerHub:
                 task.cancel()
                 stopped += 1
         return stopped
-
-    def _task_ended(self, task: asyncio.Task) -> None:
-        self._forget_held(task)
 
     def _forget_held(self, task: asyncio.Task) -> None:
         groups = self._held.pop(task, ())
