@@ -13,3 +13,11 @@ class AccountsConfig(AppConfig):
         revocation.connect_receivers()
         selfservice.connect_receivers()  # sessions recorded at sign-in, ended on deactivation
         firstrun.connect_receivers()  # the first account, however created, closes /setup/
+        # Quotas and group membership are memoized per process (core.generation).
+        from django.contrib.auth import get_user_model
+        from django.contrib.auth.models import Group
+
+        from accounts.models import Quota
+        from core import generation
+
+        generation.watch(Quota, Group, get_user_model().groups.through)

@@ -13,6 +13,7 @@ from django.db import models
 from django.utils import timezone
 
 from core.fields import optional_link
+from core.generation import WatchedQuerySet
 
 
 def _hash_key(raw: str) -> str:
@@ -150,6 +151,8 @@ class Quota(models.Model):
     period = models.CharField(max_length=5, choices=Period.choices)
     limit = models.PositiveBigIntegerField(help_text="0 refuses every turn.")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = WatchedQuerySet.as_manager()
 
     class Meta:
         ordering = ["group__name", "user__username", "metric", "period"]

@@ -43,6 +43,7 @@ from django.utils.translation import gettext as _
 
 from accounts import limits, usage
 from accounts.models import Quota
+from core import generation
 from runners.base import NotAdmitted
 from runners.models import RunRecord
 
@@ -138,9 +139,15 @@ def _period(period: str, now: datetime) -> tuple[datetime, datetime]:
 
 
 def quotas_of(user) -> list[Quota]:
-    """Every quota that holds `user`: their own and their groups'."""
-    mine = Q(user=user) | Q(group__in=user.groups.values("pk"))
-    return list(Quota.objects.filter(mine).select_related("group", "runner").order_by("pk"))
+    """Every quota that holds `user`: their own and their groups' (memoized
+    per process until a quota or a group membership changes, in any process;
+    the Quota objects are shared: read them, never change them)."""
+
+    def read() -> list[Quota]:
+        mine = Q(user=user) | Q(group__in=user.groups.values("pk"))
+        return list(Quota.objects.filter(mine).select_related("group", "runner").order_by("pk"))
+
+    return generation.memo(("quotas", user.pk), read)
 
 
 def _records(quota: Quota, user, since: datetime):

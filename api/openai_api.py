@@ -48,6 +48,7 @@ from chat.turns import TurnRecorder
 from rag.models import Collection
 from runners.base import ChatMessage, Done, RunnerError, TokenDelta, ToolCall
 from runners.models import RunnerConfig
+from runners.router import usable_configs
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 def _check_references(user, request: CompletionRequest) -> None:
     """The model, collections and conversation exist and are the user's to use."""
     if request.model is not None:
-        config = (
-            RunnerConfig.objects.usable_by(user).filter(name=request.model).only("enabled").first()
-        )
+        config = next((c for c in usable_configs(user) if c.name == request.model), None)
         if config is None or not config.enabled:
             raise ApiError(
                 404,
@@ -355,8 +354,7 @@ def _auto_entry(configs: list[RunnerConfig]) -> dict[str, Any]:
 
 def _enabled_configs(user) -> list[RunnerConfig]:
     """The enabled runners `user` may use: the only models the API shows them."""
-    usable = RunnerConfig.objects.usable_by(user).filter(enabled=True)
-    return list(usable.order_by("-priority", "name"))
+    return [c for c in usable_configs(user) if c.enabled]
 
 
 async def _limit_rate(request: HttpRequest) -> JsonResponse | None:

@@ -1,7 +1,7 @@
 """Benchmark: non-streaming chat completions through BreezeWeb's OpenAI-compatible
 API vs the same fast upstream called directly, in one run.
 
-    .venv/bin/python bench/openai_api.py [--requests 400] [--concurrency 8]
+    .venv/bin/python bench/openai_api.py [--requests 400] [--concurrency 8] [--profile FILE]
 
 A scripted OpenAI-compatible server (tests/support/scripted_server.py, answering
 at once) runs in its own process; BreezeWeb runs as a real Daphne process with a
@@ -9,8 +9,12 @@ fresh SQLite database, one API key and one Llama Stack runner pointed at that
 upstream. The same httpx client, with the same concurrency and request count,
 first calls the upstream's /v1/chat/completions directly, then BreezeWeb's
 (API key auth, rate limit, guardian, router, the Llama Stack runner's streaming
-call upstream, a RunRecord saved). Reports requests/s, p50 and p99 latency for
-both, and the ratios. The difference is BreezeWeb's cost per request.
+call upstream, a RunRecord saved). In between it measures the site's floor:
+`GET /healthz` on the same Daphne (Twisted, Django's handler, the middleware,
+no database), the least any request costs. Reports requests/s, p50 and p99
+latency for each, the ratios, and BreezeWeb's p50 above floor + upstream.
+`--profile FILE` records the server with py-spy (not a dependency) during
+the BreezeWeb run, as collapsed stacks.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,9 +79,13 @@ async def load(url: str, headers: dict, body: dict, total: int, concurrency: int
                 except asyncio.QueueEmpty:
                     return
                 started = time.perf_counter()
-                response = await client.post(url, json=body, headers=headers)
+                if body is None:  # a GET (the site's floor: /healthz)
+                    response = await client.get(url, headers=headers)
+                else:
+                    response = await client.post(url, json=body, headers=headers)
                 elapsed = time.perf_counter() - started
-                if response.status_code == 200 and response.json()["choices"][0]["message"]:
+                answered = body is None or response.json()["choices"][0]["message"]
+                if response.status_code == 200 and answered:
                     latencies.append(elapsed)
                 else:
                     failures[response.status_code] = failures.get(response.status_code, 0) + 1
@@ -93,10 +103,25 @@ async def load(url: str, headers: dict, body: dict, total: int, concurrency: int
     }
 
 
+def profiler(daphne: Daphne, path: str | None) -> subprocess.Popen | None:
+    """py-spy (pip install py-spy; not a dependency) sampling the server into `path`."""
+    if not path:
+        return None
+    argv = ["py-spy", "record", "-p", str(daphne.popen.pid), "-f", "raw", "-r", "250"]
+    spy = subprocess.Popen([*argv, "-o", path], stdout=subprocess.DEVNULL)
+    time.sleep(1)  # attached
+    return spy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the BreezeWeb server with py-spy (collapsed stacks) during its run",
+    )
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -124,14 +149,20 @@ def main() -> None:
                 {**BODY, "model": "upstream"},  # the runner config's name is the API's model id
             )
             results = {}
+            floor = (f"{daphne.url}/healthz", {}, None)
             for name, (url, headers, body) in (
                 ("upstream direct", direct),
+                ("site floor /healthz", floor),
                 ("through BreezeWeb", through),
             ):
                 asyncio.run(load(url, headers, body, 30, args.concurrency))  # warm-up
+                spy = profiler(daphne, args.profile) if name == "through BreezeWeb" else None
                 results[name] = asyncio.run(
                     load(url, headers, body, args.requests, args.concurrency)
                 )
+                if spy:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
         finally:
             daphne.stop()
 
@@ -148,6 +179,11 @@ def main() -> None:
         f"ratio (BreezeWeb / direct): throughput {t['rps'] / d['rps']:.3f}, "
         f"p50 latency {t['p50_ms'] / d['p50_ms']:.1f}x, "
         f"p99 latency {t['p99_ms'] / d['p99_ms']:.1f}x"
+    )
+    f = results["site floor /healthz"]
+    print(
+        f"BreezeWeb's p50 above the site's floor (Daphne + Django + middleware, GET /healthz) "
+        f"and the upstream's: {t['p50_ms'] - f['p50_ms'] - d['p50_ms']:.1f} ms"
     )
     print(json.dumps(results))
 

@@ -29,7 +29,7 @@ from rag.models import Collection
 from runners.base import ChatMessage, RunnerError
 from runners.collect import Outcome
 from runners.models import RunnerConfig
-from runners.router import load_candidates
+from runners.router import load_candidates, usable_configs
 
 __all__ = ["ChatError"]  # re-exported: the one error type (chat.errors)
 
@@ -151,7 +151,7 @@ def _as_history(messages) -> tuple[ChatMessage, ...]:
 def _resolve_runner(user, name: str | None) -> RunnerConfig | None:
     if not name or name == "auto":
         return None
-    config = RunnerConfig.objects.usable_by(user).filter(name=name, enabled=True).first()
+    config = next((c for c in usable_configs(user) if c.name == name and c.enabled), None)
     if config is None:
         raise ChatError(
             "unknown_runner", f"There is no enabled runner named {name!r} that you may use."
@@ -802,9 +802,8 @@ def enabled_runners(user) -> list[dict[str, Any]]:
             "priority": c.priority,
             "context_tokens": c.context_tokens,
         }
-        for c in RunnerConfig.objects.usable_by(user)
-        .filter(enabled=True)
-        .order_by("-priority", "name")
+        for c in usable_configs(user)
+        if c.enabled
     ]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
 
+from core import generation
 from runners.models import GuardianRule
 
 MASK = "[masked]"
@@ -59,7 +60,12 @@ class Rule:
 
 
 def enabled_rules() -> tuple[Rule, ...]:
-    """The enabled rules, read fresh (an admin's edit applies to the next turn)."""
+    """The enabled rules (memoized per process until any rule changes, in any
+    process: an admin's edit applies to the next turn)."""
+    return generation.memo("guardian.rules", _read_rules)
+
+
+def _read_rules() -> tuple[Rule, ...]:
     return tuple(
         Rule(r.name, r.kind, r.value, r.applies_to, r.message)
         for r in GuardianRule.objects.filter(enabled=True)

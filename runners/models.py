@@ -11,11 +11,12 @@ from django.db import models
 from django.db.models import Exists, OuterRef
 
 from core.fields import optional_link
+from core.generation import WatchedQuerySet
 from runners import crypto
 from runners.registry import KIND_CHOICES, RUNNER_KINDS, runner_class
 
 
-class RunnerConfigQuerySet(models.QuerySet["RunnerConfig"]):
+class RunnerConfigQuerySet(WatchedQuerySet):
     def usable_by(self, user) -> RunnerConfigQuerySet:
         """The runners `user` may use: every runner with no groups (open to
         everyone, so an install without groups works as before), and those
@@ -224,6 +225,8 @@ class GuardianRule(models.Model):
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = WatchedQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

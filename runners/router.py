@@ -26,6 +26,7 @@ from django.conf import settings
 
 from channels.db import database_sync_to_async
 
+from core import generation
 from runners import metrics
 from runners.base import (
     Capability,
@@ -156,18 +157,34 @@ def _missing(config: RunnerConfig, needed: frozenset[Capability]) -> list[str]:
     return sorted(c.value for c in needed if c.value not in config.capabilities)
 
 
+def usable_configs(user) -> list[RunnerConfig]:
+    """Every runner config `user` may use (all of them for `user=None`),
+    highest priority first: memoized per process until any config or group
+    membership changes, in any process (core.generation). The configs are
+    shared: read them, never change them."""
+
+    def read() -> list[RunnerConfig]:
+        configs = RunnerConfig.objects.all()
+        if user is not None:
+            configs = configs.usable_by(user)
+        return list(configs.order_by("-priority", "name"))
+
+    key = None if user is None else (user.pk, user.is_superuser)
+    return generation.memo(("runners.usable", key), read)
+
+
 def load_candidates(
     needed: frozenset[Capability], pinned: str | None, need_rag: bool, user=None
 ) -> list[RunnerConfig]:
-    """The configs that may answer, re-read on every request (so an admin's
-    edit applies at once, in every process). With a `user`, only the runners
+    """The configs that may answer (`usable_configs`: an admin's edit applies
+    to the next request, in every process). With a `user`, only the runners
     that user may use (`RunnerConfig.objects.usable_by`); a runner they may
     not use reads exactly like one that does not exist. `user=None` is for
     trusted callers only (the admin's test prompt, benchmarks). Raises
     RunnerError when none can answer."""
-    configs = RunnerConfig.objects.all() if user is None else RunnerConfig.objects.usable_by(user)
+    configs = usable_configs(user)
     if pinned:
-        config = configs.filter(name=pinned).first()
+        config = next((c for c in configs if c.name == pinned), None)
         if config is None:
             raise RunnerError(
                 ErrorCode.NOT_FOUND,
@@ -185,9 +202,9 @@ def load_candidates(
                 f"{', '.join(missing)}" + (" (images)" if "vlm" in missing else ""),
             )
         return [config]
-    enabled = list(configs.filter(enabled=True).order_by("-priority", "name"))
+    enabled = [c for c in configs if c.enabled]
     if not enabled:
-        if user is not None and RunnerConfig.objects.filter(enabled=True).exists():
+        if user is not None and any(c.enabled for c in usable_configs(None)):
             raise RunnerError(
                 ErrorCode.NO_RUNNER,
                 "No runner is open to you. An admin can add you to a group that may use one.",

@@ -92,3 +92,14 @@ def _no_watchdog_outlives_its_test():
     from rag import worker
 
     worker.stop_watchdog()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_generation_memo():
+    """Each test reads runner configs, rules and quotas from its own database:
+    flushing one between tests sends no signal, so the memo starts over."""
+    from core import generation
+
+    generation.forget()
+    yield
+    generation.forget()
