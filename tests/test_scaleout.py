@@ -215,7 +215,22 @@ async def _ended(ws) -> tuple[list[dict], int, float]:
         return frames, closed.rcvd.code if closed.rcvd else None, time.monotonic()
 
 
-def _assert_stopped_and_closed(frames, code, started, ended, accepted) -> None:
+def _assert_ending_it_closes_the_socket(
+    second: Daphne, headers: dict, browser: httpx.Client, first: Daphne, path: str
+) -> None:
+    """An answer streams on a socket of `second` opened with `headers`; the
+    browser's POST to `path` on `first` ends that credential. Within a second
+    the socket gets the stopped `done`, a `credential_ended` error and close
+    code 4401, and the answer is saved as stopped."""
+
+    async def scenario():
+        ws, accepted = await _streaming_socket(f"ws://127.0.0.1:{second.port}/ws/chat/", headers)
+        started = time.monotonic()
+        response = await asyncio.to_thread(_csrf_post, browser, first, path)
+        assert response.status_code == 302
+        return (*await _ended(ws), started, accepted)
+
+    frames, code, ended, started, accepted = asyncio.run(scenario())
     assert code == 4401
     assert ended - started < 1.0, f"closed {ended - started:.2f} s after the credential ended"
     assert [f["status"] for f in frames if f["type"] == "done"] == ["stopped"], frames
@@ -234,20 +249,13 @@ def test_revoking_a_key_on_one_process_ends_its_socket_on_another(
     key, raw = ApiKey.issue(user, "scaleout")
     scripted_server.default_reply = SLOW
     browser = _login(first, "alice", "alice-password-123")
-
-    async def scenario():
-        ws, accepted = await _streaming_socket(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", {"Authorization": f"Bearer {raw}"}
-        )
-        started = time.monotonic()
-        response = await asyncio.to_thread(
-            _csrf_post, browser, first, f"/settings/api-keys/{key.pk}/revoke/"
-        )
-        assert response.status_code == 302
-        return (*await _ended(ws), started, accepted)
-
-    frames, code, ended, started, accepted = asyncio.run(scenario())
-    _assert_stopped_and_closed(frames, code, started, ended, accepted)
+    _assert_ending_it_closes_the_socket(
+        second,
+        {"Authorization": f"Bearer {raw}"},
+        browser,
+        first,
+        f"/settings/api-keys/{key.pk}/revoke/",
+    )
 
 
 def test_logging_out_on_one_process_ends_that_sessions_socket_on_another(
@@ -257,20 +265,11 @@ def test_logging_out_on_one_process_ends_that_sessions_socket_on_another(
     scripted_server.default_reply = SLOW
     browser = _login(first, "alice", "alice-password-123")
     cookie = browser.cookies[settings.SESSION_COOKIE_NAME]
-    origin = f"http://127.0.0.1:{second.port}"
-
-    async def scenario():
-        ws, accepted = await _streaming_socket(
-            f"ws://127.0.0.1:{second.port}/ws/chat/",
-            {"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}", "Origin": origin},
-        )
-        started = time.monotonic()
-        response = await asyncio.to_thread(_csrf_post, browser, first, "/logout/")
-        assert response.status_code == 302
-        return (*await _ended(ws), started, accepted)
-
-    frames, code, ended, started, accepted = asyncio.run(scenario())
-    _assert_stopped_and_closed(frames, code, started, ended, accepted)
+    headers = {
+        "Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}",
+        "Origin": f"http://127.0.0.1:{second.port}",
+    }
+    _assert_ending_it_closes_the_socket(second, headers, browser, first, "/logout/")
 
 
 def test_revoking_a_key_on_one_process_stops_its_detached_answer_on_another(
