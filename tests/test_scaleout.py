@@ -418,6 +418,16 @@ def _continuing(frames: list[dict], request_id: str, seq: int) -> str:
     return text
 
 
+async def _attached(server: Daphne, headers: dict, request_id: str, **answer: object):
+    """A new socket on `server`, attached as `request_id` to the answer that
+    `answer` names (message_id, or conversation_id with last_seq)."""
+    ws = await websockets.connect(
+        f"ws://127.0.0.1:{server.port}/ws/chat/", additional_headers=headers
+    )
+    await ws.send(json.dumps({"type": "attach", "request_id": request_id, **answer}))
+    return ws
+
+
 async def _until(ws, request_id: str, kinds: tuple[str, ...], count: int = 1) -> list[dict]:
     frames: list[dict] = []
     while sum(f["type"] in kinds and f.get("request_id") == request_id for f in frames) < count:
@@ -445,35 +455,18 @@ def test_another_process_follows_an_answer_live_from_a_second_tab_and_after_a_re
         seen = await _until(page, "r1", ("token",), count=3)
         accepted = next(f for f in seen if f["type"] == "accepted")
         # ... a second tab on the second process follows it ...
-        tab = await websockets.connect(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
-        )
-        await tab.send(
-            json.dumps(
-                {
-                    "type": "attach",
-                    "request_id": "tab",
-                    "message_id": accepted["assistant_message_id"],
-                }
-            )
-        )
+        tab = await _attached(second, headers, "tab", message_id=accepted["assistant_message_id"])
         tab_frames = await _until(tab, "tab", ("token",), count=2)
         # ... and the page reloads mid-answer, onto the second process.
         seen += await _until(page, "r1", ("token",), count=2)
         await page.close()
         last_seq = [f for f in seen if f["type"] == "token"][-1]["seq"]
-        reloaded = await websockets.connect(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
-        )
-        await reloaded.send(
-            json.dumps(
-                {
-                    "type": "attach",
-                    "request_id": "again",
-                    "conversation_id": accepted["conversation_id"],
-                    "last_seq": last_seq,
-                }
-            )
+        reloaded = await _attached(
+            second,
+            headers,
+            "again",
+            conversation_id=accepted["conversation_id"],
+            last_seq=last_seq,
         )
         reload_frames = await _until(reloaded, "again", ("done",))
         tab_frames += await _until(tab, "tab", ("done",))
@@ -516,14 +509,7 @@ def test_an_attach_on_another_process_after_the_end_gets_the_final_text_and_done
         ) as ws:
             await ws.send(json.dumps({"type": "message", "request_id": "r1", "text": "hi"}))
             done = (await _until(ws, "r1", ("done",)))[-1]
-        async with websockets.connect(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
-        ) as ws:
-            await ws.send(
-                json.dumps(
-                    {"type": "attach", "request_id": "late", "message_id": done["message_id"]}
-                )
-            )
+        async with await _attached(second, headers, "late", message_id=done["message_id"]) as ws:
             return done, await _until(ws, "late", ("done",))
 
     done, frames = asyncio.run(scenario())
