@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support.processes import wait_until_healthy
+from tests.support.processes import end_process, wait_until_healthy
 from tests.support.scripted_server import ScriptedServer, free_port
 
 PROVIDER_ID = "upstream"
@@ -152,13 +152,7 @@ class LlamaStackServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        end_process(process)
         self.upstream.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.processes import ROOT, wait_until_healthy
+from tests.support.processes import ROOT, end_process, wait_until_healthy
 from tests.support.scripted_server import free_port
 
 SETTINGS = "tests.support.oidc_provider.settings"
@@ -102,11 +102,6 @@ class OidcProvider:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        end_process(self.proc, timeout=10)
         if self.proc:
             self.log.close()

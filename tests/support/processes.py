@@ -85,6 +85,18 @@ def chroma_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("chroma run did not answer within 60 s")
 
 
+def end_process(popen: subprocess.Popen | None, timeout: float = 15) -> None:
+    """Terminate `popen` if it still runs; kill it if it has not ended within `timeout` s."""
+    if popen is None or popen.poll() is not None:
+        return
+    popen.terminate()
+    try:
+        popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=timeout)
+
+
 def wait_until_healthy(
     popen: subprocess.Popen,
     url: str,
@@ -136,13 +148,7 @@ class Process:
         return self.log.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.popen and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=15)
+        end_process(self.popen)
         if self._own_log:
             self.log.unlink(missing_ok=True)
 
