@@ -114,6 +114,12 @@ class FirstRun(models.Model):
         return f"first admin {self.username!r} created {self.created_at:%Y-%m-%d %H:%M}"
 
 
+def _quota_scope(to: str, help_text: str) -> models.ForeignKey:
+    """What a quota is for (its user, its group, its runner): optional, reached
+    as `.quotas`, and deleting it deletes its quotas."""
+    return optional_link(to, on_delete=models.CASCADE, related_name="quotas", help_text=help_text)
+
+
 class Quota(models.Model):
     """A budget of tokens or messages per day or month, for one user or for a
     group's members together, on every runner or on one (docs/teams.md).
@@ -128,23 +134,13 @@ class Quota(models.Model):
         DAY = "day", "per day"
         MONTH = "month", "per month"
 
-    user = optional_link(
-        settings.AUTH_USER_MODEL,
-        on_delete=models.CASCADE,
-        related_name="quotas",
-        help_text="This user's own budget. Set a user or a group, not both.",
+    user = _quota_scope(
+        settings.AUTH_USER_MODEL, "This user's own budget. Set a user or a group, not both."
     )
-    group = optional_link(
-        "auth.Group",
-        on_delete=models.CASCADE,
-        related_name="quotas",
-        help_text="One budget shared by the group's members together.",
-    )
-    runner = optional_link(
+    group = _quota_scope("auth.Group", "One budget shared by the group's members together.")
+    runner = _quota_scope(
         "runners.RunnerConfig",
-        on_delete=models.CASCADE,
-        related_name="quotas",
-        help_text="Only turns answered by this runner count, and only it is refused when "
+        "Only turns answered by this runner count, and only it is refused when "
         "the budget is spent (auto then picks another). Empty: every runner.",
     )
     metric = models.CharField(max_length=8, choices=Metric.choices)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 
 from django.db import connection
@@ -47,12 +47,8 @@ class Totals:
         return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "turns": self.turns,
-        }
+        """The counts and their `total_tokens`."""
+        return {**asdict(self), "total_tokens": self.total_tokens}
 
 
 def start_of_day(now: datetime | None = None) -> datetime:

@@ -311,14 +311,13 @@ async def run_agent(
                 yield _done(last_done, finish, prompt_tokens, completion_tokens)
                 return
             if round_number > conf.max_steps:
-                yield Notice(
+                limit = Notice(
                     NoticeCode.STEP_LIMIT,
                     f"The agent stopped after {conf.max_steps} rounds of tool calls (the "
                     "administrator's limit); the answer so far is kept.",
                     {"max_steps": conf.max_steps},
                 )
-                yield _done(last_done, STEP_LIMIT, prompt_tokens, completion_tokens)
-                return
+                break
             steps = [
                 Step(round_number, position, call.id, call.name, call.arguments)
                 for position, call in enumerate(calls)
@@ -343,13 +342,16 @@ async def run_agent(
                 ChatMessage(role="tool", content=as_data(s), tool_call_id=s.call_id) for s in steps
             )
     except TimeoutError:
-        yield Notice(
+        limit = Notice(
             NoticeCode.TIME_LIMIT,
             f"The agent reached its time limit of {conf.turn_timeout_seconds:g} s; "
             "the answer so far is kept.",
             {"seconds": conf.turn_timeout_seconds},
         )
-        yield _done(last_done, TIME_LIMIT, prompt_tokens, completion_tokens)
+    # Cut short by a limit: the notice says which, and the turn finishes for
+    # that reason (the notice's code: STEP_LIMIT or TIME_LIMIT).
+    yield limit
+    yield _done(last_done, limit.code, prompt_tokens, completion_tokens)
 
 
 async def _within(turn: _Turn, awaitable):

@@ -24,6 +24,10 @@ from agents.models import AgentStep
 Status = AgentStep.Status
 
 
+# What came of a step: the same names on the loop's `Step` and on its `AgentStep`
+# row, which is saved again with them as the step goes on.
+OUTCOME = ("status", "result", "error", "duration_ms", "sources")
+
 # While a turn waits (for a tool, or for the user's approval) no text is saved;
 # its message is touched this often so that it never looks like an answer a
 # dead server left behind (chat.services.settle_interrupted: 120 s).
@@ -50,13 +54,7 @@ class DatabaseSteps:
         await database_sync_to_async(self._save)(step)
 
     def _save(self, step: Step) -> None:
-        fields = {
-            "status": step.status,
-            "result": step.result,
-            "error": step.error,
-            "duration_ms": step.duration_ms,
-            "sources": step.sources,
-        }
+        fields = {name: getattr(step, name) for name in OUTCOME}
         if step.id is None:
             row = AgentStep.objects.create(
                 message_id=self.message_id,
@@ -134,18 +132,10 @@ def decide(user, step_id: int, approved: bool) -> bool:
 
 
 def step_dict(row: AgentStep) -> dict[str, Any]:
-    return {
-        "step_id": row.pk,
-        "round": row.round,
-        "id": row.call_id,
-        "name": row.tool,
-        "arguments": row.arguments,
-        "status": row.status,
-        "result": row.result,
-        "error": row.error,
-        "duration_ms": row.duration_ms,
-        "sources": row.sources,
-    }
+    """A saved step as the live one was sent (`Step.as_dict`): one shape, live or reloaded."""
+    outcome = {name: getattr(row, name) for name in OUTCOME}
+    step = Step(row.round, row.position, row.call_id, row.tool, row.arguments, id=row.pk, **outcome)
+    return step.as_dict()
 
 
 def steps_of(message_ids: list[int]) -> dict[int, list[dict[str, Any]]]:

@@ -235,6 +235,17 @@ class ImportJob(models.Model):
         return f"import {self.pk} ({self.status}, {self.done}/{self.total})"
 
 
+def _price_field(help_text: str) -> models.DecimalField:
+    """A runner price per million tokens, in its currency: not negative, 0 by default."""
+    return models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        default=0,
+        validators=[MinValueValidator(0)],
+        help_text=help_text,
+    )
+
+
 class RunnerPrice(models.Model):
     """What the admin says one runner's tokens cost, so each answer can show
     its cost (chat.services.message_dict). Prices are per million tokens."""
@@ -243,20 +254,8 @@ class RunnerPrice(models.Model):
         "runners.RunnerConfig", on_delete=models.CASCADE, related_name="price"
     )
     currency = models.CharField(max_length=3, default="USD", help_text="ISO 4217, e.g. USD, EUR.")
-    prompt_per_million = models.DecimalField(
-        max_digits=12,
-        decimal_places=4,
-        default=0,
-        validators=[MinValueValidator(0)],
-        help_text="Price of one million prompt (input) tokens.",
-    )
-    completion_per_million = models.DecimalField(
-        max_digits=12,
-        decimal_places=4,
-        default=0,
-        validators=[MinValueValidator(0)],
-        help_text="Price of one million answer (output) tokens.",
-    )
+    prompt_per_million = _price_field("Price of one million prompt (input) tokens.")
+    completion_per_million = _price_field("Price of one million answer (output) tokens.")
 
     class Meta:
         verbose_name = "runner price"

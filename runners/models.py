@@ -141,6 +141,14 @@ class RunnerConfig(models.Model):
             raise ValidationError(errors)
 
 
+def _whose_turn(to: str, help_text: str) -> models.ForeignKey:
+    """Who a run record's turn was for (its user, its API key): optional, reached
+    as `.run_records`; deleting them keeps the records (the link empties)."""
+    return optional_link(
+        to, on_delete=models.SET_NULL, related_name="run_records", help_text=help_text
+    )
+
+
 class RunRecord(models.Model):
     """One attempt by one runner to answer one request."""
 
@@ -170,17 +178,11 @@ class RunRecord(models.Model):
     )
     # Whose turn it was, for usage accounting and quotas (docs/teams.md). Lazy
     # references, database links only: runners imports neither app.
-    user = optional_link(
-        settings.AUTH_USER_MODEL,
-        on_delete=models.SET_NULL,
-        related_name="run_records",
-        help_text="Whose turn it was; empty for the admin's test prompt.",
+    user = _whose_turn(
+        settings.AUTH_USER_MODEL, "Whose turn it was; empty for the admin's test prompt."
     )
-    api_key = optional_link(
-        "accounts.ApiKey",
-        on_delete=models.SET_NULL,
-        related_name="run_records",
-        help_text="The API key the turn came with; empty for the browser's session.",
+    api_key = _whose_turn(
+        "accounts.ApiKey", "The API key the turn came with; empty for the browser's session."
     )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

@@ -215,7 +215,22 @@ async def _ended(ws) -> tuple[list[dict], int, float]:
         return frames, closed.rcvd.code if closed.rcvd else None, time.monotonic()
 
 
-def _assert_stopped_and_closed(frames, code, started, ended, accepted) -> None:
+def _assert_ending_it_closes_the_socket(
+    second: Daphne, headers: dict, browser: httpx.Client, first: Daphne, path: str
+) -> None:
+    """An answer streams on a socket of `second` opened with `headers`; the
+    browser's POST to `path` on `first` ends that credential. Within a second
+    the socket gets the stopped `done`, a `credential_ended` error and close
+    code 4401, and the answer is saved as stopped."""
+
+    async def scenario():
+        ws, accepted = await _streaming_socket(f"ws://127.0.0.1:{second.port}/ws/chat/", headers)
+        started = time.monotonic()
+        response = await asyncio.to_thread(_csrf_post, browser, first, path)
+        assert response.status_code == 302
+        return (*await _ended(ws), started, accepted)
+
+    frames, code, ended, started, accepted = asyncio.run(scenario())
     assert code == 4401
     assert ended - started < 1.0, f"closed {ended - started:.2f} s after the credential ended"
     assert [f["status"] for f in frames if f["type"] == "done"] == ["stopped"], frames
@@ -234,20 +249,13 @@ def test_revoking_a_key_on_one_process_ends_its_socket_on_another(
     key, raw = ApiKey.issue(user, "scaleout")
     scripted_server.default_reply = SLOW
     browser = _login(first, "alice", "alice-password-123")
-
-    async def scenario():
-        ws, accepted = await _streaming_socket(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", {"Authorization": f"Bearer {raw}"}
-        )
-        started = time.monotonic()
-        response = await asyncio.to_thread(
-            _csrf_post, browser, first, f"/settings/api-keys/{key.pk}/revoke/"
-        )
-        assert response.status_code == 302
-        return (*await _ended(ws), started, accepted)
-
-    frames, code, ended, started, accepted = asyncio.run(scenario())
-    _assert_stopped_and_closed(frames, code, started, ended, accepted)
+    _assert_ending_it_closes_the_socket(
+        second,
+        {"Authorization": f"Bearer {raw}"},
+        browser,
+        first,
+        f"/settings/api-keys/{key.pk}/revoke/",
+    )
 
 
 def test_logging_out_on_one_process_ends_that_sessions_socket_on_another(
@@ -257,20 +265,11 @@ def test_logging_out_on_one_process_ends_that_sessions_socket_on_another(
     scripted_server.default_reply = SLOW
     browser = _login(first, "alice", "alice-password-123")
     cookie = browser.cookies[settings.SESSION_COOKIE_NAME]
-    origin = f"http://127.0.0.1:{second.port}"
-
-    async def scenario():
-        ws, accepted = await _streaming_socket(
-            f"ws://127.0.0.1:{second.port}/ws/chat/",
-            {"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}", "Origin": origin},
-        )
-        started = time.monotonic()
-        response = await asyncio.to_thread(_csrf_post, browser, first, "/logout/")
-        assert response.status_code == 302
-        return (*await _ended(ws), started, accepted)
-
-    frames, code, ended, started, accepted = asyncio.run(scenario())
-    _assert_stopped_and_closed(frames, code, started, ended, accepted)
+    headers = {
+        "Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}",
+        "Origin": f"http://127.0.0.1:{second.port}",
+    }
+    _assert_ending_it_closes_the_socket(second, headers, browser, first, "/logout/")
 
 
 def test_revoking_a_key_on_one_process_stops_its_detached_answer_on_another(
@@ -419,6 +418,16 @@ def _continuing(frames: list[dict], request_id: str, seq: int) -> str:
     return text
 
 
+async def _attached(server: Daphne, headers: dict, request_id: str, **answer: object):
+    """A new socket on `server`, attached as `request_id` to the answer that
+    `answer` names (message_id, or conversation_id with last_seq)."""
+    ws = await websockets.connect(
+        f"ws://127.0.0.1:{server.port}/ws/chat/", additional_headers=headers
+    )
+    await ws.send(json.dumps({"type": "attach", "request_id": request_id, **answer}))
+    return ws
+
+
 async def _until(ws, request_id: str, kinds: tuple[str, ...], count: int = 1) -> list[dict]:
     frames: list[dict] = []
     while sum(f["type"] in kinds and f.get("request_id") == request_id for f in frames) < count:
@@ -446,35 +455,18 @@ def test_another_process_follows_an_answer_live_from_a_second_tab_and_after_a_re
         seen = await _until(page, "r1", ("token",), count=3)
         accepted = next(f for f in seen if f["type"] == "accepted")
         # ... a second tab on the second process follows it ...
-        tab = await websockets.connect(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
-        )
-        await tab.send(
-            json.dumps(
-                {
-                    "type": "attach",
-                    "request_id": "tab",
-                    "message_id": accepted["assistant_message_id"],
-                }
-            )
-        )
+        tab = await _attached(second, headers, "tab", message_id=accepted["assistant_message_id"])
         tab_frames = await _until(tab, "tab", ("token",), count=2)
         # ... and the page reloads mid-answer, onto the second process.
         seen += await _until(page, "r1", ("token",), count=2)
         await page.close()
         last_seq = [f for f in seen if f["type"] == "token"][-1]["seq"]
-        reloaded = await websockets.connect(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
-        )
-        await reloaded.send(
-            json.dumps(
-                {
-                    "type": "attach",
-                    "request_id": "again",
-                    "conversation_id": accepted["conversation_id"],
-                    "last_seq": last_seq,
-                }
-            )
+        reloaded = await _attached(
+            second,
+            headers,
+            "again",
+            conversation_id=accepted["conversation_id"],
+            last_seq=last_seq,
         )
         reload_frames = await _until(reloaded, "again", ("done",))
         tab_frames += await _until(tab, "tab", ("done",))
@@ -517,14 +509,7 @@ def test_an_attach_on_another_process_after_the_end_gets_the_final_text_and_done
         ) as ws:
             await ws.send(json.dumps({"type": "message", "request_id": "r1", "text": "hi"}))
             done = (await _until(ws, "r1", ("done",)))[-1]
-        async with websockets.connect(
-            f"ws://127.0.0.1:{second.port}/ws/chat/", additional_headers=headers
-        ) as ws:
-            await ws.send(
-                json.dumps(
-                    {"type": "attach", "request_id": "late", "message_id": done["message_id"]}
-                )
-            )
+        async with await _attached(second, headers, "late", message_id=done["message_id"]) as ws:
             return done, await _until(ws, "late", ("done",))
 
     done, frames = asyncio.run(scenario())

@@ -81,7 +81,10 @@ async def test_agent_mode_streams_steps_and_saves_them_with_the_message(user, sc
     )
     body = response.json()
     assert body["agent"] is True
-    assert body["messages"][-1]["steps"][0]["result"] == "6 * 7 = 42"
+    # ... exactly as the live `tool_result` frame showed it.
+    assert body["messages"][-1]["steps"] == [
+        {k: v for k, v in result.items() if k not in ("type", "request_id")}
+    ]
     # The next message remembers agent mode without saying it again.
     scripted_server.script(Reply(text="Plain."))
     frames = await ask(ws, "again", request_id="r2", conversation_id=done["conversation_id"])

@@ -54,6 +54,18 @@ async def tools_for(user) -> dict:
     return await available_tools(ToolContext(user=user))
 
 
+async def failed_call(scripted_server, user, tools, call, answer: str, step_timeout: float):
+    """A turn whose one tool `call` (name, arguments) fails, then the model
+    answers `answer`: the failed step, once the answer is checked to come through."""
+    scripted_server.script(calls(call))
+    scripted_server.script(Reply(text=answer))
+    events = await agent(user, tools, AgentSettings(step_timeout_seconds=step_timeout))
+    [step] = finished(events)
+    assert step.status == "error"
+    assert text(events) == answer
+    return step
+
+
 async def test_a_stdio_server_lists_its_tools_and_runs_one(user, scripted_server):
     await stdio_server()
     tools = await tools_for(user)
@@ -173,12 +185,8 @@ async def test_a_server_known_to_be_down_is_not_waited_for(user):
 async def test_a_server_that_dies_mid_call_is_an_error_result(user, scripted_server):
     await stdio_server()
     tools = await tools_for(user)
-    scripted_server.script(calls(("local__die", "{}")))
-    scripted_server.script(Reply(text="It died."))
-    events = await agent(user, tools, AgentSettings(step_timeout_seconds=20))
-    [step] = finished(events)
-    assert step.status == "error" and step.error
-    assert text(events) == "It died."
+    step = await failed_call(scripted_server, user, tools, ("local__die", "{}"), "It died.", 20)
+    assert step.error
     # The next call starts the server again.
     scripted_server.script(calls(("local__echo", '{"text": "back"}')))
     scripted_server.script(Reply(text="Back."))
@@ -293,8 +301,6 @@ def test_a_policy_names_a_tool_that_exists(admin_client):
 
 
 async def test_stop_during_an_mcp_call_and_a_hanging_one(user, scripted_server):
-    import asyncio
-
     from agents.loop import StepStarted, run_agent
     from agents.steps import MemorySteps
     from runners.base import ChatMessage, ChatRequest
@@ -303,12 +309,9 @@ async def test_stop_during_an_mcp_call_and_a_hanging_one(user, scripted_server):
     await stdio_server()
     tools = await tools_for(user)
     # A call that hangs past the step limit is stopped and told to the model.
-    scripted_server.script(calls(("local__sleep", '{"seconds": 60}')))
-    scripted_server.script(Reply(text="Too slow."))
-    events = await agent(user, tools, AgentSettings(step_timeout_seconds=3))
-    [step] = finished(events)
-    assert step.status == "error" and "in time" in step.error
-    assert text(events) == "Too slow."
+    hanging = ("local__sleep", '{"seconds": 60}')
+    step = await failed_call(scripted_server, user, tools, hanging, "Too slow.", 3)
+    assert "in time" in step.error
 
     # Stop while the MCP server is working: the call is cancelled promptly.
     scripted_server.script(calls(("local__sleep", '{"seconds": 60}')))

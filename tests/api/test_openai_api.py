@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from chat.models import Conversation, Message
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
 from tests.support.clients import call
-from tests.support.fixtures import runner_config, running
+from tests.support.fixtures import local_model_ready, require_local_model, runner_config, running
 from tests.support.processes import Daphne, manage, site_env
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
@@ -804,9 +803,6 @@ def test_the_docs_page_renders_the_schema_without_inline_scripts(client):
 # ---- live: a real Daphne process, the official openai client -----------------------------------
 
 
-MODELS_DIR = Path(os.environ["MODELS_DIR"])
-MODEL_READY = (MODELS_DIR / "model.pte").is_file() and (MODELS_DIR / "tokenizer.json").is_file()
-
 _SETUP = """
 import json
 from django.contrib.auth import get_user_model
@@ -844,7 +840,8 @@ class LiveServer:
     def start(self) -> LiveServer:
         manage(self.env, "migrate", "--noinput")
         names = ["models", "chat", "stream", "ratelimit", "disconnect", "local"]
-        code = f"NAMES={names!r}\nENDPOINT={self.endpoint!r}\nLOCAL={MODEL_READY!r}\n" + _SETUP
+        local = local_model_ready()
+        code = f"NAMES={names!r}\nENDPOINT={self.endpoint!r}\nLOCAL={local!r}\n" + _SETUP
         out = manage(self.env, "shell", "-c", code)
         self.keys = json.loads(out.split("SETUP", 1)[1])
         self.daphne.start()
@@ -958,10 +955,7 @@ def test_a_client_disconnect_stops_the_generation_upstream(live, scripted_server
 
 @pytest.mark.slow
 def test_the_real_local_model_answers_through_the_openai_client(live):
-    if not MODEL_READY:
-        if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
-            pytest.fail(f"BREEZEWEB_REQUIRE_MODEL=1 but no prepared model in {MODELS_DIR}")
-        pytest.skip(f"no prepared model in {MODELS_DIR}: run `python manage.py prepare_model`")
+    require_local_model()
     client = live.openai("local", timeout=120)
     completion = client.chat.completions.create(
         model="local",

@@ -95,6 +95,19 @@ def test_an_attach_frame_names_one_answer_and_the_last_seq_seen():
     assert decode('{"type": "attach", "request_id": "a", "message_id": 9}').last_seq == 0
 
 
+async def attached_mid_answer(user):
+    """An answer started on one socket of `user` (`r1`, two tokens in) and a
+    second socket of the same user (another tab or device) attached to it as
+    `a1`: (owner, the owner's frames so far, its `accepted`, second)."""
+    owner = await connect(user)
+    frames, accepted = await start_answer(owner)
+    second = await connect(user)
+    await second.send_json_to(
+        {"type": "attach", "request_id": "a1", "message_id": accepted["assistant_message_id"]}
+    )
+    return owner, frames, accepted, second
+
+
 # ---- live ---------------------------------------------------------------------------------
 
 
@@ -102,12 +115,7 @@ async def test_a_second_socket_attaches_mid_answer_and_gets_every_token_once(
     user, scripted_runner, scripted_server
 ):
     scripted_server.script(slow_answer())
-    owner = await connect(user)
-    frames, accepted = await start_answer(owner)
-    second = await connect(user)  # another tab or device of the same user
-    await second.send_json_to(
-        {"type": "attach", "request_id": "a1", "message_id": accepted["assistant_message_id"]}
-    )
+    owner, frames, accepted, second = await attached_mid_answer(user)
     followed = await frames_until(second, is_end("a1"), timeout=30)
     frames += await frames_until(owner, is_end("r1"), timeout=30)
     await owner.disconnect()
@@ -179,12 +187,7 @@ async def test_a_frame_lost_on_the_way_is_recovered_from_a_new_snapshot(
 
     monkeypatch.setattr(live.LiveAnswer, "_publish", lossy)
     scripted_server.script(slow_answer(0.02))
-    owner = await connect(user)
-    _, accepted = await start_answer(owner)
-    second = await connect(user)
-    await second.send_json_to(
-        {"type": "attach", "request_id": "a1", "message_id": accepted["assistant_message_id"]}
-    )
+    owner, _, _, second = await attached_mid_answer(user)
     followed = await frames_until(second, is_end("a1"), timeout=40)
     await frames_until(owner, is_end("r1"), timeout=40)
     await owner.disconnect()
@@ -208,12 +211,7 @@ async def test_stop_from_an_attached_socket_stops_the_answer(
     user, scripted_runner, scripted_server
 ):
     scripted_server.script(slow_answer(0.05))
-    owner = await connect(user)
-    _, accepted = await start_answer(owner)
-    second = await connect(user)
-    await second.send_json_to(
-        {"type": "attach", "request_id": "a1", "message_id": accepted["assistant_message_id"]}
-    )
+    owner, _, accepted, second = await attached_mid_answer(user)
     await frames_until(second, lambda f: f["type"] == "sync")
     await second.send_json_to({"type": "stop", "request_id": "a1"})
     followed = await frames_until(second, is_end("a1"), timeout=30)

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 
-from django.test import Client
-
 import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import Conversation, Message
 from tests.chat.test_chat_ws import ask, frames_until, is_end, of
-from tests.support.clients import connect
+from tests.support.clients import client_of, connect
 from tests.support.scripted_server import Reply
 
 pytestmark = [
@@ -21,12 +19,6 @@ pytestmark = [
     pytest.mark.scaleout,
     pytest.mark.usefixtures("fresh_process_state", "no_detached_answers"),
 ]
-
-
-def client_of(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def send(client, method, path, body):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support.browser import chromium
+from tests.support.browser import chromium, sign_in
 from tests.support.processes import Daphne, create_user, live_site, manage
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
@@ -75,11 +75,7 @@ def paced_runner(site: Daphne, scripted_server, words: int = 500, delay: float =
 
 
 def _login(page, site: Daphne) -> None:
-    page.goto(f"{site.url}/login/")
-    page.fill("#id_username", "alice")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_selector("#conn-status[data-state=open]", timeout=15_000)
+    sign_in(page, site.url, "alice", PASSWORD, timeout=15_000)
 
 
 def _shot(page, name: str) -> None:

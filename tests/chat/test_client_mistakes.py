@@ -11,10 +11,6 @@ against the scripted Llama Stack server for the runner-side errors.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
-
-from django.conf import settings
 
 import httpx
 import pytest
@@ -26,10 +22,10 @@ from chat.models import Message
 from chat.pipeline import TurnInput, fit_to_budget, run_turn
 from runners import registry
 from runners.base import ChatMessage, ChatRequest, Done, ErrorCode, RunnerError, TokenDelta
-from runners.executorch import prepare as prepare_model
 from runners.models import RunnerConfig, RunRecord
 from runners.router import circuits, route
 from tests.support.clients import connect
+from tests.support.fixtures import require_local_model
 from tests.support.scripted_server import Reply
 
 pytestmark = [
@@ -37,19 +33,12 @@ pytestmark = [
     pytest.mark.usefixtures("user", "fresh_process_state", "no_detached_answers"),
 ]
 
-MODELS_DIR = Path(settings.MODELS_DIR)
-MODEL_READY = (MODELS_DIR / prepare_model.PTE_NAME).is_file() and (
-    MODELS_DIR / prepare_model.TOKENIZER_NAME
-).is_file()
 SURROGATE = "\ud800"
 
 
 @pytest.fixture
 def local_runner():
-    if not MODEL_READY:
-        if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
-            pytest.fail(f"BREEZEWEB_REQUIRE_MODEL=1 but no prepared model in {MODELS_DIR}")
-        pytest.skip(f"no prepared model in {MODELS_DIR}: run `python manage.py prepare_model`")
+    require_local_model()
     return RunnerConfig.objects.create(
         name="local",
         kind="executorch",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.browser import chromium, watched_page
+from tests.support.browser import chromium, sign_in, watched_page
 from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
@@ -48,11 +48,7 @@ def site(tmp_path_factory, upstream):
 def page(site):
     with chromium() as browser:
         page = watched_page(browser.new_context(viewport={"width": 1280, "height": 820}))
-        page.goto(f"{site}/login/")
-        page.fill("#id_username", "alice")
-        page.fill("#id_password", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_selector("#conn-status[data-state=open]", timeout=30_000)
+        sign_in(page, site, "alice", PASSWORD)
         yield page
 
 

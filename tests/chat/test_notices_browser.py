@@ -11,7 +11,7 @@ from __future__ import annotations
 import polib
 import pytest
 
-from tests.support.browser import chromium, static_page, watched_page
+from tests.support.browser import chromium, sign_in, static_page, watched_page
 from tests.support.processes import ROOT, create_user, live_site, remote_runner
 from tests.support.scripted_server import Reply
 
@@ -75,11 +75,7 @@ def test_a_chinese_page_shows_a_real_trimmed_notice_translated(
     ):
         context = browser.new_context(viewport={"width": 1280, "height": 820}, locale="zh-TW")
         page = watched_page(context)
-        page.goto(f"{site.url}/login/")
-        page.fill("#id_username", "mei")
-        page.fill("#id_password", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_selector("#conn-status[data-state=open]", timeout=30_000)
+        sign_in(page, site.url, "mei", PASSWORD)
         assert page.locator("html").get_attribute("lang") == "zh-hant"
         # ~190 tokens each: either fits the 400-token context alone, not both.
         page.fill("#prompt", "word " * 150)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 
-from django.test import Client
-
 import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import Conversation, Message, Project
 from rag.models import Collection
 from tests.chat.test_chat_ws import ask, frames_until, of
-from tests.support.clients import connect
+from tests.support.clients import client_of, connect
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -25,12 +23,6 @@ pytestmark = [
 ]
 
 INSTRUCTIONS = "You are the pirate assistant of the harbour. Always answer in pirate speech."
-
-
-def client_of(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def post(client, path, body):

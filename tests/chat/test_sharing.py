@@ -13,16 +13,11 @@ from django.utils import timezone
 import pytest
 
 from chat.models import Conversation, Message, ShareLink
+from tests.support.clients import client_of
 
 pytestmark = [pytest.mark.django_db, pytest.mark.scaleout]
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-
-
-def client_of(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

@@ -8,22 +8,15 @@ from __future__ import annotations
 import json
 import time
 
-from django.test import Client
-
 import pytest
 
 from chat.limits import MAX_TEXT_CHARS
 from chat.models import Conversation, ImportJob, Message
+from tests.support.clients import client_of
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.scaleout]
 
 HOSTILE = "<script>alert(1)</script> **bold** `code` ![x](javascript:alert(1)) 🦜 ü\r\n\ttab"
-
-
-def client_of(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def import_file(client, payload: bytes) -> dict:

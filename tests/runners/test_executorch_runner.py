@@ -2,13 +2,13 @@
 
 The `slow` tests need `python manage.py prepare_model` (make test runs it);
 without the model they skip with a reason, unless BREEZEWEB_REQUIRE_MODEL=1,
-where a missing model fails them instead. Generations are short and greedy.
+where a missing model fails them instead (the `model_ready` fixture,
+tests.support.fixtures). Generations are short and greedy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from io import StringIO
 from pathlib import Path
@@ -39,22 +39,6 @@ from runners.models import RunnerConfig
 from tests.support.hermetic import read_only_model_cache
 
 MODELS_DIR = Path(settings.MODELS_DIR)
-MODEL_READY = (MODELS_DIR / prepare.PTE_NAME).is_file() and (
-    MODELS_DIR / prepare.TOKENIZER_NAME
-).is_file()
-
-
-def _require_model() -> None:
-    if MODEL_READY:
-        return
-    if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
-        pytest.fail(f"BREEZEWEB_REQUIRE_MODEL=1 but no prepared model in {MODELS_DIR}")
-    pytest.skip(f"no prepared model in {MODELS_DIR}: run `python manage.py prepare_model`")
-
-
-@pytest.fixture
-def model_ready() -> None:
-    _require_model()
 
 
 def make_runner(**extra) -> ExecuTorchRunner:

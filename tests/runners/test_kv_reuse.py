@@ -12,12 +12,13 @@ import pytest
 
 from runners.base import ChatMessage, ChatRequest
 from runners.executorch.runner import common_prefix, forget_engines
-from tests.runners.test_executorch_runner import _require_model, collect, make_runner
+from tests.runners.test_executorch_runner import collect, make_runner
+from tests.support.fixtures import require_local_model
 
 
 @pytest.fixture
 def model_ready():
-    _require_model()
+    require_local_model()
     forget_engines()  # a fresh slot: nothing cached from other tests
     yield
     forget_engines()

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
-from pathlib import Path
-
-from django.conf import settings
 
 import pytest
 
 from runners import registry
 from runners.executorch import runner as executorch_runner
 from runners.models import RunnerConfig
+from tests.support.fixtures import require_local_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_preloading_loads_the_enabled_local_model_and_health_says_so():
-    if not (Path(settings.MODELS_DIR) / "model.pte").exists():
-        if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
-            pytest.fail(f"no prepared model in {settings.MODELS_DIR}")
-        pytest.skip("no prepared model: run `python manage.py prepare_model`")
+    require_local_model()
     executorch_runner.forget_engines()
     registry.forget_all()
     from asgiref.sync import sync_to_async

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.browser import chromium, watched_page
+from tests.support.browser import chromium, sign_in, watched_page
 from tests.support.processes import create_user, live_site, remote_runner
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply, free_port
@@ -43,11 +43,7 @@ def page(site):
     with chromium() as browser:
         context = browser.new_context(viewport={"width": 1600, "height": 800})
         page = watched_page(context, console=("error", "warning"))
-        page.goto(f"{site}/admin/login/")
-        page.fill("#id_username", "admin")
-        page.fill("#id_password", PASSWORD)
-        page.click("input[type=submit]")
-        page.wait_for_selector("#content-main")
+        sign_in(page, site, "admin", PASSWORD, admin=True)
         yield page
 
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
-from pathlib import Path
-
-from django.conf import settings
 
 import pytest
 from PIL import Image
@@ -28,6 +24,7 @@ from runners.base import (
 )
 from runners.models import RunnerConfig
 from runners.registry import RUNNER_KINDS, runner_class
+from tests.support.fixtures import require_local_model
 from tests.support.scripted_server import Reply
 
 QUESTION = "What is the capital of France?"
@@ -40,10 +37,7 @@ class ExecuTorchHarness:
     marks = (pytest.mark.slow,)
 
     def __init__(self, server) -> None:
-        if not (Path(settings.MODELS_DIR) / "model.pte").exists():
-            if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
-                pytest.fail(f"BREEZEWEB_REQUIRE_MODEL=1 but no model in {settings.MODELS_DIR}")
-            pytest.skip("no prepared model: run `python manage.py prepare_model`")
+        require_local_model()
 
     def config(self, **fields) -> RunnerConfig:
         fields = {"temperature": 0.0, "max_tokens": 64, "context_tokens": 1024, **fields}

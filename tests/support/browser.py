@@ -3,6 +3,7 @@ offline here: never a downloaded browser, no background network.
 
 - `chromium()`: the browser (Playwright, headless); a missing Chromium fails
   the test with how to install it.
+- `sign_in(page, site_url, username, password)`: through the login form.
 - `watched_page(context)`: a page that records console errors, page errors
   and failed requests in `page.problems`.
 - `static_page()`: a page at `ORIGIN` whose scripts are the checkout's
@@ -53,6 +54,26 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def sign_in(
+    page,
+    site_url: str,
+    username: str,
+    password: str,
+    *,
+    admin: bool = False,
+    then: str | None = None,
+    timeout: float = 30_000,
+) -> None:
+    """Sign in through the login form (the admin's with `admin`) and wait for
+    `then`: by default the chat's socket open, or the admin's index."""
+    page.goto(f"{site_url}/admin/login/" if admin else f"{site_url}/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("input[type=submit]" if admin else "button[type=submit]")
+    then = then or ("#content-main" if admin else "#conn-status[data-state=open]")
+    page.wait_for_selector(then, timeout=timeout)
 
 
 def watched_page(context, console: tuple[str, ...] = ("error",)):

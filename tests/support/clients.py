@@ -41,10 +41,16 @@ async def call(
         return await client.request(method, path, content=content, headers=all_headers)
 
 
-def logged_in(user) -> tuple[Client, list[tuple[bytes, bytes]]]:
-    """A test client logged in as `user`, and websocket headers for its session."""
+def client_of(user) -> Client:
+    """A test client logged in as `user`."""
     client = Client()
     client.force_login(user)
+    return client
+
+
+def logged_in(user) -> tuple[Client, list[tuple[bytes, bytes]]]:
+    """A test client logged in as `user`, and websocket headers for its session."""
+    client = client_of(user)
     cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
     headers = [
         (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),

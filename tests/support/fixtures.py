@@ -20,8 +20,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +179,31 @@ def compiled_translations() -> None:
 
     call_command("compile_translations", verbosity=0)
     trans_real._translations.clear()
+
+
+def local_model_ready() -> bool:
+    """Whether the local model is prepared in MODELS_DIR (`manage.py prepare_model`)."""
+    from django.conf import settings
+
+    from runners.executorch.prepare import PTE_NAME, TOKENIZER_NAME
+
+    models = Path(settings.MODELS_DIR)
+    return (models / PTE_NAME).is_file() and (models / TOKENIZER_NAME).is_file()
+
+
+def require_local_model() -> None:
+    """For a test of the local model: skip it when the model is not prepared,
+    or fail it under BREEZEWEB_REQUIRE_MODEL=1 (`make test`, which prepares it)."""
+    if local_model_ready():
+        return
+    from django.conf import settings
+
+    missing = f"no prepared model in {settings.MODELS_DIR}"
+    if os.environ.get("BREEZEWEB_REQUIRE_MODEL") == "1":
+        pytest.fail(f"BREEZEWEB_REQUIRE_MODEL=1 but {missing}")
+    pytest.skip(f"{missing}: run `python manage.py prepare_model`")
+
+
+@pytest.fixture
+def model_ready() -> None:
+    require_local_model()

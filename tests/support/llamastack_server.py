@@ -22,11 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
+from tests.support.processes import end_process, wait_until_healthy
 from tests.support.scripted_server import ScriptedServer, free_port
 
 PROVIDER_ID = "upstream"
@@ -141,34 +139,20 @@ class LlamaStackServer:
         return self
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
         assert self._process is not None
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"`llama stack run` exited with {self._process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                response = httpx.get(f"{self.url}/v1/health", timeout=1.0)
-                if response.status_code == 200 and response.json().get("status") == "OK":
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(
-            f"`llama stack run` was not healthy after {self.startup_timeout:.0f} s:\n"
-            f"{self.log_tail()}"
+        wait_until_healthy(
+            self._process,
+            f"{self.url}/v1/health",
+            "`llama stack run`",
+            self.log_tail,
+            self.startup_timeout,
+            healthy=lambda r: r.status_code == 200 and r.json().get("status") == "OK",
+            interval=0.25,
         )
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        end_process(process)
         self.upstream.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

@@ -8,12 +8,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, end_process, wait_until_healthy
 from tests.support.scripted_server import free_port
 
 SETTINGS = "tests.support.oidc_provider.settings"
@@ -95,25 +92,16 @@ class OidcProvider:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        discovery = f"{self.issuer}/.well-known/openid-configuration"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.data / "provider.log").read_text()[-3000:])
-            try:
-                if httpx.get(discovery, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the OIDC provider did not answer within {timeout} s")
+        wait_until_healthy(
+            self.proc,
+            f"{self.issuer}/.well-known/openid-configuration",
+            "the OIDC provider",
+            lambda: (self.data / "provider.log").read_text()[-3000:],
+            timeout,
+        )
+        return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        end_process(self.proc, timeout=10)
         if self.proc:
             self.log.close()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,6 +85,43 @@ def chroma_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("chroma run did not answer within 60 s")
 
 
+def end_process(popen: subprocess.Popen | None, timeout: float = 15) -> None:
+    """Terminate `popen` if it still runs; kill it if it has not ended within `timeout` s."""
+    if popen is None or popen.poll() is not None:
+        return
+    popen.terminate()
+    try:
+        popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=timeout)
+
+
+def wait_until_healthy(
+    popen: subprocess.Popen,
+    url: str,
+    what: str,
+    log_tail: Callable[[], str],
+    timeout: float,
+    *,
+    healthy: Callable[[httpx.Response], bool] = lambda response: response.status_code == 200,
+    interval: float = 0.2,
+) -> None:
+    """Poll `url` until its answer is `healthy`. A RuntimeError naming `what`,
+    with `log_tail()`, if `popen` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"{what} exited with {popen.returncode}:\n{log_tail()}")
+        try:
+            if healthy(httpx.get(url, timeout=2)):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"{what} did not answer within {timeout:g} s:\n{log_tail()}")
+
+
 class Process:
     """A child process run from the checkout, its output in a log file (a pipe
     nobody reads would stall a chatty server)."""
@@ -111,13 +148,7 @@ class Process:
         return self.log.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.popen and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=15)
+        end_process(self.popen)
         if self._own_log:
             self.log.unlink(missing_ok=True)
 
@@ -135,17 +166,8 @@ class Daphne(Process):
 
     def start(self, timeout: float = 60) -> Daphne:
         super().start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"daphne exited:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"daphne did not answer within {timeout} s:\n{self.log_tail()}")
+        wait_until_healthy(self.popen, f"{self.url}/healthz", "daphne", self.log_tail, timeout)
+        return self
 
     def crash_and_restart(self) -> None:
         """SIGKILL the server (no chance to save anything), then start it again."""

