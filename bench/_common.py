@@ -7,9 +7,13 @@ come from tests/support/processes.py, the same helpers the tests use."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -55,3 +59,20 @@ def percentile(values: list[float], q: float) -> float:
     if not ordered:
         return float("nan")
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+@contextlib.contextmanager
+def profiled(pid: int, path: str | None):
+    """py-spy (`pip install py-spy`; not a dependency) sampling process `pid`
+    into `path` (collapsed stacks) for the block; nothing without a path."""
+    if not path:
+        yield
+        return
+    argv = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-r", "250", "-o", path]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    time.sleep(1)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)

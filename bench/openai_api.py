@@ -23,16 +23,14 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401 - puts the checkout on sys.path, for tests.support
 import httpx
+from _common import profiled  # also puts the checkout on sys.path, for tests.support
 
 from tests.support.processes import Daphne, Upstream, manage, site_env
 from tests.support.scripted_server import Reply, ScriptedServer, serve_until_stdin_closes
@@ -103,16 +101,6 @@ async def load(url: str, headers: dict, body: dict, total: int, concurrency: int
     }
 
 
-def profiler(daphne: Daphne, path: str | None) -> subprocess.Popen | None:
-    """py-spy (pip install py-spy; not a dependency) sampling the server into `path`."""
-    if not path:
-        return None
-    argv = ["py-spy", "record", "-p", str(daphne.popen.pid), "-f", "raw", "-r", "250"]
-    spy = subprocess.Popen([*argv, "-o", path], stdout=subprocess.DEVNULL)
-    time.sleep(1)  # attached
-    return spy
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
@@ -156,13 +144,11 @@ def main() -> None:
                 ("through BreezeWeb", through),
             ):
                 asyncio.run(load(url, headers, body, 30, args.concurrency))  # warm-up
-                spy = profiler(daphne, args.profile) if name == "through BreezeWeb" else None
-                results[name] = asyncio.run(
-                    load(url, headers, body, args.requests, args.concurrency)
-                )
-                if spy:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(timeout=60)
+                profile = args.profile if name == "through BreezeWeb" else None
+                with profiled(daphne.popen.pid, profile):
+                    results[name] = asyncio.run(
+                        load(url, headers, body, args.requests, args.concurrency)
+                    )
         finally:
             daphne.stop()
 

@@ -3,7 +3,7 @@ each, through BreezeWeb and through the bare transport, in one run.
 
     .venv/bin/python bench/streaming_scale.py [--streams 100,200] [--tokens 100]
                                              [--token-delay 0.02] [--processes N]
-                                             [--redis-url URL]
+                                             [--redis-url URL] [--profile FILE]
 
 - **bare**: Daphne + a Channels consumer that sends the token frames itself
   (bench/_bare_ws.py): the transport's own cost.
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import psutil
-from _common import percentile
+from _common import percentile, profiled
 from websocket_chat import Site, one_stream, paced_upstream
 
 from tests.support.processes import Process, Served, chroma_server
@@ -165,6 +165,11 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.02)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the one-process BreezeWeb with py-spy during its largest run",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.streams.split(",")]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -195,7 +200,9 @@ def main() -> None:
                 targets = [("bare", bare, bare.pid)]
                 targets += [(name, site, site.daphne.popen.pid) for name, site in sites]
                 for name, target, pid in targets:
-                    result = asyncio.run(run(target, pid, n, args.tokens))
+                    profile = args.profile if (name, n) == ("BreezeWeb", max(sizes)) else None
+                    with profiled(pid, profile):
+                        result = asyncio.run(run(target, pid, n, args.tokens))
                     rows.append((n, name, result))
                     print(f"  {n} streams, {name}: done", flush=True)
     finally:

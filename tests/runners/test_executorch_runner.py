@@ -41,6 +41,10 @@ from tests.support.hermetic import read_only_model_cache
 MODELS_DIR = Path(settings.MODELS_DIR)
 
 
+# Each test starts with the local model's slots free (tests.support.fixtures).
+pytestmark = pytest.mark.usefixtures("local_model_idle")
+
+
 def make_runner(**extra) -> ExecuTorchRunner:
     context = extra.pop("context_tokens", 2048)
     config = RunnerConfig(

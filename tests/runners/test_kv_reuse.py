@@ -15,6 +15,9 @@ from runners.executorch.runner import common_prefix, forget_engines
 from tests.runners.test_executorch_runner import collect, make_runner
 from tests.support.fixtures import require_local_model
 
+# Each test starts with the local model's slots free (tests.support.fixtures).
+pytestmark = pytest.mark.usefixtures("local_model_idle")
+
 
 @pytest.fixture
 def model_ready():

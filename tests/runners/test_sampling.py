@@ -13,17 +13,14 @@ import torch
 from runners.base import ErrorCode, RunnerError
 from runners.executorch.sampling import Sampler, SamplingParams
 from runners.models import RunnerConfig
-from tests.runners.test_executorch_runner import _require_model, ask, collect, make_runner
-
-
-@pytest.fixture
-def model_ready() -> None:
-    _require_model()
-
+from tests.runners.test_executorch_runner import ask, collect, make_runner
 
 VOCAB = 10
 # Token 3 is the favourite, then 5, then 1; the rest are far behind.
 LOGITS = torch.tensor([0.0, 2.0, -1.0, 4.0, 0.5, 3.0, -2.0, 0.0, 1.0, -3.0])
+
+# Each test starts with the local model's slots free (tests.support.fixtures).
+pytestmark = pytest.mark.usefixtures("local_model_idle")
 
 
 def sampler(**params) -> Sampler:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,3 +208,20 @@ def require_local_model() -> None:
 @pytest.fixture
 def model_ready() -> None:
     require_local_model()
+
+
+@pytest.fixture
+def local_model_idle():
+    """Each test starts with every slot of the process's local model free: a
+    generation an earlier test stopped (in this test file or another one of
+    this worker) may hold its slot a moment longer, and a request then waits
+    (a `queued` notice) where the test expects none."""
+    from runners.executorch import runner as executorch_runner
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pools = [engine.pool for engine in list(executorch_runner._engines.values())]
+        if not any(pool.busy() or pool.queued() for pool in pools):
+            return
+        time.sleep(0.05)
+    pytest.fail("the local model's slots stayed busy for 60 s after the previous test")
