@@ -2,19 +2,21 @@
 
 HTTP requests under /v1 and /api that carry an API key go through a Django
 handler of their own, with the shorter middleware chain API_KEY_MIDDLEWARE
-(settings.py); every other request through the full MIDDLEWARE.
+(settings.py); static files through the full MIDDLEWARE; every other request
+through the full MIDDLEWARE but WhiteNoise (`handler_for`).
 """
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from django.core.asgi import get_asgi_application
+import django
 from django.core.handlers.asgi import ASGIHandler
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
-# Django must be set up before anything imports models (consumers, middleware).
-django_asgi_app = get_asgi_application()
+# Django must be set up before anything imports models (consumers, middleware);
+# as get_asgi_application() does, but the handlers are built below.
+django.setup(set_prefix=False)
 
 from django.conf import settings  # noqa: E402
 
@@ -23,6 +25,7 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 
 from accounts.auth import scope_has_bearer_key  # noqa: E402
 from accounts.ws_auth import WebsocketAuthStack  # noqa: E402
+from breezeweb.middleware import ON_THE_LOOP  # noqa: E402
 from breezeweb.server import adjust_daphne  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from rag.consumers import IngestWorker  # noqa: E402
@@ -35,18 +38,26 @@ adjust_daphne(on_start=start_serving)
 
 
 def _handler_with(middleware: list[str]) -> ASGIHandler:
-    """A Django ASGI handler whose chain is `middleware`: Django reads the list
-    from settings while it builds a handler, so it is swapped for that moment
-    (at import, before any request)."""
+    """A Django ASGI handler whose chain is `middleware`, with Django's own
+    classes replaced by their on-the-loop versions (breezeweb/middleware.py).
+    Django reads the list from settings while it builds a handler, so it is
+    swapped for that moment (at import, before any request)."""
     full = settings.MIDDLEWARE
-    settings.MIDDLEWARE = middleware
+    settings.MIDDLEWARE = [ON_THE_LOOP.get(path, path) for path in middleware]
     try:
         return ASGIHandler()
     finally:
         settings.MIDDLEWARE = full
 
 
+static_app = _handler_with(settings.MIDDLEWARE)
 api_key_app = _handler_with(settings.API_KEY_MIDDLEWARE)
+# WhiteNoise answers only under STATIC_URL, and it is the one middleware of the
+# chain that cannot run async: anywhere else Django would hop to a worker thread
+# and back around it on every request for nothing. So only static files go
+# through the chain that has it.
+_STATIC_FILES = "whitenoise.middleware.WhiteNoiseMiddleware"
+page_app = _handler_with([m for m in settings.MIDDLEWARE if m != _STATIC_FILES])
 
 
 def takes_short_chain(scope: dict) -> bool:
@@ -94,8 +105,19 @@ class SyncThreads:
 sync_threads = SyncThreads()
 
 
+def handler_for(scope: dict) -> ASGIHandler:
+    """The chain a request goes through: the short one for an API call made
+    with a key, the full one (with WhiteNoise) for a static file, else the
+    full one without WhiteNoise."""
+    if takes_short_chain(scope):
+        return api_key_app
+    if scope.get("path", "").startswith(settings.STATIC_URL):
+        return static_app
+    return page_app
+
+
 async def http_app(scope, receive, send) -> None:
-    handler = api_key_app if takes_short_chain(scope) else django_asgi_app
+    handler = handler_for(scope)
     executor = sync_threads.borrow()
     try:
         async with ThreadSensitiveContext(executor=executor):

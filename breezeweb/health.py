@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 @require_GET
-def healthz(request):
+async def healthz(request):
+    """Alive: answered on the event loop (no worker thread, no database)."""
     return JsonResponse({"status": "ok"})
 
 
