@@ -252,6 +252,8 @@ def test_tab_reaches_every_chat_action_with_a_visible_focus_ring(site, browser, 
     _login(page, site)
     page.goto(links["branched"])  # an answer with two versions: the arrows too
     page.wait_for_selector(".msg-assistant .msg-actions .branch-prev")
+    # Send is disabled (and so not a Tab stop) until the reloaded page's socket is open.
+    page.wait_for_selector("#conn-status[data-state=open]")
     seen = []  # from the message box (focused on load) round to it again
     for _ in range(150):
         page.keyboard.press("Tab")
