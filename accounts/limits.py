@@ -42,6 +42,8 @@ from django.core.cache import cache
 
 from asgiref.sync import sync_to_async
 
+from core.redis_client import redis_client
+
 __all__ = [
     "RateDecision",
     "Reservation",
@@ -124,16 +126,8 @@ def _uses_redis() -> bool:
 
 
 @memoize
-def _redis_client(location: str):
-    """One client (one connection pool) per Redis location for every script."""
-    import redis
-
-    return redis.Redis.from_url(location)
-
-
-@memoize
 def _redis_script(location: str):
-    return _redis_client(location).register_script(_SLIDING_WINDOW_LUA)
+    return redis_client(location).register_script(_SLIDING_WINDOW_LUA)
 
 
 def _location() -> str:
@@ -229,7 +223,7 @@ async def ahit(key: str, limit: int, window_s: int = 60) -> RateDecision:
 def reset(key: str, window_s: int = 60) -> None:
     """Forget `key`'s window (tests, or an admin unblocking someone)."""
     if _uses_redis():
-        _redis_client(_location()).delete(_window_key(key, window_s))
+        redis_client(_location()).delete(_window_key(key, window_s))
     else:
         cache.delete(_window_key(key, window_s))
 
@@ -377,7 +371,7 @@ return 1
 
 @memoize
 def _hold_scripts(location: str):
-    client = _redis_client(location)
+    client = redis_client(location)
     return client.register_script(_RESERVE_LUA), client.register_script(_RELEASE_LUA)
 
 
@@ -387,7 +381,7 @@ def generations(keys: Sequence[str]) -> list[int]:
         return []
     names = [_hold_keys(key)[1] for key in keys]
     if _uses_redis():
-        found = _redis_client(_location()).mget(names)
+        found = redis_client(_location()).mget(names)
     else:
         with _LOCAL_LOCK:
             found = [cache.get(name) for name in names]
@@ -461,6 +455,6 @@ def reset_holds(key: str) -> None:
     """Forget every hold on `key` (tests, or an admin)."""
     names = _hold_keys(key)
     if _uses_redis():
-        _redis_client(_location()).delete(*names)
+        redis_client(_location()).delete(*names)
     else:
         cache.delete_many(list(names))

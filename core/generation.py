@@ -26,13 +26,14 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
+
+from core.redis_client import redis_client
 
 _REDIS_KEY = "breezeweb:config-generation"
 _FILE = "config-generation"
@@ -46,13 +47,6 @@ _memo_stamp: str | None = None
 _MISSING = object()
 
 
-@cache
-def _redis(url: str):
-    import redis
-
-    return redis.Redis.from_url(url)
-
-
 def _path() -> Path:
     return Path(settings.DATA_DIR) / _FILE
 
@@ -60,7 +54,7 @@ def _path() -> Path:
 def stamp() -> str:
     """The current token ("" before the first change is ever recorded)."""
     if settings.REDIS_URL:
-        value = _redis(settings.REDIS_URL).get(_REDIS_KEY)
+        value = redis_client(settings.REDIS_URL).get(_REDIS_KEY)
         return value.decode() if value else ""
     try:
         return _path().read_text()
@@ -71,7 +65,7 @@ def stamp() -> str:
 def _write() -> None:
     token = uuid.uuid4().hex
     if settings.REDIS_URL:
-        _redis(settings.REDIS_URL).set(_REDIS_KEY, token)
+        redis_client(settings.REDIS_URL).set(_REDIS_KEY, token)
         return
     path = _path()
     temporary = path.with_name(f".{_FILE}.{token}")
