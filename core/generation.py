@@ -111,9 +111,6 @@ def forget() -> None:
 
 
 def _changed(sender: Any, **kwargs: Any) -> None:
-    if kwargs.get("raw"):  # loaddata: still a change, but no transaction hooks needed
-        _write()
-        return
     bump()
 
 
