@@ -195,7 +195,7 @@ def main() -> None:
                 site.prepare()
                 site.start()
                 stack.enter_context(paced_upstream(site, args.tokens, args.token_delay))
-                asyncio.run(warm_up(site, 4 * args.processes))
+                asyncio.run(warm_up(site, 4 * max(1, args.processes)))
             for n in sizes:
                 targets = [("bare", bare, bare.pid)]
                 targets += [(name, site, site.daphne.popen.pid) for name, site in sites]

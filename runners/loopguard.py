@@ -102,23 +102,45 @@ class LoopGuard:
 
 def find_cycle(text: str, settings: LoopSettings, factor: int = 1) -> str | None:
     """The unit `text` ends with, repeated per `settings` (its minimum
-    length times `factor`), or None."""
+    length times `factor`), or None: the shortest period `p` (1..max_period)
+    whose window, `max(min_chars, min_repeats * p)` characters, is the unit
+    repeated (`tail[p:] == tail[:-p]`), skipping whitespace-only and
+    single-character units.
+
+    The answer's last `probe` characters must then stand again `p` characters
+    earlier, so the periods worth comparing are where they stand again: one
+    `rfind` each (in C), a handful in ordinary text, instead of slicing and
+    comparing the window for every period (this runs on every runner's token
+    stream, every CHECK_EVERY characters)."""
     n = len(text)
     min_chars = settings.min_chars * factor
     if n < min_chars:
         return None
-    for period in range(1, min(settings.max_period, n // settings.min_repeats) + 1):
-        window = max(min_chars, settings.min_repeats * period)
+    repeats = settings.min_repeats
+    top = min(settings.max_period, n // repeats)
+    # Every window is at least `probe` characters longer than its period
+    # (window - p >= max(min_chars - p, (repeats - 1) * p)), so a period's
+    # window always covers the probe and its copy.
+    probe_length = max(1, min(32, min_chars * (repeats - 1) // repeats))
+    probe = text[n - probe_length :]
+    start = max(0, n - probe_length - top)
+    end = n - 1  # the copy ends at least one character before the end
+    while True:
+        at = text.rfind(probe, start, end)
+        if at < 0:
+            return None
+        period = n - probe_length - at
+        end = at + probe_length - 1
+        window = max(min_chars, repeats * period)
         if window > n:
-            break
-        tail = text[-window:]
+            return None
+        tail = text[n - window :]
         if tail[period:] != tail[:-period]:
             continue
         unit = tail[-period:]
         if not unit.strip() or len(set(unit)) == 1:
             continue
         return unit
-    return None
 
 
 def loop_notice(unit: str) -> Notice:

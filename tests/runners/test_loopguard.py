@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 from channels.db import database_sync_to_async
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runners import registry
 from runners.base import ChatMessage, ChatRequest, Done, Notice, TokenDelta
@@ -77,6 +79,43 @@ def test_a_repeated_sentence_is_a_loop():
 def test_legitimate_repetition_is_never_cut(text):
     assert guarded(text) is None
     assert find_cycle(text, LoopSettings()) is None or "```" in text
+
+
+def naive_cycle(text: str, s: LoopSettings, factor: int = 1) -> str | None:
+    """The definition of a loop, checked period by period (find_cycle's spec)."""
+    n, min_chars = len(text), s.min_chars * factor
+    if n < min_chars:
+        return None
+    for period in range(1, min(s.max_period, n // s.min_repeats) + 1):
+        window = max(min_chars, s.min_repeats * period)
+        if window > n:
+            break
+        tail = text[-window:]
+        unit = tail[-period:]
+        if tail[period:] == tail[:-period] and unit.strip() and len(set(unit)) > 1:
+            return unit
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    prefix=st.text(alphabet="ab c\n", max_size=60),
+    unit=st.text(alphabet="ab c\n", min_size=1, max_size=12),
+    repeats=st.integers(0, 40),
+    suffix=st.text(alphabet="ab c", max_size=6),
+    min_repeats=st.integers(2, 6),
+    min_chars=st.integers(8, 60),
+    max_period=st.integers(1, 30),
+    factor=st.sampled_from([1, 4]),
+)
+def test_find_cycle_finds_what_the_definition_finds(
+    prefix, unit, repeats, suffix, min_repeats, min_chars, max_period, factor
+):
+    """The fast search (candidate periods from where the answer's end stands
+    again) answers exactly as comparing every period would."""
+    text = prefix + unit * repeats + suffix
+    s = LoopSettings(min_repeats=min_repeats, min_chars=min_chars, max_period=max_period)
+    assert find_cycle(text, s, factor) == naive_cycle(text, s, factor)
 
 
 def test_settings_come_from_extra_params_and_can_turn_it_off():
