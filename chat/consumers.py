@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from django.conf import settings
 
-from channels.db import aclose_old_connections, database_sync_to_async
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from accounts import quotas
@@ -381,7 +381,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # A periodic save of this answer must not land after the final one.
             await saver.forget(message_id)
             try:
-                await aclose_old_connections()
+                # database_sync_to_async closes stale connections in the thread
+                # itself, before and after: no hop of its own for that.
                 cost = await database_sync_to_async(services.finish_message)(message_id, outcome)
                 outcome = replace(outcome, cost=cost)
             except Exception:
