@@ -348,7 +348,7 @@ class LlamaStackRunner:
         client = self._client_for_loop()
         # The SDK's `post`, not `chat.completions.create`: the body is built
         # here as plain JSON already, and `create` would first walk it against
-        # its TypedDicts (`maybe_transform`: ~1.1 ms for a 10-message
+        # its TypedDicts (`maybe_transform`: ~1 ms for a 10-message
         # conversation, and an identity for these params, which have no aliased
         # or formatted fields). Same client, headers, auth, timeouts and error
         # types (APIStatusError, APIConnectionError). `extra_body` is merged
