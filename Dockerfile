@@ -1,4 +1,4 @@
-# BreezeWeb: one image, Daphne serving HTTP and websockets.
+# BreezeWeb: one image, uvicorn serving HTTP and websockets.
 # Same Python as the Makefile (Django 6 does not run on 3.11).
 FROM python:3.12-slim
 
@@ -32,7 +32,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
 
-# manage.py serve (breezeweb/serve.py): one Daphne process, or one per core
+# manage.py serve (breezeweb/serve.py): one uvicorn process, or one per core
 # with REDIS_URL and CHROMA_URL (WEB_PROCESSES). PROXY_HEADERS=true (README,
 # "Deploying to production"): behind a reverse proxy the client's address is
 # X-Forwarded-For's, so sign-in throttling counts each client and not the

@@ -6,9 +6,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# More Daphne options for `make run` (manage.py serve already gives it the
+# More uvicorn options for `make run` (manage.py serve already gives it the
 # websocket limits and, with PROXY_HEADERS=true, --proxy-headers).
-DAPHNE_ARGS ?=
+SERVER_ARGS ?=
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/10
 # Both passes run in this many pytest-xdist workers, a test file per worker at
@@ -74,7 +74,7 @@ run: setup
 	@echo "  Admin login: 'make admin' (or DJANGO_SUPERUSER_USERNAME/_PASSWORD in .env)"
 	@$(VPY) manage.py first_run_url http://$(HOST):$(PORT)
 	@echo ""
-	$(VPY) manage.py serve --bind $(HOST) --port $(PORT) -- $(DAPHNE_ARGS)
+	$(VPY) manage.py serve --bind $(HOST) --port $(PORT) -- $(SERVER_ARGS)
 
 admin: setup
 	$(VPY) manage.py createsuperuser

@@ -10,7 +10,7 @@ the consumer stops its answers (saved as `stopped`) and closes the socket with
 4401. Answers that outlived their socket (CHAT_CONTINUE_AFTER_DISCONNECT) are
 stopped the same way by the answer hub of their process, which joins the
 groups of the socket that started them when it closes (chat/live.py). With
-REDIS_URL the channel layer is Redis, so this reaches sockets on every Daphne
+REDIS_URL the channel layer is Redis, so this reaches sockets on every web
 process; without it, the in-memory layer of this process.
 
 The receivers are connected in `BreezeWebConfig.ready()`.

@@ -1,9 +1,10 @@
-"""The bare transport for bench/streaming_scale.py: Daphne + a Channels
+"""The bare transport for bench/streaming_scale.py: a Channels
 websocket consumer that answers a chat frame with `BARE_TOKENS` token frames
 `BARE_DELAY` seconds apart, in BreezeWeb's frame shapes, and nothing else (no
 Django request handling, database, pipeline, runner or upstream).
 
     daphne -b 127.0.0.1 -p PORT _bare_ws:application   (with bench/ on PYTHONPATH)
+    uvicorn --host 127.0.0.1 --port PORT _bare_ws:application   (the same, on uvicorn)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 evaluation sets in bench/evalsets, and the percentile they report. Not a benchmark
 itself (running it does nothing).
 
-The live processes a benchmark starts (Daphne, a scripted upstream, `manage.py`)
+The live processes a benchmark starts (WebServer, a scripted upstream, `manage.py`)
 come from tests/support/processes.py, the same helpers the tests use."""
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def profiled(pid: int, path: str | None):
     if not path:
         yield
         return
-    argv = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-r", "250", "-o", path]
+    # Only the thread holding the GIL (the CPU the process spends in Python),
+    # sampled without pausing it (pausing a busy server skews what it measures).
+    argv = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-r", "250", "--gil", "--nonblocking"]
+    argv += ["-o", path]
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     time.sleep(1)  # attached
     try:

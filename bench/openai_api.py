@@ -4,13 +4,13 @@ API vs the same fast upstream called directly, in one run.
     .venv/bin/python bench/openai_api.py [--requests 400] [--concurrency 8] [--profile FILE]
 
 A scripted OpenAI-compatible server (tests/support/scripted_server.py, answering
-at once) runs in its own process; BreezeWeb runs as a real Daphne process with a
+at once) runs in its own process; BreezeWeb runs as a real uvicorn process with a
 fresh SQLite database, one API key and one Llama Stack runner pointed at that
 upstream. The same httpx client, with the same concurrency and request count,
 first calls the upstream's /v1/chat/completions directly, then BreezeWeb's
 (API key auth, rate limit, guardian, router, the Llama Stack runner's streaming
 call upstream, a RunRecord saved). In between it measures the site's floor:
-`GET /healthz` on the same Daphne (Twisted, Django's handler, the middleware,
+`GET /healthz` on the same server (uvicorn, Django's handler, the middleware,
 no database), the least any request costs. Reports requests/s, p50 and p99
 latency for each, the ratios, and BreezeWeb's p50 above floor + upstream.
 `--profile FILE` records the server with py-spy (not a dependency) during
@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 from _common import profiled  # also puts the checkout on sys.path, for tests.support
 
-from tests.support.processes import Daphne, Upstream, manage, site_env
+from tests.support.processes import Upstream, WebServer, manage, site_env
 from tests.support.scripted_server import Reply, ScriptedServer, serve_until_stdin_closes
 
 BODY = {
@@ -123,21 +123,21 @@ def main() -> None:
         API_REQUESTS_PER_MINUTE="1000000",
         LOG_LEVEL="WARNING",
     )
-    daphne = Daphne(env, log=tmp / "daphne.log")
+    web = WebServer(env, log=tmp / "server.log")
     with Upstream([sys.executable, __file__, "--serve-upstream"]) as upstream:
         manage(env, "migrate", "--noinput")
         out = manage(env, "shell", "-c", SETUP.format(endpoint=upstream.url))
         key = out.split("KEY", 1)[1].strip()
         try:
-            daphne.start()
+            web.start()
             direct = (f"{upstream.url}/v1/chat/completions", {}, BODY)
             through = (
-                f"{daphne.url}/v1/chat/completions",
+                f"{web.url}/v1/chat/completions",
                 {"Authorization": f"Bearer {key}"},
                 {**BODY, "model": "upstream"},  # the runner config's name is the API's model id
             )
             results = {}
-            floor = (f"{daphne.url}/healthz", {}, None)
+            floor = (f"{web.url}/healthz", {}, None)
             for name, (url, headers, body) in (
                 ("upstream direct", direct),
                 ("site floor /healthz", floor),
@@ -145,12 +145,12 @@ def main() -> None:
             ):
                 asyncio.run(load(url, headers, body, 30, args.concurrency))  # warm-up
                 profile = args.profile if name == "through BreezeWeb" else None
-                with profiled(daphne.popen.pid, profile):
+                with profiled(web.popen.pid, profile):
                     results[name] = asyncio.run(
                         load(url, headers, body, args.requests, args.concurrency)
                     )
         finally:
-            daphne.stop()
+            web.stop()
 
     print(
         f"non-streaming chat completions, {args.requests} requests, "
@@ -168,7 +168,7 @@ def main() -> None:
     )
     f = results["site floor /healthz"]
     print(
-        f"BreezeWeb's p50 above the site's floor (Daphne + Django + middleware, GET /healthz) "
+        f"BreezeWeb's p50 above the site's floor (uvicorn + Django + middleware, GET /healthz) "
         f"and the upstream's: {t['p50_ms'] - f['p50_ms'] - d['p50_ms']:.1f} ms"
     )
     print(json.dumps(results))

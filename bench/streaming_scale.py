@@ -5,15 +5,17 @@ each, through BreezeWeb and through the bare transport, in one run.
                                              [--token-delay 0.02] [--processes N]
                                              [--redis-url URL] [--profile FILE]
 
-- **bare**: Daphne + a Channels consumer that sends the token frames itself
-  (bench/_bare_ws.py): the transport's own cost.
-- **BreezeWeb**: one Daphne process of the product (SQLite, an API key), every
+- **bare Daphne**, **bare uvicorn**: a Channels consumer that sends the token
+  frames itself (bench/_bare_ws.py) on each server: the transport's own cost.
+  Issue 16 defined the baseline on Daphne; BreezeWeb serves on uvicorn, so
+  both are measured.
+- **BreezeWeb**: one uvicorn process of the product (SQLite, an API key), every
   chat answered through the whole path (frame parsing, the turn saved, the
   pipeline, the router, the Llama Stack runner) by a paced OpenAI-compatible
   upstream in its own process (bench/websocket_chat.py's echo server), whose
   answer names its stream so the client checks every token arrives once, in
   order, on the right socket.
-- **BreezeWeb xN**: the same site served by `manage.py serve` with N Daphne
+- **BreezeWeb xN**: the same site served by `manage.py serve` with N uvicorn
   processes on one port (`--processes`, default: the machine's cores; 0 leaves
   it out), sharing Redis (`--redis-url`, a database of its own, emptied first)
   and a `chroma run` server, as docs/scaling.md deploys it. Its CPU is the sum
@@ -21,7 +23,7 @@ each, through BreezeWeb and through the bare transport, in one run.
 
 Per run: streams complete and byte-exact, TTFT p50/p99, p50/p99 gap between
 token frames of a stream, and the server process's CPU time (user + system,
-psutil) per delivered token; the ratio of BreezeWeb's CPU per token to the
+psutil) per delivered token; the ratio of BreezeWeb's CPU per token to each
 bare transport's is the figure issue 16 asks for (<= 1.5x).
 """
 
@@ -40,6 +42,7 @@ import psutil
 from _common import percentile, profiled
 from websocket_chat import Site, one_stream, paced_upstream
 
+from breezeweb.serve import server_command
 from tests.support.processes import Process, Served, chroma_server
 from tests.support.scripted_server import free_port
 
@@ -49,7 +52,7 @@ BENCH = Path(__file__).resolve().parent
 class BareSite:
     """The bare transport, shaped like websocket_chat.Site for one_stream()."""
 
-    def __init__(self, tokens: int, delay: float) -> None:
+    def __init__(self, tokens: int, delay: float, server: str = "daphne") -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.key = "bare"
@@ -58,8 +61,14 @@ class BareSite:
             "BARE_TOKENS": str(tokens),
             "BARE_DELAY": str(delay),
         }
-        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
-        self.process = Process([*argv, "_bare_ws:application"], env)
+        if server == "daphne":
+            argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
+            argv += ["_bare_ws:application"]
+        else:  # the command line BreezeWeb serves with, on the bare application
+            argv = server_command("127.0.0.1", self.port, proxy=False)
+            argv[-1] = "_bare_ws:application"
+            argv[argv.index("--lifespan") + 1] = "off"  # nothing to start
+        self.process = Process(argv, env)
 
     def start(self) -> None:
         self.process.start()
@@ -81,7 +90,7 @@ class BareSite:
 
 
 class PerCoreSite(Site):
-    """The site served by `manage.py serve` with `processes` Daphne processes
+    """The site served by `manage.py serve` with `processes` uvicorn processes
     on one port, on Redis and a Chroma server (docs/scaling.md)."""
 
     def __init__(self, concurrency: int, processes: int, redis_url: str) -> None:
@@ -96,8 +105,8 @@ class PerCoreSite(Site):
             WEB_PROCESSES=str(processes),
             RAG_INGEST_WORKER="channels",
         )
-        self.daphne = Served(self.env, log=self.data / "serve.log")
-        self.url = f"127.0.0.1:{self.daphne.port}"
+        self.web = Served(self.env, log=self.data / "serve.log")
+        self.url = f"127.0.0.1:{self.web.port}"
 
     def stop(self) -> None:
         super().stop()
@@ -180,25 +189,29 @@ def main() -> None:
         flush=True,
     )
     rows = []
-    bare = BareSite(args.tokens, args.token_delay)
+    bares = [
+        (f"bare {server}", BareSite(args.tokens, args.token_delay, server.lower()))
+        for server in ("Daphne", "uvicorn")
+    ]
     sites = [("BreezeWeb", Site(max(sizes)))]
     if args.processes > 0:
         per_core = PerCoreSite(max(sizes), args.processes, args.redis_url)
         sites.append((f"BreezeWeb x{args.processes}", per_core))
     try:
-        bare.start()
+        for _, bare in bares:
+            bare.start()
         with contextlib.ExitStack() as stack:
             for _, site in sites:
                 # Every chat goes to the upstream: no process loads the local model.
                 site.env["PRELOAD_LOCAL_RUNNERS"] = "false"
-                site.daphne.env["PRELOAD_LOCAL_RUNNERS"] = "false"
+                site.web.env["PRELOAD_LOCAL_RUNNERS"] = "false"
                 site.prepare()
                 site.start()
                 stack.enter_context(paced_upstream(site, args.tokens, args.token_delay))
                 asyncio.run(warm_up(site, 4 * max(1, args.processes)))
             for n in sizes:
-                targets = [("bare", bare, bare.pid)]
-                targets += [(name, site, site.daphne.popen.pid) for name, site in sites]
+                targets = [(name, bare, bare.pid) for name, bare in bares]
+                targets += [(name, site, site.web.popen.pid) for name, site in sites]
                 for name, target, pid in targets:
                     profile = args.profile if (name, n) == ("BreezeWeb", max(sizes)) else None
                     with profiled(pid, profile):
@@ -206,7 +219,8 @@ def main() -> None:
                     rows.append((n, name, result))
                     print(f"  {n} streams, {name}: done", flush=True)
     finally:
-        bare.stop()
+        for _, bare in bares:
+            bare.stop()
         for _, site in sites:
             site.stop()
     print(
@@ -222,11 +236,13 @@ def main() -> None:
             f"{r['tokens_per_s']:.0f} |"
         )
     print()
-    bare_runs = {n: r for n, name, r in rows if name == "bare"}
+    bare_runs = {(n, name): r for n, name, r in rows if name.startswith("bare")}
     for n, name, ours in rows:
-        if name != "bare":
-            ratio = ours["cpu_us_per_token"] / bare_runs[n]["cpu_us_per_token"]
-            print(f"{n} streams: {name} / bare CPU per token = {ratio:.2f}x (goal <= 1.5)")
+        if name.startswith("bare"):
+            continue
+        for bare_name, _ in bares:
+            ratio = ours["cpu_us_per_token"] / bare_runs[n, bare_name]["cpu_us_per_token"]
+            print(f"{n} streams: {name} / {bare_name} CPU per token = {ratio:.2f}x (goal <= 1.5)")
     failed = [(n, name, r["bad"]) for n, name, r in rows if r["complete"] != n]
     if failed:
         print(f"incomplete or inexact streams: {failed}")

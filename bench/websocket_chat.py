@@ -3,12 +3,12 @@
 (a) Overhead: tokens/s and time to first token of the real local runner
     (SmolLM2-135M through ExecuTorch) called directly in this process, against
     the same runner answering the same prompt through /ws/chat/ of a real
-    Daphne process (frame parsing, saving the turn, the pipeline, the router,
+    uvicorn process (frame parsing, saving the turn, the pipeline, the router,
     streaming persistence, token frames). Runs alternate, greedy decoding, so
     both paths produce the same tokens; tokens/s counts from the first to the
     last token on both paths. Goals: >= 0.98 of direct throughput,
     <= 10 ms added to the first token.
-(b) Concurrency: N websocket chats at once through the same Daphne process,
+(b) Concurrency: N websocket chats at once through the same uvicorn process,
     answered by a fast scripted upstream (a real HTTP server in its own process,
     through the Llama Stack runner). Every stream's tokens name the stream, so
     the client checks that no token is lost, duplicated or misrouted. Reports
@@ -36,12 +36,12 @@ from pathlib import Path
 
 from _common import percentile
 
-from tests.support.processes import Daphne, Upstream, manage, site_env
+from tests.support.processes import Upstream, WebServer, manage, site_env
 
 PROMPT = "Explain in a few paragraphs how a lighthouse works and why it matters to ships."
 
 
-# ---- the site: its own DATA_DIR, SQLite, a Daphne process ----------------------------
+# ---- the site: its own DATA_DIR, SQLite, a uvicorn process ----------------------------
 
 
 class Site:
@@ -56,8 +56,8 @@ class Site:
             # Keep the SQLite connection between database calls (see docs/benchmarks.md).
             settings["DATABASE_URL"] = f"sqlite:///{self.data / 'db.sqlite3'}?conn_max_age=600"
         self.env = site_env(self.data, **settings)
-        self.daphne = Daphne(self.env, log=self.data / "daphne.log")
-        self.url = f"127.0.0.1:{self.daphne.port}"
+        self.web = WebServer(self.env, log=self.data / "server.log")
+        self.url = f"127.0.0.1:{self.web.port}"
         self.key = ""
 
     def manage(self, *args: str) -> str:
@@ -76,10 +76,10 @@ class Site:
         self.key = next(line[4:] for line in out.splitlines() if line.startswith("KEY="))
 
     def start(self) -> None:
-        self.daphne.start()
+        self.web.start()
 
     def stop(self) -> None:
-        self.daphne.stop()
+        self.web.stop()
         shutil.rmtree(self.data, ignore_errors=True)
 
 

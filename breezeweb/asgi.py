@@ -1,4 +1,4 @@
-"""ASGI entry point: Daphne serves HTTP and websockets from one process.
+"""ASGI entry point: uvicorn serves HTTP and websockets from one process.
 
 HTTP requests under /v1 and /api that carry an API key go through a Django
 handler of their own, with the shorter middleware chain API_KEY_MIDDLEWARE
@@ -26,15 +26,15 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from accounts.auth import scope_has_bearer_key  # noqa: E402
 from accounts.ws_auth import WebsocketAuthStack  # noqa: E402
 from breezeweb.middleware import ON_THE_LOOP  # noqa: E402
-from breezeweb.server import adjust_daphne  # noqa: E402
+from breezeweb.server import lifespan, serve_with  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from rag.consumers import IngestWorker  # noqa: E402
 from rag.worker import start_serving  # noqa: E402
 from runners.registry import preload_local_runners  # noqa: E402
 
-# The ingestion worker and its watchdog start when Daphne serves (not here:
-# `migrate`, `runworker` and the tests import this module too).
-adjust_daphne(on_start=start_serving)
+# The ingestion worker and its watchdog start when the server serves (its
+# lifespan; not here: `migrate`, `runworker` and the tests import this module too).
+serve_with(start_serving)
 
 
 def _handler_with(middleware: list[str]) -> ASGIHandler:
@@ -133,6 +133,7 @@ application = ProtocolTypeRouter(
     {
         "http": http_app,
         "websocket": WebsocketAuthStack(URLRouter(websocket_urlpatterns)),
+        "lifespan": lifespan,
         # `manage.py runworker ingest`: document ingestion when REDIS_URL is set.
         "channel": ChannelNameRouter({"ingest": IngestWorker.as_asgi()}),
     }

@@ -1,16 +1,12 @@
 """API keys never reach a log.
 
 A key belongs in the `Authorization` header, and the API refuses one in a
-query string (api.middleware), but the refused request's line is
-still logged with its query string, by Django (`django.request`,
-`django.server`), by Daphne's runserver (`django.channels.server`) and by
-Daphne's own access log, which writes straight to stdout or a file, not
-through `logging`. So:
-
-- `RedactKeysFilter` (attached to every handler in settings.LOGGING) masks
-  anything shaped like a key in a record's message and arguments;
-- `redact_daphne_access_log()` (called from breezeweb.server) wraps Daphne's
-  `AccessLogGenerator.write_entry` so its request lines are masked too.
+query string (api.middleware), but the refused request's line is still
+logged with its query string, by Django (`django.request`) and by uvicorn's
+access log (`uvicorn.access`, whose request line is an argument of the
+record). `RedactKeysFilter`, attached to every handler in settings.LOGGING
+(uvicorn's loggers write through those handlers too), masks anything shaped
+like a key in a record's message and arguments.
 
 Light on purpose: settings use its filter before Django is set up.
 """
@@ -49,20 +45,3 @@ class RedactKeysFilter(logging.Filter):
         elif isinstance(record.args, dict):
             record.args = {k: _redact_value(v) for k, v in record.args.items()}
         return True
-
-
-def redact_daphne_access_log() -> None:
-    """Mask keys in the request lines of Daphne's NCSA access log (idempotent)."""
-    try:
-        from daphne.access import AccessLogGenerator
-    except ImportError:  # not served by Daphne
-        return
-    original = AccessLogGenerator.write_entry
-    if getattr(original, "redacts_keys", False):
-        return
-
-    def write_entry(self, host, date, request, *args, **kwargs):
-        return original(self, host, date, redact(request), *args, **kwargs)
-
-    write_entry.redacts_keys = True
-    AccessLogGenerator.write_entry = write_entry

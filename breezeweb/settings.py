@@ -94,7 +94,6 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[:
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -222,12 +221,15 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # --- Serving (breezeweb/serve.py, `manage.py serve`) ---------------------------
-# "auto": one Daphne process per core when REDIS_URL and CHROMA_URL are set, one
+# "auto": one uvicorn process per core when REDIS_URL and CHROMA_URL are set, one
 # otherwise; or a whole number of processes.
 WEB_PROCESSES = env.str("WEB_PROCESSES", default="auto")
-# Daphne's --proxy-headers: the client's address from X-Forwarded-For. Only
+# uvicorn's --proxy-headers: the client's address from X-Forwarded-For. Only
 # behind a proxy that sets that header itself; exactly `true` turns it on.
 PROXY_HEADERS = env.str("PROXY_HEADERS", default="false") == "true"
+# With PROXY_HEADERS: the addresses whose X-Forwarded-* headers are believed
+# (uvicorn's --forwarded-allow-ips: comma-separated IPs or networks, `*` any).
+FORWARDED_ALLOW_IPS = env.str("FORWARDED_ALLOW_IPS", default="*")
 
 # --- Chroma and RAG ------------------------------------------------------------
 CHROMA_URL = env.str("CHROMA_URL", default="")
@@ -406,6 +408,9 @@ LOGGING = {
         "httpcore": {"level": "WARNING"},
         "llama_stack_client": {"level": "WARNING"},
         "chromadb": {"level": "WARNING"},
-        "daphne": {"level": "WARNING"},
+        # uvicorn's request lines and its own messages, through the handler
+        # that masks API keys (a refused `?api_key=` is still a request line).
+        "uvicorn.access": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
     },
 }

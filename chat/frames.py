@@ -54,8 +54,8 @@ FRAME_TYPES = (*GENERATING_TYPES, "approve", "attach", "stop", "ping")
 
 
 def max_frame_bytes() -> int:
-    """A frame larger than this is refused with `frame_too_large` (Daphne must
-    let it through: run it with --websocket-max-message-size above this)."""
+    """A frame larger than this is refused with `frame_too_large` (the server must
+    let it through: breezeweb.serve gives uvicorn a larger --ws-max-size)."""
     return settings.CHAT_MAX_FRAME_BYTES
 
 

@@ -4,7 +4,7 @@ per-user limits, and the conversation list.
 Callers (the websocket consumer, the pages) pass explicit arguments, never a
 request. Database functions here are synchronous; async callers wrap them in
 `database_sync_to_async`. The rate limits use the Django cache, so with
-`REDIS_URL` they hold across Daphne processes.
+`REDIS_URL` they hold across web processes.
 """
 
 from __future__ import annotations

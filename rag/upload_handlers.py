@@ -2,9 +2,10 @@
 file with its sha256 and stops writing past UPLOAD_MAX_BYTES.
 
 Installed per request by the documents API (`install`) before anything reads
-request.POST/FILES. Note: Daphne and Django's ASGI handler buffer the request
-body before the view runs; put a body-size limit in the reverse proxy too
-(docs/rag.md). This handler guarantees our storage never receives more.
+request.POST/FILES. Note: Django's ASGI handler reads the whole request body
+(spooled to a temporary file) before the view runs; put a body-size limit in
+the reverse proxy too (docs/rag.md). This handler guarantees our storage never
+receives more.
 """
 
 from __future__ import annotations

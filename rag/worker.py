@@ -8,8 +8,8 @@
   ingest` processes (rag.consumers.IngestWorker).
 
 Resuming: documents left `queued` or `processing` by a stopped process are
-re-queued when the worker starts: when Daphne starts serving
-(`start_serving`, from breezeweb.server), or on first use elsewhere (an
+re-queued when the worker starts: when the server starts serving
+(`start_serving`, from breezeweb.server's ASGI lifespan), or on first use elsewhere (an
 upload, the documents API, the admin's document list, `manage.py
 resume_ingestion`), never in AppConfig.ready nor at import.
 
@@ -126,8 +126,8 @@ def ensure_started() -> None:
 
 
 def start_serving() -> None:
-    """A web process starts serving (breezeweb.server calls this on Daphne's
-    event loop): note that loop, then start the worker and the watchdog and
+    """A web process starts serving (breezeweb.server calls this on the
+    server's event loop): note that loop, then start the worker and the watchdog and
     resume unfinished work in a thread of its own, so documents a dead run
     left `processing` are settled without waiting for anyone to use the
     documents API."""

@@ -1,5 +1,5 @@
 """Everyone can use it (docs/accessibility.md, docs/i18n.md), checked in headless
-Debian Chromium (Playwright) against a real Daphne process answering from the
+Debian Chromium (Playwright) against a real uvicorn process answering from the
 real local model:
 
 - every page passes an axe-core audit (vendored, injected by the test, never
@@ -35,7 +35,7 @@ REFUSED_IMPACTS = {"moderate", "serious", "critical"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Daphne with its own database, the bootstrap runners (the local model), a
+    """uvicorn with its own database, the bootstrap runners (the local model), a
     staff user `carol` (chat and admin pages) and compiled translations."""
     data = tmp_path_factory.mktemp("a11y-site")
     manage(site_env(data), "compile_translations")

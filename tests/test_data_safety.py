@@ -44,7 +44,7 @@ from rag.retrieval import retrieve
 from tests.support import documents as docs
 from tests.support import hermetic
 from tests.support.documents import add_and_ingest, chunk_count
-from tests.support.processes import ROOT, Daphne, manage, site_env
+from tests.support.processes import ROOT, WebServer, manage, site_env
 
 LIGHTHOUSE_QUESTION = docs.LIGHTHOUSE_QUESTIONS[0][0]  # page 1
 
@@ -221,7 +221,7 @@ class LiveServer:
             "SECRET_KEY": "live-server-secret-key-for-the-data-safety-test-0123456789",
         }
         self.key = ""
-        self.daphne: Daphne | None = None
+        self.web: WebServer | None = None
 
     def start(self) -> LiveServer:
         done = subprocess.run(
@@ -234,12 +234,12 @@ class LiveServer:
         )
         assert done.returncode == 0, done.stderr[-3000:]
         self.key = json.loads(done.stdout.strip().splitlines()[-1])["key"]
-        self.daphne = Daphne(self.env).start(timeout=120)
+        self.web = WebServer(self.env).start(timeout=120)
         return self
 
     def stop(self) -> None:
-        if self.daphne is not None:
-            self.daphne.stop()
+        if self.web is not None:
+            self.web.stop()
 
     @property
     def headers(self) -> dict[str, str]:
@@ -247,7 +247,7 @@ class LiveServer:
 
     def upload(self, name: str, data: bytes) -> dict:
         response = httpx.post(
-            f"{self.daphne.url}/api/documents",
+            f"{self.web.url}/api/documents",
             headers=self.headers,
             files={"file": (name, data)},
             timeout=60,
@@ -257,14 +257,14 @@ class LiveServer:
 
     def document(self, document_id: int) -> dict:
         response = httpx.get(
-            f"{self.daphne.url}/api/documents/{document_id}", headers=self.headers, timeout=30
+            f"{self.web.url}/api/documents/{document_id}", headers=self.headers, timeout=30
         )
         assert response.status_code == 200, response.text
         return response.json()["document"]
 
     def search(self, query: str) -> list[dict]:
         response = httpx.post(
-            f"{self.daphne.url}/api/search",
+            f"{self.web.url}/api/search",
             headers=self.headers,
             json={"query": query, "k": 5},
             timeout=60,
@@ -321,7 +321,7 @@ def _building(listing: dict) -> bool:
 
 def servers_on_the_checkouts_data() -> list[int]:
     """Processes other than the suite's that serve from the checkout's data/:
-    a `make run` (Daphne) or a `manage.py` command whose DATA_DIR is data/ or
+    a `make run` (uvicorn) or a `manage.py` command whose DATA_DIR is data/ or
     unset with the checkout as its working directory. The suite's own servers
     run with a temporary DATA_DIR and are not counted. Only /proc is read."""
     data = (ROOT / "data").resolve()
@@ -337,7 +337,7 @@ def servers_on_the_checkouts_data() -> list[int]:
             cwd = Path(os.readlink(entry / "cwd"))
         except OSError:
             continue
-        if not any(b"daphne" in arg or arg.endswith(b"manage.py") for arg in argv):
+        if not any(b"uvicorn" in arg or arg.endswith(b"manage.py") for arg in argv):
             continue
         data_dir = environ.get(b"DATA_DIR")
         here = Path(os.fsdecode(data_dir)).resolve() if data_dir else cwd.resolve() / "data"
@@ -474,7 +474,7 @@ def test_a_second_process_on_the_embedded_store_is_refused_with_what_to_do(
     )
     assert run.returncode != 0
     assert "is in use by another process (pid" in run.stderr, run.stderr[-2000:]
-    assert "daphne" in run.stderr and "CHROMA_URL" in run.stderr
+    assert "uvicorn" in run.stderr and "CHROMA_URL" in run.stderr
     assert serving_server.snapshot() == snapshot  # nothing was added
     assert serving_server.search(LIGHTHOUSE_QUESTION)[0]["page"] == 1
 
@@ -712,13 +712,13 @@ def _status(data_dir: Path, document_id: int) -> tuple[str, str]:
 
 
 def test_a_server_settles_what_a_dead_run_left_as_soon_as_it_serves(tmp_path):
-    """No upload, no documents API call, no admin page: Daphne starting is
+    """No upload, no documents API call, no admin page: the server starting is
     enough for the documents a dead run left `processing` to be settled, and
     its watchdog keeps settling those that die while it serves."""
     data_dir = tmp_path / "data"
     env = site_env(data_dir, RAG_INGEST_WORKER="thread", RAG_INGEST_STALL_SECONDS="1")
     before_start = _leave_dead_run(env, "before-the-restart.pdf", seconds_ago=600)
-    server = Daphne(env).start(timeout=120)  # waits for /healthz, nothing else
+    server = WebServer(env).start(timeout=120)  # waits for /healthz, nothing else
     try:
         expected = ("failed", worker.STALLED_REASON.format(attempts=worker.MAX_ATTEMPTS))
         assert _wait_for(lambda: _status(data_dir, before_start) == expected, 30), (
@@ -738,7 +738,7 @@ def test_a_server_settles_what_a_dead_run_left_as_soon_as_it_serves(tmp_path):
 
 def test_importing_the_application_starts_no_ingestion_thread(tmp_path):
     """`migrate`, `runworker` and the tests import breezeweb.asgi: only a
-    serving Daphne starts the worker and the watchdog."""
+    serving process starts the worker and the watchdog."""
     code = (
         "import threading, time, breezeweb.asgi; time.sleep(1);"
         "print(sorted(t.name for t in threading.enumerate()))"

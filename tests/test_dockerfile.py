@@ -1,6 +1,6 @@
 """The image's start command (Dockerfile CMD), run by the shell as the image
 runs it with `python` on PATH replaced by a script that prints its arguments,
-then its `manage.py serve` line run for real with --dry-run: Daphne gets
+then its `manage.py serve` line run for real with --dry-run: uvicorn gets
 `--proxy-headers` exactly when PROXY_HEADERS=true (README, "Deploying to
 production"), and the same websocket limits as `make run`."""
 
@@ -51,8 +51,8 @@ def serve_argv(tmp_path, **env: str) -> list[str]:
     return line.split()[1:]
 
 
-def daphne_argv(tmp_path, **env: str) -> list[str]:
-    """The arguments the image's CMD starts Daphne with: its `manage.py serve`
+def server_argv(tmp_path, **env: str) -> list[str]:
+    """The arguments the image's CMD starts uvicorn with: its `manage.py serve`
     line run for real with --dry-run (the embedded defaults: one process)."""
     argv = serve_argv(tmp_path, **env)
     result = subprocess.run(
@@ -64,30 +64,32 @@ def daphne_argv(tmp_path, **env: str) -> list[str]:
         timeout=60,
         check=True,
     )
-    (line,) = [line for line in result.stdout.splitlines() if " -m daphne " in line]
-    return line.split(" -m daphne ", 1)[1].split()
+    (line,) = [line for line in result.stdout.splitlines() if " -m uvicorn " in line]
+    return line.split(" -m uvicorn ", 1)[1].split()
 
 
 def test_the_image_does_not_trust_forwarded_addresses_by_default(tmp_path):
     assert image_default("PROXY_HEADERS") == "false"
-    argv = daphne_argv(tmp_path, PROXY_HEADERS=image_default("PROXY_HEADERS"))
-    assert "--proxy-headers" not in argv
+    argv = server_argv(tmp_path, PROXY_HEADERS=image_default("PROXY_HEADERS"))
+    assert "--proxy-headers" not in argv and "--no-proxy-headers" in argv
     assert argv[-1] == "breezeweb.asgi:application"
 
 
 @pytest.mark.parametrize("value", ["false", "", "1", "TRUE "])
 def test_only_proxy_headers_true_turns_them_on(tmp_path, value):
-    assert "--proxy-headers" not in daphne_argv(tmp_path, PROXY_HEADERS=value)
+    argv = server_argv(tmp_path, PROXY_HEADERS=value)
+    assert "--proxy-headers" not in argv and "--no-proxy-headers" in argv
 
 
-def test_behind_a_proxy_daphne_takes_the_client_address_from_the_proxy(tmp_path):
-    argv = daphne_argv(tmp_path, PROXY_HEADERS="true")
-    assert argv.count("--proxy-headers") == 1
+def test_behind_a_proxy_the_server_takes_the_client_address_from_the_proxy(tmp_path):
+    argv = server_argv(tmp_path, PROXY_HEADERS="true")
+    assert argv.count("--proxy-headers") == 1 and "--no-proxy-headers" not in argv
+    assert argv[argv.index("--forwarded-allow-ips") + 1] == "*"  # FORWARDED_ALLOW_IPS's default
     assert argv[-1] == "breezeweb.asgi:application"
     # The websocket limits of `make run` and the test servers, in both cases.
     joined = " ".join(argv)
     assert " ".join(WEBSOCKET_ARGS) in joined
-    assert argv[:4] == ["-b", "0.0.0.0", "-p", "8000"]
+    assert argv[:4] == ["--host", "0.0.0.0", "--port", "8000"]
 
 
 def test_the_image_serves_through_manage_py_serve_on_port_8000(tmp_path):

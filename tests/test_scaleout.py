@@ -1,4 +1,4 @@
-"""Scale-out for real: two Daphne processes and a Channels ingestion worker
+"""Scale-out for real: two uvicorn processes and a Channels ingestion worker
 sharing PostgreSQL and Redis. They run in the scale-out pass of `make test`
 (BREEZEWEB_SCALEOUT_PASS=1, DATABASE_URL / REDIS_URL set); CI requires it."""
 
@@ -21,7 +21,7 @@ from accounts.models import ApiKey
 from chat.models import Message
 from rag.models import Collection, Document
 from tests.support.fixtures import runner_config
-from tests.support.processes import Daphne, Worker
+from tests.support.processes import WebServer, Worker
 from tests.support.scripted_server import Reply
 
 pytestmark = [
@@ -54,7 +54,7 @@ def two_web_processes(transactional_db):
 
     store.reset_client()
     env = _shared_env()
-    first, second = Daphne(env), Daphne(env)
+    first, second = WebServer(env), WebServer(env)
     try:
         first.start()
         second.start()
@@ -64,7 +64,7 @@ def two_web_processes(transactional_db):
         second.stop()
 
 
-async def _completions_on_both(first: Daphne, second: Daphne, key: str, n: int) -> list:
+async def _completions_on_both(first: WebServer, second: WebServer, key: str, n: int) -> list:
     """`n` completions at once, alternating between the two processes."""
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
@@ -77,7 +77,7 @@ async def _completions_on_both(first: Daphne, second: Daphne, key: str, n: int) 
         )
 
 
-def _models(server: Daphne, key: str) -> list[str]:
+def _models(server: WebServer, key: str) -> list[str]:
     response = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200, response.text
     return [m["id"] for m in response.json()["data"]]
@@ -164,7 +164,7 @@ def test_a_worker_ingests_an_upload_and_the_status_reaches_a_websocket_on_anothe
 # ---- credentials end their sockets on every process -------------------------------------
 
 
-def _login(server: Daphne, username: str, password: str) -> httpx.Client:
+def _login(server: WebServer, username: str, password: str) -> httpx.Client:
     """A browser-like session on `server`: the login form, with its CSRF token."""
     client = httpx.Client(base_url=server.url, timeout=30)
     page = client.get("/login/")
@@ -179,7 +179,7 @@ def _login(server: Daphne, username: str, password: str) -> httpx.Client:
     return client
 
 
-def _csrf_post(client: httpx.Client, server: Daphne, path: str) -> httpx.Response:
+def _csrf_post(client: httpx.Client, server: WebServer, path: str) -> httpx.Response:
     page = client.get("/settings/api-keys/")
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
     return client.post(
@@ -216,7 +216,7 @@ async def _ended(ws) -> tuple[list[dict], int, float]:
 
 
 def _assert_ending_it_closes_the_socket(
-    second: Daphne, headers: dict, browser: httpx.Client, first: Daphne, path: str
+    second: WebServer, headers: dict, browser: httpx.Client, first: WebServer, path: str
 ) -> None:
     """An answer streams on a socket of `second` opened with `headers`; the
     browser's POST to `path` on `first` ends that credential. Within a second
@@ -418,7 +418,7 @@ def _continuing(frames: list[dict], request_id: str, seq: int) -> str:
     return text
 
 
-async def _attached(server: Daphne, headers: dict, request_id: str, **answer: object):
+async def _attached(server: WebServer, headers: dict, request_id: str, **answer: object):
     """A new socket on `server`, attached as `request_id` to the answer that
     `answer` names (message_id, or conversation_id with last_seq)."""
     ws = await websockets.connect(

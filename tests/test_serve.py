@@ -1,10 +1,10 @@
-"""`manage.py serve` (breezeweb/serve.py): one Daphne process on the embedded
-defaults, one per core with REDIS_URL and CHROMA_URL, all on one port.
+"""`manage.py serve` (breezeweb/serve.py): one uvicorn process on the
+embedded defaults, one per core with REDIS_URL and CHROMA_URL, all on one port.
 
 The decision is tested in-process; the multi-process server for real in the
-scale-out pass: a Chroma server, Redis and PostgreSQL shared by two Daphne
-processes that accept on one socket, a process that dies replaced, SIGTERM
-ending them all."""
+scale-out pass: a Chroma server, Redis and PostgreSQL shared by two uvicorn
+processes under its process manager on one port, a process that dies
+replaced, SIGTERM ending them all."""
 
 from __future__ import annotations
 
@@ -61,55 +61,58 @@ def test_a_number_of_processes_needs_both_and_is_a_whole_number():
                 serve.plan(bad)
 
 
-def test_daphne_gets_the_websocket_limits_and_proxy_headers_only_when_asked():
+def test_the_server_gets_the_websocket_limits_and_proxy_headers_only_when_asked():
     with override_settings(PROXY_HEADERS=False):
-        args = serve.daphne_args(("-v", "1"))
-    assert args[: len(serve.WEBSOCKET_ARGS)] == list(serve.WEBSOCKET_ARGS)
-    assert "--proxy-headers" not in args
-    assert args[-3:] == ["-v", "1", serve.APPLICATION]
-    with override_settings(PROXY_HEADERS=True):
-        assert serve.daphne_args().count("--proxy-headers") == 1
+        args = serve.server_args(("--log-level", "debug"))
+    for options in (serve.IMPLEMENTATION_ARGS, serve.WEBSOCKET_ARGS, serve.SERVER_ARGS):
+        assert " ".join(options) in " ".join(args)
+    assert "--proxy-headers" not in args and "--no-proxy-headers" in args
+    assert args[-3:] == ["--log-level", "debug", serve.APPLICATION]
+    with override_settings(PROXY_HEADERS=True, FORWARDED_ALLOW_IPS="10.0.0.5"):
+        args = serve.server_args()
+    assert args.count("--proxy-headers") == 1 and "--no-proxy-headers" not in args
+    assert args[args.index("--forwarded-allow-ips") + 1] == "10.0.0.5"
 
 
 def test_the_command_says_how_it_serves_and_refuses_what_cannot_work(tmp_path):
     env = site_env(tmp_path)
     out = manage(env, "serve", "--dry-run", "--port", "8123")
     assert "one web process: REDIS_URL and CHROMA_URL unset" in out
-    assert "-b 127.0.0.1 -p 8123" in out and serve.APPLICATION in out
+    assert "-m uvicorn --host 127.0.0.1 --port 8123 --loop" in out and serve.APPLICATION in out
+    assert "--workers" not in out
     with pytest.raises(RuntimeError, match="needs REDIS_URL and CHROMA_URL"):
         manage(env, "serve", "--dry-run", "--processes", "2")
-
-
-def test_the_shared_socket_is_ipv4_and_says_so_otherwise():
-    with pytest.raises(ValueError, match="IPv4"):
-        serve.listening_socket("::1", 0)
-    sock = serve.listening_socket("127.0.0.1", 0)
-    try:
-        assert sock.getsockname()[1] > 0 and sock.get_inheritable()
-    finally:
-        sock.close()
+    out = manage(
+        {**env, "REDIS_URL": "redis://127.0.0.1:6379/0", "CHROMA_URL": "http://c:8000"},
+        "serve",
+        "--dry-run",
+        "--processes",
+        "3",
+    )
+    assert "3 web processes" in out and "--port 8000 --workers 3 " in out
 
 
 # ---- for real: two processes on one port -------------------------------------------------
 
 
-def _daphnes(parent: psutil.Process) -> list[psutil.Process]:
-    """The parent's live Daphne processes (a killed one is a zombie until the
-    parent collects it)."""
+def _workers(parent: psutil.Process) -> list[psutil.Process]:
+    """The live web processes under uvicorn's manager (multiprocessing spawns
+    them; a killed one is a zombie until the parent collects it)."""
     found = []
     for child in parent.children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "daphne" in " ".join(child.cmdline()):
+            argv = " ".join(child.cmdline())
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in argv:
                 found.append(child)
         except psutil.Error:
             continue
     return found
 
 
-def _serving_pids(daphnes: list[psutil.Process], port: int) -> set[int]:
+def _serving_pids(workers: list[psutil.Process], port: int) -> set[int]:
     """The processes holding an accepted connection on `port`."""
     pids = set()
-    for process in daphnes:
+    for process in workers:
         for conn in process.net_connections(kind="tcp"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_ESTABLISHED:
                 pids.add(process.pid)
@@ -149,8 +152,8 @@ def served(tmp_path, transactional_db):
 def test_two_processes_share_one_port_a_dead_one_is_replaced_and_sigterm_ends_all(served, user):
     server, port = served
     parent = psutil.Process(server.popen.pid)
-    daphnes = _daphnes(parent)
-    assert len(daphnes) == 2, server.log_tail()
+    workers = _workers(parent)
+    assert len(workers) == 2, server.log_tail()
     _, key = ApiKey.issue(user, "serve")
 
     async def hold_sockets(count: int) -> set[int]:
@@ -165,7 +168,7 @@ def test_two_processes_share_one_port_a_dead_one_is_replaced_and_sigterm_ends_al
             for ws in sockets:  # every socket answered, wherever it landed
                 await ws.send('{"type": "ping"}')
                 assert '"pong"' in await asyncio.wait_for(ws.recv(), 10)
-            return _serving_pids(daphnes, port)
+            return _serving_pids(workers, port)
         finally:
             for ws in sockets:
                 await ws.close()
@@ -175,13 +178,13 @@ def test_two_processes_share_one_port_a_dead_one_is_replaced_and_sigterm_ends_al
         serving |= asyncio.run(hold_sockets(16))
         if len(serving) == 2:
             break
-    assert serving == {d.pid for d in daphnes}
+    assert serving == {d.pid for d in workers}
 
-    daphnes[0].kill()
+    workers[0].kill()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        now = _daphnes(parent)
-        if len(now) == 2 and daphnes[0].pid not in {d.pid for d in now}:
+        now = _workers(parent)
+        if len(now) == 2 and workers[0].pid not in {d.pid for d in now}:
             break
         time.sleep(0.2)
     else:
@@ -190,9 +193,9 @@ def test_two_processes_share_one_port_a_dead_one_is_replaced_and_sigterm_ends_al
         f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}
     )
     assert response.status_code == 200
-    assert "starting another" in server.log_tail()
+    assert "died" in server.log_tail()
 
-    children = _daphnes(parent)
+    children = _workers(parent)
     parent.send_signal(signal.SIGTERM)
     assert server.popen.wait(timeout=30) == 0
     _, alive = psutil.wait_procs(children, timeout=10)

@@ -1,5 +1,6 @@
-"""The real server (Daphne) answers malformed uploads in JSON, parses each
-upload once, and keeps API keys out of its access log."""
+"""The real server (uvicorn, as `manage.py serve` starts it) answers
+malformed uploads in JSON, lets an upload arrive, and keeps API keys out of
+its access log."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from tests.support.processes import ROOT, Daphne
+from tests.support.processes import ROOT, WebServer
 
 pytestmark = pytest.mark.slow
 
@@ -45,18 +46,16 @@ def server(tmp_path_factory):
         .stdout.decode()
         .strip()
     )
-    daphne = Daphne(env)
-    access_log = data / "access.log"
-    daphne.argv[-1:-1] = ["--access-log", str(access_log)]
-    daphne.start()
-    yield daphne, key, access_log
-    daphne.stop()
+    access_log = data / "server.log"  # uvicorn's access lines, through settings.LOGGING
+    server = WebServer(env, log=access_log).start()
+    yield server, key, access_log
+    server.stop()
 
 
 def test_a_multipart_body_without_a_boundary_gets_a_json_error(server):
-    daphne, key, _ = server
+    web, key, _ = server
     response = httpx.post(
-        f"{daphne.url}/api/documents",
+        f"{web.url}/api/documents",
         content=b"x" * 100,
         headers={"Authorization": f"Bearer {key}", "Content-Type": "multipart/form-data"},
     )
@@ -67,9 +66,9 @@ def test_a_multipart_body_without_a_boundary_gets_a_json_error(server):
 
 
 def test_a_well_formed_upload_still_arrives(server):
-    daphne, key, _ = server
+    web, key, _ = server
     response = httpx.post(
-        f"{daphne.url}/api/documents",
+        f"{web.url}/api/documents",
         files={"file": ("notes.txt", b"The lighthouse keeper logs the weather at dawn.\n" * 20)},
         headers={"Authorization": f"Bearer {key}"},
     )
@@ -78,11 +77,11 @@ def test_a_well_formed_upload_still_arrives(server):
 
 
 def test_a_key_in_a_query_string_never_reaches_the_access_log(server):
-    daphne, key, access_log = server
-    response = httpx.get(f"{daphne.url}/api/documents?api_key={key}")
+    web, key, access_log = server
+    response = httpx.get(f"{web.url}/api/documents?api_key={key}")
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "api_key_in_query"
-    daphne.stop()  # flushes the log
+    web.stop()
     text = access_log.read_text()
     assert "/api/documents?api_key=bw_[redacted]" in text
     assert key not in text

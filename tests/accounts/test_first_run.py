@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from accounts.models import FirstRun
-from tests.support.processes import ROOT, Daphne
+from tests.support.processes import ROOT, WebServer
 
 PASSWORD = "a-long-admin-passphrase-42"
 
@@ -105,7 +105,7 @@ def test_make_run_prints_the_url_only_while_no_account_exists(capsys, user):
 
 @pytest.fixture
 def fresh_site(tmp_path):
-    """A Daphne process with its own, migrated, empty SQLite database."""
+    """A uvicorn process with its own, migrated, empty SQLite database."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -119,7 +119,7 @@ def fresh_site(tmp_path):
         check=True,
         timeout=300,
     )
-    server = Daphne(env).start()
+    server = WebServer(env).start()
     yield server, tmp_path
     server.stop()
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Single sign-on against a real OpenID Connect provider: a django-oidc-provider
-process on 127.0.0.1 (tests.support.oidc_server) and a real BreezeWeb Daphne
+process on 127.0.0.1 (tests.support.oidc_server) and a real BreezeWeb uvicorn
 process configured with its issuer, client id and secret. The round trip
 (authorization code flow, RS256 ID token checked against the JWKS, userinfo)
 creates the user, syncs their groups from the `groups` claim, and signing out
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.oidc_server import OidcProvider
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.processes import WebServer, manage, site_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def sso(tmp_path_factory):
     site_dir = tmp_path_factory.mktemp("rp")
     env = site_env(site_dir)
     # Its port is chosen now: the provider must know the redirect URI.
-    site = Daphne(env, log=site_dir / "daphne.log")
+    site = WebServer(env, log=site_dir / "server.log")
     provider = OidcProvider(provider_dir)
     provider.setup(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, site_url=site.url)
     provider.add_user("carol", PASSWORD, "carol@example.com", ["research", "staff"])
@@ -59,7 +59,7 @@ def sso(tmp_path_factory):
     shutil.rmtree(provider_dir, ignore_errors=True)
 
 
-def _sign_in(browser: httpx.Client, site: Daphne) -> httpx.Response:
+def _sign_in(browser: httpx.Client, site: WebServer) -> httpx.Response:
     """The browser's round trip: BreezeWeb -> provider login -> back, signed in."""
     login_page = browser.get(f"{site.url}/login/")
     assert "Sign in with Test SSO" in login_page.text
@@ -79,11 +79,11 @@ def _sign_in(browser: httpx.Client, site: Daphne) -> httpx.Response:
     return at_provider
 
 
-def _breezeweb_db(site: Daphne):
+def _breezeweb_db(site: WebServer):
     return sqlite3.connect(site.log.parent / "db.sqlite3")
 
 
-def _groups_of(site: Daphne, username: str) -> list[str]:
+def _groups_of(site: WebServer, username: str) -> list[str]:
     with _breezeweb_db(site) as db:
         rows = db.execute(
             "SELECT g.name FROM auth_group g JOIN auth_user_groups ug ON ug.group_id = g.id"

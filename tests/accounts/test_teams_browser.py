@@ -1,5 +1,5 @@
 """Teams in a real browser (headless Debian Chromium through Playwright,
-against a real Daphne process with its own empty SQLite database): the first
+against a real uvicorn process with its own empty SQLite database): the first
 run creates the admin account, the chat answers and shows the budget, the
 quota message appears when the budget is spent, and the usage page shows
 what was used. Answers come from the scripted chat-completions server on

@@ -3,7 +3,7 @@
 stops the answers streaming on the credential's sockets (saved as
 `stopped`) and closes them with 4401 within a second. Through the real routed
 application; in the scale-out pass the channel layer is Redis. The same
-across two Daphne processes: tests/test_scaleout.py."""
+across two uvicorn processes: tests/test_scaleout.py."""
 
 from __future__ import annotations
 

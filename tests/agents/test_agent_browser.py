@@ -1,5 +1,5 @@
 """Agent mode in a real browser (Debian Chromium through Playwright) against a
-real Daphne process whose Llama Stack runner answers from the scripted
+real uvicorn process whose Llama Stack runner answers from the scripted
 server: steps appear live, an approval card is approved and another denied,
 and the steps are still there after a reload."""
 

@@ -4,7 +4,7 @@ In-process tests drive the real ASGI application (`breezeweb.asgi.application`)
 through httpx.ASGITransport, answering from the scripted chat-completions
 server on 127.0.0.1 through the real Llama Stack runner. Tests of streaming
 behaviour on the wire (SSE as it arrives, client disconnects) and with the
-official `openai` client run against a real Daphne process with its own SQLite
+official `openai` client run against a real uvicorn process with its own SQLite
 database (the `live` fixture at the end), including the real local model.
 """
 
@@ -31,7 +31,7 @@ from runners.models import GuardianRule, RunnerConfig
 from runners.router import circuits
 from tests.support.clients import call
 from tests.support.fixtures import local_model_ready, require_local_model, runner_config, running
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.processes import WebServer, manage, site_env
 from tests.support.scripted_server import Reply, ScriptedToolCall
 
 db = pytest.mark.django_db(transaction=True)
@@ -800,7 +800,7 @@ def test_the_docs_page_renders_the_schema_without_inline_scripts(client):
     assert "script-src 'self'" in response["Content-Security-Policy"]
 
 
-# ---- live: a real Daphne process, the official openai client -----------------------------------
+# ---- live: a real uvicorn process, the official openai client -----------------------------------
 
 
 _SETUP = """
@@ -820,7 +820,7 @@ print("SETUP" + json.dumps(keys))
 
 
 class LiveServer:
-    """Daphne serving breezeweb.asgi on a free port, with its own SQLite database."""
+    """uvicorn serving breezeweb.asgi on a free port, with its own SQLite database."""
 
     def __init__(self, tmp: Path, endpoint: str) -> None:
         # SQLite and the embedded defaults, also in the scale-out pass.
@@ -832,8 +832,8 @@ class LiveServer:
             API_RATE_LIMIT_PER_KEY="true",
             API_MAX_CONCURRENT_STREAMS="2",
         )
-        self.daphne = Daphne(self.env)
-        self.port, self.url = self.daphne.port, self.daphne.url
+        self.web = WebServer(self.env)
+        self.port, self.url = self.web.port, self.web.url
         self.endpoint = endpoint
         self.keys: dict[str, str] = {}
 
@@ -844,11 +844,11 @@ class LiveServer:
         code = f"NAMES={names!r}\nENDPOINT={self.endpoint!r}\nLOCAL={local!r}\n" + _SETUP
         out = manage(self.env, "shell", "-c", code)
         self.keys = json.loads(out.split("SETUP", 1)[1])
-        self.daphne.start()
+        self.web.start()
         return self
 
     def stop(self) -> None:
-        self.daphne.stop()
+        self.web.stop()
 
     def openai(self, key_name: str, **kwargs):
         import openai

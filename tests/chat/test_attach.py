@@ -4,7 +4,7 @@ in progress with one `sync` frame and then the live frames, every token
 exactly once, checked through the sequence numbers. Driven through the real
 routed application with WebsocketCommunicator, answering from the scripted
 chat-completions server through the real Llama Stack runner; on the in-memory
-channel layer here, on Redis in the scale-out pass (and across two Daphne
+channel layer here, on Redis in the scale-out pass (and across two uvicorn
 processes in tests/test_scaleout.py)."""
 
 from __future__ import annotations

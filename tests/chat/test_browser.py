@@ -1,5 +1,5 @@
 """The chat in a real browser: headless Debian Chromium (Playwright) against a
-real Daphne process answering from the real local model (SmolLM2 through
+real uvicorn process answering from the real local model (SmolLM2 through
 ExecuTorch). Saves screenshots of the main states (see tests/support/screenshots.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.support.browser import chromium, sign_in
-from tests.support.processes import Daphne, create_user, live_site, manage
+from tests.support.processes import WebServer, create_user, live_site, manage
 from tests.support.screenshots import screenshot_dir
 from tests.support.scripted_server import Reply
 
@@ -33,7 +33,7 @@ STREAMING_LONGER_THAN = (
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A Daphne process on a free port with its own SQLite database, the
+    """A uvicorn process on a free port with its own SQLite database, the
     bootstrap runner configs (the local ExecuTorch model) and one user."""
     data = tmp_path_factory.mktemp("browser-site")
     with live_site(data, create_user("alice", PASSWORD), local_model=True) as live:
@@ -47,7 +47,7 @@ def browser():
 
 
 @contextmanager
-def paced_runner(site: Daphne, scripted_server, words: int = 500, delay: float = 0.04):
+def paced_runner(site: WebServer, scripted_server, words: int = 500, delay: float = 0.04):
     """A runner `scripted` (the scripted server through the Llama Stack runner)
     that answers `words` words, one every `delay` s: an answer that surely
     outlasts what the test does meanwhile. Yields the answer's words."""
@@ -74,7 +74,7 @@ def paced_runner(site: Daphne, scripted_server, words: int = 500, delay: float =
         )
 
 
-def _login(page, site: Daphne) -> None:
+def _login(page, site: WebServer) -> None:
     sign_in(page, site.url, "alice", PASSWORD, timeout=15_000)
 
 

@@ -1,5 +1,5 @@
 """Search, projects, branches, pins and forks in a real browser: headless
-Debian Chromium (Playwright) against a real Daphne process (strict CSP on),
+Debian Chromium (Playwright) against a real uvicorn process (strict CSP on),
 answering through a Llama Stack runner config that points at the scripted
 chat-completions server on 127.0.0.1 (so answers are known and fast).
 Saves conversation-search.png and conversation-branches.png (see
@@ -26,7 +26,7 @@ INSTRUCTIONS = "Speak like a pirate of the harbour."
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, upstream):
-    """Daphne on a free port with its own SQLite database, one user and one
+    """uvicorn on a free port with its own SQLite database, one user and one
     runner (`remote`, the scripted server)."""
     data = tmp_path_factory.mktemp("conversations-site")
     setup = create_user("alice", PASSWORD) + remote_runner(upstream.url, "remote", priority=10)

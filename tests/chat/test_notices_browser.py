@@ -1,7 +1,7 @@
 """The chat shows a `notice` in the page's language by its code, made from
 its data (static/js/notices.js, docs/i18n.md): a real turn in Chinese whose
 old turns were left out to fit a small context, in headless Debian Chromium
-against a real Daphne process answering through the scripted chat-completions
+against a real uvicorn process answering through the scripted chat-completions
 server; and the module itself with the real Chinese catalog, unknown codes and
 unreadable data included. Also a failed import's reason by its code
 (static/js/conversations.js). tests/test_i18n.py checks both maps have every code."""

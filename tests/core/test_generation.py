@@ -12,7 +12,7 @@ from core import generation
 from runners.models import GuardianRule, RunnerConfig
 from runners.router import usable_configs
 from tests.support.fixtures import runner_config
-from tests.support.processes import Daphne, manage, site_env
+from tests.support.processes import WebServer, manage, site_env
 
 db = pytest.mark.django_db(transaction=True)
 # Both passes: the stamp is a file on the embedded defaults, a Redis key with REDIS_URL.
@@ -102,7 +102,7 @@ def test_who_may_use_a_runner_follows_group_changes_at_once(user):
 def test_a_server_sees_an_edit_made_by_a_manage_py_command_on_its_next_request(
     tmp_path, scripted_server
 ):
-    """The embedded default: one Daphne process; `manage.py shell` in another
+    """The embedded default: one uvicorn process; `manage.py shell` in another
     process disables a runner with a bulk update and adds a guardian rule."""
     env = site_env(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'site.sqlite3'}")
     manage(env, "migrate", "--noinput")
@@ -123,7 +123,7 @@ def test_a_server_sees_an_edit_made_by_a_manage_py_command_on_its_next_request(
     )
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "remote", "messages": [{"role": "user", "content": "say classified"}]}
-    site = Daphne(env).start()
+    site = WebServer(env).start()
     try:
         models = httpx.get(f"{site.url}/v1/models", headers=headers).json()["data"]
         assert "remote" in [m["id"] for m in models]

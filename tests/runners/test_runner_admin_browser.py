@@ -1,9 +1,9 @@
 """The runner admin in a real browser: headless Debian Chromium (Playwright)
-against a real Daphne process (strict CSP on), with Llama Stack runners
+against a real uvicorn process (strict CSP on), with Llama Stack runners
 pointing at a scripted HTTP server on 127.0.0.1 and at a dead port.
 
 This is the production path of the admin actions (a sync admin view calling
-the async router on Daphne's event loop), which the Django test client does
+the async router on the server's event loop), which the Django test client does
 not exercise. Saves (see tests/support/screenshots.py) admin-runners.png and
 admin-runner-dashboard.png."""
 
@@ -26,16 +26,16 @@ API_KEY = "sk-browser-admin-0f1e2d3c4b5a6978"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, upstream):
-    """Daphne on a free port with its own SQLite database, an admin, and two
+    """uvicorn on a free port with its own SQLite database, an admin, and two
     runners: `remote` (the scripted server, with an API key) and `dead`."""
     data = tmp_path_factory.mktemp("admin-site")
     setup = create_user("admin", PASSWORD, admin=True)
     setup += remote_runner(upstream.url, "remote", priority=10, enable_vision=True)
     setup += f"c = RunnerConfig.objects.get(name='remote');c.api_key = '{API_KEY}';c.save()\n"
     setup += remote_runner(f"http://127.0.0.1:{free_port()}", "dead", model_id="m", priority=1)
-    with live_site(data, setup, METRICS_TOKEN="") as daphne:
-        yield daphne.url
-    assert API_KEY not in daphne.final_log
+    with live_site(data, setup, METRICS_TOKEN="") as web:
+        yield web.url
+    assert API_KEY not in web.final_log
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_the_test_prompt_action_streams_through_the_router_on_daphne(site, page,
     assert "11 prompt + 6 completion tokens" in trial
     assert upstream.chat_requests()[-1].authorization == f"Bearer {API_KEY}"
     assert API_KEY not in page.content()
-    # Again on the same Daphne loop: the cached runner and its HTTP pool are reused.
+    # Again on the same server loop: the cached runner and its HTTP pool are reused.
     upstream.script(Reply(text="Second answer."))
     page.click("input[type=submit][value='Send again']")
     page.wait_for_selector("text=Second answer.")

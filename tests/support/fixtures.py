@@ -41,7 +41,7 @@ def _scripted_server_session() -> Iterator[ScriptedServer]:
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[ScriptedServer]:
     """A scripted server of the test module's own, for a module-scoped site
-    (a browser test's Daphne) whose runner config points at it."""
+    (a browser test's server) whose runner config points at it."""
     with ScriptedServer() as server:
         yield server
 

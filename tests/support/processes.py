@@ -1,4 +1,4 @@
-"""Real BreezeWeb processes for tests and benchmarks: Daphne on a free port,
+"""Real BreezeWeb processes for tests and benchmarks: the web server on a free port,
 `runworker`, `manage.py` commands, a site of its own, and a scripted upstream
 in a process of its own (`Upstream`).
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from breezeweb.serve import APPLICATION, WEBSOCKET_ARGS
+from breezeweb.serve import server_command
 from tests.support.scripted_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -153,20 +153,20 @@ class Process:
             self.log.unlink(missing_ok=True)
 
 
-class Daphne(Process):
-    """breezeweb.asgi served by Daphne on a free port of 127.0.0.1 with the
-    websocket limits `make run` and the image give it (breezeweb.serve), the
-    port kept across restarts; started means /healthz answers."""
+class WebServer(Process):
+    """breezeweb.asgi served by uvicorn on a free port of 127.0.0.1, one
+    process, with the options `make run` and the image give it
+    (breezeweb.serve), the port kept across restarts; started means /healthz
+    answers."""
 
     def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
-        super().__init__([*argv, *WEBSOCKET_ARGS, APPLICATION], env, log)
+        super().__init__(server_command("127.0.0.1", self.port, proxy=False), env, log)
 
-    def start(self, timeout: float = 60) -> Daphne:
+    def start(self, timeout: float = 60) -> WebServer:
         super().start()
-        wait_until_healthy(self.popen, f"{self.url}/healthz", "daphne", self.log_tail, timeout)
+        wait_until_healthy(self.popen, f"{self.url}/healthz", "the server", self.log_tail, timeout)
         return self
 
     def crash_and_restart(self) -> None:
@@ -176,9 +176,9 @@ class Daphne(Process):
         self.start()
 
 
-class Served(Daphne):
-    """`manage.py serve` (breezeweb.serve: one Daphne process, or several on one
-    socket per WEB_PROCESSES) on a free port of 127.0.0.1; started means
+class Served(WebServer):
+    """`manage.py serve` (breezeweb.serve: one uvicorn process, or several on
+    one port per WEB_PROCESSES) on a free port of 127.0.0.1; started means
     /healthz answers."""
 
     def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
@@ -212,12 +212,12 @@ def remote_runner(endpoint: str, name: str = "scripted", **fields: object) -> st
 @contextmanager
 def live_site(
     data: Path, setup: str = "", *, local_model: bool = False, **settings: str
-) -> Iterator[Daphne]:
+) -> Iterator[WebServer]:
     """A whole site of its own in `data` (SQLite, embedded Chroma, uploads),
-    served by Daphne: migrated, with the bootstrap runner configs (the local
+    served by uvicorn: migrated, with the bootstrap runner configs (the local
     model, which must be prepared) when `local_model`, then `setup` run in
     `manage.py shell`. Stopped and removed after; its log's text is kept in
-    the Daphne's `final_log`."""
+    the server's `final_log`."""
     env = site_env(data, **settings)
     if local_model and not (Path(env["MODELS_DIR"]) / "model.pte").exists():
         pytest.fail(f"no prepared model in {env['MODELS_DIR']}: run `manage.py prepare_model`")
@@ -226,7 +226,7 @@ def live_site(
         manage(env, "bootstrap")
     if setup:
         manage(env, "shell", "-c", setup)
-    live = Daphne(env, log=data / "daphne.log").start()
+    live = WebServer(env, log=data / "server.log").start()
     try:
         yield live
     finally:

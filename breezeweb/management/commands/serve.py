@@ -1,5 +1,5 @@
-"""`manage.py serve`: BreezeWeb on one port, with as many Daphne processes as
-the configuration allows (breezeweb/serve.py)."""
+"""`manage.py serve`: BreezeWeb on one port with uvicorn, with as many
+processes as the configuration allows (breezeweb/serve.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from breezeweb import serve
 
 class Command(BaseCommand):
     help = (
-        "Serve BreezeWeb with Daphne: one process, or one per core when "
+        "Serve BreezeWeb with uvicorn: one process, or one per core when "
         "REDIS_URL and CHROMA_URL are set."
     )
 
@@ -25,31 +25,21 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="Print the plan and Daphne's command; serve nothing.",
+            help="Print the plan and uvicorn's command; serve nothing.",
         )
-        parser.add_argument("daphne_extra", nargs="*", help="More Daphne options, after `--`.")
+        parser.add_argument("server_extra", nargs="*", help="More uvicorn options, after `--`.")
 
     def handle(
-        self, *args, bind: str, port: int, processes, dry_run: bool, daphne_extra, **options
+        self, *args, bind: str, port: int, processes, dry_run: bool, server_extra, **options
     ):
         try:
             chosen = serve.plan(processes)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        extra = tuple(daphne_extra)
-        if chosen.processes == 1:
-            command = serve.daphne_command(["-b", bind, "-p", str(port)], extra)
-        else:
-            command = serve.daphne_command(["--fd", "<socket>"], extra)
+        command = serve.server_command(bind, port, chosen.processes, tuple(server_extra))
         self.stdout.write(f"  {chosen.reason}")
         if dry_run:
             self.stdout.write(" ".join(command))
             return
         self.stdout.flush()
-        if chosen.processes == 1:
-            os.execv(command[0], command)  # noqa: S606 - our own argv, no shell
-        try:
-            sock = serve.listening_socket(bind, port)
-        except (ValueError, OSError) as exc:
-            raise CommandError(str(exc)) from None
-        raise SystemExit(serve.Supervisor(sock, chosen.processes, extra).run())
+        os.execv(command[0], command)  # noqa: S606 - our own argv, no shell
