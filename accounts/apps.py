@@ -13,11 +13,13 @@ class AccountsConfig(AppConfig):
         revocation.connect_receivers()
         selfservice.connect_receivers()  # sessions recorded at sign-in, ended on deactivation
         firstrun.connect_receivers()  # the first account, however created, closes /setup/
-        # Quotas and group membership are memoized per process (core.generation).
+        # Quotas, group membership and API keys (with their users) are
+        # memoized per process (core.generation).
         from django.contrib.auth import get_user_model
         from django.contrib.auth.models import Group
 
-        from accounts.models import Quota
+        from accounts.models import ApiKey, Quota
         from core import generation
 
-        generation.watch(Quota, Group, get_user_model().groups.through)
+        user_model = get_user_model()
+        generation.watch(Quota, Group, user_model.groups.through, ApiKey, user_model)

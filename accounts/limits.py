@@ -7,8 +7,9 @@
   `retry_after` is when the oldest counted request leaves the window.
   With `REDIS_URL` the window is a sorted set per key, checked and updated by
   one Lua script (atomic across every process, timed by the Redis server's
-  clock); otherwise a list of timestamps in the local cache under a process
-  lock (the local-memory cache is per process anyway).
+  clock); otherwise the timestamps in this process's memory under a process
+  lock, with a token in the local cache (the local-memory cache is per
+  process anyway; see `_local_windows`).
 - `hit_many([(key, limit, window_s), ...])`: one request counted against
   several windows at once (a user's quotas and their groups'), all or
   nothing: allowed only when every window has room, then counted in every
@@ -33,6 +34,7 @@ import math
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache as memoize
@@ -167,6 +169,37 @@ def _hit_redis(windows: Sequence[Window], count: bool) -> tuple[bool, list]:
 _LOCAL_LOCK = threading.Lock()
 # The clock of the local limiter (tests replace it to walk through a window).
 clock = time.time
+# The local windows' timestamps, in this process's memory: the local-memory
+# cache is per process too, and it pickles what it stores, so a window kept
+# there cost a copy of every timestamp per request (a budget of thousands per
+# minute or month made each request pay for thousands). The cache holds a
+# token per window instead: a window whose token is gone (`cache.clear()`,
+# `reset`, culled) starts empty, as a window kept in the cache would.
+_local_windows: dict[str, tuple[str, deque[float]]] = {}
+# Past this many windows, the empty ones are dropped (idle users' and keys').
+_LOCAL_SWEEP_AT = 10_000
+
+
+def _expire(stamps: deque[float], window_s: int, now: float) -> deque[float]:
+    while stamps and stamps[0] <= now - window_s:
+        stamps.popleft()
+    return stamps
+
+
+def _local_window(key: str, window_s: int, now: float) -> deque[float]:
+    """The timestamps of `key`'s window still inside it (under _LOCAL_LOCK)."""
+    name = _window_key(key, window_s)
+    token = cache.get(name)
+    entry = _local_windows.get(name)
+    if token is None or entry is None or entry[0] != token:
+        if len(_local_windows) >= _LOCAL_SWEEP_AT:
+            for other, (_, stamps) in list(_local_windows.items()):
+                if not _expire(stamps, int(other.split(":", 3)[2]), now):
+                    del _local_windows[other]
+        token = uuid.uuid4().hex
+        cache.set(name, token, timeout=None)
+        entry = _local_windows[name] = (token, deque())
+    return _expire(entry[1], window_s, now)
 
 
 def _hit_local(windows: Sequence[Window], count: bool) -> tuple[bool, list]:
@@ -174,7 +207,7 @@ def _hit_local(windows: Sequence[Window], count: bool) -> tuple[bool, list]:
         now = clock()
         stamps, found = [], []
         for key, limit, window_s in windows:
-            kept = [t for t in cache.get(_window_key(key, window_s)) or () if t > now - window_s]
+            kept = _local_window(key, window_s, now)
             stamps.append(kept)
             wait = 0.0
             if len(kept) >= limit:
@@ -183,10 +216,9 @@ def _hit_local(windows: Sequence[Window], count: bool) -> tuple[bool, list]:
         allowed = all(
             len(kept) < limit for kept, (_, limit, _) in zip(stamps, windows, strict=True)
         )
-        for kept, (key, _, window_s) in zip(stamps, windows, strict=True):
-            if allowed and count:
+        if allowed and count:
+            for kept in stamps:
                 kept.append(now)
-            cache.set(_window_key(key, window_s), kept, timeout=window_s + 1)
         return allowed, found
 
 

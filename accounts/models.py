@@ -3,21 +3,30 @@ record of the first run."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import secrets
-from datetime import timedelta
+import threading
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from core import generation
 from core.fields import optional_link
 from core.generation import WatchedQuerySet
 
 
 def _hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+# When this process last wrote each key's `last_used_at`, by the key's hash
+# (ApiKey.lookup).
+_last_used: dict[str, datetime] = {}
+_last_used_lock = threading.Lock()
 
 
 class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
@@ -64,23 +73,41 @@ class ApiKey(models.Model):
 
     @classmethod
     def lookup(cls, raw: str) -> ApiKey | None:
-        """The active key of an active user for a raw key, or None. Updates
+        """The active key of an active user for a raw key, or None (a copy of
+        its own: the caller may set attributes on it and its user). Read from
+        the database once per config version (core.generation: saving or
+        deleting a key or a user moves it, in every process, so a revoked
+        key or a deactivated user is refused on the next request). Updates
         last_used_at when it is more than LAST_USED_RESOLUTION old."""
         if not raw or not raw.startswith(cls.PREFIX):
             return None
-        key = (
-            cls.objects.active()
-            .select_related("user")
-            .filter(key_hash=_hash_key(raw), user__is_active=True)
-            .first()
-        )
-        if key is None:
+        digest = _hash_key(raw)
+        found = generation.memo(("api-key", digest), lambda: cls._active(digest))
+        if found is None:
             return None
+        key = copy.copy(found)
+        key.user = copy.copy(found.user)
         now = timezone.now()
-        if key.last_used_at is None or now - key.last_used_at >= cls.LAST_USED_RESOLUTION:
+        with _last_used_lock:
+            last = _last_used.get(digest, key.last_used_at)
+            due = last is None or now - last >= cls.LAST_USED_RESOLUTION
+            if due:
+                _last_used[digest] = now
+        if due:
             cls.objects.filter(pk=key.pk).update(last_used_at=now)
             key.last_used_at = now
+        else:
+            key.last_used_at = last
         return key
+
+    @classmethod
+    def _active(cls, digest: str) -> ApiKey | None:
+        return (
+            cls.objects.active()
+            .select_related("user")
+            .filter(key_hash=digest, user__is_active=True)
+            .first()
+        )
 
     @classmethod
     def authenticate(cls, raw: str):

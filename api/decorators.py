@@ -90,14 +90,26 @@ def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | No
     return decorator
 
 
+def _key_and_count(raw: str, limit: str | None) -> tuple[ApiKey | None, limits.RateDecision | None]:
+    """The active key for `raw` and, when it is one and `limit` is set, the
+    request counted against the key's (or its user's) budget."""
+    key = ApiKey.lookup(raw)
+    if key is None or not limit:
+        return key, None
+    subject = limit_subject(key.user, raw)
+    return key, limits.hit(f"api:{subject}", getattr(settings, limit), 60)
+
+
 def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None):
     @csrf_exempt
     @wraps(view)
     async def wrapper(request: HttpRequest, *args, **kwargs):
         raw = bearer_key(request)
         request.api_key_id = None
+        decision = None
         if raw:
-            key = await sync_to_async(ApiKey.lookup)(raw)
+            # The key and, when it is valid, the request counted: one trip.
+            key, decision = await sync_to_async(_key_and_count)(raw, limit)
             if key is None:
                 return error(401, "invalid_api_key", "Invalid or revoked API key.")
             request.user = key.user
@@ -116,10 +128,10 @@ def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None)
                 if reason:
                     return error(403, "csrf_failed", reason)
         request.client_id = limit_subject(request.user, raw)
-        if limit:
+        if limit and decision is None:
             decision = await limits.ahit(f"api:{request.client_id}", getattr(settings, limit), 60)
-            if not decision.allowed:
-                return rate_limited(error, decision, _subject_name())
+        if decision is not None and not decision.allowed:
+            return rate_limited(error, decision, _subject_name())
         try:
             return await view(request, *args, **kwargs)
         except InputError as exc:

@@ -32,7 +32,7 @@ from accounts import limits, quotas
 from accounts.quotas import QuotaExceeded
 from agents.loop import StepFinished, StepStarted
 from api import schemas
-from api.decorators import api_view, rate_limited
+from api.decorators import api_view
 from api.errors import http_error, openai_error, openai_error_body
 from api.heartbeat import HEARTBEAT, Heartbeat
 from api.inputs import read_json
@@ -43,7 +43,7 @@ from chat.frames import sampling_of
 from chat.inputs import InputError
 from chat.limits import MAX_JSON_DEPTH
 from chat.models import Conversation, Message
-from chat.pipeline import GuardianBlocked, TurnInput, run_turn
+from chat.pipeline import GuardianBlocked, TurnInput, run_turn, turn_settings
 from chat.turns import TurnRecorder
 from rag.models import Collection
 from runners.base import ChatMessage, Done, RunnerError, TokenDelta, ToolCall
@@ -187,6 +187,23 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 
 
 # ---- checks against the database and the images ----------------------------------------
+
+
+def _admit(user, request: CompletionRequest, turn: TurnInput):
+    """Everything a completion checks and reads in the database before it
+    runs, in one trip to the database thread: the references exist (ApiError),
+    the caller's budgets admit one more turn (accounts.quotas.charge: counted
+    only now, once the request is well-formed and admitted by the rate
+    limits; QuotaExceeded), and what the turn reads (chat.pipeline's
+    TurnSettings; None when every runner's own budget is spent, which
+    `run_turn` then reports as it always does)."""
+    _check_references(user, request)
+    budgets = quotas.charge(user)
+    try:
+        read = turn_settings(turn)
+    except QuotaExceeded:
+        read = None
+    return budgets, read
 
 
 def _check_references(user, request: CompletionRequest) -> None:
@@ -357,15 +374,6 @@ def _enabled_configs(user) -> list[RunnerConfig]:
     return [c for c in usable_configs(user) if c.enabled]
 
 
-async def _limit_rate(request: HttpRequest) -> JsonResponse | None:
-    """The 429 when the caller's budget (per user, or per key) is spent."""
-    decision = await limits.ahit(f"api:{request.client_id}", settings.API_REQUESTS_PER_MINUTE, 60)
-    if decision.allowed:
-        return None
-    per = "key" if settings.API_RATE_LIMIT_PER_KEY else "user"
-    return rate_limited(openai_error, decision, per)
-
-
 def _method_not_allowed(allowed: str) -> JsonResponse:
     response = openai_error(
         405, "method_not_allowed", f"Use {allowed} on this endpoint.", param=None
@@ -374,25 +382,21 @@ def _method_not_allowed(allowed: str) -> JsonResponse:
     return response
 
 
-@api_view(error=openai_error)
+@api_view(error=openai_error, limit="API_REQUESTS_PER_MINUTE")
 async def models(request: HttpRequest) -> JsonResponse:
     """`GET /v1/models`: `auto` plus every enabled runner config the caller may use."""
     if request.method != "GET":
         return _method_not_allowed("GET")
-    if limited := await _limit_rate(request):
-        return limited
     configs = await sync_to_async(_enabled_configs)(request.user)
     data = [_auto_entry(configs), *(_model_entry(c) for c in configs)]
     return JsonResponse({"object": "list", "data": data})
 
 
-@api_view(error=openai_error)
+@api_view(error=openai_error, limit="API_REQUESTS_PER_MINUTE")
 async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
     """`GET /v1/models/{id}`: one model, as listed by `GET /v1/models`."""
     if request.method != "GET":
         return _method_not_allowed("GET")
-    if limited := await _limit_rate(request):
-        return limited
     configs = await sync_to_async(_enabled_configs)(request.user)
     if model_id == AUTO_MODEL:
         return JsonResponse(_auto_entry(configs))
@@ -427,7 +431,7 @@ def _read_body(request: HttpRequest) -> Any:
         raise ApiError(exc.status, exc.code, exc.message, param=exc.param) from None
 
 
-@api_view(error=openai_error)
+@api_view(error=openai_error, limit="API_REQUESTS_PER_MINUTE")
 async def chat_completions(request: HttpRequest):
     """`POST /v1/chat/completions` (see the module docstring)."""
     if request.method != "POST":
@@ -436,11 +440,8 @@ async def chat_completions(request: HttpRequest):
     arrived = time.monotonic()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     lease: limits.SlotLease | None = None
-    if limited := await _limit_rate(request):
-        return limited
     try:
         parsed = parse_completion_request(_read_body(request))
-        await sync_to_async(_check_references)(request.user, parsed)
         if parsed.images:  # decoding images is CPU work: off the event loop
             parsed = await sync_to_async(_validated_images, thread_sensitive=False)(parsed)
         if parsed.stream:
@@ -457,15 +458,6 @@ async def chat_completions(request: HttpRequest):
                 )
     except ApiError as exc:
         return exc.response()
-    try:
-        # The caller's budgets (accounts.quotas): counted only once the request
-        # is known to be well-formed and admitted by the rate limits.
-        budgets = await sync_to_async(quotas.charge)(request.user)
-    except QuotaExceeded as exc:
-        if lease is not None:
-            await lease.release()
-        response = turn_error(exc, pinned=False).response()
-        return _with_budget(response, [exc.status])
     turn = TurnInput(
         user=request.user,
         messages=parsed.messages,
@@ -482,6 +474,19 @@ async def chat_completions(request: HttpRequest):
         timezone=parsed.timezone,
         api_key_id=getattr(request, "api_key_id", None),
     )
+    try:
+        budgets, read = await sync_to_async(_admit)(request.user, parsed, turn)
+    except (ApiError, QuotaExceeded) as exc:
+        if lease is not None:
+            await lease.release()
+        if isinstance(exc, ApiError):
+            return exc.response()
+        return _with_budget(turn_error(exc, pinned=False).response(), [exc.status])
+    except BaseException:
+        if lease is not None:
+            await lease.release()
+        raise
+    turn = replace(turn, settings=read)
     completion = Completion(completion_id, request.user, parsed, turn, started=arrived)
     if not parsed.stream:
         return _with_budget(await completion.answer(), budgets)

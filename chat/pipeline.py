@@ -98,6 +98,21 @@ class TurnInput:
     agent: bool = False
     timezone: str = ""
     api_key_id: int | None = None  # the key the turn came with (usage accounting)
+    # What `turn_settings(turn)` returns, when the caller read it already in a
+    # trip to the database of its own (the API's admission): saves a trip.
+    settings: TurnSettings | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """What a turn reads before it runs: the guardian rules, the runner
+    candidates the user may use (or the "no runner" error, which is raised
+    after the input rules spoke), the user's quotas."""
+
+    rules: tuple
+    candidates: list | None
+    no_runner: RunnerError | None
+    budgets: list
 
 
 @dataclass(frozen=True)
@@ -222,20 +237,54 @@ def _retrieve(turn: TurnInput, query: str):
     )
 
 
-@database_sync_to_async
-def _turn_settings(needed, pinned: str | None, need_rag: bool, user):
+def _settings_for(needed, pinned: str | None, need_rag: bool, user) -> TurnSettings:
     """Guardian rules, the runner candidates `user` may use and the user's
-    quotas (read once for the turn), in one trip to the database thread. A
-    "no runner" error is returned, not raised: the input rules speak first.
-    Raises QuotaExceeded when every candidate's per-runner budget is spent."""
+    quotas, read once for the turn. A "no runner" error is returned, not
+    raised: the input rules speak first. Raises QuotaExceeded when every
+    candidate's per-runner budget is spent."""
     rules = enabled_rules()
     try:
         candidates = load_candidates(needed, pinned, need_rag, user)
     except RunnerError as exc:
-        return rules, None, exc, []
+        return TurnSettings(rules, None, exc, [])
     budgets = quotas.quotas_of(user) if user is not None else []
     # Runners whose per-runner budget (accounts.quotas) is spent are left out.
-    return rules, quotas.within_budget(user, candidates, budgets=budgets), None, budgets
+    allowed = quotas.within_budget(user, candidates, budgets=budgets)
+    return TurnSettings(rules, allowed, None, budgets)
+
+
+def _request_of(turn: TurnInput) -> ChatRequest:
+    return ChatRequest(
+        messages=turn.messages,
+        **turn.sampling,
+        max_tokens=turn.max_tokens,
+        stop=turn.stop,
+        tools=turn.tools,
+        request_id=turn.request_id,
+    )
+
+
+def _needed(turn: TurnInput, request: ChatRequest) -> frozenset[Capability]:
+    # An agent turn always offers the built-in tools: it needs the `agent` capability.
+    needed = request.needed_capabilities()
+    return needed | {Capability.AGENT} if turn.agent else needed
+
+
+def turn_settings(turn: TurnInput) -> TurnSettings:
+    """What `run_turn(turn)` reads before it runs (synchronous: the database),
+    for a caller that reads it in a trip to the database of its own and
+    passes it in `TurnInput.settings`."""
+    return _settings_for(
+        _needed(turn, _request_of(turn)), turn.pinned_runner, turn.rag and not turn.agent, turn.user
+    )
+
+
+async def _settings(turn: TurnInput, request: ChatRequest) -> TurnSettings:
+    if turn.settings is not None:
+        return turn.settings
+    return await database_sync_to_async(_settings_for)(
+        _needed(turn, request), turn.pinned_runner, turn.rag and not turn.agent, turn.user
+    )
 
 
 async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
@@ -244,26 +293,18 @@ async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
     tokens were yielded, the caller keeps what it got as the partial answer."""
     if not turn.messages or turn.messages[-1].role != "user":
         raise RunnerError(ErrorCode.INVALID_INPUT, "The last message must be the user's.")
-    request = ChatRequest(
-        messages=turn.messages,
-        **turn.sampling,
-        max_tokens=turn.max_tokens,
-        stop=turn.stop,
-        tools=turn.tools,
-        request_id=turn.request_id,
-    )
+    request = _request_of(turn)
     check_encodable(request)
     if turn.agent:
         async for event in _agent_turn(turn, request):
             yield event
         return
-    rules, candidates, no_runner, budgets = await _turn_settings(
-        request.needed_capabilities(), turn.pinned_runner, turn.rag, turn.user
-    )
+    read = await _settings(turn, request)
+    rules, candidates, budgets = read.rules, read.candidates, read.budgets
     last_text = turn.messages[-1].content
     check_input(last_text, rules)
-    if no_runner is not None:
-        raise no_runner
+    if read.no_runner is not None:
+        raise read.no_runner
 
     context = ""
     if turn.rag:
@@ -355,14 +396,11 @@ async def _agent_turn(turn: TurnInput, request: ChatRequest) -> AsyncIterator[An
     from agents.steps import DatabaseSteps, MemorySteps
     from agents.tools import ToolContext, available_tools
 
-    # The built-in tools are always offered: an agent turn needs the `agent` capability.
-    needed = request.needed_capabilities() | {Capability.AGENT}
-    rules, candidates, no_runner, budgets = await _turn_settings(
-        needed, turn.pinned_runner, False, turn.user
-    )
+    read = await _settings(turn, request)
+    rules, candidates, budgets = read.rules, read.candidates, read.budgets
     check_input(turn.messages[-1].content, rules)
-    if no_runner is not None:
-        raise no_runner
+    if read.no_runner is not None:
+        raise read.no_runner
     interactive = turn.message_id is not None
     context = ToolContext(
         user=turn.user, timezone=turn.timezone, collection_ids=turn.collection_ids
