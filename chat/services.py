@@ -194,6 +194,7 @@ def _start(
     *,
     new: bool = False,
     answer_parent: Message | None = None,
+    agent: bool | None = None,
 ) -> TurnStart:
     assistant = Message.objects.create(
         conversation=conversation,
@@ -216,7 +217,8 @@ def _start(
         pinned_runner=pinned,
         rag=conversation.rag_enabled,
         collection_ids=collection_ids,
-        agent=agent_steps.agent_mode(conversation.pk),
+        # Known when the caller just set it (or made the conversation): not read back.
+        agent=agent_steps.agent_mode(conversation.pk) if agent is None else agent,
         temperature=conversation.temperature,
         top_p=conversation.top_p,
         max_tokens=conversation.max_tokens,
@@ -264,10 +266,15 @@ def begin_message(
             new = False  # read the collections back
         if agent is not None:
             agent_steps.set_agent_mode(conversation.pk, agent)
-        user_message = Message.objects.create(
+        user_message = Message(
             conversation=conversation, role=Message.Role.USER, content=text, images=list(images)
         )
-        return _start(conversation, user_message, new=new)
+        # A new conversation's first message is its root: nothing to look up.
+        user_message.root = conversation_id is None
+        user_message.save(force_insert=True)
+        if agent is None and conversation_id is None:
+            agent = False  # a new conversation starts without agent mode
+        return _start(conversation, user_message, new=new, agent=agent)
 
 
 def begin_regenerate(user, *, conversation_id: int, agent: bool | None = None) -> TurnStart:
@@ -282,7 +289,7 @@ def begin_regenerate(user, *, conversation_id: int, agent: bool | None = None) -
         last_user = next((m for m in reversed(path) if m.role == Message.Role.USER), None)
         if last_user is None:
             raise ChatError("nothing_to_regenerate", "This conversation has no message to answer.")
-        return _start(conversation, last_user, answer_parent=last_user)
+        return _start(conversation, last_user, answer_parent=last_user, agent=agent)
 
 
 def begin_edit(
@@ -310,7 +317,7 @@ def begin_edit(
         )
         edited.root = message.parent_id is None
         edited.save()
-        return _start(conversation, edited)
+        return _start(conversation, edited, agent=agent)
 
 
 def flush_contents(contents: dict[int, str]) -> None:
