@@ -9,6 +9,9 @@ each, through BreezeWeb and through the bare transport, in one run.
   frames itself (bench/_bare_ws.py) on each server: the transport's own cost.
   Issue 16 defined the baseline on Daphne; BreezeWeb serves on uvicorn, so
   both are measured.
+- **bare relay (uvicorn)**: the same consumer reading each answer from a paced
+  upstream of its own with httpx and sending every delta as it arrives: the
+  least any server that answers from an upstream spends per token.
 - **BreezeWeb**: one uvicorn process of the product (SQLite, an API key), every
   chat answered through the whole path (frame parsing, the turn saved, the
   pipeline, the router, the Llama Stack runner) by a paced OpenAI-compatible
@@ -43,7 +46,7 @@ from _common import percentile, profiled
 from websocket_chat import Site, one_stream, paced_upstream
 
 from breezeweb.serve import server_command
-from tests.support.processes import Process, Served, chroma_server
+from tests.support.processes import Process, Served, Upstream, chroma_server
 from tests.support.scripted_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -52,7 +55,9 @@ BENCH = Path(__file__).resolve().parent
 class BareSite:
     """The bare transport, shaped like websocket_chat.Site for one_stream()."""
 
-    def __init__(self, tokens: int, delay: float, server: str = "daphne") -> None:
+    def __init__(
+        self, tokens: int, delay: float, server: str = "daphne", upstream: str = ""
+    ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.key = "bare"
@@ -60,6 +65,7 @@ class BareSite:
             "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
             "BARE_TOKENS": str(tokens),
             "BARE_DELAY": str(delay),
+            "BARE_UPSTREAM": upstream,
         }
         if server == "daphne":
             argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
@@ -198,9 +204,15 @@ def main() -> None:
         per_core = PerCoreSite(max(sizes), args.processes, args.redis_url)
         sites.append((f"BreezeWeb x{args.processes}", per_core))
     try:
-        for _, bare in bares:
-            bare.start()
         with contextlib.ExitStack() as stack:
+            # The bare relay reads a paced upstream of its own.
+            pacing = ["--tokens", str(args.tokens), "--token-delay", str(args.token_delay)]
+            argv = [sys.executable, str(BENCH / "websocket_chat.py"), "--serve-upstream", *pacing]
+            relayed = stack.enter_context(Upstream(argv))
+            relay = BareSite(args.tokens, args.token_delay, "uvicorn", upstream=relayed.url)
+            bares.append(("bare relay (uvicorn)", relay))
+            for _, bare in bares:
+                bare.start()
             for _, site in sites:
                 # Every chat goes to the upstream: no process loads the local model.
                 site.env["PRELOAD_LOCAL_RUNNERS"] = "false"
