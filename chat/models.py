@@ -159,11 +159,12 @@ class Message(models.Model):
     # a conversation has no parent anyway; an edit of it is a second root).
     root = False
 
-    def save(self, *args, **kwargs) -> None:
+    def save(self, *args, move_leaf: bool = True, **kwargs) -> None:
         """A new message follows its conversation's active path unless given a
         parent (a regenerated answer, an edited message: a sibling, i.e. a new
         branch), and becomes the end of that path: a conversation is a tree of
-        messages, and what the page shows and the model reads is one path of it."""
+        messages, and what the page shows and the model reads is one path of it.
+        `move_leaf=False`: the caller moves the conversation's leaf itself."""
         adding = self._state.adding
         if adding and self.parent_id is None and not self.root:
             self.parent_id = (
@@ -177,7 +178,7 @@ class Message(models.Model):
                 .first()
             )
         super().save(*args, **kwargs)
-        if adding:
+        if adding and move_leaf:
             Conversation.objects.filter(pk=self.conversation_id).update(active_leaf_id=self.pk)
 
 

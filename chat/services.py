@@ -196,14 +196,18 @@ def _start(
     answer_parent: Message | None = None,
     agent: bool | None = None,
 ) -> TurnStart:
-    assistant = Message.objects.create(
+    assistant = Message(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
         parent=answer_parent or user_message,
     )
-    # Bump updated_at so the conversation moves to the top of the list.
-    Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    assistant.save(force_insert=True, move_leaf=False)
+    # The answer ends the active path, and updated_at moves the conversation
+    # to the top of the list: one UPDATE.
+    Conversation.objects.filter(pk=conversation.pk).update(
+        active_leaf_id=assistant.pk, updated_at=timezone.now()
+    )
     pinned = conversation.pinned_runner.name if conversation.pinned_runner_id else None
     collection_ids = () if new else tuple(conversation.collections.values_list("pk", flat=True))
     # A new conversation's history is its first message: no need to read it back.
@@ -269,8 +273,11 @@ def begin_message(
         user_message = Message(
             conversation=conversation, role=Message.Role.USER, content=text, images=list(images)
         )
-        # A new conversation's first message is its root: nothing to look up.
+        # A new conversation's first message is its root; in an existing one
+        # it follows the active leaf just read with the conversation.
         user_message.root = conversation_id is None
+        if not user_message.root and conversation.active_leaf_id is not None:
+            user_message.parent_id = conversation.active_leaf_id
         user_message.save(force_insert=True)
         if agent is None and conversation_id is None:
             agent = False  # a new conversation starts without agent mode
