@@ -847,13 +847,22 @@ def test_a_collection_lost_between_two_batches_of_a_write_loses_no_chunk(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_search_finding_the_collection_gone_rebuilds_it(rag_thread, user, caplog):
+def test_a_search_finding_the_collection_gone_rebuilds_it(rag_thread, user, caplog, monkeypatch):
     document = add_and_ingest(user, "lighthouse.pdf", docs.lighthouse_pdf())
     store.get_client().delete_collection(document.collection.chroma_name)
     caplog.set_level(logging.WARNING, logger="rag")
+    # The rebuild is handed to the worker once the search has returned: the
+    # in-memory test database refuses a writer while another connection
+    # reads the table (a file database in WAL mode, as served, does not), and
+    # the search still reads after it queued the rebuild.
+    queued: list[int] = []
+    dispatch = worker._dispatch
+    monkeypatch.setattr(worker, "_dispatch", queued.append)
     retrieve(user, LIGHTHOUSE_QUESTION)  # finds it gone: rebuilt in the background
-    # (Not read from the database while the rebuild writes: the in-memory test
-    # database refuses a writer while another connection reads the table.)
+    monkeypatch.setattr(worker, "_dispatch", dispatch)
+    assert queued == [document.pk]
+    dispatch(document.pk)
+    # (Not read from the database while the rebuild writes, for the same reason.)
     assert "re-ingesting its 1 document(s)" in caplog.text
     assert worker.wait_until_idle(120)
     assert Document.objects.get(pk=document.pk).status == "ready"
