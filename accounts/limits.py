@@ -175,7 +175,7 @@ clock = time.time
 # minute or month made each request pay for thousands). The cache holds a
 # token per window instead: a window whose token is gone (`cache.clear()`,
 # `reset`, culled) starts empty, as a window kept in the cache would.
-_local_windows: dict[str, tuple[str, deque[float]]] = {}
+_local_windows: dict[str, tuple[str, int, deque[float]]] = {}
 # Past this many windows, the empty ones are dropped (idle users' and keys').
 _LOCAL_SWEEP_AT = 10_000
 
@@ -193,13 +193,13 @@ def _local_window(key: str, window_s: int, now: float) -> deque[float]:
     entry = _local_windows.get(name)
     if token is None or entry is None or entry[0] != token:
         if len(_local_windows) >= _LOCAL_SWEEP_AT:
-            for other, (_, stamps) in list(_local_windows.items()):
-                if not _expire(stamps, int(other.split(":", 3)[2]), now):
+            for other, (_, span, stamps) in list(_local_windows.items()):
+                if not _expire(stamps, span, now):
                     del _local_windows[other]
         token = uuid.uuid4().hex
         cache.set(name, token, timeout=None)
-        entry = _local_windows[name] = (token, deque())
-    return _expire(entry[1], window_s, now)
+        entry = _local_windows[name] = (token, window_s, deque())
+    return _expire(entry[2], window_s, now)
 
 
 def _hit_local(windows: Sequence[Window], count: bool) -> tuple[bool, list]:

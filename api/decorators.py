@@ -77,7 +77,7 @@ def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | No
                 )
             request.client_id = limit_subject(request.user, raw)
             if limit:
-                decision = limits.hit(f"api:{request.client_id}", getattr(settings, limit), 60)
+                decision = _count(request.client_id, limit)
                 if not decision.allowed:
                     return rate_limited(error, decision, _subject_name())
             try:
@@ -90,14 +90,22 @@ def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | No
     return decorator
 
 
+def _rate_key(client_id: str) -> str:
+    return f"api:{client_id}"
+
+
+def _count(client_id: str, limit: str) -> limits.RateDecision:
+    """One request counted against `client_id`'s budget of setting `limit` a minute."""
+    return limits.hit(_rate_key(client_id), getattr(settings, limit), 60)
+
+
 def _key_and_count(raw: str, limit: str | None) -> tuple[ApiKey | None, limits.RateDecision | None]:
     """The active key for `raw` and, when it is one and `limit` is set, the
     request counted against the key's (or its user's) budget."""
     key = ApiKey.lookup(raw)
     if key is None or not limit:
         return key, None
-    subject = limit_subject(key.user, raw)
-    return key, limits.hit(f"api:{subject}", getattr(settings, limit), 60)
+    return key, _count(limit_subject(key.user, raw), limit)
 
 
 def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None):
@@ -129,7 +137,7 @@ def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None)
                     return error(403, "csrf_failed", reason)
         request.client_id = limit_subject(request.user, raw)
         if limit and decision is None:
-            decision = await limits.ahit(f"api:{request.client_id}", getattr(settings, limit), 60)
+            decision = await limits.ahit(_rate_key(request.client_id), getattr(settings, limit), 60)
         if decision is not None and not decision.allowed:
             return rate_limited(error, decision, _subject_name())
         try:

@@ -476,15 +476,13 @@ async def chat_completions(request: HttpRequest):
     )
     try:
         budgets, read = await sync_to_async(_admit)(request.user, parsed, turn)
-    except (ApiError, QuotaExceeded) as exc:
+    except BaseException as exc:
         if lease is not None:
             await lease.release()
         if isinstance(exc, ApiError):
             return exc.response()
-        return _with_budget(turn_error(exc, pinned=False).response(), [exc.status])
-    except BaseException:
-        if lease is not None:
-            await lease.release()
+        if isinstance(exc, QuotaExceeded):
+            return _with_budget(turn_error(exc, pinned=False).response(), [exc.status])
         raise
     turn = replace(turn, settings=read)
     completion = Completion(completion_id, request.user, parsed, turn, started=arrived)

@@ -56,11 +56,7 @@ UPSTREAM = os.environ.get("BARE_UPSTREAM", "")
 _client = None
 
 
-class Relay(AsyncWebsocketConsumer):
-    async def receive(self, text_data=None, bytes_data=None):
-        frame = json.loads(text_data)
-        asyncio.get_running_loop().create_task(self.answer(frame))
-
+class Relay(Bare):
     async def answer(self, frame: dict) -> None:
         import httpx
 

@@ -2,7 +2,7 @@
 evaluation sets in bench/evalsets, and the percentile they report. Not a benchmark
 itself (running it does nothing).
 
-The live processes a benchmark starts (WebServer, a scripted upstream, `manage.py`)
+The live processes a benchmark starts (the web server, a scripted upstream, `manage.py`)
 come from tests/support/processes.py, the same helpers the tests use."""
 
 from __future__ import annotations

@@ -270,21 +270,18 @@ def _needed(turn: TurnInput, request: ChatRequest) -> frozenset[Capability]:
     return needed | {Capability.AGENT} if turn.agent else needed
 
 
-def turn_settings(turn: TurnInput) -> TurnSettings:
+def turn_settings(turn: TurnInput, request: ChatRequest | None = None) -> TurnSettings:
     """What `run_turn(turn)` reads before it runs (synchronous: the database),
     for a caller that reads it in a trip to the database of its own and
-    passes it in `TurnInput.settings`."""
-    return _settings_for(
-        _needed(turn, _request_of(turn)), turn.pinned_runner, turn.rag and not turn.agent, turn.user
-    )
+    passes it in `TurnInput.settings`. `request`: the turn's, when built."""
+    needed = _needed(turn, request or _request_of(turn))
+    return _settings_for(needed, turn.pinned_runner, turn.rag and not turn.agent, turn.user)
 
 
 async def _settings(turn: TurnInput, request: ChatRequest) -> TurnSettings:
     if turn.settings is not None:
         return turn.settings
-    return await database_sync_to_async(_settings_for)(
-        _needed(turn, request), turn.pinned_runner, turn.rag and not turn.agent, turn.user
-    )
+    return await database_sync_to_async(turn_settings)(turn, request)
 
 
 async def run_turn(turn: TurnInput) -> AsyncIterator[Any]:
