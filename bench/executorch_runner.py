@@ -30,38 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "breezeweb.settings")
 
-# The fixed answer-agreement set (issue 17): facts, arithmetic, short
-# instructions. Each variant's greedy answers are compared with fp32's.
-QUESTIONS = (
-    "What is the capital of France?",
-    "What is the capital of Japan?",
-    "What is 2 plus 3?",
-    "Which planet is the largest in the solar system?",
-    "What is the chemical symbol for gold?",
-    "Who wrote Romeo and Juliet?",
-    "What is the boiling point of water in degrees Celsius?",
-    "How many days are there in a week?",
-    "What is 7 times 8?",
-    "What is 15 minus 4?",
-    "What is half of 50?",
-    "What is the square root of 81?",
-    "Translate 'good morning' into French.",
-    "Give me three colours of the rainbow.",
-    "Write one sentence about the sea.",
-    "List two fruits that are yellow.",
-    "What is the opposite of hot?",
-    "Spell the word 'cat' backwards.",
-    "What is the largest ocean on Earth?",
-    "How many legs does a spider have?",
-    "Name the first month of the year.",
-    "What gas do plants take in from the air?",
+# The fixed answer-agreement set (issue 17: facts, arithmetic, short
+# instructions) and the speed prompt: the ones `manage.py evaluate_model`
+# measures for the runner admin. Each variant's greedy answers are compared
+# with fp32's.
+from runners.executorch.evaluate import (  # noqa: E402
+    ANSWER_TOKENS,
+    QUESTIONS,
+    SPEED_PROMPT,
+    SPEED_TOKENS,
 )
-SPEED_PROMPT = (
-    "Write a short story about a robot who learns to paint. Describe the colors, the "
-    "studio, the first painting and what the robot feels when people see it."
-)
-ANSWER_TOKENS = 48
-SPEED_TOKENS = 128
 
 
 def _peak_rss_mb() -> float:
@@ -531,7 +509,7 @@ def _variant_dir(variant: str) -> Path:
 
     models_dir = Path(settings.MODELS_DIR)
     if variant != prepare.DEFAULT_VARIANT:
-        models_dir = Path(settings.MODEL_CACHE_DIR) / "variants" / variant
+        models_dir = prepare.variant_dir(Path(settings.MODEL_CACHE_DIR), variant)
     result = prepare.prepare_model(models_dir, Path(settings.MODEL_CACHE_DIR), variant)
     return result.directory
 

@@ -36,6 +36,7 @@ from runners.forms import (
     key_status,
 )
 from runners.models import GuardianRule, RunnerConfig, RunRecord
+from runners.registry import runner_class
 from runners.router import circuits
 
 TEST_PROMPT_MAX_RUNNERS = 10
@@ -54,6 +55,16 @@ def shown_endpoint(url: str) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
+
+
+def _runner_of(config: RunnerConfig | None):
+    """The runner a saved config describes, or None when it cannot be built."""
+    if config is None or config.pk is None:
+        return None
+    try:
+        return runner_class(config.kind).from_config(config)
+    except Exception:
+        return None  # a bad extra_params: the form says what is wrong with it
 
 
 @admin.register(RunnerConfig)
@@ -75,12 +86,21 @@ class RunnerConfigAdmin(admin.ModelAdmin):
     list_filter = ("kind", "enabled")
     search_fields = ("name", "model_id", "endpoint")
     actions = ["check_health", "send_test_prompt"]
-    readonly_fields = ("stored_key", "version", "created_at", "updated_at")
+    readonly_fields = ("stored_key", "measured", "version", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("name", "kind", "enabled", "priority")}),
         (
             _("Model and endpoint"),
-            {"fields": ("model_id", "endpoint", "stored_key", "api_key", "clear_api_key")},
+            {
+                "fields": (
+                    "model_id",
+                    "endpoint",
+                    "stored_key",
+                    "api_key",
+                    "clear_api_key",
+                    "measured",
+                )
+            },
         ),
         (
             _("Generation"),
@@ -148,6 +168,32 @@ class RunnerConfigAdmin(admin.ModelAdmin):
     @admin.display(description=_("Stored API key"))
     def stored_key(self, obj: RunnerConfig | None) -> str:
         return key_status(obj if obj and obj.pk else None)
+
+    @admin.display(description=_("Measured on this machine"))
+    def measured(self, obj: RunnerConfig | None) -> str:
+        """A local runner's program: its speed here and its answer agreement
+        with fp32, as `manage.py evaluate_model` measured them."""
+        runner = _runner_of(obj)
+        if runner is None or not hasattr(runner, "evaluation"):
+            return "-"
+        evaluation = runner.evaluation()
+        if evaluation is None:
+            return gettext(
+                "Not measured yet. Run `python manage.py evaluate_model` on the server (a few "
+                "minutes; the first run also prepares the fp32 reference) to see this "
+                "model's speed and how often its answers are the full-precision model's."
+            )
+        return evaluation.summary()
+
+    def get_fieldsets(self, request: HttpRequest, obj: RunnerConfig | None = None):
+        fieldsets = super().get_fieldsets(request, obj)
+        runner = _runner_of(obj)
+        if runner is None or not hasattr(runner, "evaluation"):
+            return [
+                (name, {**options, "fields": [f for f in options["fields"] if f != "measured"]})
+                for name, options in fieldsets
+            ]
+        return fieldsets
 
     def get_changelist_form(self, request: HttpRequest, **kwargs):
         kwargs.setdefault("form", RunnerConfigListForm)

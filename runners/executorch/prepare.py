@@ -291,6 +291,16 @@ def read_manifest(directory: Path) -> dict | None:
     return buildcache.read_manifest(directory)
 
 
+def variant_dir(cache_dir: Path, variant: str, gguf_path: Path | None = None) -> Path:
+    """Where a variant is prepared when it is not the one served from
+    MODELS_DIR (the benchmark's variants, `evaluate_model`'s fp32 reference):
+    in the model cache, apart per GGUF when it is not the packaged one."""
+    base = Path(cache_dir) / "variants"
+    if gguf_path is not None:
+        base = base / buildcache.sha256_file(Path(gguf_path))[:16]
+    return base / variant
+
+
 def _meta_name(gguf_name: str) -> str | None:
     if gguf_name == "token_embd.weight":
         return "tok_embeddings.weight"

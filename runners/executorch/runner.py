@@ -57,7 +57,8 @@ from runners.base import (
     TokenDelta,
     Usage,
 )
-from runners.executorch import prepare
+from runners.executorch import evaluate, prepare
+from runners.executorch.evaluate import Evaluation
 from runners.executorch.sampling import (
     BOUNDS,
     Sampler,
@@ -863,6 +864,11 @@ class ExecuTorchRunner:
         if not manifest.get("variant"):
             return ""
         return f"{manifest.get('model', 'model')} {manifest['variant']}; "
+
+    def evaluation(self) -> Evaluation | None:
+        """What `manage.py evaluate_model` measured of this runner's program on
+        this machine (speed, answer agreement with fp32), if it has been."""
+        return evaluate.stored(Path(settings.MODEL_CACHE_DIR), self.files.pte.parent)
 
     async def close(self) -> None:
         """Nothing to release per config: the loaded model is shared by the
