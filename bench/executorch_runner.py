@@ -1,16 +1,20 @@
 """Benchmark: the local ExecuTorch runner vs the bare TextLLMRunner vs PyTorch eager.
 
-    .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w,fp32] [--runs 3]
+    .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w-q41,8da4w,fp32] [--runs 3]
     .venv/bin/python bench/executorch_runner.py --only overhead|pyloop|sampling|multiturn --runs 6
 
 In one run, on the same prompts, each in its own subprocess (so peak RSS is
 its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
 `TextLLMRunner.generate` on the same program, (c) HF transformers eager on the
-GGUF's de-quantized fp32 weights. Reports prefill and decode tokens/s, time to
-first token, peak RSS, the ratios (runner vs eager, runner overhead vs bare),
-the greedy answers of a small fixed question set, and each variant's export
-time (from its manifest). Variants other than the prepared default are built
-into the model cache on first use (about 4-10 minutes each on 2 cores).
+GGUF's de-quantized fp32 weights, (d) llama.cpp on the GGUF itself when
+`llama-cpp-python` is installed (for the benchmark only, not a requirement:
+`CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install --no-cache-dir
+llama-cpp-python==0.3.36`, a source build of a few minutes). Reports
+prefill and decode tokens/s, time to first token, peak RSS, the ratios
+(runner vs eager, runner overhead vs bare), the greedy answers of a small
+fixed question set, and each variant's export time (from its manifest).
+Variants other than the prepared default are built into the model cache on
+first use (about 4-16 minutes each on 2 cores).
 """
 
 from __future__ import annotations
@@ -535,7 +539,7 @@ def _row(label: str, r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="8da8w,8da4w,fp32")
+    parser.add_argument("--variants", default="8da8w,8da4w-q41,8da4w,fp32")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--worker", choices=list(WORKERS))
     parser.add_argument(
