@@ -106,12 +106,16 @@ class Command(BaseCommand):
 
     def _reference(self, cache, model_dir, questions, options) -> evaluate.Evaluation:
         """The reference's answers: stored when it already gave these, else measured
-        (and stored: the reference agrees with itself on every answer)."""
+        and stored (fp32 agrees with itself on every answer; a program given
+        with --reference-dir keeps its own agreement unmeasured)."""
         kept = evaluate.stored(cache, model_dir)
         if kept is not None and (answered := evaluate.limited(kept, questions)) is not None:
             return answered
         measured = self._measure(model_dir, questions, options)
-        evaluate.store(cache, evaluate.compared(measured, measured))
+        if measured.variant == evaluate.REFERENCE_VARIANT:
+            evaluate.store(cache, evaluate.compared(measured, measured))
+        else:
+            evaluate.store(cache, measured)
         return measured
 
     def _measure(self, model_dir, questions, options) -> evaluate.Evaluation:
