@@ -13,7 +13,7 @@ import asyncio
 from urllib.parse import urlsplit
 
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -65,6 +65,14 @@ def _runner_of(config: RunnerConfig | None):
         return runner_class(config.kind).from_config(config)
     except Exception:
         return None  # a bad extra_params: the form says what is wrong with it
+
+
+def _kind_measures(kind: str) -> bool:
+    """Whether runners of `kind` keep a measurement of their program (`evaluation()`)."""
+    try:
+        return hasattr(runner_class(kind), "evaluation")
+    except ImproperlyConfigured:
+        return False  # an unknown kind: the form says so
 
 
 @admin.register(RunnerConfig)
@@ -187,8 +195,10 @@ class RunnerConfigAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: RunnerConfig | None = None):
         fieldsets = super().get_fieldsets(request, obj)
-        runner = _runner_of(obj)
-        if runner is None or not hasattr(runner, "evaluation"):
+        # Whether the kind measures its program is a property of its class:
+        # no runner is built for it (Django asks for the fieldsets repeatedly).
+        measures = obj is not None and obj.pk is not None and _kind_measures(obj.kind)
+        if not measures:
             return [
                 (name, {**options, "fields": [f for f in options["fields"] if f != "measured"]})
                 for name, options in fieldsets
