@@ -18,8 +18,9 @@ weights is `w = d*q + m` (q in 0..15, a scale d and a minimum m per block),
 which is `d*(q - 8) + (m + 8d)`: the first term is exactly a symmetric 4-bit
 weight with scale d in groups of 32 (what XNNPACK's 4-bit kernels run), the
 second is one number per block, so `W x = Wsym x + C (S x)` with S summing x
-over each block of 32 and C the (out x blocks) table of `m + 8d`: two small
-fp32 linears beside the 4-bit one. d, q and m are recovered from the
+over each block of 32 and C the (out x blocks) table of `m + 8d`: a sum and a
+small fp32 linear beside the 4-bit one, the sums shared by the layers that
+read the same input. d, q and m are recovered from the
 de-quantized checkpoint (the block's minimum is m, its maximum m + 15d); a
 layer whose weights are not Q4_1 blocks (another GGUF type) keeps 8-bit
 per-channel weights instead.
@@ -65,10 +66,11 @@ def q41_parts(weight):
     return k, d.squeeze(-1).to(torch.float32), c.to(torch.float32)
 
 
-def _q41_linear(linear, parts):
+def _q41_linear(linear, parts, sums):
     """`linear` (already quantized to 4 bits in groups of 32) made exact:
     its 4-bit values and scales set to the Q4_1 block's, and the blocks'
-    `m + 8d` added back through two small fp32 linears."""
+    `m + 8d` added back through a small fp32 linear over the input's block
+    sums (`sums`, a `BlockSums` the model's exact layers share)."""
     import torch
     from torch import nn
 
@@ -78,16 +80,28 @@ def _q41_linear(linear, parts):
         weight.qdata.copy_(k)
         weight.scale.copy_(d.to(weight.scale.dtype))
         weight.zero_point.zero_()
-    blocks = c.shape[1]
-    block_sum = nn.Linear(k.shape[1], blocks, bias=False)
-    with torch.no_grad():
-        block_sum.weight.copy_(
-            torch.eye(blocks).repeat_interleave(Q41_BLOCK, dim=1)  # (blocks, in) of 0/1
-        )
-    correction = nn.Linear(blocks, k.shape[0], bias=False)
+    correction = nn.Linear(c.shape[1], k.shape[0], bias=False)
     with torch.no_grad():
         correction.weight.copy_(c)
-    return _q41_module()(linear, block_sum, correction)
+    return _q41_module()(linear, correction, sums)
+
+
+class BlockSums:
+    """The sums of an input over its blocks of 32, computed once for the
+    layers that read the same input one after another (q, k and v; the
+    feed-forward's gate and up): a layer given the very tensor the previous
+    one was given reuses its sums. A reshape and a sum, not a 0/1 matrix
+    product, so it costs one add per input value."""
+
+    def __init__(self) -> None:
+        self._last: tuple = ()
+
+    def __call__(self, x):
+        if self._last and self._last[0] is x:
+            return self._last[1]
+        sums = x.reshape(*x.shape[:-1], x.shape[-1] // Q41_BLOCK, Q41_BLOCK).sum(-1)
+        self._last = (x, sums)
+        return sums
 
 
 @functools.cache
@@ -95,14 +109,14 @@ def _q41_module():
     from torch import nn
 
     class Q41Linear(nn.Module):
-        def __init__(self, linear, block_sum, correction) -> None:
+        def __init__(self, linear, correction, sums: BlockSums) -> None:
             super().__init__()
             self.linear = linear
-            self.block_sum = block_sum
             self.correction = correction
+            self.sums = sums
 
         def forward(self, x):
-            return self.linear(x) + self.correction(self.block_sum(x))
+            return self.linear(x) + self.correction(self.sums(x))
 
     return Q41Linear
 
@@ -170,8 +184,9 @@ def _patch(int8: list[str], q41: bool = False) -> None:
             ),
             filter_fn=four,
         )
+        sums = BlockSums()
         for fqn, parts in exact.items():
-            _replace(model, fqn, _q41_linear(model.get_submodule(fqn), parts))
+            _replace(model, fqn, _q41_linear(model.get_submodule(fqn), parts, sums))
         return model
 
     q.quantize = quantize

@@ -293,6 +293,11 @@ def build_inputs(gguf_path: Path, variant: str, info: dict | None = None) -> dic
         "executorch_version": executorch_version(),
         "converter_version": CONVERTER_VERSION,
     }
+    if variant in _EXPORT_MODULES:
+        # Our wrapper is part of the build: a change to it is a new program.
+        inputs["exporter_sha256"] = buildcache.sha256_file(
+            Path(__file__).with_name("export_mixed.py")
+        )
     return inputs
 
 
@@ -530,7 +535,8 @@ def _build(gguf_path: Path, inputs: dict, work: Path, logs: Path, progress: Prog
         params,
         variant,
         work / PTE_NAME,
-        logs / f"export-{variant}.log",
+        # One log per build: two builds of a variant (two GGUFs) may run at once.
+        logs / f"export-{variant}-{buildcache.inputs_key(inputs)[:12]}.log",
         progress,
         inputs["export_args"],
     )

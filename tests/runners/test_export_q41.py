@@ -60,7 +60,9 @@ def test_other_weights_are_not_taken_for_q41(weight):
 
 def test_the_exact_layer_computes_the_gguf_layer_up_to_its_8_bit_activations():
     weight = q41_weight(64, 256, seed=1)
-    exact = export_mixed._q41_linear(four_bit(weight), export_mixed.q41_parts(weight))
+    exact = export_mixed._q41_linear(
+        four_bit(weight), export_mixed.q41_parts(weight), export_mixed.BlockSums()
+    )
     plain = four_bit(weight)  # the weights re-quantized to symmetric 4 bits instead
     x = torch.randn(5, 256)
     with torch.no_grad():
@@ -71,3 +73,35 @@ def test_the_exact_layer_computes_the_gguf_layer_up_to_its_8_bit_activations():
     # the weights costs several times that.
     assert exact_error < 0.02
     assert plain_error > 3 * exact_error
+
+
+def test_layers_reading_the_same_input_share_its_block_sums_and_compute_the_same():
+    weights = [q41_weight(48, 128, seed=seed) for seed in (2, 3, 4)]
+    sums = export_mixed.BlockSums()
+    shared = [
+        export_mixed._q41_linear(four_bit(w), export_mixed.q41_parts(w), sums) for w in weights
+    ]
+    alone = [
+        export_mixed._q41_linear(four_bit(w), export_mixed.q41_parts(w), export_mixed.BlockSums())
+        for w in weights
+    ]
+    x = torch.randn(3, 128)
+    computed = []
+    real_sum = torch.Tensor.sum
+
+    def counting_sum(self, *args, **kwargs):
+        computed.append(self.shape)
+        return real_sum(self, *args, **kwargs)
+
+    with torch.no_grad():
+        torch.Tensor.sum = counting_sum
+        try:
+            outputs = [layer(x) for layer in shared]
+        finally:
+            torch.Tensor.sum = real_sum
+        for out, layer in zip(outputs, alone, strict=True):
+            assert torch.equal(out, layer(x))
+        assert len(computed) == 1  # q, k and v: one sum of x
+        assert torch.equal(sums(x), x.reshape(3, 4, 32).sum(-1))
+        other = torch.randn(3, 128)
+        assert torch.equal(sums(other), other.reshape(3, 4, 32).sum(-1))  # a new input: new sums

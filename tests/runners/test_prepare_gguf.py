@@ -121,6 +121,15 @@ def test_the_packaged_model_keeps_its_export_arguments_and_cache_key():
     assert prepare.export_args("8da8w", info) == list(prepare.VARIANTS["8da8w"])
 
 
+def test_a_variant_our_wrapper_exports_is_keyed_by_the_wrapper_too():
+    gguf = prepare.locate_gguf()
+    wrapper = Path(prepare.__file__).with_name("export_mixed.py")
+    # export_llama's own variants do not change with our wrapper; its variants do.
+    assert "exporter_sha256" not in prepare.build_inputs(gguf, "8da8w")
+    inputs = prepare.build_inputs(gguf, "8da4w-q41")
+    assert inputs["exporter_sha256"] == prepare.buildcache.sha256_file(wrapper)
+
+
 @pytest.mark.slow
 def test_a_llama_gguf_of_another_size_is_prepared_cached_and_served(tmp_path, settings):
     path = write_gguf(tmp_path / "tiny-llama.gguf")
