@@ -486,7 +486,71 @@ def worker_eager(model_dir: Path | None, runs: int) -> dict:
 
 
 # Each runs in a process of its own (`--worker NAME`), called with (model_dir, runs).
+# Where the `follow` workers read fp32's answer tokens from (a JSON list per question).
+REFERENCE_ENV = "BENCH_REFERENCE_PATHS"
+
+
+def _reference_paths() -> list[list[int]] | None:
+    path = os.environ.get(REFERENCE_ENV)
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def worker_follow(model_dir: Path, runs: int) -> dict:
+    """Without a reference: this program's own answer tokens (its top-1 at
+    each step). With one: at how many steps of the reference's answers its
+    top-1 is the reference's next token (teacher forcing; evaluate.follow)."""
+    import django
+
+    django.setup()
+    from runners.executorch import evaluate
+
+    reference = _reference_paths()
+    runner = evaluate.measuring_runner(model_dir)
+
+    async def main() -> dict:
+        await runner.load()
+        try:
+            if reference is None:
+                paths = []
+                for question in QUESTIONS:
+                    message = (evaluate.ChatMessage("user", question),)
+                    paths.append(await runner.greedy_steps(message, max_new=ANSWER_TOKENS))
+                return {"paths": paths}
+            same, steps = await evaluate.follow(runner, QUESTIONS, reference)
+            return {"same": same, "steps": steps}
+        finally:
+            await runner.close()
+
+    return asyncio.run(main())
+
+
+def worker_llamacpp_follow(model_dir: Path, runs: int) -> dict:
+    """llama.cpp's top-1 along the reference's answers (as worker_follow)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from runners.executorch.prepare import locate_gguf
+
+    reference = _reference_paths()
+    llm = Llama(model_path=str(locate_gguf()), n_ctx=2048, n_threads=2, verbose=False)
+    same = steps = 0
+    for question, path in zip(QUESTIONS, reference or [], strict=True):
+        prompt = _render(model_dir / "chat_template.jinja", question)
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+        for token in path:
+            # Without logits_all, llama-cpp-python keeps no scores: read the
+            # context's logits of the last token evaluated.
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            same += int(np.argmax(logits)) == token
+            steps += 1
+            llm.eval([token])
+    return {"same": same, "steps": steps}
+
+
 WORKERS = {
+    "follow": worker_follow,
+    "llamacpp-follow": worker_llamacpp_follow,
     "runner": worker_runner,
     "bare": worker_bare,
     "eager": worker_eager,
@@ -527,6 +591,27 @@ def _spawn(kind: str, runs: int, model_dir: Path | None = None) -> dict:
         sys.stderr.write(out.stderr[-4000:])
         raise SystemExit(f"{kind} worker failed (exit {out.returncode})")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _follow_fp32(results: dict) -> None:
+    """results["follow"]: each variant's (and llama.cpp's) next-token agreement
+    along fp32's own answer tokens."""
+    import tempfile
+
+    directories = {variant: _variant_dir(variant) for variant in results["variants"]}
+    own = _spawn("follow", 1, directories["fp32"])["paths"]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
+        json.dump(own, out)
+    os.environ[REFERENCE_ENV] = out.name
+    try:
+        followed = {v: _spawn("follow", 1, d) for v, d in directories.items()}
+        if results.get("llamacpp"):
+            default = _variant_dir("8da8w")
+            followed["llama.cpp Q4_1"] = _spawn("llamacpp-follow", 1, default)
+    finally:
+        del os.environ[REFERENCE_ENV]
+        os.unlink(out.name)
+    results["follow"] = followed
 
 
 def _row(label: str, r: dict) -> str:
@@ -655,6 +740,15 @@ def main() -> None:
         )
     reference = results["variants"].get("fp32")
     if reference:
+        _follow_fp32(results)
+        print()
+        print(
+            "The same next token as fp32 along fp32's answers (teacher forcing: each step "
+            "fed fp32's answer so far):"
+        )
+        for name, followed in results["follow"].items():
+            share = 100 * followed["same"] / followed["steps"]
+            print(f"- {name}: {followed['same']}/{followed['steps']} steps ({share:.1f} %)")
         print()
         print(f"Greedy answers identical to fp32's ({len(QUESTIONS)} questions):")
         for variant, r in results["variants"].items():

@@ -14,7 +14,17 @@ reuse, so each question is read in full as a first turn is):
 
 The agreement is the number of answers identical, character for character,
 to those of the REFERENCE_VARIANT (`fp32`: the GGUF's weights de-quantized,
-nothing re-quantized) of the same GGUF, measured the same way. `python manage.py
+nothing re-quantized) of the same GGUF, measured the same way, and the share
+of the steps of the reference's answers at which this program's top-1 token
+is the reference's next token when fed the reference's answer so far
+(teacher forcing, `follow`). The first is what issue 17 asks for, but one
+different token early in an answer changes the rest of it, so with this
+small model it moves with the last bits of the arithmetic: the same program
+gives other answers through another runner or kernel, and an exactly
+equivalent change of the q41 program's summation order kept only 6 of 22
+answers. The second counts each step on its own, so it measures how close
+the program's choices are to fp32's rather than where the first difference
+falls. `python manage.py
 evaluate_model` prepares that reference (cached by input hash like any
 variant), measures both and stores each result in the model cache under its
 program's manifest key, so every directory linked from the same build shares
@@ -91,14 +101,26 @@ class Evaluation:
     questions: tuple[str, ...]
     reference_variant: str | None = None
     same_as_reference: int | None = None  # answers identical to the reference's
+    # Each answer's tokens (the program's own top-1 at every step).
+    paths: tuple[tuple[int, ...], ...] = ()
+    # Along the reference's answers (teacher forcing): at how many of their
+    # `steps` this program's top-1 token was the reference's next token.
+    same_next_token: int | None = None
+    steps: int | None = None
 
     def agreement(self) -> str:
         if self.same_as_reference is None:
             return "answer agreement not measured"
-        return (
+        text = (
             f"greedy answers identical to {self.reference_variant}'s on "
             f"{self.same_as_reference} of {len(self.questions)} questions"
         )
+        if self.same_next_token is not None and self.steps:
+            text += (
+                f", the same next token at {100 * self.same_next_token / self.steps:.1f} % "
+                f"of the {self.steps} steps of its answers"
+            )
+        return text
 
     def summary(self) -> str:
         """One line for the admin and the command."""
@@ -116,8 +138,13 @@ def compared(evaluation: Evaluation, reference: Evaluation) -> Evaluation:
     if reference.questions != evaluation.questions:
         raise ValueError("the reference was measured on other questions")
     same = sum(a == b for a, b in zip(evaluation.answers, reference.answers, strict=True))
+    followed = {}
+    if evaluation.key == reference.key and evaluation.paths:
+        # The reference itself: along its own answers it chose every token.
+        steps = sum(len(path) for path in evaluation.paths)
+        followed = {"same_next_token": steps, "steps": steps}
     return dataclasses.replace(
-        evaluation, reference_variant=reference.variant, same_as_reference=same
+        evaluation, reference_variant=reference.variant, same_as_reference=same, **followed
     )
 
 
@@ -127,7 +154,10 @@ def limited(evaluation: Evaluation, questions: Sequence[str]) -> Evaluation | No
     if evaluation.questions[:n] != tuple(questions):
         return None
     return dataclasses.replace(
-        evaluation, answers=evaluation.answers[:n], questions=tuple(questions)
+        evaluation,
+        answers=evaluation.answers[:n],
+        questions=tuple(questions),
+        paths=evaluation.paths[:n],
     )
 
 
@@ -166,14 +196,32 @@ def measuring_runner(model_dir: Path):
     )
 
 
+async def follow(
+    runner, questions: Sequence[str], reference: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """(same, steps): along the reference's answer tokens to `questions`, at
+    how many steps `runner`'s program picks the reference's next token."""
+    same = steps = 0
+    for question, path in zip(questions, reference, strict=True):
+        if not path:
+            continue
+        chosen = await runner.greedy_steps((ChatMessage("user", question),), along=path)
+        same += sum(a == b for a, b in zip(chosen, path, strict=True))
+        steps += len(path)
+    return same, steps
+
+
 async def evaluate(
     model_dir: Path,
     *,
     questions: Sequence[str] = QUESTIONS,
     speed_runs: int = SPEED_RUNS,
     progress: Progress = print,
+    reference: Evaluation | None = None,
 ) -> Evaluation:
-    """Measure the prepared program in `model_dir` (see the module docstring)."""
+    """Measure the prepared program in `model_dir` (see the module docstring);
+    with a `reference` that has its answers' tokens, also how often this
+    program picks the reference's next token along them."""
     manifest = prepare.read_manifest(model_dir)
     if not manifest:
         raise prepare.PrepareError(f"No prepared model in {model_dir}: run prepare_model.")
@@ -187,6 +235,15 @@ async def evaluate(
             answers.append((await answer(runner, question, ANSWER_TOKENS))[0])
             if i % 5 == 0 or i == len(questions):
                 progress(f"{label}: {i}/{len(questions)} answers")
+        paths = []
+        for question in questions:
+            message = (ChatMessage("user", question),)
+            paths.append(tuple(await runner.greedy_steps(message, max_new=ANSWER_TOKENS)))
+        followed = {}
+        if reference is not None and reference.paths and reference.questions == tuple(questions):
+            progress(f"{label}: following the {reference.variant} answers token by token")
+            same, steps = await follow(runner, questions, reference.paths)
+            followed = {"same_next_token": same, "steps": steps}
         timings = []
         for _ in range(speed_runs):
             timings.append((await answer(runner, SPEED_PROMPT, SPEED_TOKENS))[1].timings)
@@ -208,6 +265,8 @@ async def evaluate(
         ttft_ms=median("time_to_first_token_ms"),
         answers=tuple(answers),
         questions=tuple(questions),
+        paths=tuple(paths),
+        **followed,
     )
 
 
@@ -238,6 +297,7 @@ def stored(cache_dir: Path, model_dir: Path) -> Evaluation | None:
         data = json.loads(_path(cache_dir, key).read_text())
         data["answers"] = tuple(data["answers"])
         data["questions"] = tuple(data["questions"])
+        data["paths"] = tuple(tuple(path) for path in data.get("paths", ()))
         return Evaluation(**data)
     except (OSError, ValueError, TypeError, KeyError):
         return None

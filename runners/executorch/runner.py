@@ -677,6 +677,37 @@ def _run_generation(
         engine.pool.release(slot)
 
 
+def _greedy_steps(
+    engine: _Engine, slot: _Slot, prompt: list[int], along: Sequence[int] | None, max_new: int
+) -> list[int]:
+    """Worker thread body of `ExecuTorchRunner.greedy_steps`."""
+    import torch
+
+    torch.set_num_threads(1)  # as in _run_generation
+    method = slot.method
+    slot.cached.clear()  # overwritten from position 0; nothing is kept for reuse
+    position = 0
+    logits = None
+    for start in range(0, len(prompt), engine.max_seq_len):
+        chunk = prompt[start : start + engine.max_seq_len]
+        logits = method.execute([torch.tensor([chunk]), torch.tensor([position])])[0]
+        position += len(chunk)
+    steps = len(along) if along is not None else max_new
+    chosen: list[int] = []
+    token_in = torch.zeros((1, 1), dtype=torch.long)
+    position_in = torch.zeros((1,), dtype=torch.long)
+    while logits is not None and len(chosen) < steps:
+        top = int(logits.argmax())
+        chosen.append(top)
+        if len(chosen) == steps or (along is None and top in engine.eos_ids):
+            break
+        token_in[0, 0] = along[len(chosen) - 1] if along is not None else top
+        position_in[0] = position
+        logits = method.execute([token_in, position_in])[0]
+        position += 1
+    return chosen
+
+
 # ---- the runner ----------------------------------------------------------------------
 
 
@@ -916,6 +947,38 @@ class ExecuTorchRunner:
         kept, dropped = fitted
         prompt, tokens = rendered[len(kept)]
         return prompt, tokens, dropped
+
+    # -- measuring -------------------------------------------------------------
+
+    async def greedy_steps(
+        self, messages: Sequence[ChatMessage], along: Sequence[int] | None = None, max_new: int = 0
+    ) -> list[int]:
+        """For measuring the program (runners/executorch/evaluate.py): its
+        top-1 token at each step of an answer to `messages`, read from the
+        raw logits (no sampling adjustment), the prompt fitted and prefilled
+        in full as `stream` does. Without `along` it follows its own choices
+        (its greedy answer's tokens, until an end token or `max_new`); with
+        `along` each step is fed along's token whatever it chose (teacher
+        forcing), so a step that differs does not change the steps after it."""
+        await self.load()
+        engine = self._engine
+        assert engine is not None
+        steps = len(along) if along is not None else max_new
+        prompt, _, _ = self._fit_prompt(engine, messages, steps)
+        prompt_ids = engine.encode(prompt)
+        acquired = engine.pool.acquire_nowait(asyncio.get_running_loop())
+        if isinstance(acquired, _Waiter):
+            try:
+                slot = await acquired.future
+            except BaseException:
+                engine.pool.abandon(acquired)
+                raise
+        else:
+            slot = acquired
+        try:
+            return await asyncio.to_thread(_greedy_steps, engine, slot, prompt_ids, along, steps)
+        finally:
+            engine.pool.release(slot)
 
     # -- streaming -------------------------------------------------------------
 

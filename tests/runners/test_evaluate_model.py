@@ -73,6 +73,29 @@ def test_agreement_counts_answers_identical_to_the_references():
         evaluate.compared(measured(), measured(questions=("Other?", "Questions?")))
 
 
+def test_the_reference_compared_with_itself_picks_its_own_next_token_at_every_step():
+    reference = measured(variant="fp32", key="r" * 64, paths=((1, 2, 3), (4, 2)))
+    itself = evaluate.compared(reference, reference)
+    assert (itself.same_next_token, itself.steps) == (5, 5)
+    assert "the same next token at 100.0 % of the 5 steps" in itself.summary()
+    other = evaluate.compared(measured(same_next_token=4, steps=5), reference)
+    assert (other.same_next_token, other.steps) == (4, 5)  # measured by `follow`, kept
+    assert "the same next token at 80.0 % of the 5 steps" in other.summary()
+
+
+def test_a_result_stored_before_answer_tokens_were_recorded_still_loads(
+    isolated_cache, tmp_path, model_ready
+):
+    directory = copy_of_model(tmp_path)
+    key = prepare.read_manifest(directory)["key"]
+    path = evaluate.store(isolated_cache, measured(key=key))
+    data = json.loads(path.read_text())
+    for name in ("paths", "same_next_token", "steps"):
+        del data[name]
+    path.write_text(json.dumps(data))
+    assert evaluate.stored(isolated_cache, directory) == measured(key=key)
+
+
 def test_a_stored_result_belongs_to_its_program_only(isolated_cache, tmp_path, model_ready):
     directory = copy_of_model(tmp_path)
     key = prepare.read_manifest(directory)["key"]
@@ -103,7 +126,22 @@ def test_it_measures_the_real_program_through_the_runner(model_ready, local_mode
     assert (result.key, result.variant) == (manifest["key"], manifest["variant"])
     assert "Paris" in result.answers[0] and "Tokyo" in result.answers[1]
     assert result.decode_tps > 1 and result.prefill_tps > 1 and result.ttft_ms > 0
-    assert result.same_as_reference is None
+    assert result.same_as_reference is None and result.same_next_token is None
+
+    # Its answers' tokens are the answers (read from the raw logits, as the
+    # runner's greedy decoding picks them).
+    runner = evaluate.measuring_runner(Path(settings.MODELS_DIR))
+    async_to_sync(runner.load)()
+    tokenizer = runner._engine.tokenizer
+    for path, text in zip(result.paths, result.answers, strict=True):
+        assert 0 < len(path) <= evaluate.ANSWER_TOKENS
+        assert text in tokenizer.decode(list(path))
+    # Fed its own answers, it picks each next token again; fed other tokens, not.
+    same, steps = async_to_sync(evaluate.follow)(runner, QUESTIONS, result.paths)
+    assert same == steps == sum(len(path) for path in result.paths)
+    backwards = [path[::-1] for path in result.paths]
+    same, steps = async_to_sync(evaluate.follow)(runner, QUESTIONS, backwards)
+    assert steps == sum(len(path) for path in result.paths) and same < steps / 2
 
 
 @pytest.mark.slow
@@ -136,6 +174,7 @@ def test_the_command_stores_what_the_admin_shows(
     assert second.measured_at == first.measured_at and second.same_as_reference == 2
     page = admin_client.get(reverse("admin:runners_runnerconfig_change", args=[local.pk]))
     assert f"identical to {first.variant}&#x27;s on 2 of 2 questions" in page.text
+    assert "the same next token at 100.0 %" in page.text
 
     # A remote runner has no local program to measure.
     page = admin_client.get(reverse("admin:runners_runnerconfig_change", args=[remote.pk]))

@@ -17,7 +17,8 @@ class Command(BaseCommand):
     help = (
         "Measure a prepared local model on this machine: prefill and decode speed, time "
         "to first token, and on how many of a fixed set of questions its greedy answers "
-        "are identical to the full-precision (fp32) model's. The first run also prepares "
+        "are identical to the full-precision (fp32) model's, and at how many steps of "
+        "fp32's answers it picks fp32's next token. The first run also prepares "
         "that fp32 reference (minutes; cached). The runner admin shows the result."
     )
 
@@ -75,7 +76,7 @@ class Command(BaseCommand):
             if reference is not None and reference.key == manifest.get("key"):
                 result = reference  # the reference itself
             else:
-                result = self._measure(model_dir, questions, options)
+                result = self._measure(model_dir, questions, options, reference)
         except prepare.PrepareError as exc:
             raise CommandError(str(exc)) from None
         if reference is not None:
@@ -109,7 +110,8 @@ class Command(BaseCommand):
         and stored (fp32 agrees with itself on every answer; a program given
         with --reference-dir keeps its own agreement unmeasured)."""
         kept = evaluate.stored(cache, model_dir)
-        if kept is not None and (answered := evaluate.limited(kept, questions)) is not None:
+        answered = evaluate.limited(kept, questions) if kept is not None else None
+        if answered is not None and answered.paths:  # (kept before paths were recorded: no)
             return answered
         measured = self._measure(model_dir, questions, options)
         if measured.variant == evaluate.REFERENCE_VARIANT:
@@ -118,7 +120,7 @@ class Command(BaseCommand):
             evaluate.store(cache, measured)
         return measured
 
-    def _measure(self, model_dir, questions, options) -> evaluate.Evaluation:
+    def _measure(self, model_dir, questions, options, reference=None) -> evaluate.Evaluation:
         self.stdout.write(f"Measuring {model_dir}")
         return asyncio.run(
             evaluate.evaluate(
@@ -126,5 +128,6 @@ class Command(BaseCommand):
                 questions=questions,
                 speed_runs=options["speed_runs"],
                 progress=self.stdout.write,
+                reference=reference,
             )
         )
