@@ -365,6 +365,19 @@ def _is_byte_level(path: Path) -> bool:
     return False
 
 
+def _set_threads(threads: int) -> None:
+    """Size ExecuTorch's one threadpool (0: leave its default, one per core).
+    Only before the first program is loaded: resizing it while a program may
+    run is unsafe. With two threads a quantized program's results vary in
+    their last bits from run to run; with one they repeat exactly."""
+    if not threads:
+        return
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
 def _load_program(pte: Path) -> Any:
     global _native_ops_loaded
     with _native_ops_lock:
@@ -375,6 +388,7 @@ def _load_program(pte: Path) -> Any:
             import executorch.extension.llm.custom_ops.custom_ops
             import executorch.kernels.quantized  # noqa: F401 (registers kernels)
 
+            _set_threads(settings.EXECUTORCH_THREADS)
             _native_ops_loaded = True
     from executorch.runtime import Runtime
 

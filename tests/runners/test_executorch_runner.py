@@ -9,6 +9,10 @@ tests.support.fixtures). Generations are short and greedy.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from io import StringIO
 from pathlib import Path
@@ -485,3 +489,53 @@ def test_a_fresh_checkout_links_the_cached_build_and_a_second_run_is_quick(model
     buffer = StringIO()
     call_command("prepare_model", output_dir=str(out), stdout=buffer)
     assert "already up to date" in buffer.getvalue()
+
+
+# Greedy answers to 8 questions, in a fresh process, with EXECUTORCH_THREADS from the env.
+_ANSWER_IN_A_FRESH_PROCESS = """
+import asyncio, json
+import django
+django.setup()
+from pathlib import Path
+from django.conf import settings
+from executorch.extension.pybindings import portable_lib
+from runners.base import ChatMessage
+from runners.executorch import evaluate
+
+async def main():
+    runner = evaluate.measuring_runner(Path(settings.MODELS_DIR))
+    paths = [
+        await runner.greedy_steps((ChatMessage("user", q),), max_new=48)
+        for q in evaluate.QUESTIONS[:8]
+    ]
+    threads = portable_lib._threadpool_get_thread_count()
+    print(json.dumps({"threads": threads, "paths": paths}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_one_executorch_thread_makes_the_answers_repeat_exactly(model_ready, tmp_path):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
+        "DATA_DIR": str(tmp_path),
+        "MODELS_DIR": str(MODELS_DIR),
+        "EXECUTORCH_THREADS": "1",
+    }
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", _ANSWER_IN_A_FRESH_PROCESS],
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["threads"] == runs[1]["threads"] == 1  # the default would be one per core
+    assert all(runs[0]["paths"])
+    assert runs[0]["paths"] == runs[1]["paths"]
