@@ -17,7 +17,7 @@ from accounts import limits
 from accounts.auth import bearer_key, csrf_failure_reason, limit_subject
 from accounts.models import ApiKey
 from api.errors import json_error
-from api.inputs import InputError
+from chat.errors import ChatError
 
 
 def rate_limited(error: Callable[..., JsonResponse], decision, per: str) -> JsonResponse:
@@ -34,8 +34,8 @@ def _subject_name() -> str:
     return "key" if settings.API_RATE_LIMIT_PER_KEY else "user"
 
 
-def _input_error(error: Callable[..., JsonResponse], exc: InputError) -> JsonResponse:
-    return error(exc.status, exc.code, exc.message, param=exc.param)
+def _refused(error: Callable[..., JsonResponse], exc: ChatError) -> JsonResponse:
+    return error(exc.status, exc.code, exc.message, param=exc.param, retry_after=exc.retry_after)
 
 
 def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | None = None):
@@ -45,7 +45,8 @@ def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | No
     `request.client_id` names whose limits the request spends (`limit_subject`).
     With `limit` (the name of a requests-per-minute setting) the request is
     counted against it first: 429 `rate_limit_exceeded` with Retry-After.
-    An `InputError` raised by the view becomes its 4xx in the API's shape.
+    A `ChatError` raised by the view (an `InputError`, a refusal of the chat
+    service) becomes its 4xx in the API's shape.
     Works on sync and async views (an async view gets an async wrapper: the
     key lookup runs in a thread, the session user via `auser()`)."""
 
@@ -82,8 +83,8 @@ def api_view(*, error: Callable[..., JsonResponse] = json_error, limit: str | No
                     return rate_limited(error, decision, _subject_name())
             try:
                 return view(request, *args, **kwargs)
-            except InputError as exc:
-                return _input_error(error, exc)
+            except ChatError as exc:
+                return _refused(error, exc)
 
         return wrapper
 
@@ -142,7 +143,7 @@ def _async_api_view(view, error: Callable[..., JsonResponse], limit: str | None)
             return rate_limited(error, decision, _subject_name())
         try:
             return await view(request, *args, **kwargs)
-        except InputError as exc:
-            return _input_error(error, exc)
+        except ChatError as exc:
+            return _refused(error, exc)
 
     return wrapper

@@ -18,13 +18,8 @@ from api.inputs import read_body, read_json
 from chat import services, sharing, transfer
 from chat.inputs import clean_name, parse_id
 from chat.limits import MAX_CONVERSATION_QUERY_CHARS, MAX_SMALL_BODY_BYTES
-from chat.services import ChatError
 
 LIMIT = "APP_API_REQUESTS_PER_MINUTE"
-
-
-def _chat_error(exc: ChatError) -> JsonResponse:
-    return json_error(exc.status, exc.code, exc.message)
 
 
 def _body(request: HttpRequest, model, *, allow_nul: bool = False):
@@ -40,14 +35,11 @@ def conversations(request: HttpRequest) -> JsonResponse:
     `?q=words`: those whose messages or title say them, best match first.
     POST {"title"?, "project_id"?}: a new, empty conversation."""
     if request.method == "POST":
-        try:
-            # NUL and other control characters are allowed here: the title drops them.
-            new = _body(request, schemas.NewConversation, allow_nul=True)
-            created = services.create_conversation(
-                request.user, title=new.title or "", project_id=new.project_id
-            )
-        except ChatError as exc:
-            return _chat_error(exc)
+        # NUL and other control characters are allowed here: the title drops them.
+        new = _body(request, schemas.NewConversation, allow_nul=True)
+        created = services.create_conversation(
+            request.user, title=new.title or "", project_id=new.project_id
+        )
         return JsonResponse(created, status=201)
     query = clean_name(request.GET.get("q", ""))[:MAX_CONVERSATION_QUERY_CHARS]
     project_id = None
@@ -65,28 +57,22 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
     """GET: the conversation with its active branch and tree; PATCH {"title"?,
     "project_id"?, "pinned"?, "active_message_id"?}: rename, move, pin, switch
     branch; DELETE."""
-    try:
-        if request.method == "GET":
-            return JsonResponse(services.conversation_messages(request.user, conversation_id))
-        if request.method == "DELETE":
-            services.delete_conversation(request.user, conversation_id)
-            return HttpResponse(status=204)
-        patch = _body(request, schemas.ConversationPatch, allow_nul=True)
-        changes = {key: getattr(patch, key) for key in patch.model_fields_set}
-        return JsonResponse(services.update_conversation(request.user, conversation_id, changes))
-    except ChatError as exc:
-        return _chat_error(exc)
+    if request.method == "GET":
+        return JsonResponse(services.conversation_messages(request.user, conversation_id))
+    if request.method == "DELETE":
+        services.delete_conversation(request.user, conversation_id)
+        return HttpResponse(status=204)
+    patch = _body(request, schemas.ConversationPatch, allow_nul=True)
+    changes = {key: getattr(patch, key) for key in patch.model_fields_set}
+    return JsonResponse(services.update_conversation(request.user, conversation_id, changes))
 
 
 @api_view(limit=LIMIT)
 @require_POST
 def fork(request: HttpRequest, conversation_id: int) -> JsonResponse:
     """POST {"message_id"}: a new conversation with a copy of the branch up to that message."""
-    try:
-        message_id = _body(request, schemas.ForkRequest).message_id
-        forked = services.fork_conversation(request.user, conversation_id, message_id)
-    except ChatError as exc:
-        return _chat_error(exc)
+    message_id = _body(request, schemas.ForkRequest).message_id
+    forked = services.fork_conversation(request.user, conversation_id, message_id)
     return JsonResponse(forked, status=201)
 
 
@@ -94,15 +80,12 @@ def fork(request: HttpRequest, conversation_id: int) -> JsonResponse:
 @require_http_methods(["GET", "POST"])
 def conversation_shares(request: HttpRequest, conversation_id: int) -> JsonResponse:
     """GET: the conversation's share links; POST {"expires_in_days"?}: a new one."""
-    try:
-        if request.method == "GET":
-            services.conversation_messages(request.user, conversation_id)  # yours, or 404
-            shares = sharing.list_shares(request.user, conversation_id=conversation_id)
-            return JsonResponse({"shares": shares})
-        days = _body(request, schemas.ShareRequest).expires_in_days
-        created = sharing.create_share(request.user, conversation_id, expires_in_days=days)
-    except ChatError as exc:
-        return _chat_error(exc)
+    if request.method == "GET":
+        services.conversation_messages(request.user, conversation_id)  # yours, or 404
+        shares = sharing.list_shares(request.user, conversation_id=conversation_id)
+        return JsonResponse({"shares": shares})
+    days = _body(request, schemas.ShareRequest).expires_in_days
+    created = sharing.create_share(request.user, conversation_id, expires_in_days=days)
     return JsonResponse(created, status=201)
 
 
@@ -117,10 +100,7 @@ def shares(request: HttpRequest) -> JsonResponse:
 @require_http_methods(["DELETE"])
 def share(request: HttpRequest, share_id: int) -> JsonResponse:
     """DELETE /api/shares/{id}: revoke the link (it is kept, marked revoked)."""
-    try:
-        return JsonResponse(sharing.revoke_share(request.user, share_id))
-    except ChatError as exc:
-        return _chat_error(exc)
+    return JsonResponse(sharing.revoke_share(request.user, share_id))
 
 
 EXPORT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
@@ -184,11 +164,8 @@ def projects(request: HttpRequest) -> JsonResponse:
     """GET /api/projects: the user's projects; POST: create one."""
     if request.method == "GET":
         return JsonResponse({"projects": services.list_projects(request.user)})
-    try:
-        changes = _body(request, schemas.ProjectRequest).changes()
-        return JsonResponse(services.save_project(request.user, None, changes), status=201)
-    except ChatError as exc:
-        return _chat_error(exc)
+    changes = _body(request, schemas.ProjectRequest).changes()
+    return JsonResponse(services.save_project(request.user, None, changes), status=201)
 
 
 @api_view(limit=LIMIT)
@@ -196,16 +173,13 @@ def projects(request: HttpRequest) -> JsonResponse:
 def project(request: HttpRequest, project_id: int) -> HttpResponse:
     """GET: one project; PATCH: change it; DELETE: delete it (its
     conversations stay, outside any project)."""
-    try:
-        if request.method == "GET":
-            return JsonResponse(services.get_project(request.user, project_id))
-        if request.method == "DELETE":
-            services.delete_project(request.user, project_id)
-            return HttpResponse(status=204)
-        changes = _body(request, schemas.ProjectRequest).changes()
-        return JsonResponse(services.save_project(request.user, project_id, changes))
-    except ChatError as exc:
-        return _chat_error(exc)
+    if request.method == "GET":
+        return JsonResponse(services.get_project(request.user, project_id))
+    if request.method == "DELETE":
+        services.delete_project(request.user, project_id)
+        return HttpResponse(status=204)
+    changes = _body(request, schemas.ProjectRequest).changes()
+    return JsonResponse(services.save_project(request.user, project_id, changes))
 
 
 @api_view(limit=LIMIT)

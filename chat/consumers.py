@@ -449,24 +449,11 @@ def _frame_of(request_id: str, event) -> dict | None:
             "data": event.data,
         }
     if isinstance(event, ToolCall):
-        return {
-            "type": "tool_call",
-            "request_id": request_id,
-            "id": event.id,
-            "name": event.name,
-            "arguments": event.arguments,
-        }
+        return _tool_call_frame(request_id, event.id, event.name, event.arguments)
     if isinstance(event, StepStarted):
         step = event.step
-        return {
-            "type": "tool_call",
-            "request_id": request_id,
-            "id": step.call_id,
-            "name": step.name,
-            "arguments": step.arguments,
-            "step_id": step.id,
-            "round": step.round,
-        }
+        frame = _tool_call_frame(request_id, step.call_id, step.name, step.arguments)
+        return {**frame, "step_id": step.id, "round": step.round}
     if isinstance(event, ApprovalRequested):
         step = event.step
         return {
@@ -481,6 +468,17 @@ def _frame_of(request_id: str, event) -> dict | None:
     if isinstance(event, StepFinished):
         return {"type": "tool_result", "request_id": request_id, **event.step.as_dict()}
     return None
+
+
+def _tool_call_frame(request_id: str, call_id: str, name: str, arguments) -> dict:
+    """A `tool_call` frame: the model asked for a tool (a runner's call or an agent's step)."""
+    return {
+        "type": "tool_call",
+        "request_id": request_id,
+        "id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
 
 
 def _uncancel() -> None:

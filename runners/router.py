@@ -376,23 +376,12 @@ async def route(
             api_key_id=api_key_id,
         )
         tried.append(config.name)
+        routed_request = request
+        preparing = False  # False while the runner loads, True while the request is fitted
         try:
             runner = build_runner(config)
             await runner.load()
-        except RunnerError as exc:
-            await _fail(attempt, exc, source, message_id, capability)
-            last_error = exc
-            if exc.code in _REQUEST_ERRORS:
-                raise
-            continue
-        except Exception:
-            log.exception("runner %s could not be prepared", config.name)
-            error = RunnerError(ErrorCode.RUNTIME, f"The runner {config.name!r} failed to start.")
-            await _fail(attempt, error, source, message_id, capability)
-            last_error = error
-            continue
-        routed_request = request
-        try:
+            preparing = True
             routed_request = _with_defaults(request, config)
             notices: list[Notice] = []
             if prepare is not None:
@@ -404,6 +393,14 @@ async def route(
                 raise
             continue
         except Exception as exc:
+            if not preparing:
+                log.exception("runner %s could not be prepared", config.name)
+                error = RunnerError(
+                    ErrorCode.RUNTIME, f"The runner {config.name!r} failed to start."
+                )
+                await _fail(attempt, error, source, message_id, capability)
+                last_error = error
+                continue
             # `prepare` is the caller's fitting of *this request* (tokenizing
             # its text): a failure there is no evidence against the runner.
             # Content that cannot be encoded is the client's mistake; anything
