@@ -45,6 +45,7 @@ from chat.limits import MAX_JSON_DEPTH
 from chat.models import Conversation, Message
 from chat.pipeline import GuardianBlocked, TurnInput, run_turn, turn_settings
 from chat.turns import TurnRecorder
+from core import generation
 from rag.models import Collection
 from runners.base import ChatMessage, Done, RunnerError, TokenDelta, ToolCall
 from runners.models import RunnerConfig
@@ -197,12 +198,13 @@ def _admit(user, request: CompletionRequest, turn: TurnInput):
     limits; QuotaExceeded), and what the turn reads (chat.pipeline's
     TurnSettings; None when every runner's own budget is spent, which
     `run_turn` then reports as it always does)."""
-    _check_references(user, request)
-    budgets = quotas.charge(user)
-    try:
-        read = turn_settings(turn)
-    except QuotaExceeded:
-        read = None
+    with generation.one_stamp():  # five memos, one read of the config version
+        _check_references(user, request)
+        budgets = quotas.charge(user)
+        try:
+            read = turn_settings(turn)
+        except QuotaExceeded:
+            read = None
     return budgets, read
 
 

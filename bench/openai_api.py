@@ -2,6 +2,7 @@
 API vs the same fast upstream called directly, in one run.
 
     .venv/bin/python bench/openai_api.py [--requests 400] [--concurrency 8] [--profile FILE]
+                                         [--redis URL]
 
 A scripted OpenAI-compatible server (tests/support/scripted_server.py, answering
 at once) runs in its own process; BreezeWeb runs as a real uvicorn process with a
@@ -14,7 +15,9 @@ call upstream, a RunRecord saved). In between it measures the site's floor:
 no database), the least any request costs. Reports requests/s, p50 and p99
 latency for each, the ratios, and BreezeWeb's p50 above floor + upstream.
 `--profile FILE` records the server with py-spy (not a dependency) during
-the BreezeWeb run, as collapsed stacks.
+the BreezeWeb run, as collapsed stacks. `--redis URL` serves with REDIS_URL
+set, as a site of several processes is (the cache, the channel layer and the
+config version in Redis), still one process.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def main() -> None:
         metavar="FILE",
         help="record the BreezeWeb server with py-spy (collapsed stacks) during its run",
     )
+    parser.add_argument("--redis", metavar="URL", default="", help="serve with REDIS_URL=URL")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -122,6 +126,7 @@ def main() -> None:
         DATABASE_URL=f"sqlite:///{tmp / 'bench.sqlite3'}",
         API_REQUESTS_PER_MINUTE="1000000",
         LOG_LEVEL="WARNING",
+        REDIS_URL=args.redis,
     )
     web = WebServer(env, log=tmp / "server.log")
     with Upstream([sys.executable, __file__, "--serve-upstream"]) as upstream:
@@ -155,6 +160,7 @@ def main() -> None:
     print(
         f"non-streaming chat completions, {args.requests} requests, "
         f"concurrency {args.concurrency}, {os.cpu_count()} CPUs"
+        + (", on Redis" if args.redis else "")
     )
     print(f"{'':20} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>8}")
     for name, r in results.items():

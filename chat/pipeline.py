@@ -22,6 +22,7 @@ from django.conf import settings
 from channels.db import database_sync_to_async
 
 from accounts import quotas
+from core import generation
 from runners.base import (
     Capability,
     ChatMessage,
@@ -242,14 +243,15 @@ def _settings_for(needed, pinned: str | None, need_rag: bool, user) -> TurnSetti
     quotas, read once for the turn. A "no runner" error is returned, not
     raised: the input rules speak first. Raises QuotaExceeded when every
     candidate's per-runner budget is spent."""
-    rules = enabled_rules()
-    try:
-        candidates = load_candidates(needed, pinned, need_rag, user)
-    except RunnerError as exc:
-        return TurnSettings(rules, None, exc, [])
-    budgets = quotas.quotas_of(user) if user is not None else []
-    # Runners whose per-runner budget (accounts.quotas) is spent are left out.
-    allowed = quotas.within_budget(user, candidates, budgets=budgets)
+    with generation.one_stamp():  # three memos, one read of the config version
+        rules = enabled_rules()
+        try:
+            candidates = load_candidates(needed, pinned, need_rag, user)
+        except RunnerError as exc:
+            return TurnSettings(rules, None, exc, [])
+        budgets = quotas.quotas_of(user) if user is not None else []
+        # Runners whose per-runner budget (accounts.quotas) is spent are left out.
+        allowed = quotas.within_budget(user, candidates, budgets=budgets)
     return TurnSettings(rules, allowed, None, budgets)
 
 

@@ -9,6 +9,10 @@ and read again from the database once any of it changed, in any process.
   machine reads. Reading it is a small file read or one GET.
 - **The memo**: `memo(key, load)` returns the value loaded under the current
   stamp, loading it (`load()`, a database read) when the stamp moved since.
+- **One read per trip**: inside `with one_stamp():` the stamp is read once
+  and every memo of the block uses it (a turn's checks read five memos in
+  one trip to the database thread: one file read or one Redis GET, not five),
+  and the block sees one version of everything.
 - **No stale read survives a change**: a change bumps the stamp at once and
   again when its transaction commits; the memo reads the stamp *before*
   loading, so a load that ran before the commit is stored under the stamp
@@ -25,7 +29,9 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,8 @@ _lock = threading.Lock()
 _memo: dict[Any, Any] = {}
 _memo_stamp: str | None = None
 _MISSING = object()
+# The stamp read on entering `one_stamp()`, for the block's memos (None: outside one).
+_pinned: ContextVar[str | None] = ContextVar("core.generation.pinned", default=None)
 
 
 def _path() -> Path:
@@ -81,11 +89,28 @@ def bump() -> None:
         transaction.on_commit(_write)
 
 
+@contextmanager
+def one_stamp() -> Iterator[None]:
+    """Read the stamp once for the whole block (see the module doc); a block
+    inside another uses the outer one's."""
+    if _pinned.get() is not None:
+        yield
+        return
+    token = _pinned.set(stamp())
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
 def memo[T](key: Any, load: Callable[[], T]) -> T:
     """`load()`'s value for `key` under the current stamp (loaded at most once
-    per stamp and process, unless two threads miss at once)."""
+    per stamp and process, unless two threads miss at once); inside
+    `one_stamp()`, under the stamp read on entering it."""
     global _memo_stamp
-    current = stamp()
+    current = _pinned.get()
+    if current is None:
+        current = stamp()
     with _lock:
         if current != _memo_stamp:
             _memo.clear()

@@ -49,6 +49,24 @@ def test_a_change_during_a_load_makes_the_next_call_load_again():
     assert generation.memo("k", racing) == 2
 
 
+def test_one_stamp_reads_the_version_once_for_the_block(monkeypatch):
+    """Inside `one_stamp()` every memo uses the stamp read on entry: one read
+    however many memos, and one version of everything; after the block a
+    change made meanwhile is seen at once."""
+    reads = []
+    real = generation.stamp
+    monkeypatch.setattr(generation, "stamp", lambda: reads.append(1) or real())
+    load = Loads()
+    with generation.one_stamp():
+        with generation.one_stamp():  # nested: the outer block's read
+            first = [generation.memo(("k", i), load) for i in range(5)]
+        generation.bump()  # another request's change, in the middle of the block
+        assert generation.memo(("k", 0), load) == first[0]  # still the block's version
+    assert len(reads) == 1
+    assert first == [1, 2, 3, 4, 5]
+    assert generation.memo(("k", 0), load) == 6  # after the block: the change counts
+
+
 def test_the_stamp_is_a_file_every_process_of_the_machine_reads(settings, tmp_path):
     settings.DATA_DIR = tmp_path
     settings.REDIS_URL = ""
