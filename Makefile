@@ -19,6 +19,8 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/10
 # where `make run` / compose.yaml keep a server's cache and channel layer.
 # The main pass ignores DATABASE_URL / REDIS_URL from the shell.
 PYTEST_WORKERS ?= 2
+# The slowest tests are listed at the end of each pass: the suite's budget is ~12 minutes.
+PYTEST_ARGS ?= --durations=15
 
 # A Python >= 3.12: $(PYTHON) if set, else python3.12 / python3.13 when they
 # actually run (a pyenv shim may exist and still fail), else pyenv's 3.12.

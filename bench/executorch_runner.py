@@ -1,7 +1,8 @@
 """Benchmark: the local ExecuTorch runner vs the bare TextLLMRunner vs PyTorch eager.
 
     .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w-q41,8da4w,fp32] [--runs 3]
-    .venv/bin/python bench/executorch_runner.py --only overhead|pyloop|sampling|multiturn --runs 6
+    .venv/bin/python bench/executorch_runner.py --runs 6 \
+        --only overhead|pyloop|sampling|multiturn|busy
 
 In one run, on the same prompts, each in its own subprocess (so peak RSS is
 its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
@@ -263,6 +264,63 @@ def worker_overhead(model_dir: Path, runs: int) -> dict:
             lambda: bare_one(SPEED_PROMPT, SPEED_TOKENS)[1],
             ttft_delta_ms=(lambda r, b: r["ttft_ms"] - b["ttft_ms"], 1),
         )
+
+
+def worker_busy(model_dir: Path, runs: int) -> dict:
+    """The runner's decode while its event loop is busy with other Python work
+    (what serving other users is to it), at Python's default GIL switch
+    interval (5 ms) and at the one the runner sets (`SWITCH_INTERVAL_S`),
+    alternating per round in one process. Also how much of the loop's own
+    work got done meanwhile, per second."""
+    from runners.executorch.runner import SWITCH_INTERVAL_S
+
+    runner, runner_one = runner_session(model_dir)
+    default = 0.005
+    rounds: dict[float, list[tuple[float, float]]] = {default: [], SWITCH_INTERVAL_S: []}
+
+    async def busy(done: list[int], stop: asyncio.Event) -> None:
+        # Pure-Python slices of ~1 ms, yielding to the loop between them.
+        while not stop.is_set():
+            total = 0
+            for i in range(20_000):
+                total += i * i
+            done[0] += 1
+            await asyncio.sleep(0)
+
+    async def one_round() -> tuple[float, float]:
+        done, stop = [0], asyncio.Event()
+        task = asyncio.ensure_future(busy(done, stop))
+        started = time.perf_counter()
+        _, sample = await runner_one(SPEED_PROMPT, SPEED_TOKENS)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await task
+        return sample["decode_tps"], done[0] / elapsed
+
+    with asyncio.Runner() as loop:
+        loop.run(runner.load())
+        loop.run(runner_one("Hi", 4))
+        for i in range(runs):
+            order = (default, SWITCH_INTERVAL_S) if i % 2 == 0 else (SWITCH_INTERVAL_S, default)
+            for interval in order:
+                sys.setswitchinterval(interval)
+                rounds[interval].append(loop.run(one_round()))
+        idle = loop.run(runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]["decode_tps"]
+
+    def median(interval: float, i: int) -> float:
+        return round(statistics.median(r[i] for r in rounds[interval]), 1)
+
+    return {
+        "rounds": runs,
+        "idle_decode_tps": round(idle, 1),
+        **{
+            f"switch_{interval * 1000:g}ms": {
+                "decode_tps": median(interval, 0),
+                "loop_slices_per_s": median(interval, 1),
+            }
+            for interval in rounds
+        },
+    }
 
 
 def worker_pyloop(model_dir: Path, runs: int) -> dict:
@@ -556,6 +614,7 @@ WORKERS = {
     "eager": worker_eager,
     "overhead": worker_overhead,
     "pyloop": worker_pyloop,
+    "busy": worker_busy,
     "sampling": worker_sampling,
     "multiturn": worker_multiturn,
     "llamacpp": worker_llamacpp,
@@ -638,7 +697,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["overhead", "pyloop", "sampling", "multiturn"],
+        choices=["overhead", "pyloop", "sampling", "multiturn", "busy"],
         help="run just this measurement on the prepared default model and print it",
     )
     parser.add_argument("--model-dir", type=Path)

@@ -31,6 +31,7 @@ import codecs
 import contextlib
 import json
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -365,6 +366,15 @@ def _is_byte_level(path: Path) -> bool:
     return False
 
 
+# The GIL hand-over interval of a process that runs a local program. The
+# generation thread gives the GIL up for each forward step and needs it back
+# for a few microseconds of Python between steps; while the event loop runs
+# Python (serving other users), it only gets it when the holder is asked to
+# let go, after the switch interval: Python's default 5 ms is about half a
+# decode step here. (bench/executorch_runner.py --only busy)
+SWITCH_INTERVAL_S = 0.001
+
+
 def _set_threads(threads: int) -> None:
     """Size ExecuTorch's one threadpool (0: leave its default, one per core).
     Only before the first program is loaded: resizing it while a program may
@@ -389,6 +399,8 @@ def _load_program(pte: Path) -> Any:
             import executorch.kernels.quantized  # noqa: F401 (registers kernels)
 
             _set_threads(settings.EXECUTORCH_THREADS)
+            if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
             _native_ops_loaded = True
     from executorch.runtime import Runtime
 

@@ -34,6 +34,7 @@ from runners.base import (
 )
 from runners.executorch import prepare
 from runners.executorch.runner import (
+    SWITCH_INTERVAL_S,
     ExecuTorchRunner,
     PieceDecoder,
     StopScanner,
@@ -493,7 +494,7 @@ def test_a_fresh_checkout_links_the_cached_build_and_a_second_run_is_quick(model
 
 # Greedy answers to 8 questions, in a fresh process, with EXECUTORCH_THREADS from the env.
 _ANSWER_IN_A_FRESH_PROCESS = """
-import asyncio, json
+import asyncio, json, sys
 import django
 django.setup()
 from pathlib import Path
@@ -509,7 +510,7 @@ async def main():
         for q in evaluate.QUESTIONS[:8]
     ]
     threads = portable_lib._threadpool_get_thread_count()
-    print(json.dumps({"threads": threads, "paths": paths}))
+    print(json.dumps({"threads": threads, "paths": paths, "switch": sys.getswitchinterval()}))
 
 asyncio.run(main())
 """
@@ -537,5 +538,8 @@ def test_one_executorch_thread_makes_the_answers_repeat_exactly(model_ready, tmp
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert runs[0]["threads"] == runs[1]["threads"] == 1  # the default would be one per core
+    # Loading a program also shortens the GIL's hand-over (Python's default is 5 ms),
+    # so a busy event loop does not starve the generation thread.
+    assert runs[0]["switch"] == SWITCH_INTERVAL_S < 0.005
     assert all(runs[0]["paths"])
     assert runs[0]["paths"] == runs[1]["paths"]
