@@ -366,12 +366,13 @@ def _is_byte_level(path: Path) -> bool:
     return False
 
 
-# The GIL hand-over interval of a process that runs a local program. The
-# generation thread gives the GIL up for each forward step and needs it back
-# for a few microseconds of Python between steps; while the event loop runs
-# Python (serving other users), it only gets it when the holder is asked to
-# let go, after the switch interval: Python's default 5 ms is about half a
-# decode step here. (bench/executorch_runner.py --only busy)
+# The GIL hand-over interval of a process that runs a local program.
+# ExecuTorch's `Method.execute` keeps the GIL for the whole forward step; the
+# generation thread lets it go only inside the small torch ops between steps
+# (choosing the token, writing the next inputs), several times per token.
+# Each time, a busy event loop (serving other users) takes it and keeps it
+# until asked to let go, after the switch interval: at Python's default 5 ms
+# the decode crawled. (bench/executorch_runner.py --only busy; docs/executorch.md)
 SWITCH_INTERVAL_S = 0.001
 
 
