@@ -274,8 +274,8 @@ def worker_busy(model_dir: Path, runs: int) -> dict:
     work got done meanwhile, per second."""
     from runners.executorch.runner import SWITCH_INTERVAL_S
 
+    default = sys.getswitchinterval()  # Python's own, before the runner loads a program
     runner, runner_one = runner_session(model_dir)
-    default = 0.005
     rounds: dict[float, list[tuple[float, float]]] = {default: [], SWITCH_INTERVAL_S: []}
 
     async def busy(done: list[int], stop: asyncio.Event) -> None:
