@@ -267,16 +267,15 @@ def worker_overhead(model_dir: Path, runs: int) -> dict:
 
 
 def worker_busy(model_dir: Path, runs: int) -> dict:
-    """The runner's decode while its event loop is busy with other Python work
-    (what serving other users is to it), at Python's default GIL switch
-    interval (5 ms) and at the one the runner sets (`SWITCH_INTERVAL_S`),
-    alternating per round in one process. Also how much of the loop's own
-    work got done meanwhile, per second."""
-    from runners.executorch.runner import SWITCH_INTERVAL_S
-
-    default = sys.getswitchinterval()  # Python's own, before the runner loads a program
+    """The local runner beside other work of its web process's event loop
+    (what serving other users is to it), rounds alternating in one process:
+    the loop's work alone, the decode alone, then both at once. Reports the
+    decode's speed and the loop's work (pure-Python slices of ~1 ms per
+    second) when together, each as a ratio of its speed alone."""
     runner, runner_one = runner_session(model_dir)
-    rounds: dict[float, list[tuple[float, float]]] = {default: [], SWITCH_INTERVAL_S: []}
+    together: list[tuple[float, float]] = []
+    alone_decode: list[float] = []
+    alone_loop: list[float] = []
 
     async def busy(done: list[int], stop: asyncio.Event) -> None:
         # Pure-Python slices of ~1 ms, yielding to the loop between them.
@@ -287,7 +286,15 @@ def worker_busy(model_dir: Path, runs: int) -> dict:
             done[0] += 1
             await asyncio.sleep(0)
 
-    async def one_round() -> tuple[float, float]:
+    async def loop_alone(seconds: float) -> float:
+        done, stop = [0], asyncio.Event()
+        task = asyncio.ensure_future(busy(done, stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await task
+        return done[0] / seconds
+
+    async def both() -> tuple[float, float]:
         done, stop = [0], asyncio.Event()
         task = asyncio.ensure_future(busy(done, stop))
         started = time.perf_counter()
@@ -300,26 +307,21 @@ def worker_busy(model_dir: Path, runs: int) -> dict:
     with asyncio.Runner() as loop:
         loop.run(runner.load())
         loop.run(runner_one("Hi", 4))
-        for i in range(runs):
-            order = (default, SWITCH_INTERVAL_S) if i % 2 == 0 else (SWITCH_INTERVAL_S, default)
-            for interval in order:
-                sys.setswitchinterval(interval)
-                rounds[interval].append(loop.run(one_round()))
-        idle = loop.run(runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]["decode_tps"]
+        for _ in range(runs):
+            alone_loop.append(loop.run(loop_alone(1.0)))
+            alone_decode.append(loop.run(runner_one(SPEED_PROMPT, SPEED_TOKENS))[1]["decode_tps"])
+            together.append(loop.run(both()))
 
-    def median(interval: float, i: int) -> float:
-        return round(statistics.median(r[i] for r in rounds[interval]), 1)
-
+    decode_alone = statistics.median(alone_decode)
+    slices_alone = statistics.median(alone_loop)
+    decode_both = statistics.median(r[0] for r in together)
+    slices_both = statistics.median(r[1] for r in together)
     return {
         "rounds": runs,
-        "idle_decode_tps": round(idle, 1),
-        **{
-            f"switch_{interval * 1000:g}ms": {
-                "decode_tps": median(interval, 0),
-                "loop_slices_per_s": median(interval, 1),
-            }
-            for interval in rounds
-        },
+        "alone": {"decode_tps": round(decode_alone, 1), "loop_slices_per_s": round(slices_alone)},
+        "together": {"decode_tps": round(decode_both, 1), "loop_slices_per_s": round(slices_both)},
+        "decode_ratio": round(decode_both / decode_alone, 2),
+        "loop_ratio": round(slices_both / slices_alone, 2),
     }
 
 
@@ -330,10 +332,13 @@ def worker_pyloop(model_dir: Path, runs: int) -> dict:
     to asyncio."""
     import torch
 
-    from runners.executorch.runner import _load_program
+    from runners.executorch.engine_process import _load_program
 
     _, bare_one = bare_session(model_dir)
-    method = _load_program(model_dir / "model.pte").load_method("forward")
+    from django.conf import settings
+
+    pte = str(model_dir / "model.pte")
+    method = _load_program(pte, settings.EXECUTORCH_THREADS).load_method("forward")
     prompt = list(range(100, 100 + 40))
     torch.set_num_threads(1)  # as the runner's generation thread does
 

@@ -1,25 +1,29 @@
 """The local runner: an ExecuTorch program run by a decode loop of our own.
 
-One `_Engine` per model file pair and process (module-level cache, shared by
-every `RunnerConfig` pointing at the same files) holds the tokenizer, the chat
-template, the loaded program and a pool of its `forward` methods ("slots").
-Each slot owns one KV cache (the program's mutable buffers), so one slot
-serves one generation at a time; requests beyond the pool wait in a FIFO
-queue and are told their position.
+One `_Engine` per model file pair and web process (module-level cache,
+shared by every `RunnerConfig` pointing at the same files) holds the
+tokenizer, the chat template and a pool of slots; the program itself is
+loaded in the engine's own process (engine_process.py), one `forward` method
+per slot. Each slot owns one KV cache (the program's mutable buffers), so one
+slot serves one generation at a time; requests beyond the pool wait in a
+FIFO queue and are told their position.
 
-A generation runs in a worker thread: prefill (chunks of at most
+A generation runs in the engine process: prefill (chunks of at most
 `PREFILL_CHUNK_TOKENS`), then one `forward` call per token, each token chosen
 from the program's logits by `sampling.Sampler` (temperature, top_k, top_p,
 repetition / frequency / presence penalties, seed, logit bias). Each slot
 remembers the tokens its KV cache holds, so a prompt that extends them (the
 next turn of the same conversation) prefills only its new tokens. Token ids
-go to the request's event loop with `call_soon_threadsafe`; the async side
-turns them into text and `TokenDelta`s, holding back any tail that could be
-the start of a stop string or of the end marker, so neither ever leaks into
-the answer. Cancelling sets a flag the loop checks before every token; the
-worker returns the slot to the pool on its own, so the cancelled stream can
-return at once.
+come back over a socket; the engine's reader thread passes them to the
+request's event loop with `call_soon_threadsafe`, and the async side turns
+them into text and `TokenDelta`s, holding back any tail that could be the
+start of a stop string or of the end marker, so neither ever leaks into the
+answer. Cancelling sends a cancel the engine process checks before every
+token; the slot returns to the pool when that process says the generation
+stopped, so the cancelled stream can return at once.
 
+If the engine process dies (a crash in native code, a kill), the answers in
+flight end with a RUNTIME error and the next request starts a new process.
 The engine uses only thread-safe state (locks, not asyncio primitives): it
 outlives any one event loop (tests run each in a fresh loop).
 """
@@ -31,7 +35,6 @@ import codecs
 import contextlib
 import json
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -59,10 +62,10 @@ from runners.base import (
     Usage,
 )
 from runners.executorch import evaluate, prepare
+from runners.executorch.engine_process import EngineProcess, EngineStopped, common_prefix
 from runners.executorch.evaluate import Evaluation
 from runners.executorch.sampling import (
     BOUNDS,
-    Sampler,
     SamplingParams,
     check_value,
     logit_bias_ids,
@@ -153,12 +156,12 @@ def _model_context_tokens(files: ModelFiles) -> int | None:
 
 
 class _Slot:
-    """One `forward` method of the program (one KV cache) and the tokens its
-    cache holds, positions 0..len(cached)-1."""
+    """One `forward` method of the program in the engine process (one KV
+    cache) and the tokens its cache holds, positions 0..len(cached)-1: the
+    engine process's own list, copied back after each generation."""
 
-    def __init__(self, index: int, method: Any) -> None:
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.method = method
         self.cached: list[int] = []
 
 
@@ -263,9 +266,21 @@ class _SlotPool:
             return self.size - len(self._free)
 
 
+async def _acquire(engine: _Engine, loop: asyncio.AbstractEventLoop) -> _Slot:
+    """A slot of `engine`, waiting in the queue if need be (no notices)."""
+    acquired = engine.pool.acquire_nowait(loop)
+    if not isinstance(acquired, _Waiter):
+        return acquired
+    try:
+        return await acquired.future
+    except BaseException:
+        engine.pool.abandon(acquired)
+        raise
+
+
 class _Engine:
-    """A loaded model: tokenizer, chat template and a pool of slots, each a
-    loaded program's forward method."""
+    """A loaded model: tokenizer, chat template, and the engine process that
+    holds its program with a pool of slots, each a `forward` method."""
 
     def __init__(self, files: ModelFiles) -> None:
         self.files = files
@@ -277,31 +292,47 @@ class _Engine:
         self._template = _compile_template(self.chat_template)
         self.model_context_tokens = _model_context_tokens(files)
         self.load_seconds = 0.0
-        self.program: Any = None
+        self.process: EngineProcess | None = None
+        self.process_info: dict[str, Any] = {}  # the engine process's threads, switch interval
+        self.retired = False
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.max_seq_len = PREFILL_CHUNK_TOKENS
         self.eos_ids: frozenset[int] = frozenset()
         self._pieces: list[str] = []
         self.last_reused_tokens = 0  # prompt tokens the last generation reused
 
+    @property
+    def stopped(self) -> bool:
+        """Its process is gone (crashed, killed) or finishing for a newer engine:
+        the next request loads the model anew."""
+        return self.retired or (self.process is not None and not self.process.alive)
+
     def ensure_slots(self, count: int) -> None:
-        """Grow the pool to `count` methods (blocking: call in a thread)."""
+        """Grow the pool to `count` methods, starting the engine process on
+        first use (blocking: call in a thread). Raises EngineStopped."""
         with self._grow_lock:
             if self.pool.size >= count:
                 return
-            started = time.monotonic()
+            if self.process is None:
+                self.process = EngineProcess()
+            loaded = self.process.call(
+                "load", str(self.files.pte), settings.EXECUTORCH_THREADS, count
+            ).result()
+            if not self.process_info:
+                self._read_metadata(loaded["metadata"])
+            self.process_info = {k: loaded[k] for k in ("threads", "switch_interval", "pid")}
             while self.pool.size < count:
-                # A program per slot: the methods of one loaded program share
-                # its planned memory, KV cache included.
-                program = _load_program(self.files.pte)
-                if self.program is None:
-                    self._read_metadata(program)
-                self.pool.add(_Slot(self.pool.size, program.load_method("forward")))
-            self.load_seconds += time.monotonic() - started
+                self.pool.add(_Slot(self.pool.size))
+            self.load_seconds += loaded["seconds"]
 
-    def _read_metadata(self, program: Any) -> None:
-        self.program = program
-        meta = _program_metadata(program)
+    def retire(self) -> None:
+        """A newer engine replaces this one: its process finishes the answers
+        in flight, then exits."""
+        self.retired = True
+        if self.process is not None:
+            self.process.retire()
+
+    def _read_metadata(self, meta: dict[str, Any]) -> None:
         self.vocab_size = int(meta.get("get_vocab_size", self.vocab_size))
         # One forward call takes at most max_seq_len - 1 tokens (export_llama).
         self.max_seq_len = min(PREFILL_CHUNK_TOKENS, int(meta.get("get_max_seq_len", 1024)) - 1)
@@ -348,10 +379,6 @@ def _compile_template(source: str) -> Any:
     return environment.from_string(source)
 
 
-_native_ops_lock = threading.Lock()
-_native_ops_loaded = False
-
-
 def _is_byte_level(path: Path) -> bool:
     """Whether the tokenizer spells tokens in GPT-2's byte-level alphabet
     (then `PieceDecoder` turns pieces back into bytes)."""
@@ -364,60 +391,6 @@ def _is_byte_level(path: Path) -> bool:
                 if inner.get("type") == "ByteLevel":
                     return True
     return False
-
-
-# The GIL hand-over interval of a process that runs a local program.
-# ExecuTorch's `Method.execute` keeps the GIL for the whole forward step; the
-# generation thread lets it go only inside the small torch ops between steps
-# (choosing the token, writing the next inputs), several times per token.
-# Each time, a busy event loop (serving other users) takes it and keeps it
-# until asked to let go, after the switch interval: at Python's default 5 ms
-# the decode crawled. (bench/executorch_runner.py --only busy; docs/executorch.md)
-SWITCH_INTERVAL_S = 0.001
-
-
-def _set_threads(threads: int) -> None:
-    """Size ExecuTorch's one threadpool (0: leave its default, one per core).
-    Only before the first program is loaded: resizing it while a program may
-    run is unsafe. With two threads a quantized program's results vary in
-    their last bits from run to run; with one they repeat exactly."""
-    if not threads:
-        return
-    from executorch.extension.pybindings import portable_lib
-
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
-
-
-def _load_program(pte: Path) -> Any:
-    global _native_ops_loaded
-    with _native_ops_lock:
-        if not _native_ops_loaded:
-            # Register the custom SDPA / KV-cache and quantized-embedding
-            # kernels the exported program calls; without them loading fails
-            # with "Missing operator llama::custom_sdpa.out" / "embedding_byte".
-            import executorch.extension.llm.custom_ops.custom_ops
-            import executorch.kernels.quantized  # noqa: F401 (registers kernels)
-
-            _set_threads(settings.EXECUTORCH_THREADS)
-            if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-                sys.setswitchinterval(SWITCH_INTERVAL_S)
-            _native_ops_loaded = True
-    from executorch.runtime import Runtime
-
-    return Runtime.get().load_program(str(pte))
-
-
-def _program_metadata(program: Any) -> dict[str, Any]:
-    """The constant methods export_llama adds (get_vocab_size, get_eos_ids...)."""
-    meta: dict[str, Any] = {}
-    for name in program.method_names:
-        if not name.startswith("get_"):
-            continue
-        with contextlib.suppress(Exception):
-            values = [int(v) for v in program.load_method(name).execute([])]
-            meta[name] = values if name == "get_eos_ids" else values[0]
-    return meta
 
 
 _engines: dict[tuple, _Engine] = {}
@@ -437,7 +410,7 @@ def _engine_for(files: ModelFiles, slots: int) -> _Engine:
     key = files.key()
     with _engines_lock:
         engine = _engines.get(key)
-        if engine is None:
+        if engine is None or engine.stopped:
             try:
                 engine = _Engine(files)
             except Exception as exc:
@@ -448,10 +421,10 @@ def _engine_for(files: ModelFiles, slots: int) -> _Engine:
                     retryable=False,
                 ) from exc
             # A re-prepared model replaces the old one (same paths, new files);
-            # generations still running keep their own reference.
+            # its process finishes the answers in flight, then exits.
             paths = tuple(part[0] for part in key)
             for stale in [k for k in _engines if tuple(part[0] for part in k) == paths]:
-                del _engines[stale]
+                _engines.pop(stale).retire()
             _engines[key] = engine
     try:
         engine.ensure_slots(slots)
@@ -473,13 +446,20 @@ def _loaded_engine(files: ModelFiles, slots: int) -> _Engine | None:
         return None
     with _engines_lock:
         engine = _engines.get(key)
-    return engine if engine is not None and engine.pool.size >= slots else None
+    if engine is None or engine.stopped or engine.pool.size < slots:
+        return None
+    return engine
 
 
 def forget_engines() -> None:
-    """Drop every loaded model (tests)."""
+    """Drop every loaded model and stop its process (tests)."""
     with _engines_lock:
+        engines = list(_engines.values())
         _engines.clear()
+    for engine in engines:
+        engine.retired = True
+        if engine.process is not None:
+            engine.process.close()
 
 
 # ---- streaming helpers ---------------------------------------------------------------
@@ -584,11 +564,15 @@ FIRST_TOKENS_AT_ONCE = 4  # the first tokens go at once: the time to first text
 
 @dataclass
 class _Generation:
-    """State shared by the worker thread and the async consumer of one request."""
+    """One request's generation: the engine process's answers (on its reader
+    thread) become items of the request's queue (on its event loop)."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    engine: _Engine
+    slot: _Slot
     cancelled: threading.Event = field(default_factory=threading.Event)
+    request_id: int = 0
     started_at: float = 0.0
     prefilled_at: float = 0.0
     ended_at: float = 0.0
@@ -598,17 +582,71 @@ class _Generation:
     _pending: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _woken_at: float = float("-inf")
-    _tokens_put: int = 0
+
+    def start(self, prompt: list[int], params: SamplingParams, max_new: int, reuse: bool) -> None:
+        """Hand the generation to the engine process. The slot goes back to
+        the pool when it ends, whatever ends it (raises EngineStopped, with
+        the slot released, if the process is gone)."""
+        engine = self.engine
+        assert engine.process is not None
+        try:
+            self.request_id = engine.process.start(
+                "generate",
+                self._answer,
+                self.slot.index,
+                prompt,
+                params,
+                engine.vocab_size,
+                max_new,
+                reuse,
+                engine.eos_ids,
+                engine.max_seq_len,
+            )
+        except BaseException:
+            self.slot.cached.clear()
+            engine.pool.release(self.slot)
+            raise
+        if self.cancelled.is_set():
+            engine.process.cancel(self.request_id)
+
+    def cancel(self) -> None:
+        """Stop before the next token (the slot is released when the engine
+        process says it stopped)."""
+        if self.cancelled.is_set():
+            return
+        self.cancelled.set()
+        if self.request_id and self.engine.process is not None:
+            self.engine.process.cancel(self.request_id)
+
+    def _answer(self, message: tuple) -> None:
+        """On the engine process's reader thread: one of its answers."""
+        kind = message[0]
+        if kind == "token":
+            self.generated += 1
+            self.put(("token", message[2]))
+        elif kind == "prefilled":
+            _, _, self.started_at, self.prefilled_at, reused, self.prefilled_tokens = message
+            self.reused_tokens = self.engine.last_reused_tokens = reused
+        elif kind == "end":
+            _, _, self.ended_at, self.generated, cached = message
+            self.slot.cached = list(cached)
+            self.engine.pool.release(self.slot)
+            self.put(("end", None))
+        else:  # "error"
+            self.ended_at = time.perf_counter()
+            self.slot.cached = []  # its content is unknown now
+            self.engine.pool.release(self.slot)
+            self.put(("error", message[2]))
 
     def put(self, item: tuple) -> None:
-        """From the worker: `item` for the consumer, delivered with the items
-        before it when the loop is next woken."""
+        """`item` for the consumer, delivered with the items before it when
+        the loop is next woken (after the first tokens, at most every
+        WAKE_INTERVAL_SECONDS)."""
         with self._lock:
             self._pending.append(item)
         now = time.perf_counter()
         if item[0] == "token":
-            self._tokens_put += 1
-            early = self._tokens_put <= FIRST_TOKENS_AT_ONCE
+            early = self.generated <= FIRST_TOKENS_AT_ONCE
             if not early and now - self._woken_at < WAKE_INTERVAL_SECONDS:
                 return
         self._woken_at = now
@@ -616,7 +654,7 @@ class _Generation:
             self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:
             # The consumer's loop is gone: nobody listens, stop generating.
-            self.cancelled.set()
+            self.cancel()
 
     def _deliver(self) -> None:
         """On the loop: every pending item into the queue, in order."""
@@ -624,115 +662,6 @@ class _Generation:
             items, self._pending = self._pending, []
         for item in items:
             self.queue.put_nowait(item)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
-    while high - low > 1:
-        mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid
-    return low
-
-
-def _run_generation(
-    engine: _Engine,
-    slot: _Slot,
-    gen: _Generation,
-    prompt: list[int],
-    sampler: Sampler,
-    max_new: int,
-    reuse: bool,
-) -> None:
-    """Worker thread body: prefill what the slot's KV cache does not already
-    hold, then generate token by token until an end token, `max_new` tokens
-    or cancellation; then free the slot."""
-    import torch
-
-    # Sampling runs small torch ops per token. With OpenMP this setting is per
-    # thread: this worker's ops stay on it (waking a second OpenMP thread for
-    # a 49k-element copy cost milliseconds per token on a busy machine), and
-    # the program itself runs on ExecuTorch's own threadpool.
-    torch.set_num_threads(1)
-    gen.started_at = time.perf_counter()
-    method = slot.method
-    try:
-        # Keep the cached prefix (at least one prompt token must be computed
-        # to get logits); positions after it are simply overwritten.
-        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
-        del slot.cached[keep:]
-        gen.reused_tokens = engine.last_reused_tokens = keep
-        position = keep
-        logits = None
-        for start in range(keep, len(prompt), engine.max_seq_len):
-            if gen.cancelled.is_set():
-                break
-            chunk = prompt[start : start + engine.max_seq_len]
-            logits = method.execute([torch.tensor([chunk]), torch.tensor([position])])[0]
-            position += len(chunk)
-            slot.cached.extend(chunk)
-        gen.prefilled_tokens = position - keep
-        gen.prefilled_at = time.perf_counter()
-        token_in = torch.zeros((1, 1), dtype=torch.long)
-        position_in = torch.zeros((1,), dtype=torch.long)
-        eos = engine.eos_ids
-        while logits is not None and not gen.cancelled.is_set():
-            token = sampler.pick(logits)
-            gen.generated += 1
-            gen.put(("token", token))
-            if token in eos or gen.generated >= max_new:
-                break
-            sampler.accept(token)
-            token_in[0, 0] = token
-            position_in[0] = position
-            logits = method.execute([token_in, position_in])[0]
-            position += 1
-            slot.cached.append(token)
-        gen.ended_at = time.perf_counter()
-        gen.put(("end", None))
-    except BaseException as exc:
-        slot.cached.clear()  # the cache's content is unknown now
-        gen.ended_at = time.perf_counter()
-        gen.put(("error", exc))
-    finally:
-        engine.pool.release(slot)
-
-
-def _greedy_steps(
-    engine: _Engine, slot: _Slot, prompt: list[int], along: Sequence[int] | None, max_new: int
-) -> list[int]:
-    """Worker thread body of `ExecuTorchRunner.greedy_steps`."""
-    import torch
-
-    torch.set_num_threads(1)  # as in _run_generation
-    method = slot.method
-    slot.cached.clear()  # overwritten from position 0; nothing is kept for reuse
-    position = 0
-    logits = None
-    for start in range(0, len(prompt), engine.max_seq_len):
-        chunk = prompt[start : start + engine.max_seq_len]
-        logits = method.execute([torch.tensor([chunk]), torch.tensor([position])])[0]
-        position += len(chunk)
-    steps = len(along) if along is not None else max_new
-    chosen: list[int] = []
-    token_in = torch.zeros((1, 1), dtype=torch.long)
-    position_in = torch.zeros((1,), dtype=torch.long)
-    while logits is not None and len(chosen) < steps:
-        top = int(logits.argmax())
-        chosen.append(top)
-        if len(chosen) == steps or (along is None and top in engine.eos_ids):
-            break
-        token_in[0, 0] = along[len(chosen) - 1] if along is not None else top
-        position_in[0] = position
-        logits = method.execute([token_in, position_in])[0]
-        position += 1
-    return chosen
 
 
 # ---- the runner ----------------------------------------------------------------------
@@ -875,8 +804,9 @@ class ExecuTorchRunner:
 
     async def load(self) -> None:
         """Load the program and tokenizer (in a thread; once per process)."""
-        if self._engine is not None:
+        if self._engine is not None and not self._engine.stopped:
             return
+        self._engine = None
         # Already loaded by another config or request: take it without a
         # thread hop, so concurrent first requests still queue in arrival order.
         engine = _loaded_engine(self.files, self.parallelism)
@@ -887,7 +817,7 @@ class ExecuTorchRunner:
 
     def _load_blocking(self) -> _Engine:
         with self._load_lock:
-            if self._engine is None:
+            if self._engine is None or self._engine.stopped:
                 self._engine = _engine_for(self.files, self.parallelism)
             return self._engine
 
@@ -993,17 +923,16 @@ class ExecuTorchRunner:
         steps = len(along) if along is not None else max_new
         prompt, _, _ = self._fit_prompt(engine, messages, steps)
         prompt_ids = engine.encode(prompt)
-        acquired = engine.pool.acquire_nowait(asyncio.get_running_loop())
-        if isinstance(acquired, _Waiter):
-            try:
-                slot = await acquired.future
-            except BaseException:
-                engine.pool.abandon(acquired)
-                raise
-        else:
-            slot = acquired
+        slot = await _acquire(engine, asyncio.get_running_loop())
+        slot.cached.clear()  # overwritten from position 0
+        assert engine.process is not None
         try:
-            return await asyncio.to_thread(_greedy_steps, engine, slot, prompt_ids, along, steps)
+            future = engine.process.call(
+                "greedy", slot.index, prompt_ids, along, steps, engine.eos_ids, engine.max_seq_len
+            )
+            return await asyncio.wrap_future(future)
+        except EngineStopped as exc:
+            raise RunnerError(ErrorCode.RUNTIME, f"The local model failed: {exc}") from exc
         finally:
             engine.pool.release(slot)
 
@@ -1061,7 +990,6 @@ class ExecuTorchRunner:
         # Whatever room the prompt leaves (never more than asked for).
         max_new = min(max_tokens, self.context_tokens - prompt_tokens)
         prompt_ids = engine.encode(prompt)
-        sampler = Sampler(params, engine.vocab_size)
 
         loop = asyncio.get_running_loop()
         # A seeded request is always prefilled in full: a prefix reused from
@@ -1097,15 +1025,13 @@ class ExecuTorchRunner:
         else:
             slot = acquired
 
-        # From here until the worker starts nothing may raise or await: the
-        # worker is what returns the slot to the pool.
-        gen = _Generation(loop=loop, queue=asyncio.Queue())
-        worker = threading.Thread(
-            target=_run_generation,
-            args=(engine, slot, gen, prompt_ids, sampler, max_new, reuse),
-            name=f"executorch-gen-{slot.index}",
-            daemon=True,
-        )
+        # From here until the generation starts nothing may raise or await:
+        # the generation is what returns the slot to the pool.
+        gen = _Generation(loop=loop, queue=asyncio.Queue(), engine=engine, slot=slot)
+        try:
+            gen.start(prompt_ids, params, max_new, reuse)
+        except EngineStopped as exc:
+            raise RunnerError(ErrorCode.RUNTIME, f"The local model failed: {exc}") from exc
         scanner = StopScanner(request.stop)
         decoder = PieceDecoder(engine.byte_level)
         eos = engine.eos_ids
@@ -1113,7 +1039,6 @@ class ExecuTorchRunner:
         first_token_at: float | None = None
         finish = "length"
         completed = False
-        worker.start()
         try:
             while True:
                 kind, payload = await gen.queue.get()
@@ -1129,7 +1054,7 @@ class ExecuTorchRunner:
                         yield TokenDelta(text)
                     if stopped:
                         finish = "stop"
-                        gen.cancelled.set()
+                        gen.cancel()
                         break
                 elif kind == "end":
                     tail = scanner.feed(decoder.flush())[0] + scanner.flush()
@@ -1146,9 +1071,9 @@ class ExecuTorchRunner:
             completed = True
         finally:
             if not completed:
-                # Cancelled, or the consumer stopped iterating: the loop stops
-                # before its next token and frees the slot by itself.
-                gen.cancelled.set()
+                # Cancelled, or the consumer stopped iterating: the engine
+                # process stops before its next token and the slot is freed.
+                gen.cancel()
         finished = time.perf_counter()
         yield Done(
             finish_reason=finish,

@@ -188,6 +188,9 @@ def test_greedy_decoding_matches_executorchs_own_runner(model_ready):
     """Our loop with every adjustment off gives TextLLMRunner's greedy answer."""
     from django.conf import settings
 
+    # The kernels the program calls (our runner loads them in its engine process).
+    import executorch.extension.llm.custom_ops.custom_ops
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     runner = make_runner(repetition_penalty=1.0)
