@@ -827,16 +827,18 @@ class ExecuTorchRunner:
         if missing:
             return Health(ok=False, detail=f"{NOT_PREPARED} (missing {missing[0]})")
         engine = self._engine
-        if engine is None:
+        if engine is None or engine.stopped:
             # Perhaps loaded at server start (preload) by another instance.
             with _engines_lock:
                 engine = _engines.get(self.files.key())
-            if engine is None:
-                return Health(
-                    ok=True,
-                    detail=f"{self.program_label()}ready (loads on first request)",
-                    models=(self.model_id,),
-                )
+        if engine is None or engine.stopped:
+            # Never loaded, or its engine process stopped (a crash, a kill):
+            # the next request starts one.
+            return Health(
+                ok=True,
+                detail=f"{self.program_label()}ready (loads on first request)",
+                models=(self.model_id,),
+            )
         pool = engine.pool
         return Health(
             ok=True,

@@ -300,10 +300,12 @@ def test_a_dead_engine_process_fails_its_answer_clearly_and_the_next_one_starts_
                 if isinstance(event, TokenDelta) and len(got) == 1:
                     os.kill(runner._engine.process.pid, signal.SIGKILL)
         first_pid = runner._engine.process.pid
+        health = await runner.health()
         text, _, done = await collect(runner, ask("What is the capital of France?"))
-        return caught.value, got, first_pid, runner._engine.process.pid, text, done
+        return caught.value, got, health, first_pid, runner._engine.process.pid, text, done
 
-    error, got, first_pid, second_pid, text, done = asyncio.run(scenario())
+    error, got, health, first_pid, second_pid, text, done = asyncio.run(scenario())
+    assert health.ok and health.detail.endswith("ready (loads on first request)")
     assert error.code == ErrorCode.RUNTIME
     assert "process stopped" in str(error)
     assert not any(isinstance(e, Done) for e in got)
