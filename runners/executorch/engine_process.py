@@ -249,7 +249,10 @@ class _Worker:
                 break
             kind = message[0]
             if kind == "exit":
-                break
+                # Keep reading (a cancel may still come) until what runs has
+                # finished; then the connection is shut down and recv() ends.
+                threading.Thread(target=self._finish_then_close, daemon=True).start()
+                continue
             if kind == "cancel":
                 event = self.cancels.get(message[1])
                 if event is not None:
@@ -266,6 +269,12 @@ class _Worker:
                 event.set()
         for thread in list(self.threads):
             thread.join()
+
+    def _finish_then_close(self) -> None:
+        for thread in list(self.threads):
+            thread.join()
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _run(self, target: Callable[..., None], message: tuple) -> None:
         request_id = message[1]

@@ -314,6 +314,46 @@ def test_a_dead_engine_process_fails_its_answer_clearly_and_the_next_one_starts_
 
 
 @pytest.mark.slow
+def test_a_re_prepared_model_is_served_by_a_new_process_and_the_old_one_finishes_first(
+    model_ready, tmp_path
+):
+    """The model files change under a running answer (prepare_model again):
+    the next request gets a new engine process; the old one finishes the
+    answer it was giving, then exits."""
+    import shutil
+
+    for name in (prepare.PTE_NAME, prepare.TOKENIZER_NAME, prepare.CHAT_TEMPLATE_NAME):
+        shutil.copy(MODELS_DIR / name, tmp_path / name)
+    files = {"pte_path": str(tmp_path / prepare.PTE_NAME)}
+    files["tokenizer_path"] = str(tmp_path / prepare.TOKENIZER_NAME)
+    first, second = make_runner(**files), make_runner(**files)
+
+    async def scenario():
+        events = []
+        async for event in first.stream(ask("Write a long story about a dragon.", max_tokens=40)):
+            events.append(event)
+            if len(events) == 2:
+                old = first._engine.process
+                # A new file at the same path (a new inode), as prepare_model installs it.
+                shutil.copy(MODELS_DIR / prepare.PTE_NAME, tmp_path / "new.pte")
+                os.replace(tmp_path / "new.pte", tmp_path / prepare.PTE_NAME)
+                text, _, _ = await collect(second, ask("What is the capital of France?"))
+        deadline = time.monotonic() + 30
+        while old.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return events, old, second._engine.process, text
+
+    try:
+        events, old, new, text = asyncio.run(scenario())
+    finally:
+        forget_engines()
+    assert isinstance(events[-1], Done) and events[-1].usage.completion_tokens >= 3
+    assert "Paris" in text
+    assert new.pid != old.pid
+    assert not old.alive  # it exited once its answer was done
+
+
+@pytest.mark.slow
 def test_two_concurrent_requests_queue_fairly_and_get_their_own_answers(model_ready):
     # A fresh one-slot engine (configs sharing files share the largest pool).
     forget_engines()
