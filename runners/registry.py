@@ -109,9 +109,10 @@ async def readiness() -> dict:
 
 
 def preload_local_runners() -> None:
-    """Load enabled local (in-process) runners in a background thread, so the
-    first chat after a start does not wait for the model. Remote runners need
-    nothing: their HTTP clients belong to the server's event loop."""
+    """Load enabled local runners (starting their engine processes) in a
+    background thread, so the first chat after a start does not wait for the
+    model. Remote runners need nothing: their HTTP clients belong to the
+    server's event loop."""
     import threading
 
     def load() -> None:
