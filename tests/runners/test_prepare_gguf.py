@@ -7,6 +7,7 @@ package: no downloads."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from io import StringIO
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from runners.models import RunnerConfig
 DIM, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 2, 4, 2, 128, 256
 
 
+@functools.cache
 def _packaged_tokenizer() -> dict:
     import gguf
 
