@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -52,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from runners.executorch.sampling import Sampler
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Messages that end a request (its handler is then forgotten).
@@ -191,7 +194,11 @@ class EngineProcess:
                 else:
                     handler = self._handlers.get(message[1])
             if handler is not None:
-                handler(message)
+                try:
+                    handler(message)
+                except Exception:
+                    # One request's failure must not stop the answers of the others.
+                    log.exception("handling the engine process's %r failed", message[0])
         try:
             code = self._process.wait(10)
         except subprocess.TimeoutExpired:

@@ -615,3 +615,32 @@ def test_one_executorch_thread_makes_the_answers_repeat_exactly(model_ready, tmp
     assert runs[0]["pid"] != runs[1]["pid"]
     assert all(runs[0]["paths"])
     assert runs[0]["paths"] == runs[1]["paths"]
+
+
+def test_the_engine_process_refuses_a_bad_program_and_outlives_a_failing_handler(tmp_path, caplog):
+    """No model needed: a file that is not a program is refused with an error
+    (the process stays up), and a handler that raises is logged without
+    stopping the answers to the other requests."""
+    from runners.executorch.engine_process import EngineProcess, EngineStopped
+
+    bad = tmp_path / "model.pte"
+    bad.write_bytes(b"not an ExecuTorch program")
+    process = EngineProcess()
+    try:
+
+        def broken(message: tuple) -> None:
+            raise RuntimeError("a bug in one request's handler")
+
+        process.start("load", broken, str(bad), 1, 1)
+        with pytest.raises(EngineStopped):
+            process.call("load", str(bad), 1, 1).result(timeout=120)
+        deadline = time.monotonic() + 30  # the two loads may end in either order
+        while "handling the engine process's 'error' failed" not in caplog.text:
+            assert time.monotonic() < deadline, "the failing handler was never logged"
+            time.sleep(0.05)
+        assert process.alive
+    finally:
+        process.close()
+    assert not process.alive
+    with pytest.raises(EngineStopped, match="process stopped"):
+        process.call("load", str(bad), 1, 1)
