@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/executorch_runner.py [--variants 8da8w,8da4w-q41,8da4w,fp32] [--runs 3]
     .venv/bin/python bench/executorch_runner.py --runs 6 \
-        --only overhead|pyloop|sampling|multiturn|busy
+        --only overhead|pyloop|sampling|multiturn|busy|parallel
 
 In one run, on the same prompts, each in its own subprocess (so peak RSS is
 its own): (a) our `ExecuTorchRunner.stream`, (b) the bare
@@ -325,6 +325,67 @@ def worker_busy(model_dir: Path, runs: int) -> dict:
     }
 
 
+def worker_parallel(model_dir: Path, runs: int) -> dict:
+    """Two answers at once (`parallelism: 2`): aggregate decode tokens/s of two
+    slots in one engine process (as the runner serves them) vs one engine
+    process per slot, each with ExecuTorch's default threadpool (one thread
+    per core) and with one thread; a single stream for reference. Greedy,
+    SPEED_TOKENS new tokens each, rounds alternating, medians."""
+    import threading
+
+    from runners.executorch.engine_process import EngineProcess
+    from runners.executorch.sampling import SamplingParams
+
+    pte = str(model_dir / "model.pte")
+    prompt = list(range(100, 140))
+
+    def generate(process: EngineProcess, slot: int) -> threading.Event:
+        done = threading.Event()
+
+        def answered(message: tuple) -> None:
+            if message[0] in ("end", "error"):
+                assert message[0] == "end", message
+                done.set()
+
+        process.start(
+            "generate", answered, slot, prompt, SamplingParams(), 49152, SPEED_TOKENS,
+            False, frozenset(), 1000,
+        )  # fmt: skip
+        return done
+
+    def one_round(pairs: list[tuple[EngineProcess, int]]) -> float:
+        started = time.perf_counter()
+        for done in [generate(process, slot) for process, slot in pairs]:
+            done.wait()
+        return len(pairs) * SPEED_TOKENS / (time.perf_counter() - started)
+
+    results: dict = {"rounds": runs}
+    for threads in (0, 1):
+        shared = EngineProcess()
+        own = [EngineProcess(), EngineProcess()]
+        try:
+            shared.call("load", pte, threads, 2).result()
+            for process in own:
+                process.call("load", pte, threads, 1).result()
+            layouts = {
+                "single_stream": [(shared, 0)],
+                "one_process_2_slots": [(shared, 0), (shared, 1)],
+                "process_per_slot": [(own[0], 0), (own[1], 0)],
+            }
+            samples: dict[str, list[float]] = {name: [] for name in layouts}
+            for pairs in layouts.values():
+                one_round(pairs)  # warm-up
+            for _ in range(runs):
+                for name, pairs in layouts.items():
+                    samples[name].append(one_round(pairs))
+        finally:
+            for process in (shared, *own):
+                process.close()
+        label = f"threads_{threads or 'default'}"
+        results[label] = {k: round(statistics.median(v), 1) for k, v in samples.items()}
+    return results
+
+
 def worker_pyloop(model_dir: Path, runs: int) -> dict:
     """The runner's decode loop alone, greedy (the program's `forward` per
     token and argmax, in this thread, no event loop) vs the bare runner,
@@ -620,6 +681,7 @@ WORKERS = {
     "overhead": worker_overhead,
     "pyloop": worker_pyloop,
     "busy": worker_busy,
+    "parallel": worker_parallel,
     "sampling": worker_sampling,
     "multiturn": worker_multiturn,
     "llamacpp": worker_llamacpp,
@@ -702,7 +764,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["overhead", "pyloop", "sampling", "multiturn", "busy"],
+        choices=["overhead", "pyloop", "sampling", "multiturn", "busy", "parallel"],
         help="run just this measurement on the prepared default model and print it",
     )
     parser.add_argument("--model-dir", type=Path)
