@@ -338,6 +338,7 @@ def worker_parallel(model_dir: Path, runs: int) -> dict:
 
     pte = str(model_dir / "model.pte")
     prompt = list(range(100, 140))
+    vocab_size = 0  # the program's own, read when it loads
 
     def generate(process: EngineProcess, slot: int) -> threading.Event:
         done = threading.Event()
@@ -348,7 +349,7 @@ def worker_parallel(model_dir: Path, runs: int) -> dict:
                 done.set()
 
         process.start(
-            "generate", answered, slot, prompt, SamplingParams(), 49152, SPEED_TOKENS,
+            "generate", answered, slot, prompt, SamplingParams(), vocab_size, SPEED_TOKENS,
             False, frozenset(), 1000,
         )  # fmt: skip
         return done
@@ -364,7 +365,8 @@ def worker_parallel(model_dir: Path, runs: int) -> dict:
         shared = EngineProcess()
         own = [EngineProcess(), EngineProcess()]
         try:
-            shared.call("load", pte, threads, 2).result()
+            loaded = shared.call("load", pte, threads, 2).result()
+            vocab_size = loaded["metadata"]["get_vocab_size"]
             for process in own:
                 process.call("load", pte, threads, 1).result()
             layouts = {

@@ -217,11 +217,45 @@ class EngineProcess:
 
 
 class _Slot:
-    """One forward method (one KV cache) and the tokens its cache holds."""
+    """One forward method (one KV cache) and the tokens its cache holds,
+    positions 0..len(cached)-1: the next token fed goes to len(cached)."""
 
     def __init__(self, method: Any) -> None:
         self.method = method
         self.cached: list[int] = []
+        self._inputs: tuple[Any, Any] | None = None  # one decode step's (token, position)
+
+    def prefill(self, tokens: list[int], chunk: int, cancelled: Any = None) -> Any:
+        """Feed `tokens` after what the cache holds, in calls of at most
+        `chunk` tokens (stopping early once `cancelled` is set); the last
+        call's logits, None if none ran."""
+        import torch
+
+        logits = None
+        for start in range(0, len(tokens), chunk):
+            if cancelled is not None and cancelled.is_set():
+                break
+            part = tokens[start : start + chunk]
+            position = len(self.cached)
+            logits = self.method.execute([torch.tensor([part]), torch.tensor([position])])[0]
+            self.cached.extend(part)
+        return logits
+
+    def step(self, token: int) -> Any:
+        """Feed one token after what the cache holds; its logits."""
+        if self._inputs is None:
+            import torch
+
+            self._inputs = (
+                torch.zeros((1, 1), dtype=torch.long),
+                torch.zeros((1,), dtype=torch.long),
+            )
+        token_in, position_in = self._inputs
+        token_in[0, 0] = token
+        position_in[0] = len(self.cached)
+        logits = self.method.execute([token_in, position_in])[0]
+        self.cached.append(token)
+        return logits
 
 
 class _Worker:
@@ -341,25 +375,15 @@ class _Worker:
         started = time.perf_counter()
         cancelled = self.cancels[request_id]
         slot = self.slots[slot_index]
-        method = slot.method
         try:
             sampler = Sampler(params, vocab_size)
             # Keep the cached prefix (at least one prompt token must be
             # computed to get logits); positions after it are overwritten.
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
             del slot.cached[keep:]
-            position = keep
-            logits = None
-            for start in range(keep, len(prompt), chunk):
-                if cancelled.is_set():
-                    break
-                part = prompt[start : start + chunk]
-                logits = method.execute([torch.tensor([part]), torch.tensor([position])])[0]
-                position += len(part)
-                slot.cached.extend(part)
-            self.send("prefilled", request_id, started, time.perf_counter(), keep, position - keep)
-            token_in = torch.zeros((1, 1), dtype=torch.long)
-            position_in = torch.zeros((1,), dtype=torch.long)
+            logits = slot.prefill(prompt[keep:], chunk, cancelled)
+            computed = len(slot.cached) - keep
+            self.send("prefilled", request_id, started, time.perf_counter(), keep, computed)
             generated = 0
             while logits is not None and not cancelled.is_set():
                 token = sampler.pick(logits)
@@ -368,11 +392,7 @@ class _Worker:
                 if token in eos or generated >= max_new:
                     break
                 sampler.accept(token)
-                token_in[0, 0] = token
-                position_in[0] = position
-                logits = method.execute([token_in, position_in])[0]
-                position += 1
-                slot.cached.append(token)
+                logits = slot.step(token)
         except BaseException:
             slot.cached.clear()  # the cache's content is unknown now
             raise
@@ -394,26 +414,20 @@ class _Worker:
 
         torch.set_num_threads(1)  # as in generate
         slot = self.slots[slot_index]
-        slot.cached.clear()  # overwritten from position 0; nothing is kept for reuse
-        method = slot.method
-        position = 0
-        logits = None
-        for start in range(0, len(prompt), chunk):
-            part = prompt[start : start + chunk]
-            logits = method.execute([torch.tensor([part]), torch.tensor([position])])[0]
-            position += len(part)
+        slot.cached.clear()  # overwritten from position 0
         chosen: list[int] = []
-        token_in = torch.zeros((1, 1), dtype=torch.long)
-        position_in = torch.zeros((1,), dtype=torch.long)
-        while logits is not None and len(chosen) < steps:
-            top = int(logits.argmax())
-            chosen.append(top)
-            if len(chosen) == steps or (along is None and top in eos):
-                break
-            token_in[0, 0] = along[len(chosen) - 1] if along is not None else top
-            position_in[0] = position
-            logits = method.execute([token_in, position_in])[0]
-            position += 1
+        try:
+            logits = slot.prefill(prompt, chunk)
+            while logits is not None and len(chosen) < steps:
+                top = int(logits.argmax())
+                chosen.append(top)
+                if len(chosen) == steps or (along is None and top in eos):
+                    break
+                logits = slot.step(along[len(chosen) - 1] if along is not None else top)
+        finally:
+            # Nothing is kept for reuse (the web process's copy of the cache
+            # is empty too).
+            slot.cached.clear()
         self.send("ok", request_id, chosen)
 
 
