@@ -326,66 +326,33 @@ def worker_busy(model_dir: Path, runs: int) -> dict:
 
 
 def worker_parallel(model_dir: Path, runs: int) -> dict:
-    """Two answers at once (`parallelism: 2`): aggregate decode tokens/s of two
-    slots in one engine process (as the runner serves them) vs one engine
-    process per slot, each with ExecuTorch's default threadpool (one thread
-    per core) and with one thread; a single stream for reference. Greedy,
-    SPEED_TOKENS new tokens each, rounds alternating, medians."""
-    import threading
+    """Two answers at once through a runner with `parallelism: 2` (two
+    slots), against one answer alone through the same runner, rounds
+    alternating, medians: aggregate decode tokens/s and their ratio (2.0
+    would be two slots serving two users each at full speed; 1.0, taking
+    turns). Greedy, SPEED_TOKENS new tokens each. Uses only the runner's
+    public API, so the same worker measures any commit of it."""
+    runner, one = runner_session(model_dir, parallelism=2)
 
-    from runners.executorch.engine_process import EngineProcess
-    from runners.executorch.sampling import SamplingParams
-
-    pte = str(model_dir / "model.pte")
-    prompt = list(range(100, 140))
-    vocab_size = 0  # the program's own, read when it loads
-
-    def generate(process: EngineProcess, slot: int) -> threading.Event:
-        done = threading.Event()
-
-        def answered(message: tuple) -> None:
-            if message[0] in ("end", "error"):
-                assert message[0] == "end", message
-                done.set()
-
-        process.start(
-            "generate", answered, slot, prompt, SamplingParams(), vocab_size, SPEED_TOKENS,
-            False, frozenset(), 1000,
-        )  # fmt: skip
-        return done
-
-    def one_round(pairs: list[tuple[EngineProcess, int]]) -> float:
+    async def at_once(count: int) -> float:
         started = time.perf_counter()
-        for done in [generate(process, slot) for process, slot in pairs]:
-            done.wait()
-        return len(pairs) * SPEED_TOKENS / (time.perf_counter() - started)
+        answers = await asyncio.gather(*(one(SPEED_PROMPT, SPEED_TOKENS) for _ in range(count)))
+        return sum(sample["generated"] for _, sample in answers) / (time.perf_counter() - started)
 
-    results: dict = {"rounds": runs}
-    for threads in (0, 1):
-        shared = EngineProcess()
-        own = [EngineProcess(), EngineProcess()]
-        try:
-            loaded = shared.call("load", pte, threads, 2).result()
-            vocab_size = loaded["metadata"]["get_vocab_size"]
-            for process in own:
-                process.call("load", pte, threads, 1).result()
-            layouts = {
-                "single_stream": [(shared, 0)],
-                "one_process_2_slots": [(shared, 0), (shared, 1)],
-                "process_per_slot": [(own[0], 0), (own[1], 0)],
-            }
-            samples: dict[str, list[float]] = {name: [] for name in layouts}
-            for pairs in layouts.values():
-                one_round(pairs)  # warm-up
-            for _ in range(runs):
-                for name, pairs in layouts.items():
-                    samples[name].append(one_round(pairs))
-        finally:
-            for process in (shared, *own):
-                process.close()
-        label = f"threads_{threads or 'default'}"
-        results[label] = {k: round(statistics.median(v), 1) for k, v in samples.items()}
-    return results
+    alone: list[float] = []
+    two: list[float] = []
+    with asyncio.Runner() as loop:
+        loop.run(runner.load())
+        loop.run(at_once(2))  # warm-up: both slots
+        for _ in range(runs):
+            alone.append(loop.run(at_once(1)))
+            two.append(loop.run(at_once(2)))
+    return {
+        "rounds": runs,
+        "one_answer_tps": round(statistics.median(alone), 1),
+        "two_at_once_tps": round(statistics.median(two), 1),
+        "ratio": round(statistics.median(t / a for t, a in zip(two, alone, strict=True)), 2),
+    }
 
 
 def worker_pyloop(model_dir: Path, runs: int) -> dict:

@@ -10,25 +10,30 @@ crash in native code (a kernel, a broken program) away from the web server:
 the answers in flight fail with a clear error and the next request starts a
 new process.
 
-One `EngineProcess` per loaded model and web process (runner.py's `_Engine`
-owns it). Messages are pickled tuples over a socket pair
-(`multiprocessing.connection`); the first item is the kind, the second a
-request id. From the web process:
+One engine process per slot (one KV cache) of a loaded model, per web
+process: runner.py's `_Engine` starts as many as the runner's `parallelism`.
+Two slots in one process would take turns on its GIL just as the web process
+did (two answers at once no faster than one, measured); in processes of their
+own they decode side by side.
 
-- `("load", id, pte, threads, slots)`: load programs until there are `slots`
-  forward methods; answered `("ok", id, {metadata, seconds, threads,
-  switch_interval, pid})`.
-- `("generate", id, slot, prompt, params, vocab_size, max_new, reuse, eos, chunk)`:
-  prefill what the slot's KV cache does not hold, then sample token by
-  token; answered `("prefilled", id, started, prefilled_at, reused, computed)`,
+Messages are pickled tuples over a socket pair (`multiprocessing.connection`);
+the first item is the kind, the second a request id. From the web process:
+
+- `("load", id, pte, threads)`: load the program (once) with a threadpool of
+  `threads` (0: ExecuTorch's default); answered `("ok", id, {metadata,
+  seconds, threads, switch_interval, pid})`.
+- `("generate", id, prompt, params, vocab_size, max_new, reuse, eos, chunk)`:
+  prefill what the KV cache does not hold, then sample token by token;
+  answered `("prefilled", id, started, prefilled_at, reused, computed)`,
   `("token", id, token)` per token, then `("end", id, ended, generated, cached)`.
-- `("greedy", id, slot, prompt, along, steps, eos, chunk)`: the top-1 token at
+- `("greedy", id, prompt, along, steps, eos, chunk)`: the top-1 token at
   each step (evaluate.py); answered `("ok", id, tokens)`.
 - `("cancel", id)`: stop that generation before its next token.
 - `("exit",)`: take no new work, finish what runs, then close.
 
 Any request may end with `("error", id, message)` instead. End of input (the
-web process closed its end or died) cancels everything and exits.
+web process closed its end or died) cancels everything and exits. The web
+process sends one generation at a time (its slot pool sees to that).
 
 This module imports no Django: it runs as `python -m
 runners.executorch.engine_process FD`.
@@ -60,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Messages that end a request (its handler is then forgotten).
 FINAL = frozenset({"ok", "end", "error"})
 # The GIL hand-over interval in the engine process. Besides the generation
-# threads (one per busy slot) it runs one thread that reads requests: at
+# thread it runs one thread that reads requests: at
 # Python's default 5 ms a cancel could wait that long per forward step.
 SWITCH_INTERVAL_S = 0.001
 
@@ -263,8 +268,8 @@ class _Worker:
         self.conn = conn
         self.send_lock = threading.Lock()
         self.load_lock = threading.Lock()
-        self.slots: list[_Slot] = []
-        self.metadata: dict[str, Any] | None = None
+        self.slot: _Slot | None = None
+        self.metadata: dict[str, Any] = {}
         self.cancels: dict[int, threading.Event] = {}
         self.threads: set[threading.Thread] = set()
         self.gone = False
@@ -327,33 +332,33 @@ class _Worker:
             self.cancels.pop(request_id, None)
             self.threads.discard(threading.current_thread())
 
-    def load(self, request_id: int, pte: str, threads: int, count: int) -> None:
+    def load(self, request_id: int, pte: str, threads: int) -> None:
         with self.load_lock:
             started = time.monotonic()
-            while len(self.slots) < count:
-                # A program per slot: the methods of one loaded program share
-                # its planned memory, KV cache included.
+            if self.slot is None:
                 program = _load_program(pte, threads)
-                if self.metadata is None:
-                    self.metadata = _program_metadata(program)
-                self.slots.append(_Slot(program.load_method("forward")))
-            threads_now = _thread_count()
+                self.metadata = _program_metadata(program)
+                self.slot = _Slot(program.load_method("forward"))
             self.send(
                 "ok",
                 request_id,
                 {
                     "metadata": self.metadata,
                     "seconds": time.monotonic() - started,
-                    "threads": threads_now,
+                    "threads": _thread_count(),
                     "switch_interval": sys.getswitchinterval(),
                     "pid": os.getpid(),
                 },
             )
 
+    def _loaded(self) -> _Slot:
+        if self.slot is None:
+            raise RuntimeError("no program is loaded")
+        return self.slot
+
     def generate(
         self,
         request_id: int,
-        slot_index: int,
         prompt: list[int],
         params: Any,
         vocab_size: int,
@@ -362,7 +367,7 @@ class _Worker:
         eos: frozenset[int],
         chunk: int,
     ) -> None:
-        """Prefill what the slot's KV cache does not already hold, then
+        """Prefill what the KV cache does not already hold, then
         generate token by token until an end token, `max_new` tokens or a
         cancel."""
         import torch
@@ -374,7 +379,7 @@ class _Worker:
         torch.set_num_threads(1)
         started = time.perf_counter()
         cancelled = self.cancels[request_id]
-        slot = self.slots[slot_index]
+        slot = self._loaded()
         try:
             sampler = Sampler(params, vocab_size)
             # Keep the cached prefix (at least one prompt token must be
@@ -401,7 +406,6 @@ class _Worker:
     def greedy(
         self,
         request_id: int,
-        slot_index: int,
         prompt: list[int],
         along: Sequence[int] | None,
         steps: int,
@@ -413,7 +417,7 @@ class _Worker:
         import torch
 
         torch.set_num_threads(1)  # as in generate
-        slot = self.slots[slot_index]
+        slot = self._loaded()
         slot.cached.clear()  # overwritten from position 0
         chosen: list[int] = []
         try:

@@ -2,13 +2,14 @@
 
 One `_Engine` per model file pair and web process (module-level cache,
 shared by every `RunnerConfig` pointing at the same files) holds the
-tokenizer, the chat template and a pool of slots; the program itself is
-loaded in the engine's own process (engine_process.py), one `forward` method
-per slot. Each slot owns one KV cache (the program's mutable buffers), so one
-slot serves one generation at a time; requests beyond the pool wait in a
-FIFO queue and are told their position.
+tokenizer, the chat template and a pool of slots; each slot is an engine
+process of its own (engine_process.py) that loads the program, so two slots
+decode side by side instead of taking turns on one GIL. Each slot owns one
+KV cache (the program's mutable buffers), so one slot serves one generation
+at a time; requests beyond the pool wait in a FIFO queue and are told their
+position.
 
-A generation runs in the engine process: prefill (chunks of at most
+A generation runs in its slot's engine process: prefill (chunks of at most
 `PREFILL_CHUNK_TOKENS`), then one `forward` call per token, each token chosen
 from the program's logits by `sampling.Sampler` (temperature, top_k, top_p,
 repetition / frequency / presence penalties, seed, logit bias). Each slot
@@ -22,8 +23,9 @@ answer. Cancelling sends a cancel the engine process checks before every
 token; the slot returns to the pool when that process says the generation
 stopped, so the cancelled stream can return at once.
 
-If the engine process dies (a crash in native code, a kill), the answers in
-flight end with a RUNTIME error and the next request starts a new process.
+If an engine process dies (a crash in native code, a kill), its answer in
+flight ends with a RUNTIME error and the next request loads the model anew
+(the engine's other processes finish their answers, then exit).
 The engine uses only thread-safe state (locks, not asyncio primitives): it
 outlives any one event loop (tests run each in a fresh loop).
 """
@@ -35,6 +37,7 @@ import codecs
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -156,13 +159,25 @@ def _model_context_tokens(files: ModelFiles) -> int | None:
 
 
 class _Slot:
-    """One `forward` method of the program in the engine process (one KV
-    cache) and the tokens its cache holds, positions 0..len(cached)-1: the
-    engine process's own list, copied back after each generation."""
+    """One engine process (one loaded program, one KV cache) and the tokens
+    its cache holds, positions 0..len(cached)-1: the engine process's own
+    list, copied back after each generation."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self, process: EngineProcess) -> None:
+        self.process = process
         self.cached: list[int] = []
+
+
+def threads_per_process(slots: int) -> int:
+    """ExecuTorch threads for each of an engine's `slots` processes:
+    EXECUTORCH_THREADS when set; else, with one slot, ExecuTorch's default
+    (0), and with more, the cores shared out so that busy slots do not
+    oversubscribe them (measured: a process per slot with the default
+    threadpool each decoded two answers at half the speed of one thread each
+    on 2 cores)."""
+    if settings.EXECUTORCH_THREADS or slots == 1:
+        return settings.EXECUTORCH_THREADS
+    return max(1, len(os.sched_getaffinity(0)) // slots)
 
 
 class _Waiter:
@@ -279,8 +294,8 @@ async def _acquire(engine: _Engine, loop: asyncio.AbstractEventLoop) -> _Slot:
 
 
 class _Engine:
-    """A loaded model: tokenizer, chat template, and the engine process that
-    holds its program with a pool of slots, each a `forward` method."""
+    """A loaded model: tokenizer, chat template, and a pool of slots, each
+    an engine process holding the program."""
 
     def __init__(self, files: ModelFiles) -> None:
         self.files = files
@@ -291,9 +306,9 @@ class _Engine:
         self.chat_template = _load_chat_template(files)
         self._template = _compile_template(self.chat_template)
         self.model_context_tokens = _model_context_tokens(files)
-        self.load_seconds = 0.0
-        self.process: EngineProcess | None = None
-        self.process_info: dict[str, Any] = {}  # the engine process's threads, switch interval
+        self.slots: list[_Slot] = []
+        # Each engine process's threads, switch interval and pid, in slot order.
+        self.process_info: list[dict[str, Any]] = []
         self.retired = False
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.max_seq_len = PREFILL_CHUNK_TOKENS
@@ -303,34 +318,49 @@ class _Engine:
 
     @property
     def stopped(self) -> bool:
-        """Its process is gone (crashed, killed) or finishing for a newer engine:
-        the next request loads the model anew."""
-        return self.retired or (self.process is not None and not self.process.alive)
+        """One of its processes is gone (crashed, killed), or it is finishing
+        for a newer engine: the next request loads the model anew."""
+        return self.retired or any(not slot.process.alive for slot in self.slots)
 
     def ensure_slots(self, count: int) -> None:
-        """Grow the pool to `count` methods, starting the engine process on
-        first use (blocking: call in a thread). Raises EngineStopped."""
+        """Grow the pool to `count` slots, starting an engine process for
+        each new one; they load side by side (blocking: call in a thread).
+        Raises EngineStopped."""
         with self._grow_lock:
-            if self.pool.size >= count:
+            if len(self.slots) >= count:
                 return
-            if self.process is None:
-                self.process = EngineProcess()
-            loaded = self.process.call(
-                "load", str(self.files.pte), settings.EXECUTORCH_THREADS, count
-            ).result()
-            if not self.process_info:
-                self._read_metadata(loaded["metadata"])
-            self.process_info = {k: loaded[k] for k in ("threads", "switch_interval", "pid")}
-            while self.pool.size < count:
-                self.pool.add(_Slot(self.pool.size))
-            self.load_seconds += loaded["seconds"]
+            threads = threads_per_process(count)
+            new: list[EngineProcess] = []
+            try:
+                new.extend(EngineProcess() for _ in range(count - len(self.slots)))
+                loads = [process.call("load", str(self.files.pte), threads) for process in new]
+                answers = [load.result() for load in loads]
+            except BaseException:
+                for process in new:
+                    process.close()
+                raise
+            if not self.slots:
+                self._read_metadata(answers[0]["metadata"])
+            for process, loaded in zip(new, answers, strict=True):
+                self.process_info.append(
+                    {k: loaded[k] for k in ("threads", "switch_interval", "pid")}
+                )
+                slot = _Slot(process)
+                self.slots.append(slot)
+                self.pool.add(slot)
 
     def retire(self) -> None:
-        """A newer engine replaces this one: its process finishes the answers
-        in flight, then exits."""
+        """A newer engine replaces this one: its processes finish the answers
+        in flight, then exit."""
         self.retired = True
-        if self.process is not None:
-            self.process.retire()
+        for slot in self.slots:
+            slot.process.retire()
+
+    def close(self) -> None:
+        """Stop its processes now (what runs ends with an error)."""
+        self.retired = True
+        for slot in self.slots:
+            slot.process.close()
 
     def _read_metadata(self, meta: dict[str, Any]) -> None:
         self.vocab_size = int(meta.get("get_vocab_size", self.vocab_size))
@@ -457,9 +487,7 @@ def forget_engines() -> None:
         engines = list(_engines.values())
         _engines.clear()
     for engine in engines:
-        engine.retired = True
-        if engine.process is not None:
-            engine.process.close()
+        engine.close()
 
 
 # ---- streaming helpers ---------------------------------------------------------------
@@ -588,12 +616,10 @@ class _Generation:
         the pool when it ends, whatever ends it (raises EngineStopped, with
         the slot released, if the process is gone)."""
         engine = self.engine
-        assert engine.process is not None
         try:
-            self.request_id = engine.process.start(
+            self.request_id = self.slot.process.start(
                 "generate",
                 self._answer,
-                self.slot.index,
                 prompt,
                 params,
                 engine.vocab_size,
@@ -607,7 +633,7 @@ class _Generation:
             engine.pool.release(self.slot)
             raise
         if self.cancelled.is_set():
-            engine.process.cancel(self.request_id)
+            self.slot.process.cancel(self.request_id)
 
     def cancel(self) -> None:
         """Stop before the next token (the slot is released when the engine
@@ -615,8 +641,8 @@ class _Generation:
         if self.cancelled.is_set():
             return
         self.cancelled.set()
-        if self.request_id and self.engine.process is not None:
-            self.engine.process.cancel(self.request_id)
+        if self.request_id:
+            self.slot.process.cancel(self.request_id)
 
     def _answer(self, message: tuple) -> None:
         """On the engine process's reader thread: one of its answers."""
@@ -927,10 +953,9 @@ class ExecuTorchRunner:
         prompt_ids = engine.encode(prompt)
         slot = await _acquire(engine, asyncio.get_running_loop())
         slot.cached.clear()  # overwritten from position 0
-        assert engine.process is not None
         try:
-            future = engine.process.call(
-                "greedy", slot.index, prompt_ids, along, steps, engine.eos_ids, engine.max_seq_len
+            future = slot.process.call(
+                "greedy", prompt_ids, along, steps, engine.eos_ids, engine.max_seq_len
             )
             return await asyncio.wrap_future(future)
         except EngineStopped as exc:

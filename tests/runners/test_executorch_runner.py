@@ -40,6 +40,7 @@ from runners.executorch.runner import (
     PieceDecoder,
     StopScanner,
     forget_engines,
+    threads_per_process,
 )
 from runners.models import RunnerConfig
 from tests.support.hermetic import read_only_model_cache
@@ -298,11 +299,12 @@ def test_a_dead_engine_process_fails_its_answer_clearly_and_the_next_one_starts_
             async for event in runner.stream(ask("Write a long story about a dragon.")):
                 got.append(event)
                 if isinstance(event, TokenDelta) and len(got) == 1:
-                    os.kill(runner._engine.process.pid, signal.SIGKILL)
-        first_pid = runner._engine.process.pid
+                    os.kill(runner._engine.slots[0].process.pid, signal.SIGKILL)
+        first_pid = runner._engine.slots[0].process.pid
         health = await runner.health()
         text, _, done = await collect(runner, ask("What is the capital of France?"))
-        return caught.value, got, health, first_pid, runner._engine.process.pid, text, done
+        second_pid = runner._engine.slots[0].process.pid
+        return caught.value, got, health, first_pid, second_pid, text, done
 
     error, got, health, first_pid, second_pid, text, done = asyncio.run(scenario())
     assert health.ok and health.detail.endswith("ready (loads on first request)")
@@ -333,7 +335,7 @@ def test_a_re_prepared_model_is_served_by_a_new_process_and_the_old_one_finishes
         async for event in first.stream(ask("Write a long story about a dragon.", max_tokens=40)):
             events.append(event)
             if len(events) == 2:
-                old = first._engine.process
+                old = first._engine.slots[0].process
                 # A new file at the same path (a new inode), as prepare_model installs it.
                 shutil.copy(MODELS_DIR / prepare.PTE_NAME, tmp_path / "new.pte")
                 os.replace(tmp_path / "new.pte", tmp_path / prepare.PTE_NAME)
@@ -341,7 +343,7 @@ def test_a_re_prepared_model_is_served_by_a_new_process_and_the_old_one_finishes
         deadline = time.monotonic() + 30
         while old.alive and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return events, old, second._engine.process, text
+        return events, old, second._engine.slots[0].process, text
 
     try:
         events, old, new, text = asyncio.run(scenario())
@@ -411,6 +413,7 @@ def test_a_request_cancelled_while_queued_leaves_the_queue(model_ready):
 
 @pytest.mark.slow
 def test_two_slots_answer_concurrently_without_mixing_kv_caches(model_ready):
+    forget_engines()  # both slots start here (a slot started earlier keeps its threads)
     runner = make_runner(parallelism=2)
 
     async def scenario():
@@ -421,11 +424,15 @@ def test_two_slots_answer_concurrently_without_mixing_kv_caches(model_ready):
 
     try:
         (france, france_notices, _), (japan, japan_notices, _) = asyncio.run(scenario())
+        processes = runner._engine.process_info
     finally:
         forget_engines()  # later tests expect a one-slot pool
     assert "Paris" in france
     assert "Tokyo" in japan
     assert france_notices == japan_notices == []
+    # Each slot is a process of its own (one GIL each), sharing out the cores.
+    assert len({info["pid"] for info in processes}) == 2
+    assert {info["threads"] for info in processes} == {threads_per_process(2)}
 
 
 @pytest.mark.slow
@@ -579,7 +586,7 @@ async def main():
         await runner.greedy_steps((ChatMessage("user", q),), max_new=48)
         for q in evaluate.QUESTIONS[:8]
     ]
-    info = runner._engine.process_info  # the engine process's own
+    info = runner._engine.process_info[0]  # the engine process's own
     print(json.dumps({**info, "paths": paths, "web_switch": sys.getswitchinterval()}))
 
 asyncio.run(main())
@@ -631,9 +638,9 @@ def test_the_engine_process_refuses_a_bad_program_and_outlives_a_failing_handler
         def broken(message: tuple) -> None:
             raise RuntimeError("a bug in one request's handler")
 
-        process.start("load", broken, str(bad), 1, 1)
+        process.start("load", broken, str(bad), 1)
         with pytest.raises(EngineStopped):
-            process.call("load", str(bad), 1, 1).result(timeout=120)
+            process.call("load", str(bad), 1).result(timeout=120)
         deadline = time.monotonic() + 30  # the two loads may end in either order
         while "handling the engine process's 'error' failed" not in caplog.text:
             assert time.monotonic() < deadline, "the failing handler was never logged"
@@ -643,4 +650,4 @@ def test_the_engine_process_refuses_a_bad_program_and_outlives_a_failing_handler
         process.close()
     assert not process.alive
     with pytest.raises(EngineStopped, match="process stopped"):
-        process.call("load", str(bad), 1, 1)
+        process.call("load", str(bad), 1)
