@@ -64,6 +64,31 @@ def test_defaults_are_sqlite_in_data_dir_and_a_generated_secret_key(tmp_path):
     assert key_file.read_text() == first  # generated once, then reused
 
 
+def test_the_product_hashes_passwords_with_djangos_strong_default(tmp_path):
+    """The test run uses a fast hasher (tests/support/settings.py); the
+    product's own settings keep Django's default, PBKDF2-SHA256."""
+    full_env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path),
+        "BREEZEWEB_ENV_FILE": "/nonexistent",
+        "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from django.contrib.auth.hashers import"
+            " make_password; print(make_password('correct horse').split('$')[0])",
+        ],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "pbkdf2_sha256", out.stderr
+
+
 def test_redis_url_switches_channel_layer_and_cache(tmp_path):
     full_env = {
         **os.environ,

@@ -8,6 +8,9 @@ any conftest. A conftest is too late: by then `settings.DATA_DIR` has been read.
 What it makes sure of, for this run and every process a test starts (they
 inherit the environment):
 
+- Django's settings are `SETTINGS_MODULE`: the product's, with a fast
+  password hasher (tests/support/settings.py says why).
+
 - `DATA_DIR` is a fresh temporary directory, whatever the shell or a `.env`
   says (a developer's `DATA_DIR` pointing at a live server's data is exactly
   what must not be used). It is removed when the run ends.
@@ -39,10 +42,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENV_MARKER = "BREEZEWEB_TEST_DATA_DIR"
+# The run's Django settings: the product's with a fast password hasher
+# (tests/support/settings.py), for pytest-django and every process a test starts.
+SETTINGS_MODULE = "tests.support.settings"
 
 DATA_DIR = Path(tempfile.mkdtemp(prefix="breezeweb-test-")).resolve()
 
 os.environ["DATA_DIR"] = str(DATA_DIR)
+os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
 os.environ[ENV_MARKER] = str(DATA_DIR)
 os.environ["BREEZEWEB_ENV_FILE"] = "/nonexistent"
 os.environ.pop("CHROMA_URL", None)

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from breezeweb.serve import server_command
+from tests.support.hermetic import SETTINGS_MODULE
 from tests.support.scripted_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -40,7 +41,7 @@ def site_env(data_dir: Path, **settings: str) -> dict[str, str]:
         "DATA_DIR": str(data_dir),
         "BREEZEWEB_ENV_FILE": "/nonexistent",
         "MODELS_DIR": os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
-        "DJANGO_SETTINGS_MODULE": "breezeweb.settings",
+        "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
         **settings,
     }
 
@@ -51,7 +52,7 @@ def manage(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     done = subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "breezeweb.settings", **env},
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE, **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -128,7 +129,7 @@ class Process:
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path | None = None) -> None:
         self.argv = argv
-        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "breezeweb.settings", **env}
+        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE, **env}
         self._own_log = log is None  # a temporary file, removed by stop()
         if log is None:
             handle, name = tempfile.mkstemp(prefix="breezeweb-process-", suffix=".log")
