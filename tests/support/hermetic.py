@@ -43,7 +43,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENV_MARKER = "BREEZEWEB_TEST_DATA_DIR"
 # The run's Django settings: the product's with a fast password hasher
-# (tests/support/settings.py), for pytest-django and every process a test starts.
+# (tests/support/settings.py), for pytest-django and every process a test
+# starts (tests/support/processes.py passes the environment on).
 SETTINGS_MODULE = "tests.support.settings"
 
 DATA_DIR = Path(tempfile.mkdtemp(prefix="breezeweb-test-")).resolve()

@@ -6,6 +6,8 @@ By default they share the test's database, Redis and DATA_DIR through the
 environment, exactly as separate machines of a scale-out deployment would;
 `site_env(data_dir)` instead gives a site of its own (SQLite, embedded Chroma
 and uploads in `data_dir`), as the browser tests and the benchmarks use.
+Each runs with its parent's DJANGO_SETTINGS_MODULE: the test run's
+(tests/support/settings.py) under pytest, the product's in a benchmark.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import httpx
 import pytest
 
 from breezeweb.serve import server_command
-from tests.support.hermetic import SETTINGS_MODULE
 from tests.support.scripted_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -41,7 +42,6 @@ def site_env(data_dir: Path, **settings: str) -> dict[str, str]:
         "DATA_DIR": str(data_dir),
         "BREEZEWEB_ENV_FILE": "/nonexistent",
         "MODELS_DIR": os.environ.get("MODELS_DIR", str(ROOT / "data" / "models")),
-        "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
         **settings,
     }
 
@@ -52,7 +52,7 @@ def manage(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     done = subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE, **env},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -129,7 +129,7 @@ class Process:
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path | None = None) -> None:
         self.argv = argv
-        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE, **env}
+        self.env = {**os.environ, **env}
         self._own_log = log is None  # a temporary file, removed by stop()
         if log is None:
             handle, name = tempfile.mkstemp(prefix="breezeweb-process-", suffix=".log")
