@@ -172,12 +172,12 @@ def threads_per_process(slots: int) -> int:
     """ExecuTorch threads for each of an engine's `slots` processes:
     EXECUTORCH_THREADS when set; else, with one slot, ExecuTorch's default
     (0), and with more, the cores shared out so that busy slots do not
-    oversubscribe them (measured: a process per slot with the default
-    threadpool each decoded two answers at half the speed of one thread each
-    on 2 cores)."""
+    oversubscribe them (measured on 2 cores: two answers at once, a process
+    each, got 76 tok/s in all with two threads per process, 136 with one;
+    docs/benchmarks.md)."""
     if settings.EXECUTORCH_THREADS or slots == 1:
         return settings.EXECUTORCH_THREADS
-    return max(1, len(os.sched_getaffinity(0)) // slots)
+    return max(1, (os.cpu_count() or 1) // slots)
 
 
 class _Waiter:
