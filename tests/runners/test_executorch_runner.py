@@ -94,6 +94,17 @@ def test_it_implements_the_runner_protocol():
     assert runner.context_tokens <= 2048
 
 
+def test_slots_share_the_cores_unless_executorch_threads_is_set(settings, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    settings.EXECUTORCH_THREADS = 0
+    # One slot: ExecuTorch's default; more: the cores shared out, at least one each.
+    assert [threads_per_process(n) for n in (1, 2, 3, 8)] == [0, 4, 2, 1]
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert threads_per_process(2) == 1
+    settings.EXECUTORCH_THREADS = 3
+    assert [threads_per_process(n) for n in (1, 2)] == [3, 3]
+
+
 def test_it_tells_the_user_to_prepare_the_model_when_the_file_is_missing(tmp_path):
     runner = make_runner(
         pte_path=str(tmp_path / "absent.pte"), tokenizer_path=str(tmp_path / "absent.json")
@@ -433,6 +444,54 @@ def test_two_slots_answer_concurrently_without_mixing_kv_caches(model_ready):
     # Each slot is a process of its own (one GIL each), sharing out the cores.
     assert len({info["pid"] for info in processes}) == 2
     assert {info["threads"] for info in processes} == {threads_per_process(2)}
+
+
+@pytest.mark.slow
+def test_a_dead_slot_process_fails_only_its_own_answer(model_ready):
+    """Two slots, two processes: killing one mid-answer ends that answer with
+    an error; the other answer finishes in full, and the next request is
+    served by new processes."""
+    forget_engines()
+    runner = make_runner(parallelism=2)
+
+    async def answer(question: str, started: asyncio.Event) -> tuple[list, Exception | None]:
+        events: list = []
+        try:
+            async for event in runner.stream(ask(question, max_tokens=64)):
+                events.append(event)
+                started.set()
+        except RunnerError as exc:
+            return events, exc
+        return events, None
+
+    async def scenario():
+        await runner.load()
+        engine = runner._engine
+        first_started, second_started = asyncio.Event(), asyncio.Event()
+        first = asyncio.ensure_future(answer("Write a long story about a dragon.", first_started))
+        await first_started.wait()  # the first answer holds a slot...
+        second = asyncio.ensure_future(answer("Write a poem about the sea.", second_started))
+        await second_started.wait()  # ...and the second the other one
+        victim = engine.slots[0].process
+        os.kill(victim.pid, signal.SIGKILL)
+        results = await asyncio.gather(first, second)
+        old_pids = {slot.process.pid for slot in engine.slots}
+        text, _, done = await collect(runner, ask("What is the capital of France?"))
+        new_pids = {slot.process.pid for slot in runner._engine.slots}
+        return results, old_pids, new_pids, text, done
+
+    try:
+        results, old_pids, new_pids, text, done = asyncio.run(scenario())
+    finally:
+        forget_engines()  # later tests expect a one-slot pool
+    errors = [error for _, error in results if error is not None]
+    assert len(errors) == 1 and errors[0].code == ErrorCode.RUNTIME
+    assert "process stopped" in str(errors[0])
+    finished = [events for events, error in results if error is None]
+    assert len(finished) == 1 and isinstance(finished[0][-1], Done)
+    assert finished[0][-1].usage.completion_tokens >= 3
+    assert len(new_pids) == 2 and not new_pids & old_pids
+    assert "Paris" in text and done.finish_reason == "stop"
 
 
 @pytest.mark.slow
