@@ -161,10 +161,12 @@ def _model_context_tokens(files: ModelFiles) -> int | None:
 class _Slot:
     """One engine process (one loaded program, one KV cache) and the tokens
     its cache holds, positions 0..len(cached)-1: the engine process's own
-    list, copied back after each generation."""
+    list, copied back after each generation. `info`: what the process said
+    when it loaded (its threads, switch interval and pid)."""
 
-    def __init__(self, process: EngineProcess) -> None:
+    def __init__(self, process: EngineProcess, info: dict[str, Any]) -> None:
         self.process = process
+        self.info = info
         self.cached: list[int] = []
 
 
@@ -307,8 +309,6 @@ class _Engine:
         self._template = _compile_template(self.chat_template)
         self.model_context_tokens = _model_context_tokens(files)
         self.slots: list[_Slot] = []
-        # Each engine process's threads, switch interval and pid, in slot order.
-        self.process_info: list[dict[str, Any]] = []
         self.retired = False
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.max_seq_len = PREFILL_CHUNK_TOKENS
@@ -342,10 +342,8 @@ class _Engine:
             if not self.slots:
                 self._read_metadata(answers[0]["metadata"])
             for process, loaded in zip(new, answers, strict=True):
-                self.process_info.append(
-                    {k: loaded[k] for k in ("threads", "switch_interval", "pid")}
-                )
-                slot = _Slot(process)
+                info = {k: loaded[k] for k in ("threads", "switch_interval", "pid")}
+                slot = _Slot(process, info)
                 self.slots.append(slot)
                 self.pool.add(slot)
 

@@ -182,7 +182,7 @@ def test_a_slot_handed_to_a_request_that_gives_up_goes_back_to_the_pool():
 
     async def scenario():
         pool = _SlotPool()
-        pool.add(_Slot(0))
+        pool.add(_Slot(process=None, info={}))  # the pool never uses its process
         loop = asyncio.get_running_loop()
         slot = pool.acquire_nowait(loop)
         assert isinstance(slot, _Slot)
@@ -435,7 +435,7 @@ def test_two_slots_answer_concurrently_without_mixing_kv_caches(model_ready):
 
     try:
         (france, france_notices, _), (japan, japan_notices, _) = asyncio.run(scenario())
-        processes = runner._engine.process_info
+        processes = [slot.info for slot in runner._engine.slots]
     finally:
         forget_engines()  # later tests expect a one-slot pool
     assert "Paris" in france
@@ -645,7 +645,7 @@ async def main():
         await runner.greedy_steps((ChatMessage("user", q),), max_new=48)
         for q in evaluate.QUESTIONS[:8]
     ]
-    info = runner._engine.process_info[0]  # the engine process's own
+    info = runner._engine.slots[0].info  # the engine process's own
     print(json.dumps({**info, "paths": paths, "web_switch": sys.getswitchinterval()}))
 
 asyncio.run(main())
