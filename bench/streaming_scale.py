@@ -12,6 +12,9 @@ each, through BreezeWeb and through the bare transport, in one run.
 - **bare relay (uvicorn)**: the same consumer reading each answer from a paced
   upstream of its own with httpx and sending every delta as it arrives: the
   least any server that answers from an upstream spends per token.
+- **bare relay xN**: the same relay served by N uvicorn processes on one port
+  (with `--processes` N > 1): the least a server of N processes that answers
+  from an upstream spends, beside BreezeWeb xN.
 - **BreezeWeb**: one uvicorn process of the product (SQLite, an API key), every
   chat answered through the whole path (frame parsing, the turn saved, the
   pipeline, the router, the Llama Stack runner) by a paced OpenAI-compatible
@@ -21,8 +24,9 @@ each, through BreezeWeb and through the bare transport, in one run.
 - **BreezeWeb xN**: the same site served by `manage.py serve` with N uvicorn
   processes on one port (`--processes`, default: the machine's cores; 0 leaves
   it out), sharing Redis (`--redis-url`, a database of its own, emptied first)
-  and a `chroma run` server, as docs/scaling.md deploys it. Its CPU is the sum
-  over its processes.
+  and a `chroma run` server, on PostgreSQL (`--database-url`, a database of its
+  own, created afresh; `--database-url ""` keeps SQLite), as docs/scaling.md
+  deploys it. Its CPU is the sum over its processes.
 
 Per run: streams complete and byte-exact, TTFT p50/p99, p50/p99 gap between
 token frames of a stream, and the server process's CPU time (user + system,
@@ -56,7 +60,12 @@ class BareSite:
     """The bare transport, shaped like websocket_chat.Site for one_stream()."""
 
     def __init__(
-        self, tokens: int, delay: float, server: str = "daphne", upstream: str = ""
+        self,
+        tokens: int,
+        delay: float,
+        server: str = "daphne",
+        upstream: str = "",
+        processes: int = 1,
     ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -71,7 +80,7 @@ class BareSite:
             argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
             argv += ["_bare_ws:application"]
         else:  # the command line BreezeWeb serves with, on the bare application
-            argv = server_command("127.0.0.1", self.port, proxy=False)
+            argv = server_command("127.0.0.1", self.port, processes, proxy=False)
             argv[-1] = "_bare_ws:application"
             argv[argv.index("--lifespan") + 1] = "off"  # nothing to start
         self.process = Process(argv, env)
@@ -99,11 +108,15 @@ class PerCoreSite(Site):
     """The site served by `manage.py serve` with `processes` uvicorn processes
     on one port, on Redis and a Chroma server (docs/scaling.md)."""
 
-    def __init__(self, concurrency: int, processes: int, redis_url: str) -> None:
+    def __init__(
+        self, concurrency: int, processes: int, redis_url: str, database_url: str = ""
+    ) -> None:
         super().__init__(concurrency)
         import redis
 
         redis.Redis.from_url(redis_url).flushdb()  # the benchmark's own database
+        if database_url:
+            self.env["DATABASE_URL"] = database_url
         self.chroma, chroma_url = chroma_server(self.data / "chroma-server")
         self.env.update(
             REDIS_URL=redis_url,
@@ -118,6 +131,24 @@ class PerCoreSite(Site):
         super().stop()
         self.chroma.kill()
         self.chroma.wait()
+
+
+def fresh_postgres_database(url: str) -> None:
+    """Drop and create the database `url` names (on its server's `postgres`
+    database): each run starts empty."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = urlunsplit(parts._replace(scheme="postgresql", path="/postgres", query=""))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 async def warm_up(site, chats: int) -> None:
@@ -181,6 +212,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
     parser.add_argument(
+        "--database-url",
+        default="postgres://postgres@127.0.0.1:5432/breezeweb_bench_scale",
+        help="BreezeWeb xN's database (PostgreSQL: dropped and created afresh; "
+        "empty: SQLite, as the one process)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="record the one-process BreezeWeb with py-spy during its largest run",
@@ -201,7 +238,9 @@ def main() -> None:
     ]
     sites = [("BreezeWeb", Site(max(sizes)))]
     if args.processes > 0:
-        per_core = PerCoreSite(max(sizes), args.processes, args.redis_url)
+        if args.database_url.startswith("postgres"):
+            fresh_postgres_database(args.database_url)
+        per_core = PerCoreSite(max(sizes), args.processes, args.redis_url, args.database_url)
         sites.append((f"BreezeWeb x{args.processes}", per_core))
     try:
         with contextlib.ExitStack() as stack:
@@ -211,8 +250,15 @@ def main() -> None:
             relayed = stack.enter_context(Upstream(argv))
             relay = BareSite(args.tokens, args.token_delay, "uvicorn", upstream=relayed.url)
             bares.append(("bare relay (uvicorn)", relay))
+            if args.processes > 1:
+                # The relay as BreezeWeb xN is served: N processes on one port.
+                relay_n = BareSite(
+                    args.tokens, args.token_delay, "uvicorn", relayed.url, args.processes
+                )
+                bares.append((f"bare relay x{args.processes}", relay_n))
             for _, bare in bares:
                 bare.start()
+                asyncio.run(warm_up(bare, 4 * max(1, args.processes)))
             for _, site in sites:
                 # Every chat goes to the upstream: no process loads the local model.
                 site.env["PRELOAD_LOCAL_RUNNERS"] = "false"
