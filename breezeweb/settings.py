@@ -188,12 +188,14 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": 20,
         }
     )
-    # Opening SQLite runs the PRAGMAs above (a disk flush); keep connections
-    # per thread instead of reopening the file on every ORM call.
-    _db.setdefault("CONN_MAX_AGE", 600)
-    _db.setdefault("CONN_HEALTH_CHECKS", True)
-else:
-    _db.setdefault("CONN_HEALTH_CHECKS", True)
+# Keep each thread's connection between ORM calls (unless the URL says
+# `?conn_max_age=N`): opening SQLite runs the PRAGMAs above (a disk flush), and
+# a new PostgreSQL connection costs a server process and a handshake. With
+# Django's default (0) every database trip of a chat turn reconnected: two
+# processes on PostgreSQL answered 200 chats at once half as fast
+# (docs/benchmarks.md). The connection budget this needs: docs/scaling.md.
+_db.setdefault("CONN_MAX_AGE", 600)
+_db.setdefault("CONN_HEALTH_CHECKS", True)
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
