@@ -71,6 +71,7 @@ def profiled(pid: int, path: str | None):
     # Only the thread holding the GIL (the CPU the process spends in Python),
     # sampled without pausing it (pausing a busy server skews what it measures).
     argv = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-r", "250", "--gil", "--nonblocking"]
+    argv += ["--subprocesses"]  # a server of several processes: all of them
     argv += ["-o", path]
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     time.sleep(1)  # attached

@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="record the one-process BreezeWeb with py-spy during its largest run",
+        help="record BreezeWeb with py-spy during its largest run (FILE; xN: FILE.xN)",
     )
     args = parser.parse_args()
     sizes = [int(s) for s in args.streams.split(",")]
@@ -271,7 +271,10 @@ def main() -> None:
                 targets = [(name, bare, bare.pid) for name, bare in bares]
                 targets += [(name, site, site.web.popen.pid) for name, site in sites]
                 for name, target, pid in targets:
-                    profile = args.profile if (name, n) == ("BreezeWeb", max(sizes)) else None
+                    profile = None
+                    if args.profile and n == max(sizes) and name.startswith("BreezeWeb"):
+                        # BreezeWeb -> FILE, BreezeWeb xN -> FILE.xN
+                        profile = args.profile + name[len("BreezeWeb") :].replace(" ", ".")
                     with profiled(pid, profile):
                         result = asyncio.run(run(target, pid, n, args.tokens))
                     rows.append((n, name, result))
