@@ -270,7 +270,8 @@ LLAMASTACK_MAX_CONNECTIONS = _int("LLAMASTACK_MAX_CONNECTIONS", 1000, minimum=1)
 # Load the local model when the server starts, not on the first chat.
 PRELOAD_LOCAL_RUNNERS = _bool("PRELOAD_LOCAL_RUNNERS", True)
 # Threads ExecuTorch computes the local model with (0: its default, one per
-# core). 1: a quantized program's answers repeat exactly (docs/executorch.md).
+# core). 1: a quantized program's answers repeat exactly on any CPU (with
+# more they may not, depending on the CPU: docs/executorch.md).
 EXECUTORCH_THREADS = _int("EXECUTORCH_THREADS", 0, minimum=0)
 IMAGE_MAX_BYTES = _int("IMAGE_MAX_BYTES", 8 * 1024 * 1024, minimum=1024)
 

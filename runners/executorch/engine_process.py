@@ -473,7 +473,8 @@ def _set_threads(threads: int) -> None:
     """Size ExecuTorch's one threadpool (0: leave its default, one per core).
     Only before the first program is loaded: resizing it while a program may
     run is unsafe. With two threads a quantized program's results vary in
-    their last bits from run to run; with one they repeat exactly."""
+    their last bits from run to run on some CPUs (docs/executorch.md); with
+    one they repeat exactly on any."""
     if not threads:
         return
     from executorch.extension.pybindings import portable_lib

@@ -15,8 +15,9 @@ Order per token, as llama.cpp and OpenAI apply them:
    `top_k` (0 = off), then `top_p` (1.0 = off), then one draw from what is
    left with a generator seeded by `seed` (None: a fresh random seed), so a
    seeded request gives the same answer every time (given the same logits:
-   a quantized program computes them bit for bit the same only with one
-   ExecuTorch thread, settings.EXECUTORCH_THREADS).
+   a quantized program computes them bit for bit the same with one
+   ExecuTorch thread on any CPU, with more only on some,
+   settings.EXECUTORCH_THREADS).
 """
 
 from __future__ import annotations
