@@ -25,8 +25,9 @@ class Command(PrepareCommand):
             choices=sorted(VARIANTS),
             default=DEFAULT_VARIANT,
             help="8da8w: 8-bit weights and activations, keeps fp32's answers at ~2.5x its "
-            "speed; 8da4w-q41: the GGUF's own 4-bit (Q4_1) weights kept exact, faster and "
-            "closer to fp32 than 8da8w (docs/executorch.md); 8da4w: 4-bit weights "
+            "speed; 8da4w-q41: the GGUF's own 4-bit (Q4_1) weights kept exact, as close to "
+            "fp32 as 8da8w, faster on CPUs with AVX-512 VNNI, not on AVX2 ones "
+            "(docs/executorch.md); 8da4w: 4-bit weights "
             "re-quantized, fast but less accurate; fp32: full precision. "
             f"Default {DEFAULT_VARIANT}.",
         )
