@@ -106,7 +106,8 @@ class BareSite:
 
 class PerCoreSite(Site):
     """The site served by `manage.py serve` with `processes` uvicorn processes
-    on one port, on Redis and a Chroma server (docs/scaling.md)."""
+    on one port, on Redis, a Chroma server and (`database_url`) PostgreSQL,
+    each emptied first (docs/scaling.md)."""
 
     def __init__(
         self, concurrency: int, processes: int, redis_url: str, database_url: str = ""
@@ -115,6 +116,8 @@ class PerCoreSite(Site):
         import redis
 
         redis.Redis.from_url(redis_url).flushdb()  # the benchmark's own database
+        if database_url.startswith("postgres"):
+            fresh_postgres_database(database_url)  # likewise
         if database_url:
             self.env["DATABASE_URL"] = database_url
         self.chroma, chroma_url = chroma_server(self.data / "chroma-server")
@@ -238,8 +241,6 @@ def main() -> None:
     ]
     sites = [("BreezeWeb", Site(max(sizes)))]
     if args.processes > 0:
-        if args.database_url.startswith("postgres"):
-            fresh_postgres_database(args.database_url)
         per_core = PerCoreSite(max(sizes), args.processes, args.redis_url, args.database_url)
         sites.append((f"BreezeWeb x{args.processes}", per_core))
     try:
