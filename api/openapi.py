@@ -24,7 +24,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from api import schemas as s
-from chat import limits
+from chat import limits, server_frames
+from chat.frames import CLIENT_FRAMES
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0"
@@ -61,7 +62,8 @@ UPLOAD = (
     "websocket) for its status."
 )
 STATUS = {
-    400: "A malformed request: `code` says what is wrong, `param` names the field.",
+    400: "A malformed request: `code` says what is wrong, `param` names the field; or an "
+    "API key sent in the query string (`api_key_in_query`), which is refused.",
     401: "No key or session, or an invalid or revoked key.",
     403: "Session authentication without a valid CSRF token, or not allowed.",
     404: "Not there, or not yours.",
@@ -74,7 +76,7 @@ CHAT_ERRORS = {
     400: "A malformed request (`param` names the field), an invalid image (`invalid_image`), "
     "a blocked message (`content_blocked`), a message too long for the model "
     "(`invalid_input`), or a chosen model without a capability the request needs "
-    "(`model_not_capable`).",
+    "(`model_not_capable`), or an API key sent in the query string (`api_key_in_query`).",
     404: "Unknown or disabled model, collection or conversation.",
     413: "The body exceeds DATA_UPLOAD_MAX_MEMORY_SIZE.",
     429: "The request rate or the concurrent streams are exceeded.",
@@ -185,7 +187,21 @@ OPERATIONS = [
     Op("GET /api/runners", s.RunnerList, "The enabled runners you may use (for a runner picker)"),
     Op("GET /api/usage", s.UsageSummary, "Your usage and your budgets (quotas)"),
     Op("GET /api/documents", s.DocumentList, "The documents you may read", (400,)),
-    Op("POST /api/documents", s.Uploaded, UPLOAD, (400, 404, 413), s.Upload, status=201),
+    Op(
+        "POST /api/documents",
+        s.Uploaded,
+        UPLOAD,
+        {
+            409: "The same file is already in the collection (`duplicate`; the error "
+            "names the existing document).",
+            415: "The file is not of a type BreezeWeb reads, its content does not match "
+            "its name, or it cannot be opened (`unsupported_type`, `not_a_pdf`, "
+            "`binary_content`, `encrypted_pdf`, ...).",
+        }
+        | dict.fromkeys((400, 404, 413)),
+        s.Upload,
+        status=201,
+    ),
     Op("GET /api/documents/{document_id}", s.OneDocument, "One document", (404,)),
     Op(
         "DELETE /api/documents/{document_id}",
@@ -238,9 +254,23 @@ def _components() -> dict[str, Any]:
     models = {m for op in OPERATIONS for m in (op.body, op.ok) if m}
     models |= {s.OpenAIError, s.Error, s.ChatCompletionChunk}
     keys = [(m, "validation" if issubclass(m, s.Body) else "serialization") for m in models]
+    # The chat websocket's frames (docs/websocket.md): what a client sends, what it gets.
+    keys += [(m, "validation") for m in CLIENT_FRAMES]
+    keys += [(m, "serialization") for m in server_frames.FRAMES.values()]
     keys.sort(key=lambda k: k[0].__name__)
     _, top = models_json_schema(keys, ref_template=REF, schema_generator=_Schema)
-    return dict(sorted(top["$defs"].items()))
+    components = top["$defs"]
+    sides = {
+        "WsClientFrame": ("a client sends", CLIENT_FRAMES),
+        "WsServerFrame": ("the server sends", tuple(server_frames.FRAMES.values())),
+    }
+    for name, (who, frames) in sides.items():
+        components[name] = {
+            "description": f"Any frame {who} on `/ws/chat/`, by `type` (docs/websocket.md).",
+            "oneOf": [{"$ref": REF.format(model=m.__name__)} for m in frames],
+            "discriminator": {"propertyName": "type"},
+        }
+    return dict(sorted(components.items()))
 
 
 def _content(model: type[BaseModel] | None, description: str, retry: bool = False) -> dict:
@@ -252,6 +282,8 @@ def _content(model: type[BaseModel] | None, description: str, retry: bool = Fals
     if model is s.ChatCompletion:
         chunk = {"$ref": REF.format(model="ChatCompletionChunk")}
         out["content"]["text/event-stream"] = {"schema": chunk}
+    if model is s.Export:
+        out["content"]["text/markdown"] = {"schema": {"type": "string"}}
     if retry:
         out["headers"] = {"Retry-After": {"description": _RETRY, "schema": {"type": "integer"}}}
     return out
@@ -262,7 +294,10 @@ def _operation(op: Op) -> dict[str, Any]:
     v1 = path.startswith("/v1")
     errors = {**dict.fromkeys(op.errors)} if isinstance(op.errors, tuple) else dict(op.errors)
     if not op.public:
-        errors |= {401: None, 403: None} | ({429: None} if v1 else {})
+        # What ApiMiddleware and the authentication answer for any operation: a
+        # key in the query string, a declared body over the limit, no or a bad key.
+        always = dict.fromkeys((400, 401, 403, 413, 429))
+        errors = always | errors
     responses = {str(op.status): _content(op.ok, "Done.")}
     for status, text in sorted(errors.items()):
         shape = s.Readiness if op.public else s.OpenAIError if v1 else s.Error

@@ -1064,6 +1064,15 @@ UsageSummary = reply(
 Health = reply("Health", status=Literal["ok"])
 Readiness = reply(
     "Readiness",
-    status=Literal["ready", "not ready"],
+    status=about(
+        Literal["ready", "not ready", "degraded"],
+        "`degraded`: every runner that could answer is paused by its circuit breaker "
+        "in this process (they are in `paused_runners`).",
+    ),
     checks=about(dict[str, Any], "What was checked, and what failed."),
+    paused_runners=about(
+        dict[str, float],
+        "With `degraded` only: each paused runner, and the seconds until it is tried again.",
+        {},
+    ),
 )

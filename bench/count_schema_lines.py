@@ -47,6 +47,7 @@ AFTER = {
     "api/schemas.py": None,
     "api/openapi.py": None,
     "chat/frames.py": None,
+    "chat/server_frames.py": None,  # new: the frames the server sends, which 4ec478c left to prose
     "api/openai_api.py": "ImageRef CompletionRequest parse_completion_request",
     "chat/consumers.py": "ChatConsumer.receive ChatConsumer._receive",
     "api/documents.py": "_is_int search_view",

@@ -19,7 +19,7 @@ A field sent as `null` counts as absent, as it always has.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from django.conf import settings
 
@@ -200,7 +200,7 @@ def sampling_of(model: BaseModel) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-class Params(_Frame, Sampling):
+class FrameParams(_Frame, Sampling):
     """Generation parameters; an unknown one is refused."""
 
     model_config = ConfigDict(extra="forbid")
@@ -218,7 +218,7 @@ class GenerateFrame(_Frame):
     collections: Annotated[list[CollectionId], BeforeValidator(_collection_count)] | None = None
     agent: bool | None = None
     timezone: TimeZoneName | None = None
-    params: Params = Params()
+    params: FrameParams = FrameParams()
 
     # Fields of the subclasses, so the consumer reads any frame the same way.
     conversation_id: int | None = None
@@ -322,22 +322,28 @@ class AttachFrame(_Frame):
         return self
 
 
-class Ping:
+class Ping(_Frame):
     """`ping`: answered by `pong`."""
 
-    type: ClassVar[str] = "ping"
-
-    def __init__(self, request_id: str | None) -> None:
-        self.request_id = request_id
+    type: Literal["ping"] = "ping"
+    request_id: str | None = None
 
 
-class Stop:
-    """`stop`: cancel the answer of `request_id`."""
+class Stop(_Frame):
+    """`stop`: cancel the answer of `request_id` (or of an `attach`'s)."""
 
-    type: ClassVar[str] = "stop"
+    type: Literal["stop"] = "stop"
+    request_id: str
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
+
+# Every frame a client sends, by `type` (the OpenAPI document's `WsClientFrame`).
+CLIENT_FRAMES: tuple[type[_Frame], ...] = (
+    *GENERATE_FRAMES.values(),
+    ApproveFrame,
+    AttachFrame,
+    Stop,
+    Ping,
+)
 
 
 # ---- decoding ---------------------------------------------------------------------------------
@@ -360,7 +366,7 @@ def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | AttachFrame | 
         if not isinstance(kind, str):
             raise ChatError("missing_field", "`type` is required (a string).")
         if kind == "ping":
-            return Ping(request_id)
+            return Ping(request_id=request_id)
         if kind not in FRAME_TYPES:
             raise ChatError(
                 "unknown_type",
@@ -374,7 +380,7 @@ def decode(text_data: str | None) -> Ping | Stop | ApproveFrame | AttachFrame | 
                 f"{limits.MAX_REQUEST_ID_CHARS} characters.",
             )
         if kind == "stop":
-            return Stop(request_id)
+            return Stop(request_id=request_id)
         if kind == "approve":
             return _validate(ApproveFrame, frame)
         if kind == "attach":
@@ -481,7 +487,7 @@ def _frame_error(model: type[_Frame], kind: str, error: dict) -> ChatError:
 
 def _range(param: str | int) -> str:
     """What a generation parameter must be, read from its declaration."""
-    field = Params.model_fields[str(param)]
+    field = FrameParams.model_fields[str(param)]
     low = next(m.ge for m in field.metadata if hasattr(m, "ge"))
     high = next(m.le for m in field.metadata if hasattr(m, "le"))
     if field.annotation == int | None:

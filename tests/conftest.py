@@ -103,3 +103,18 @@ def _fresh_generation_memo():
     generation.forget()
     yield
     generation.forget()
+
+
+@pytest.fixture(autouse=True)
+def _answers_match_the_api_document():
+    """Every JSON answer a test caused under /api and /v1, and every frame the
+    chat websocket sent, matches the OpenAPI document (tests/support/conformance.py
+    checks each one as it is sent)."""
+    from tests.support import conformance
+
+    conformance.in_test_process = True
+    conformance.install_websocket_check()
+    conformance.take_findings()
+    yield
+    findings = conformance.take_findings()
+    assert not findings, "answers that do not match /api/schema:\n" + "\n".join(findings)

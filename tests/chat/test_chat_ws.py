@@ -360,18 +360,21 @@ async def test_document_status_messages_of_the_users_group_are_forwarded(user, o
     ws = await connect(user)
     other = await connect(other_user)
     layer = get_channel_layer()
-    await layer.group_send(
-        f"documents.user.{user.pk}",
-        {"type": "document.status", "document_id": 7, "status": "ready", "progress": 1.0},
-    )
-    frame = await ws.receive_json_from(timeout=5)
-    assert frame == {
-        "type": "document_status",
-        "request_id": None,
-        "document_id": 7,
+    # The message rag.events publishes: {"type": "document.status", "document": {...}}.
+    document = {
+        "id": 7,
+        "title": "notes.txt",
         "status": "ready",
         "progress": 1.0,
+        "error": "",
+        "chunk_count": 3,
+        "collection_id": 1,
     }
+    await layer.group_send(
+        f"documents.user.{user.pk}", {"type": "document.status", "document": document}
+    )
+    frame = await ws.receive_json_from(timeout=5)
+    assert frame == {"type": "document_status", "request_id": None, "document": document}
     assert await other.receive_nothing(timeout=0.3)
     await ws.disconnect()
     await other.disconnect()

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import json
 import os
+from typing import get_args
 
 from django.test import override_settings
 
@@ -36,6 +37,7 @@ from agents.models import AgentStep
 from breezeweb.asgi import application
 from chat import services
 from chat.consumers import finish_detached
+from chat.frames import CLIENT_FRAMES
 from chat.models import Conversation, Message
 from rag.models import Collection
 from runners import registry
@@ -45,25 +47,9 @@ from tests.support.clients import session_headers
 from tests.support.fixtures import runner_config
 
 EXAMPLES = int(os.environ.get("WS_FUZZ_EXAMPLES", "300"))
-KNOWN_FIELDS = (
-    "type",
-    "request_id",
-    "conversation_id",
-    "message_id",
-    "text",
-    "images",
-    "runner",
-    "rag",
-    "collections",
-    "params",
-    "agent",
-    "timezone",
-    "step_id",
-    "approved",
-    "project_id",
-    "last_seq",
-)
-TYPES = ("message", "regenerate", "edit", "approve", "attach", "stop", "ping")
+# Every client frame's type and field, from the frames' models (chat/frames.py); `type` first.
+TYPES = tuple(get_args(model.model_fields["type"].annotation)[0] for model in CLIENT_FRAMES)
+KNOWN_FIELDS = ("type", *sorted({f for m in CLIENT_FRAMES for f in m.model_fields} - {"type"}))
 RUNNER_NAMES = ("auto", "scripted")
 MISSING_COLLECTION = 10**12
 

@@ -65,6 +65,9 @@ SHARED_MODEL_CACHE = Path(
 )
 os.environ["BREEZEWEB_SHARED_MODEL_CACHE"] = str(SHARED_MODEL_CACHE)
 os.environ["BREEZEWEB_MODEL_CACHE"] = str(DATA_DIR / "model-cache")
+# Servers a test starts report answers that do not match the API document here
+# (tests/support/conformance.py); each process of the run has its own file.
+os.environ["BREEZEWEB_CONFORMANCE_LOG"] = str(DATA_DIR / "conformance-findings.log")
 
 
 # Redis databases a server never uses by default (README, .env.example and
