@@ -363,6 +363,7 @@ def worker_pyloop(model_dir: Path, runs: int) -> dict:
     import torch
 
     from runners.executorch.engine_process import _load_program
+    from runners.executorch.sampling import argmax
 
     _, bare_one = bare_session(model_dir)
     from django.conf import settings
@@ -378,7 +379,7 @@ def worker_pyloop(model_dir: Path, runs: int) -> dict:
         position_in = torch.zeros((1,), dtype=torch.long)
         started = time.perf_counter()
         for position in range(len(prompt), len(prompt) + SPEED_TOKENS):
-            token_in[0, 0] = int(logits.reshape(-1).argmax())
+            token_in[0, 0] = argmax(logits)
             position_in[0] = position
             logits = method.execute([token_in, position_in])[0]
         return {"decode_tps": SPEED_TOKENS / (time.perf_counter() - started)}

@@ -25,7 +25,10 @@ the first item is the kind, the second a request id. From the web process:
 - `("generate", id, prompt, params, vocab_size, max_new, reuse, eos, chunk)`:
   prefill what the KV cache does not hold, then sample token by token;
   answered `("prefilled", id, started, prefilled_at, reused, computed)`,
-  `("token", id, token)` per token, then `("end", id, ended, generated, cached)`.
+  `("tokens", id, [token, ...])` as they come, then `("end", id, ended,
+  generated, cached)`. The first FIRST_TOKENS_AT_ONCE tokens are sent one by
+  one; after them the tokens of up to SEND_INTERVAL_S go in one message, so the
+  web process's reader thread wakes ~65 times a second, not once per token.
 - `("greedy", id, prompt, along, steps, eos, chunk)`: the top-1 token at
   each step (evaluate.py); answered `("ok", id, tokens)`.
 - `("cancel", id)`: stop that generation before its next token.
@@ -57,7 +60,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from runners.executorch.sampling import Sampler
+from runners.executorch.sampling import Sampler, argmax
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,12 @@ FINAL = frozenset({"ok", "end", "error"})
 # thread it runs one thread that reads requests: at
 # Python's default 5 ms a cancel could wait that long per forward step.
 SWITCH_INTERVAL_S = 0.001
+# Tokens leave at most this often once the first few are out (the end and an
+# error at once): a message per token woke the web process's reader thread
+# ~180 times a second, each time taking a core from this process's threadpool
+# on a 2-core machine (docs/benchmarks.md, measured).
+SEND_INTERVAL_S = 0.015
+FIRST_TOKENS_AT_ONCE = 4  # sent one by one: the time to first text
 
 
 class EngineStopped(RuntimeError):
@@ -395,6 +404,8 @@ class _Worker:
         started = time.perf_counter()
         cancelled = self.cancels[request_id]
         slot = self._loaded()
+        generated = 0
+        pending: list[int] = []  # tokens made and not yet sent
         try:
             sampler = Sampler(params, vocab_size)
             # Keep the cached prefix (at least one prompt token must be
@@ -404,18 +415,26 @@ class _Worker:
             logits = slot.prefill(prompt[keep:], chunk, cancelled)
             computed = len(slot.cached) - keep
             self.send("prefilled", request_id, started, time.perf_counter(), keep, computed)
-            generated = 0
+            sent_at = float("-inf")
             while logits is not None and not cancelled.is_set():
                 token = sampler.pick(logits)
                 generated += 1
-                self.send("token", request_id, token)
-                if token in eos or generated >= max_new:
+                pending.append(token)
+                last = token in eos or generated >= max_new
+                now = time.perf_counter()
+                if last or generated <= FIRST_TOKENS_AT_ONCE or now - sent_at >= SEND_INTERVAL_S:
+                    self.send("tokens", request_id, pending)
+                    pending, sent_at = [], now
+                if last:
                     break
                 sampler.accept(token)
                 logits = slot.step(token)
         except BaseException:
             slot.cached.clear()  # the cache's content is unknown now
             raise
+        finally:
+            if pending:  # cancelled or failed after them: what was made still goes out
+                self.send("tokens", request_id, pending)
         self.send("end", request_id, time.perf_counter(), generated, slot.cached)
 
     def greedy(
@@ -438,7 +457,7 @@ class _Worker:
         try:
             logits = slot.prefill(prompt, chunk)
             while logits is not None and len(chosen) < steps:
-                top = int(logits.argmax())
+                top = argmax(logits)
                 chosen.append(top)
                 if len(chosen) == steps or (along is None and top in eos):
                     break

@@ -581,13 +581,6 @@ class PieceDecoder:
         return ""
 
 
-# Tokens reach the consumer's event loop at most this often (the first few, the
-# end and an error at once): waking the loop's thread for every token took a
-# core from the program's threadpool on a 2-core machine ~180 times a second.
-WAKE_INTERVAL_SECONDS = 0.015
-FIRST_TOKENS_AT_ONCE = 4  # the first tokens go at once: the time to first text
-
-
 @dataclass
 class _Generation:
     """One request's generation: the engine process's answers (on its reader
@@ -607,7 +600,6 @@ class _Generation:
     generated: int = 0
     _pending: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _woken_at: float = float("-inf")
 
     def start(self, prompt: list[int], params: SamplingParams, max_new: int, reuse: bool) -> None:
         """Hand the generation to the engine process. The slot goes back to
@@ -645,9 +637,9 @@ class _Generation:
     def _answer(self, message: tuple) -> None:
         """On the engine process's reader thread: one of its answers."""
         kind = message[0]
-        if kind == "token":
-            self.generated += 1
-            self.put(("token", message[2]))
+        if kind == "tokens":
+            self.generated += len(message[2])
+            self.put(*(("token", token) for token in message[2]))
         elif kind == "prefilled":
             _, _, self.started_at, self.prefilled_at, reused, self.prefilled_tokens = message
             self.reused_tokens = self.engine.last_reused_tokens = reused
@@ -662,18 +654,12 @@ class _Generation:
             self.engine.pool.release(self.slot)
             self.put(("error", message[2]))
 
-    def put(self, item: tuple) -> None:
-        """`item` for the consumer, delivered with the items before it when
-        the loop is next woken (after the first tokens, at most every
-        WAKE_INTERVAL_SECONDS)."""
+    def put(self, *items: tuple) -> None:
+        """`items` (one message of the engine process) for the consumer, on
+        the loop. The engine process batches tokens (engine_process.SEND_INTERVAL_S),
+        so this wakes the loop about as rarely."""
         with self._lock:
-            self._pending.append(item)
-        now = time.perf_counter()
-        if item[0] == "token":
-            early = self.generated <= FIRST_TOKENS_AT_ONCE
-            if not early and now - self._woken_at < WAKE_INTERVAL_SECONDS:
-                return
-        self._woken_at = now
+            self._pending.extend(items)
         try:
             self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:

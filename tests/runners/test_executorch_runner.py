@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from io import StringIO
 from pathlib import Path
@@ -710,3 +711,50 @@ def test_the_engine_process_refuses_a_bad_program_and_outlives_a_failing_handler
     assert not process.alive
     with pytest.raises(EngineStopped, match="process stopped"):
         process.call("load", str(bad), 1)
+
+
+def test_the_engine_process_sends_the_first_tokens_at_once_then_in_batches(model_ready):
+    """One message per token woke the web process's reader thread ~180 times a
+    second (docs/benchmarks.md): after FIRST_TOKENS_AT_ONCE single tokens the
+    engine sends what SEND_INTERVAL_S made in one message; every token arrives,
+    in order, before the end."""
+    from django.conf import settings
+
+    from runners.executorch.engine_process import FIRST_TOKENS_AT_ONCE, EngineProcess
+    from runners.executorch.sampling import SamplingParams
+
+    process = EngineProcess()
+    messages: list[tuple] = []
+    ended = threading.Event()
+
+    def handler(message: tuple) -> None:
+        messages.append(message)
+        if message[0] in ("end", "error"):
+            ended.set()
+
+    try:
+        process.call("load", str(settings.MODELS_DIR / "model.pte"), 0).result(timeout=120)
+        # A prompt of plain token ids and no end token: it runs to max_new.
+        process.start(
+            "generate",
+            handler,
+            list(range(100, 140)),
+            SamplingParams(),
+            49152,
+            64,
+            False,
+            frozenset(),
+            1024,
+        )
+        assert ended.wait(120), messages
+    finally:
+        process.close()
+    kinds = [m[0] for m in messages]
+    assert kinds[0] == "prefilled" and kinds[-1] == "end" and set(kinds[1:-1]) == {"tokens"}
+    batches = [m[2] for m in messages[1:-1]]
+    assert [len(b) for b in batches[:FIRST_TOKENS_AT_ONCE]] == [1] * FIRST_TOKENS_AT_ONCE
+    tokens = [t for b in batches for t in b]
+    assert len(tokens) == messages[-1][3] == 64
+    assert len(batches) < len(tokens)  # batched after the first few
+    # The KV cache holds the prompt and every token fed back (the last one is not).
+    assert messages[-1][4] == [*range(100, 140), *tokens[:-1]]

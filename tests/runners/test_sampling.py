@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from runners.base import ErrorCode, RunnerError
-from runners.executorch.sampling import Sampler, SamplingParams
+from runners.executorch.sampling import Sampler, SamplingParams, argmax
 from runners.models import RunnerConfig
 from tests.runners.test_executorch_runner import ask, collect, make_runner
 
@@ -25,6 +25,22 @@ pytestmark = pytest.mark.usefixtures("local_model_idle")
 
 def sampler(**params) -> Sampler:
     return Sampler(SamplingParams(**params), VOCAB)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, 3.0, 3.0, 1.0],  # equal maxima: the first
+        [1.0, float("nan"), 5.0, float("nan")],  # a NaN wins, the first one
+        [-1.0, float("-inf"), -0.5],
+        torch.randn(3, 49152)[1].tolist(),  # a row of a real-sized tensor
+    ],
+)
+def test_greedy_argmax_chooses_as_torch_does(values):
+    logits = torch.tensor(values, dtype=torch.float32)
+    assert argmax(logits) == int(logits.argmax())
+    # A view of a program's (1, 1, vocab) output, as the decode loop passes it.
+    assert argmax(logits.reshape(1, 1, -1).reshape(-1)[: len(values)]) == int(logits.argmax())
 
 
 def draws(s: Sampler, n: int = 300) -> Counter:
