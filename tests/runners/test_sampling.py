@@ -41,6 +41,8 @@ def test_greedy_argmax_chooses_as_torch_does(values):
     assert argmax(logits) == int(logits.argmax())
     # A view of a program's (1, 1, vocab) output, as the decode loop passes it.
     assert argmax(logits.reshape(1, 1, -1).reshape(-1)[: len(values)]) == int(logits.argmax())
+    # A dtype NumPy does not have.
+    assert argmax(logits.to(torch.bfloat16)) == int(logits.to(torch.bfloat16).argmax())
 
 
 def draws(s: Sampler, n: int = 300) -> Counter:
