@@ -1,6 +1,7 @@
 """Django settings of the test run: the product's own (breezeweb.settings),
 with two changes: a fast password hasher, and every JSON answer of the HTTP
-APIs checked against the OpenAPI document.
+APIs (and every frame of the chat websocket) checked against the OpenAPI
+document.
 
 Django's default hasher (PBKDF2, 1.2 million iterations) takes ~0.4 s per
 password on our 2-core machines, and most tests create two or three users or
