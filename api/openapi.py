@@ -255,14 +255,15 @@ def _components() -> dict[str, Any]:
     models |= {s.OpenAIError, s.Error, s.ChatCompletionChunk}
     keys = [(m, "validation" if issubclass(m, s.Body) else "serialization") for m in models]
     # The chat websocket's frames (docs/websocket.md): what a client sends, what it gets.
+    server = tuple(server_frames.FRAMES.values())
     keys += [(m, "validation") for m in CLIENT_FRAMES]
-    keys += [(m, "serialization") for m in server_frames.FRAMES.values()]
+    keys += [(m, "serialization") for m in server]
     keys.sort(key=lambda k: k[0].__name__)
     _, top = models_json_schema(keys, ref_template=REF, schema_generator=_Schema)
     components = top["$defs"]
     sides = {
         "WsClientFrame": ("a client sends", CLIENT_FRAMES),
-        "WsServerFrame": ("the server sends", tuple(server_frames.FRAMES.values())),
+        "WsServerFrame": ("the server sends", server),
     }
     for name, (who, frames) in sides.items():
         components[name] = {

@@ -41,6 +41,8 @@ from chat import limits
 from chat import models as chat_models
 from chat.frames import Sampling
 from chat.inputs import InputError, json_path
+from chat.server_frames import AgentStep, Cost, Source
+from core.schema import about, declare, one_of
 from rag import models as rag_models
 from rag import retrieval
 from rag.retrieval import MODES
@@ -653,18 +655,7 @@ def emitted_codes() -> set[str]:
 
 
 def reply(name: str, doc: str | None = None, /, **fields: Any) -> type[Reply]:
-    spec = {key: kind if isinstance(kind, tuple) else (kind, ...) for key, kind in fields.items()}
-    return create_model(name, __base__=Reply, __doc__=doc, **spec)
-
-
-def about(kind: Any, description: str, default: Any = ...) -> tuple[Any, Any]:
-    """A field with a description."""
-    return kind, Field(default, description=description)
-
-
-def choices(model: Any) -> Any:
-    """A Django TextChoices' values as a Literal."""
-    return Literal[tuple(model.values)]
+    return declare(name, Reply, doc, **fields)
 
 
 CODE = about(str, "A stable machine-readable code (docs/http-api.md).")
@@ -719,36 +710,13 @@ Model = reply(
 ModelList = reply("ModelList", object=Literal["list"], data=list[Model])
 Usage = reply("Usage", prompt_tokens=int, completion_tokens=int, total_tokens=int)
 
-# A cited chunk, as rag.retrieval.Source declares it: a turn carries its first fields,
-# /api/search all of them.
-_CHUNK = get_type_hints(retrieval.Source)
-_CITED = ("document_id", "title", "page", "snippet", "score", "collection_id")
-Source = reply(
-    "Source",
-    "A document chunk the answer drew on (`[n]` in the answer is `sources[n-1]`).",
-    **{key: _CHUNK[key] for key in _CITED},
+# A cited chunk, as rag.retrieval.Source declares it: a turn carries its first fields
+# (`Source`, declared with the websocket's frames), /api/search all of them.
+SearchResult = reply(
+    "SearchResult", retrieval.Source.__doc__, rank=int, **get_type_hints(retrieval.Source)
 )
-SearchResult = reply("SearchResult", retrieval.Source.__doc__, rank=int, **_CHUNK)
 SearchResults = reply("SearchResults", query=str, results=list[SearchResult])
 
-AgentStep = reply(
-    "AgentStep",
-    "One server-side tool call of an agent turn (`breezeweb.agent`), as agents.loop.Step "
-    "describes it.",
-    step_id=about(int | None, "Its saved id (websocket turns); null on /v1."),
-    round=about(int, "The model round that asked for it (1-based)."),
-    id=about(str, "The model's tool-call id."),
-    name=str,
-    arguments=about(str, "The model's arguments, a JSON string (possibly malformed)."),
-    status=about(
-        Literal["running", "awaiting_approval", "ok", "error", "denied", "cancelled"],
-        "`running` only in a `tool_call` event.",
-    ),
-    result=about(str, "What the model was told (status ok)."),
-    error=about(str, "Why it failed, as told to the model."),
-    duration_ms=float | None,
-    sources=list[dict[str, Any]],
-)
 BreezeWebStep = reply(
     "BreezeWebStep",
     "The `breezeweb` field of a `breezeweb.step` SSE event (agent mode): a chunk with an "
@@ -915,7 +883,7 @@ ImportJob = reply(
     "ImportJob",
     "An import, worked through off the request; poll it until `status` is done or failed.",
     id=int,
-    status=choices(chat_models.ImportJob.Status),
+    status=one_of(chat_models.ImportJob.Status.values),
     format=about(str, "`breezeweb` or `chatgpt`, once read."),
     total=about(int, "Conversations in the file."),
     done=int,
@@ -928,11 +896,6 @@ ImportJob = reply(
         "`not_a_list`, `internal`; empty unless failed.",
     ),
 )
-Cost = reply(
-    "Cost",
-    amount=about(float, "Prompt and answer tokens at the runner's prices."),
-    currency=str,
-)
 StoredMessage = reply(
     "StoredMessage",
     id=int,
@@ -942,10 +905,10 @@ StoredMessage = reply(
         "The ids of the messages with the same parent, oldest first, this one among them: "
         "the branches at this point (show `2 / 3`).",
     ),
-    role=choices(chat_models.Message.Role),
+    role=one_of(chat_models.Message.Role.values),
     content=str,
     images=list[str],
-    status=choices(chat_models.Message.Status),
+    status=one_of(chat_models.Message.Status.values),
     **dict.fromkeys(("runner", "model", "finish_reason", "error_code", "error"), str),
     fallback=bool,
     usage=dict[str, Any],
@@ -955,7 +918,9 @@ StoredMessage = reply(
     steps=about(list[AgentStep], "Agent mode: the tool calls of this answer.", []),
     created_at=datetime,
 )
-TreeNode = reply("TreeNode", id=int, parent_id=int | None, role=choices(chat_models.Message.Role))
+TreeNode = reply(
+    "TreeNode", id=int, parent_id=int | None, role=one_of(chat_models.Message.Role.values)
+)
 Conversation = reply(
     "Conversation",
     id=int,
@@ -985,7 +950,7 @@ Document = reply(
     "Document",
     id=int,
     title=str,
-    status=choices(rag_models.Document.Status),
+    status=one_of(rag_models.Document.Status.values),
     progress=(float, Field(ge=0, le=1)),
     error=about(str, "Why ingestion failed."),
     **dict.fromkeys(("chunk_count", "collection_id", "size"), int),

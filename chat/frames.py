@@ -19,7 +19,7 @@ A field sent as `null` counts as absent, as it always has.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from django.conf import settings
 
@@ -48,9 +48,6 @@ from runners.base import (
     RunnerError,
     unencodable,
 )
-
-GENERATING_TYPES = ("message", "regenerate", "edit")
-FRAME_TYPES = (*GENERATING_TYPES, "approve", "attach", "stop", "ping")
 
 
 def max_frame_bytes() -> int:
@@ -277,10 +274,13 @@ def _require_text(frame: GenerateFrame, kind: str) -> None:
         raise PydanticCustomError("missing_field", "`text` must not be empty.")
 
 
+def frame_type(model: type[BaseModel]) -> str:
+    """The `type` a frame model declares (its `Literal`)."""
+    return get_args(model.model_fields["type"].annotation)[0]
+
+
 GENERATE_FRAMES: dict[str, type[GenerateFrame]] = {
-    "message": MessageFrame,
-    "regenerate": RegenerateFrame,
-    "edit": EditFrame,
+    frame_type(model): model for model in (MessageFrame, RegenerateFrame, EditFrame)
 }
 
 
@@ -344,6 +344,7 @@ CLIENT_FRAMES: tuple[type[_Frame], ...] = (
     Stop,
     Ping,
 )
+FRAME_TYPES = tuple(frame_type(model) for model in CLIENT_FRAMES)
 
 
 # ---- decoding ---------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ RERANK_IDENTIFIER = 0.5
 MODES = tuple(SearchMode.values)
 
 
+# The fields of a Source a chat turn's citations carry (`Source.as_dict`).
+CITED_FIELDS = ("document_id", "title", "page", "snippet", "score", "collection_id")
+
+
 @dataclass(frozen=True)
 class Source:
     """One cited chunk. `page` is 1-based (None for formats without pages).
@@ -72,8 +76,7 @@ class Source:
 
     def as_dict(self) -> dict:
         """What a chat turn's sources carry (unchanged by hybrid search)."""
-        keys = ("document_id", "title", "page", "snippet", "score", "collection_id")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in CITED_FIELDS}
 
     def as_search_dict(self) -> dict:
         """Everything, for /api/search: full text, section, per-signal scores."""

@@ -24,7 +24,6 @@ import asyncio
 import dataclasses
 import json
 import os
-from typing import get_args
 
 from django.test import override_settings
 
@@ -37,7 +36,7 @@ from agents.models import AgentStep
 from breezeweb.asgi import application
 from chat import services
 from chat.consumers import finish_detached
-from chat.frames import CLIENT_FRAMES
+from chat.frames import CLIENT_FRAMES, FRAME_TYPES
 from chat.models import Conversation, Message
 from rag.models import Collection
 from runners import registry
@@ -48,7 +47,7 @@ from tests.support.fixtures import runner_config
 
 EXAMPLES = int(os.environ.get("WS_FUZZ_EXAMPLES", "300"))
 # Every client frame's type and field, from the frames' models (chat/frames.py); `type` first.
-TYPES = tuple(get_args(model.model_fields["type"].annotation)[0] for model in CLIENT_FRAMES)
+TYPES = FRAME_TYPES
 KNOWN_FIELDS = ("type", *sorted({f for m in CLIENT_FRAMES for f in m.model_fields} - {"type"}))
 RUNNER_NAMES = ("auto", "scripted")
 MISSING_COLLECTION = 10**12

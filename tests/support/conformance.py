@@ -107,13 +107,18 @@ def _closed(node: Any) -> Any:
 
 
 @cache
-def _validator(ref: str) -> Draft202012Validator:
+def _registry() -> Registry:
+    """The closed document, made once per process for every validator."""
     from api.openapi import build_schema
 
     document = Resource.from_contents(_closed(build_schema()), default_specification=DRAFT202012)
-    registry = Registry().with_resource(_DOCUMENT_URI, document)
+    return Registry().with_resource(_DOCUMENT_URI, document)
+
+
+@cache
+def _validator(ref: str) -> Draft202012Validator:
     return Draft202012Validator(
-        {"$ref": _DOCUMENT_URI + ref}, registry=registry, format_checker=FormatChecker()
+        {"$ref": _DOCUMENT_URI + ref}, registry=_registry(), format_checker=FormatChecker()
     )
 
 
